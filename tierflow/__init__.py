@@ -1,0 +1,19 @@
+"""tierflow: run language models larger than your GPU or RAM by streaming layers from disk
+through an asyncio pipeline that overlaps every transfer with compute."""
+
+from __future__ import annotations
+
+from tierflow.config import EngineConfig, SamplingParams
+from tierflow.engine import Engine
+from tierflow.errors import (CheckpointError, ConfigError, DemoModelMissingError, EngineClosedError, PromptError,
+                             RequestError, SamplingError, ShapeMismatchError, TierCapacityError, TierflowError,
+                             TransferError, UnsupportedModelError)
+from tierflow.outputs import Completion, EngineStats, StreamChunk
+from tierflow.sync import SyncEngine
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckpointError", "Completion", "ConfigError", "DemoModelMissingError", "Engine", "EngineClosedError",
+           "EngineConfig", "EngineStats", "PromptError", "RequestError", "SamplingError", "SamplingParams",
+           "ShapeMismatchError", "StreamChunk", "SyncEngine", "TierCapacityError", "TierflowError", "TransferError",
+           "UnsupportedModelError"]

@@ -1,0 +1,124 @@
+"""What every model family provides: a ModelSpec from config.json, a name table that
+maps checkpoint tensors to units, and pure forward functions.
+
+A *unit* is what the pipeline moves and computes as one piece: unit 0 is the token
+embedding, units 1..L the decoder layers, unit L+1 the final norm and LM head. An
+adapter never does I/O and never decides placement: its forward functions receive the
+unit's weights (a dict of local names to tensors) and the activations, and return
+activations. That is what lets the same adapter run resident, streamed from disk, or
+on a GPU fed by a copy stream.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import torch
+
+UnitWeights = Mapping[str, torch.Tensor]
+
+EMBED = "embed"
+LAYER = "layer"
+HEAD = "head"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The shape of a model, from config.json alone (planning needs no weights)."""
+
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Mapping[str, Any] | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    checkpoint_dtype: str
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def num_units(self) -> int:
+        return self.num_layers + 2
+
+    def unit_kind(self, unit: int) -> str:
+        if unit == 0:
+            return EMBED
+        return HEAD if unit == self.num_layers + 1 else LAYER
+
+    def unit_name(self, unit: int) -> str:
+        kind = self.unit_kind(unit)
+        return f"layer.{unit - 1}" if kind == LAYER else kind
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def activation_bytes_per_token(self, dtype_bytes: int) -> int:
+        """Workspace one token needs inside a layer (residual, q/k/v/o, MLP, fp32 norms)."""
+        q_kv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return (3 * self.hidden_size + q_kv + 3 * self.intermediate_size) * dtype_bytes + 2 * self.hidden_size * 4
+
+
+@dataclass(frozen=True, slots=True)
+class NameRule:
+    """Maps checkpoint names matching ``pattern`` to (unit, local name).
+
+    ``unit`` is "embed", "layer" (the first regex group is the layer index) or "head".
+    """
+
+    pattern: str
+    unit: str
+    local: str
+
+    def match(self, name: str, num_layers: int) -> tuple[int, str] | None:
+        m = re.fullmatch(self.pattern, name)
+        if m is None:
+            return None
+        if self.unit == EMBED:
+            return 0, self.local
+        if self.unit == HEAD:
+            return num_layers + 1, self.local
+        return 1 + int(m.group(1)), self.local
+
+
+@dataclass(frozen=True, slots=True)
+class SweepContext:
+    """Per-sweep inputs shared by every unit: packed positions, per-sequence slices,
+    rotary tables and the KV handles. Built once per sweep by the adapter."""
+
+    positions: torch.Tensor                      # [num_tokens] int64, on the device
+    seq_slices: tuple[slice, ...]                # the tokens of each sequence in the packed batch
+    seq_starts: tuple[int, ...]                  # position of each sequence's first token in this sweep
+    kv: tuple[Any, ...]                          # one SequenceKV per sequence
+    rope: tuple[torch.Tensor, torch.Tensor]      # cos, sin: [num_tokens, head_dim]
+    logit_rows: torch.Tensor                     # rows of the packed batch whose logits are wanted
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter(Protocol):
+    """A model family: data (name rules, expected shapes) plus pure forward functions."""
+
+    architectures: tuple[str, ...]
+    name_rules: tuple[NameRule, ...]
+    ignored_names: tuple[str, ...]               # regexes of checkpoint tensors nobody needs
+
+    def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec: ...
+
+    def expected_shapes(self, spec: ModelSpec, unit: int) -> dict[str, tuple[int, ...]]: ...
+
+    def make_context(self, spec: ModelSpec, positions: torch.Tensor, seq_slices: tuple[slice, ...],
+                     seq_starts: tuple[int, ...], kv: tuple[Any, ...], logit_rows: torch.Tensor,
+                     dtype: torch.dtype) -> SweepContext: ...
+
+    def forward_unit(self, spec: ModelSpec, unit: int, weights: UnitWeights, hidden: torch.Tensor,
+                     ctx: SweepContext) -> torch.Tensor: ...

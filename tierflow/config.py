@@ -1,0 +1,135 @@
+"""Frozen configuration records: everything a user sets, validated on construction.
+
+One record per concern. Measured values (bandwidths, placements) never live here:
+they belong to the hardware profile and the plan. Every invalid value raises a
+``ConfigError`` / ``SamplingError`` naming the field, the value, and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tierflow.errors import ConfigError, SamplingError
+
+DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DIRECT_IO_MODES = ("auto", "on", "off")
+
+
+def _check_positive(owner: str, name: str, value: int | None, *, allow_none: bool = False,
+                    error: type[Exception] = ConfigError, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise error(f"{owner}.{name} must be an int >= {minimum}"
+                    f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How an Engine runs.
+
+    device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
+    dtype: compute dtype; "auto" keeps the checkpoint's dtype (float16 becomes
+        float32 on CPU, where half-precision matmuls are very slow).
+    device_memory_bytes: cap on what the engine keeps in device memory (resident
+        weights + staging slots + KV reservation + workspace); None means no cap.
+    prefetch_depth: how many streamed units are read ahead of compute, also across
+        the boundary from one sweep to the next.
+    io_threads: reader threads, i.e. the disk queue depth.
+    io_block_bytes: size of one read request (a multiple of 4 KiB).
+    direct_io: "auto" tries O_DIRECT and falls back to buffered reads where the
+        filesystem refuses it; "on" makes a refusal an error; "off" always buffers.
+    kv_reserve_tokens: tokens of KV cache (all sequences together) reserved in the
+        device budget when placing weights.
+    max_num_seqs: the most sequences one sweep serves.
+    prefill_chunk_tokens: the most tokens one sweep computes (prompts longer than this
+        are prefilled over several sweeps); sizes the activation workspace.
+    max_context_tokens: cap on prompt + generated tokens (None: the model's own).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    device_memory_bytes: int | None = None
+    prefetch_depth: int = 2
+    io_threads: int = 4
+    io_block_bytes: int = 8 * 2**20
+    direct_io: str = "auto"
+    kv_reserve_tokens: int = 2048
+    max_num_seqs: int = 64
+    prefill_chunk_tokens: int = 1024
+    max_context_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        dev = self.device
+        if not isinstance(dev, str) or not (dev in DEVICES or _is_cuda_index(dev)):
+            raise ConfigError(f"EngineConfig.device must be one of {DEVICES} or 'cuda:N', got {dev!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.direct_io not in DIRECT_IO_MODES:
+            raise ConfigError(f"EngineConfig.direct_io must be one of {DIRECT_IO_MODES}, got {self.direct_io!r}")
+        _check_positive("EngineConfig", "device_memory_bytes", self.device_memory_bytes, allow_none=True)
+        _check_positive("EngineConfig", "prefetch_depth", self.prefetch_depth)
+        _check_positive("EngineConfig", "io_threads", self.io_threads)
+        _check_positive("EngineConfig", "io_block_bytes", self.io_block_bytes, minimum=4096)
+        if self.io_block_bytes % 4096:
+            raise ConfigError(f"EngineConfig.io_block_bytes must be a multiple of 4096, got {self.io_block_bytes}")
+        _check_positive("EngineConfig", "kv_reserve_tokens", self.kv_reserve_tokens, minimum=0)
+        _check_positive("EngineConfig", "max_num_seqs", self.max_num_seqs)
+        _check_positive("EngineConfig", "prefill_chunk_tokens", self.prefill_chunk_tokens)
+        _check_positive("EngineConfig", "max_context_tokens", self.max_context_tokens, allow_none=True)
+
+
+def _is_cuda_index(device: str) -> bool:
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one request samples.
+
+    temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters. seed makes
+    sampling reproducible per request, whatever else runs in the same sweep. stop:
+    strings that end generation (not included in the output). stop_token_ids end it
+    too, as does the model's EOS unless ignore_eos.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("SamplingParams", "max_new_tokens", self.max_new_tokens, error=SamplingError)
+        _check_number("temperature", self.temperature, low=0.0)
+        _check_number("top_p", self.top_p, low=0.0, low_open=True, high=1.0)
+        _check_positive("SamplingParams", "top_k", self.top_k, error=SamplingError, minimum=0)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise SamplingError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SamplingError(f"SamplingParams.stop must hold non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        ids = tuple(self.stop_token_ids)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise SamplingError(f"SamplingParams.stop_token_ids must hold ints >= 0, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_number(name: str, value: float, *, low: float, low_open: bool = False,
+                  high: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise SamplingError(f"SamplingParams.{name} must be a number {bound}, got {value!r}")

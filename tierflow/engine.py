@@ -1,0 +1,394 @@
+"""The Engine: open a checkpoint, place its units, and serve generate / stream calls.
+
+One driver task runs sweeps: ``plan = batcher.schedule(); logits = await runner.run(batch);
+sample; batcher.update(plan, appended)``. Requests only talk to the driver through their
+own record and an event, so a failing request (or a failing sweep) is reported to the
+requests it concerns and the engine goes on serving the others. Finished or cancelled
+sequences are removed, and their KV freed, at the next sweep boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+
+from tierflow.config import EngineConfig, SamplingParams
+from tierflow.errors import EngineClosedError, PromptError, RequestError, TierflowError
+from tierflow.outputs import Completion, EngineStats, StreamChunk
+from tierflow.pipeline.batcher import Batcher, SweepPlan
+from tierflow.pipeline.executor import ComputeWorker
+from tierflow.pipeline.ring import SlotRing
+from tierflow.prompts import Detokenizer, Prompt, encode_prompt
+from tierflow.sampling import make_generator, sample
+from tierflow.stages.upload import SameDevice
+from tierflow.stages.weights import WeightStream, cast_weights, unit_views
+from tierflow.sweep import SweepBatch, SweepRunner
+from tierflow.tiers.checkpoint import CheckpointIndex
+from tierflow.tiers.kvcache import SequenceKV
+from tierflow.tiers.placement import DEVICE, Placement, PlacementRequest, place_units
+from tierflow.tiers.reader import DiskReader, aligned_empty
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    kv: SequenceKV
+    detok: Detokenizer
+    generator: torch.Generator | None
+    score: bool = False                       # return prompt logits instead of generating
+    output_ids: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    submitted_s: float = field(default_factory=time.perf_counter)
+    first_token_s: float = 0.0
+    finished_s: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+    def token(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("auto", "cpu"):
+        return torch.device("cpu")
+    raise TierflowError(f"device {device!r}: the CUDA path is not available in this version of tierflow; "
+                        "use device='cpu' (or 'auto')")
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    resolved = _DTYPES.get(checkpoint_dtype, torch.float32)
+    if resolved == torch.float16 and device.type == "cpu":
+        return torch.float32     # fp16 matmuls are very slow on most CPUs
+    return resolved
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def _eos_ids(index: CheckpointIndex, tokenizer: Any) -> frozenset[int]:
+    ids = set(index.spec.eos_token_ids)
+    gen = index.directory / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def plan_placement(index: CheckpointIndex, config: EngineConfig, dtype: torch.dtype) -> Placement:
+    spec, units = index.spec, index.units
+    fixed = (config.kv_reserve_tokens * spec.kv_bytes_per_token(dtype.itemsize)
+             + config.prefill_chunk_tokens * spec.activation_bytes_per_token(dtype.itemsize)
+             + config.max_num_seqs * spec.vocab_size * 4)
+    compute = tuple(u.compute_bytes(dtype) for u in units)
+    convert = tuple(0 if all(t.dtype == dtype for t in u.tensors) else c for u, c in zip(units, compute))
+    tied = (0, spec.num_units - 1) if spec.tie_word_embeddings else None
+    return place_units(PlacementRequest(
+        resident_bytes=compute, stream_bytes=tuple(u.buffer_bytes for u in units), convert_bytes=convert,
+        fixed_bytes=fixed, num_slots=config.prefetch_depth + 1, budget_bytes=config.device_memory_bytes,
+        tied=tied, tied_bytes=compute[0] if tied else 0))
+
+
+class Engine:
+    """Use ``await Engine.open(model, EngineConfig(...))``; then ``generate`` / ``stream``."""
+
+    def __init__(self, index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 tokenizer: Any, placement: Placement, reader: DiskReader, worker: ComputeWorker) -> None:
+        self.index, self.config, self.device, self.dtype = index, config, device, dtype
+        self.spec, self.tokenizer, self.placement = index.spec, tokenizer, placement
+        self._reader, self._worker = reader, worker
+        self._eos_ids = _eos_ids(index, tokenizer)
+        self.max_context_tokens = min(config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
+        self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=config.prefill_chunk_tokens)
+        self._requests: dict[int, _Request] = {}
+        self._to_remove: set[int] = set()
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._driver: asyncio.Task[None] | None = None
+        self._stream: WeightStream | None = None
+        self._runner: SweepRunner | None = None
+        self._tokens_generated = self._prompt_tokens = 0
+
+    # ----------------------------------------------------------------------------- lifecycle
+    @classmethod
+    async def open(cls, model: str | Path, config: EngineConfig | None = None) -> "Engine":
+        config = config or EngineConfig()
+        index = await asyncio.to_thread(CheckpointIndex.open, model)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, device)
+        placement = plan_placement(index, config, dtype)
+        tokenizer = await asyncio.to_thread(_load_tokenizer, index.directory)
+        reader = DiskReader(index.files, io_threads=config.io_threads, block_bytes=config.io_block_bytes,
+                            direct_io=config.direct_io)
+        engine = cls(index, config, device, dtype, tokenizer, placement, reader, ComputeWorker())
+        try:
+            await engine._start()
+        except BaseException:
+            await engine.close()
+            raise
+        log.info("opened %s: %d units resident, %d streamed, dtype %s", index.directory,
+                 len(index.units) - len(placement.streamed), len(placement.streamed), dtype)
+        return engine
+
+    async def _start(self) -> None:
+        resident: dict[int, dict[str, torch.Tensor]] = {}
+        for unit, tier in enumerate(self.placement.tiers):
+            if tier != DEVICE:
+                continue
+            layout = self.index.units[unit]
+            shared = unit == self.spec.num_units - 1 and self.index.head_without_tied is not None
+            if shared:
+                layout = self.index.head_without_tied
+            buffer = aligned_empty(layout.buffer_bytes)
+            await self._reader.read(layout, buffer)
+            weights = await self._worker.run(cast_weights, unit_views(layout, buffer), self.dtype)
+            if shared:
+                weights["lm_head"] = resident[0]["embed"]
+            resident[unit] = weights
+        streamed = [self.index.units[u] for u in self.placement.streamed]
+        if streamed:
+            ring = SlotRing([aligned_empty(self.placement.slot_bytes) for _ in range(self.placement.num_slots)])
+            self._stream = WeightStream(streamed, self._reader, ring, SameDevice())
+            self._stream.start()
+        self._runner = SweepRunner(self.spec, self.index.adapter, resident, self._stream, self._worker, self.dtype)
+        self._driver = asyncio.create_task(self._drive(), name="tierflow-driver")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._driver is not None:
+            self._driver.cancel()
+            await asyncio.gather(self._driver, return_exceptions=True)
+        for req in list(self._requests.values()):
+            self._finish(req, error=EngineClosedError("the engine was closed while this request ran"))
+        if self._stream is not None:
+            await self._stream.close()
+        self._worker.close()
+        self._reader.close()
+
+    async def __aenter__(self) -> "Engine":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ----------------------------------------------------------------------------- requests
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
+        req = self._submit(prompt, params or SamplingParams())
+        try:
+            while not req.done:
+                await req.changed.wait()
+                req.changed.clear()
+        finally:
+            if not req.done:
+                self._cancel(req)
+        if req.error is not None:
+            raise req.error
+        return Completion(req.detok.text, tuple(req.output_ids),
+                          req.finish_reason or "stop", tuple(req.prompt_ids),
+                          req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
+        req = self._submit(prompt, params or SamplingParams())
+        sent = 0
+        try:
+            while True:
+                await req.changed.wait()
+                req.changed.clear()
+                if req.error is not None:
+                    raise req.error
+                new_ids = tuple(req.output_ids[sent:])
+                sent = len(req.output_ids)
+                text = req.detok.take(final=req.done)
+                if new_ids or text or req.done:
+                    yield StreamChunk(text, new_ids, req.finish_reason)
+                if req.done:
+                    return
+        finally:
+            if not req.done:
+                self._cancel(req)
+
+    async def logits(self, prompt: Prompt) -> torch.Tensor:
+        """Float32 logits [num_prompt_tokens, vocab] of every prompt position (for checks
+        against other implementations and for scoring)."""
+        req = self._submit(prompt, SamplingParams(max_new_tokens=1), score=True)
+        try:
+            while not req.done:
+                await req.changed.wait()
+                req.changed.clear()
+        finally:
+            if not req.done:
+                self._cancel(req)
+        if req.error is not None:
+            raise req.error
+        return torch.cat(req.logits)
+
+    def _submit(self, prompt: Prompt, params: SamplingParams, score: bool = False) -> _Request:
+        if self._closed:
+            raise EngineClosedError("the engine is closed; open a new one with Engine.open()")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = encode_prompt(prompt, self.tokenizer, self.spec.vocab_size)
+        if len(ids) + (0 if score else 1) > self.max_context_tokens:
+            raise PromptError(f"the prompt has {len(ids)} tokens but the context window holds "
+                              f"{self.max_context_tokens} (prompt plus at least one new token); shorten it")
+        kv = SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, dtype=self.dtype,
+                        device=self.device)
+        req = _Request(next(self._ids), ids, params, kv, Detokenizer(self.tokenizer, params.stop),
+                       make_generator(params), score=score)
+        self._requests[req.id] = req
+        self._batcher.add(req.id, len(ids))
+        self._wake.set()
+        return req
+
+    def _cancel(self, req: _Request) -> None:
+        if not req.done:
+            req.finish_reason = "cancelled"
+        self._to_remove.add(req.id)
+        self._wake.set()
+
+    def _finish(self, req: _Request, reason: str | None = None, error: BaseException | None = None) -> None:
+        if not req.done:
+            req.finish_reason, req.error = reason, error
+            req.finished_s = time.perf_counter()
+        self._to_remove.add(req.id)
+        req.changed.set()
+
+    # ----------------------------------------------------------------------------- driver
+    async def _drive(self) -> None:
+        while True:
+            for seq_id in self._to_remove:
+                self._batcher.remove(seq_id)
+                req = self._requests.pop(seq_id, None)
+                if req is not None:
+                    req.kv.free()
+            self._to_remove.clear()
+            plan = self._batcher.schedule()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            reqs = [self._requests[s.seq_id] for s in plan.seqs]
+            try:
+                logits = await self._runner.run(self._batch(plan, reqs))
+                tokens = await self._worker.run(self._sample, plan, reqs, logits)
+            except Exception as exc:   # the sweep failed: fail its requests, keep serving
+                log.warning("sweep failed: %s", exc)
+                for req in reqs:
+                    self._finish(req, error=exc if isinstance(exc, TierflowError) else
+                                 RequestError(f"request failed in a sweep: {exc!r}"))
+                continue
+            self._batcher.update(plan, self._apply(plan, reqs, tokens))
+            for req in reqs:
+                req.changed.set()
+
+    def _batch(self, plan: SweepPlan, reqs: list[_Request]) -> SweepBatch:
+        ids, positions, slices, rows = [], [], [], []
+        offset = 0
+        for item, req in zip(plan.seqs, reqs):
+            span = range(item.start, item.start + item.num_tokens)
+            ids += [req.token(p) for p in span]
+            positions += list(span)
+            slices.append(slice(offset, offset + item.num_tokens))
+            if req.score:
+                rows += range(offset, offset + item.num_tokens)
+            elif item.sample:
+                rows.append(offset + item.num_tokens - 1)
+            offset += item.num_tokens
+            self._prompt_tokens += sum(1 for p in span if p < len(req.prompt_ids))
+        return SweepBatch(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                          tuple(slices), tuple(s.start for s in plan.seqs), tuple(r.kv for r in reqs),
+                          torch.tensor(rows, dtype=torch.long, device=self.device))
+
+    def _sample(self, plan: SweepPlan, reqs: list[_Request], logits: torch.Tensor) -> list[int | None]:
+        """Runs in the compute worker: one sampled token per sequence (None: nothing sampled)."""
+        tokens: list[int | None] = []
+        row = 0
+        logits = logits.cpu()
+        for item, req in zip(plan.seqs, reqs):
+            if req.score:
+                req.logits.append(logits[row:row + item.num_tokens])
+                row += item.num_tokens
+                tokens.append(None)
+            elif item.sample:
+                tokens.append(sample(logits[row], req.params, req.generator))
+                row += 1
+            else:
+                tokens.append(None)
+        return tokens
+
+    def _apply(self, plan: SweepPlan, reqs: list[_Request], tokens: list[int | None]) -> set[int]:
+        appended: set[int] = set()
+        for item, req, token in zip(plan.seqs, reqs, tokens):
+            if req.done:         # cancelled while the sweep ran
+                continue
+            if req.score and item.sample:
+                self._finish(req, "stop")
+            elif token is not None:
+                self._append(req, token)
+                appended.add(req.id)
+        return appended
+
+    def _append(self, req: _Request, token: int) -> None:
+        if not req.output_ids:
+            req.first_token_s = time.perf_counter()
+        req.output_ids.append(token)
+        self._tokens_generated += 1
+        params = req.params
+        is_stop_token = token in params.stop_token_ids or (token in self._eos_ids and not params.ignore_eos)
+        if not is_stop_token:
+            req.detok.add(token)
+        if is_stop_token or req.detok.stopped:
+            self._finish(req, "stop")
+        elif len(req.output_ids) >= params.max_new_tokens or \
+                len(req.prompt_ids) + len(req.output_ids) >= self.max_context_tokens:
+            self._finish(req, "length")
+
+    # ----------------------------------------------------------------------------- stats
+    def stats(self) -> EngineStats:
+        reader = self._reader.statistics()
+        stream = self._stream.statistics() if self._stream else None
+        modes = set(reader.modes.values())
+        return EngineStats(
+            bytes_read_from_disk=reader.bytes_read, bytes_streamed=stream.bytes_read if stream else 0,
+            tokens_generated=self._tokens_generated, prompt_tokens=self._prompt_tokens,
+            sweeps=self._runner.num_sweeps if self._runner else 0,
+            read_s=stream.read_s if stream else 0.0, upload_s=stream.upload_s if stream else 0.0,
+            compute_s=self._worker.statistics().busy_s, stall_s=stream.stall_s if stream else 0.0,
+            io_mode=modes.pop() if len(modes) == 1 else "mixed",
+            units_resident=len(self.placement.tiers) - len(self.placement.streamed),
+            units_streamed=len(self.placement.streamed), resident_bytes=self.placement.resident_bytes,
+            staging_bytes=self.placement.staging_bytes)

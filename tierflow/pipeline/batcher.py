@@ -1,0 +1,101 @@
+"""The request batcher: which tokens of which sequences go into the next sweep.
+
+Pure bookkeeping (no torch, no I/O, no await), in the manner of nano-vllm's scheduler:
+the engine's driver is ``plan = batcher.schedule(); out = await sweep.run(plan);
+batcher.update(plan, appended)``. A sequence is a count of known tokens (prompt and
+generated) and a count of computed ones (their KV exists); a sweep computes the next run
+of uncomputed tokens of every running sequence, decode tokens first, then prefill chunks,
+under a per-sweep token budget, so a long prompt never stalls everyone's decoding. Waiting
+sequences are admitted first-in first-out up to ``max_num_seqs``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Seq:
+    seq_id: int
+    num_tokens: int          # tokens known: prompt + generated so far
+    num_computed: int = 0    # tokens whose KV exists
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    seq_id: int
+    start: int               # position of the first token computed in this sweep
+    num_tokens: int          # how many tokens of this sequence the sweep computes
+    sample: bool             # True when the sweep reaches the last known token (its logits are wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPlan:
+    seqs: tuple[ScheduledSeq, ...]   # in batch order: decode tokens first, then prefill chunks
+    num_tokens: int                  # total tokens of the sweep (<= max_sweep_tokens, or one chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    num_running: int
+    num_waiting: int
+    sweeps: int
+
+
+class Batcher:
+    def __init__(self, *, max_num_seqs: int, max_sweep_tokens: int) -> None:
+        self.max_num_seqs, self.max_sweep_tokens = max_num_seqs, max_sweep_tokens
+        self._running: dict[int, _Seq] = {}
+        self._waiting: deque[_Seq] = deque()
+        self._sweeps = 0
+
+    def statistics(self) -> BatcherStats:
+        return BatcherStats(len(self._running), len(self._waiting), self._sweeps)
+
+    def add(self, seq_id: int, num_prompt_tokens: int) -> None:
+        if num_prompt_tokens < 1:
+            raise ValueError("a sequence needs at least one prompt token")
+        self._waiting.append(_Seq(seq_id, num_prompt_tokens))
+
+    def remove(self, seq_id: int) -> None:
+        """Forget a finished or cancelled sequence (called between sweeps)."""
+        if self._running.pop(seq_id, None) is None:
+            self._waiting = deque(s for s in self._waiting if s.seq_id != seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def schedule(self) -> SweepPlan | None:
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            seq = self._waiting.popleft()
+            self._running[seq.seq_id] = seq
+        decode = [s for s in self._running.values() if s.num_tokens - s.num_computed == 1]
+        prefill = [s for s in self._running.values() if s.num_tokens - s.num_computed > 1]
+        budget = self.max_sweep_tokens
+        chosen: list[ScheduledSeq] = []
+        for seq in decode:
+            if budget < 1:
+                break
+            chosen.append(ScheduledSeq(seq.seq_id, seq.num_computed, 1, True))
+            budget -= 1
+        for seq in prefill:
+            if budget < 1:
+                break
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            chosen.append(ScheduledSeq(seq.seq_id, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
+            budget -= n
+        if not chosen:
+            return None
+        self._sweeps += 1
+        return SweepPlan(tuple(chosen), sum(s.num_tokens for s in chosen))
+
+    def update(self, plan: SweepPlan, appended: set[int]) -> None:
+        """Record a finished sweep; ``appended`` holds the sequences that got a new token."""
+        for item in plan.seqs:
+            seq = self._running.get(item.seq_id)
+            if seq is None:          # removed while the sweep ran
+                continue
+            seq.num_computed = item.start + item.num_tokens
+            if item.seq_id in appended:
+                seq.num_tokens += 1

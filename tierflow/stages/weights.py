@@ -1,0 +1,124 @@
+"""Getting a unit's weights to compute: the read and upload stages, and tensor views.
+
+``WeightStream`` owns the streamed units. One producer task walks them in sweep order,
+cyclically — weights do not depend on tokens, so it runs ahead of compute by the ring's
+size, across the boundary from one sweep into the next — acquiring a staging slot,
+starting the unit's read (and upload) as a task, and handing it to the consumer through a
+bounded channel. The consumer (the sweep runner) takes units in the same order; the time it
+waits for a read that has not finished is the *stall*. A failed read is delivered to the
+consumer of that unit only; the stream stays aligned and goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tierflow.pipeline.ring import Channel, SlotRing
+from tierflow.stages.upload import Uploader
+from tierflow.tiers.checkpoint import UnitLayout
+from tierflow.tiers.reader import DiskReader
+
+
+def unit_views(layout: UnitLayout, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The unit's tensors as views into ``buffer`` (no copies, except a misaligned tensor)."""
+    views = {}
+    for t in layout.tensors:
+        raw = buffer[t.buffer_offset:t.buffer_offset + t.nbytes]
+        if raw.data_ptr() % t.dtype.itemsize:
+            raw = raw.clone()   # safetensors does not promise element alignment; rare, explicit
+        views[t.local] = raw.view(t.dtype).view(t.shape)
+    return views
+
+
+def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Explicit dtype conversion of floating weights (a copy only where dtypes differ)."""
+    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in weights.items()}
+
+
+@dataclass(slots=True)
+class LoadedUnit:
+    unit: int
+    weights: dict[str, torch.Tensor]
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    units_read: int
+    bytes_read: int
+    read_s: float        # summed wall time of unit reads (they overlap each other and compute)
+    upload_s: float
+    stall_s: float       # time compute waited for weights
+
+
+class WeightStream:
+    def __init__(self, layouts: list[UnitLayout], reader: DiskReader, ring: SlotRing[torch.Tensor],
+                 uploader: Uploader) -> None:
+        self._layouts, self._reader, self._ring, self._uploader = layouts, reader, ring, uploader
+        self._channel: Channel[tuple[int, int, asyncio.Task[dict[str, torch.Tensor]]]] = Channel(len(ring.slots))
+        self._task: asyncio.Task[None] | None = None
+        self._units_read = self._bytes_read = 0
+        self._read_s = self._upload_s = self._stall_s = 0.0
+
+    def statistics(self) -> StreamStats:
+        return StreamStats(self._units_read, self._bytes_read, self._read_s, self._upload_s, self._stall_s)
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        return tuple(layout.unit for layout in self._layouts)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._produce(), name="tierflow-weight-stream")
+
+    async def _produce(self) -> None:
+        while True:
+            for layout in self._layouts:
+                slot = await self._ring.acquire()
+                task = asyncio.create_task(self._load(layout, slot), name=f"tierflow-read-{layout.name}")
+                await self._channel.put((layout.unit, slot, task))
+
+    async def _load(self, layout: UnitLayout, slot: int) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        nbytes = await self._reader.read(layout, self._ring.slots[slot])
+        read_done = time.perf_counter()
+        device_buffer = await self._uploader.upload(self._ring.slots[slot], slot)
+        self._bytes_read += nbytes
+        self._read_s += read_done - started
+        self._upload_s += time.perf_counter() - read_done
+        self._units_read += 1
+        return unit_views(layout, device_buffer)
+
+    async def next(self, unit: int) -> LoadedUnit:
+        """The weights of ``unit``, which must be the next streamed unit in sweep order."""
+        self.start()
+        started = time.perf_counter()
+        got, slot, task = await self._channel.get()
+        if got != unit:
+            raise RuntimeError(f"weight stream out of order: expected unit {unit}, the stream holds {got}")
+        try:
+            weights = await task
+        except BaseException:
+            self._ring.release(slot)
+            raise
+        finally:
+            self._stall_s += time.perf_counter() - started
+        return LoadedUnit(unit, weights, slot)
+
+    def release(self, loaded: LoadedUnit) -> None:
+        self._ring.release(loaded.slot)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        pending = self._channel.drain()
+        for _, _, task in pending:
+            task.cancel()
+        await asyncio.gather(*(task for _, _, task in pending), return_exceptions=True)
+        for _, slot, _ in pending:
+            self._ring.release(slot)

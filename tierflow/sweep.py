@@ -1,0 +1,81 @@
+"""One sweep: every unit of the model, in order, over one packed batch of tokens.
+
+For each unit the runner takes its weights — resident ones from the device pool, streamed
+ones from the ``WeightStream`` (whose reads are already running ahead) — runs the adapter's
+forward function in the compute worker, and releases the staging slot. If a unit fails
+half-way, the rest of this sweep's streamed units are still taken and released so the
+stream stays aligned with the next sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tierflow.adapters import Adapter, ModelSpec, UnitWeights
+from tierflow.pipeline.executor import ComputeWorker
+from tierflow.stages.weights import WeightStream, cast_weights
+
+
+@dataclass(frozen=True, slots=True)
+class SweepBatch:
+    token_ids: torch.Tensor              # [num_tokens] int64, packed over sequences
+    positions: torch.Tensor              # [num_tokens] int64
+    seq_slices: tuple[slice, ...]
+    seq_starts: tuple[int, ...]
+    kv: tuple[Any, ...]                  # one SequenceKV per sequence
+    logit_rows: torch.Tensor             # packed rows whose logits are returned
+
+
+class SweepRunner:
+    def __init__(self, spec: ModelSpec, adapter: Adapter, resident: dict[int, UnitWeights],
+                 stream: WeightStream | None, worker: ComputeWorker, dtype: torch.dtype) -> None:
+        self.spec, self.adapter, self.resident = spec, adapter, resident
+        self.stream, self.worker, self.dtype = stream, worker, dtype
+        self.num_sweeps = 0
+
+    async def run(self, batch: SweepBatch) -> torch.Tensor:
+        """Logits [len(batch.logit_rows), vocab] in float32."""
+        self.num_sweeps += 1
+        hidden: Any = batch
+        unit = 0
+        try:
+            for unit in range(self.spec.num_units):
+                hidden = await self._unit(unit, hidden, batch)
+        except Exception:
+            await self._skip_rest(unit + 1)
+            raise
+        return hidden
+
+    async def _unit(self, unit: int, hidden: Any, batch: SweepBatch) -> Any:
+        if unit in self.resident:
+            return await self.worker.run(self._compute, unit, self.resident[unit], hidden, batch)
+        assert self.stream is not None
+        loaded = await self.stream.next(unit)
+        try:
+            return await self.worker.run(self._compute, unit, loaded.weights, hidden, batch)
+        finally:
+            # CPU compute has finished when the worker returns; the CUDA path releases on an event.
+            self.stream.release(loaded)
+
+    def _compute(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch) -> Any:
+        if unit == 0:
+            self._ctx = self.adapter.make_context(self.spec, batch.positions, batch.seq_slices, batch.seq_starts,
+                                                  batch.kv, batch.logit_rows, self.dtype)
+            hidden = batch.token_ids
+        weights = cast_weights(dict(weights), self.dtype)
+        with torch.inference_mode():
+            return self.adapter.forward_unit(self.spec, unit, weights, hidden, self._ctx)
+
+    async def _skip_rest(self, first: int) -> None:
+        if self.stream is None:
+            return
+        for unit in range(first, self.spec.num_units):
+            if unit in self.resident:
+                continue
+            try:
+                self.stream.release(await self.stream.next(unit))
+            except Exception:  # the sweep already failed; this unit only needs its slot back
+                continue

@@ -1,0 +1,55 @@
+"""Helpers for tests that users may want too: tiny random checkpoints built locally with
+transformers (nothing is downloaded), and a run of the transformers oracle on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def build_random_llama(path: str | Path, *, hidden_size: int = 64, num_layers: int = 3, num_heads: int = 4,
+                       num_kv_heads: int = 2, intermediate_size: int = 128, vocab_size: int = 512,
+                       tie_word_embeddings: bool = False, dtype: str = "float32", max_shard_bytes: int | None = None,
+                       rope_scaling: dict[str, Any] | None = None, max_position_embeddings: int = 4096,
+                       initializer_range: float = 0.1, seed: int = 0, **extra: Any) -> Path:
+    """Write a random ``LlamaForCausalLM`` checkpoint (config.json + safetensors, sharded with an
+    index json when ``max_shard_bytes`` is given). A larger-than-default initializer range
+    makes logits peaked, so greedy tokens are a meaningful comparison."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    config = LlamaConfig(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
+                         vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
+                         max_position_embeddings=max_position_embeddings, rope_scaling=rope_scaling,
+                         initializer_range=initializer_range, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=None, **extra)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_bytes is not None:
+        kwargs["max_shard_size"] = max_shard_bytes
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def oracle_logits(path: str | Path, token_ids: list[int], dtype: str = "float32") -> torch.Tensor:
+    """Float32 logits [len(token_ids), vocab] from transformers, fully in memory."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    with torch.inference_mode():
+        return model(torch.tensor([token_ids])).logits[0].float()
+
+
+def oracle_greedy(path: str | Path, token_ids: list[int], max_new_tokens: int, dtype: str = "float32") -> list[int]:
+    """Greedy continuation from transformers (no EOS stop)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([token_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(token_ids):].tolist()

@@ -1,0 +1,67 @@
+"""KV cache, in device memory for now.
+
+``SequenceKV`` is the interface the attention code sees: ``append(layer, k, v)`` stores a
+sweep's new keys and values and returns the layer's whole KV. Storage is per layer
+[kv_heads, capacity, head_dim], grown in whole blocks of ``block_tokens`` so the returned
+views are cheap and SDPA reads them in place. The paged, tiered cache (device / host /
+disk blocks with online-softmax attention) replaces this class behind the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class KVStats:
+    num_sequences: int
+    num_tokens: int
+    allocated_bytes: int
+
+
+class SequenceKV:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device: torch.device, block_tokens: int = 256) -> None:
+        self.num_layers, self.block_tokens = num_layers, block_tokens
+        self._shape = (num_kv_heads, 0, head_dim)
+        self._dtype, self._device = dtype, device
+        self._keys = [torch.empty(self._shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._values = [torch.empty(self._shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._lengths = [0] * num_layers
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose KV is stored in every layer."""
+        return min(self._lengths)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` [n, kv_heads, head_dim]; return keys/values [kv_heads, length, head_dim]."""
+        start, n = self._lengths[layer], k.shape[0]
+        end = start + n
+        if end > self._keys[layer].shape[1]:
+            capacity = -(-max(end, self._keys[layer].shape[1] * 3 // 2) // self.block_tokens) * self.block_tokens
+            self._keys[layer] = self._grow(self._keys[layer], start, capacity)
+            self._values[layer] = self._grow(self._values[layer], start, capacity)
+        self._keys[layer][:, start:end] = k.transpose(0, 1)
+        self._values[layer][:, start:end] = v.transpose(0, 1)
+        self._lengths[layer] = end
+        return self._keys[layer][:, :end], self._values[layer][:, :end]
+
+    def _grow(self, old: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+        new = torch.empty((old.shape[0], capacity, old.shape[2]), dtype=self._dtype, device=self._device)
+        new[:, :used] = old[:, :used]
+        return new
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget everything past ``num_tokens`` (a sweep that failed half-way)."""
+        self._lengths = [min(n, num_tokens) for n in self._lengths]
+
+    def free(self) -> None:
+        self._keys = self._values = []
+        self._lengths = [0] * self.num_layers
