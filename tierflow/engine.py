@@ -102,7 +102,8 @@ def _eos_ids(index: CheckpointIndex, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def plan_placement(index: CheckpointIndex, config: EngineConfig, dtype: torch.dtype) -> Placement:
+def placement_request(index: CheckpointIndex, config: EngineConfig, dtype: torch.dtype) -> PlacementRequest:
+    """Sizes of every unit, resident and streamed, and the fixed reservations, for placement."""
     spec, units = index.spec, index.units
     fixed = (config.kv_reserve_tokens * spec.kv_bytes_per_token(dtype.itemsize)
              + config.prefill_chunk_tokens * spec.activation_bytes_per_token(dtype.itemsize)
@@ -110,10 +111,10 @@ def plan_placement(index: CheckpointIndex, config: EngineConfig, dtype: torch.dt
     compute = tuple(u.compute_bytes(dtype) for u in units)
     convert = tuple(0 if all(t.dtype == dtype for t in u.tensors) else c for u, c in zip(units, compute))
     tied = (0, spec.num_units - 1) if spec.tie_word_embeddings else None
-    return place_units(PlacementRequest(
+    return PlacementRequest(
         resident_bytes=compute, stream_bytes=tuple(u.buffer_bytes for u in units), convert_bytes=convert,
         fixed_bytes=fixed, num_slots=config.prefetch_depth + 1, budget_bytes=config.device_memory_bytes,
-        tied=tied, tied_bytes=compute[0] if tied else 0))
+        tied=tied, tied_bytes=compute[0] if tied else 0)
 
 
 class Engine:
@@ -144,7 +145,7 @@ class Engine:
         index = await asyncio.to_thread(CheckpointIndex.open, model)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, device)
-        placement = plan_placement(index, config, dtype)
+        placement = place_units(placement_request(index, config, dtype))
         tokenizer = await asyncio.to_thread(_load_tokenizer, index.directory)
         reader = DiskReader(index.files, io_threads=config.io_threads, block_bytes=config.io_block_bytes,
                             direct_io=config.direct_io)

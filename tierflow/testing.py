@@ -53,3 +53,19 @@ def oracle_greedy(path: str | Path, token_ids: list[int], max_new_tokens: int, d
         out = model.generate(torch.tensor([token_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              min_new_tokens=max_new_tokens, pad_token_id=0)
     return out[0, len(token_ids):].tolist()
+
+
+def streaming_budget(path: str | Path, config: Any = None) -> int:
+    """The device budget of a placement that streams every unit: the smallest budget at
+    which every decoder layer streams (placement may still keep a large embedding
+    resident within it, when that shrinks the staging slots). Pass the EngineConfig you
+    will use: its other fields size the slots and reservations."""
+    from tierflow.config import EngineConfig
+    from tierflow.engine import placement_request, resolve_device, resolve_dtype
+    from tierflow.tiers.checkpoint import CheckpointIndex
+    from tierflow.tiers.placement import evaluate
+
+    config = config or EngineConfig(device="cpu")
+    index = CheckpointIndex.open(path)
+    dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, resolve_device(config.device))
+    return evaluate(placement_request(index, config, dtype), set()).total_bytes

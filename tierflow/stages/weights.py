@@ -49,6 +49,7 @@ class LoadedUnit:
 @dataclass(frozen=True, slots=True)
 class StreamStats:
     units_read: int
+    units_consumed: int  # units handed to compute (one per streamed unit per sweep)
     bytes_read: int
     read_s: float        # summed wall time of unit reads (they overlap each other and compute)
     upload_s: float
@@ -61,11 +62,11 @@ class WeightStream:
         self._layouts, self._reader, self._ring, self._uploader = layouts, reader, ring, uploader
         self._channel: Channel[tuple[int, int, asyncio.Task[dict[str, torch.Tensor]]]] = Channel(len(ring.slots))
         self._task: asyncio.Task[None] | None = None
-        self._units_read = self._bytes_read = 0
+        self._units_read = self._units_consumed = self._bytes_read = 0
         self._read_s = self._upload_s = self._stall_s = 0.0
 
     def statistics(self) -> StreamStats:
-        return StreamStats(self._units_read, self._bytes_read, self._read_s, self._upload_s, self._stall_s)
+        return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s, self._upload_s, self._stall_s)
 
     @property
     def units(self) -> tuple[int, ...]:
@@ -107,6 +108,7 @@ class WeightStream:
             raise
         finally:
             self._stall_s += time.perf_counter() - started
+        self._units_consumed += 1
         return LoadedUnit(unit, weights, slot)
 
     def release(self, loaded: LoadedUnit) -> None:

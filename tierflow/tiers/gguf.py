@@ -503,7 +503,7 @@ def dequantize_tensor(plan: TensorPlan) -> np.ndarray:
     values = np.asarray(values, dtype=np.float32).reshape(plan.shape)
     if not values.flags.writeable:  # F32 tensors are read-only views of the memory-mapped file
         values = values.copy()
-    if False and plan.rotary_head_count is not None:
+    if plan.rotary_head_count is not None:
         values = unpermute_rotary_rows(values, plan.rotary_head_count)
     return values
 

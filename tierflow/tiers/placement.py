@@ -65,7 +65,8 @@ def _groups(req: PlacementRequest) -> list[tuple[int, ...]]:
     return groups
 
 
-def _evaluate(req: PlacementRequest, resident: set[int]) -> Placement:
+def evaluate(req: PlacementRequest, resident: set[int]) -> Placement:
+    """The placement that keeps exactly ``resident`` on the device (budget not checked)."""
     streamed = [u for u in range(len(req.resident_bytes)) if u not in resident]
     resident_bytes = sum(req.resident_bytes[u] for u in resident)
     if req.tied and set(req.tied) <= resident:
@@ -81,18 +82,18 @@ def place_units(req: PlacementRequest) -> Placement:
     """Keep as much resident as fits; raise TierCapacityError if even streaming does not fit."""
     everything = set(range(len(req.resident_bytes)))
     if req.budget_bytes is None:
-        return _evaluate(req, everything)
+        return evaluate(req, everything)
     groups = sorted(_groups(req), key=lambda g: (-sum(req.resident_bytes[u] for u in g), g))
     resident: set[int] = set()
-    best = _evaluate(req, resident)
+    best = evaluate(req, resident)
     for group in groups:
-        trial = _evaluate(req, resident | set(group))
+        trial = evaluate(req, resident | set(group))
         if trial.total_bytes <= req.budget_bytes:
             resident |= set(group)
             best = trial
     if best.total_bytes > req.budget_bytes:
-        least = min((_evaluate(req, set(g)) for g in groups[:1]), key=lambda p: p.total_bytes, default=best)
-        least = min(least, _evaluate(req, set()), key=lambda p: p.total_bytes)
+        least = min((evaluate(req, set(g)) for g in groups[:1]), key=lambda p: p.total_bytes, default=best)
+        least = min(least, evaluate(req, set()), key=lambda p: p.total_bytes)
         raise TierCapacityError(
             f"device_memory_bytes={req.budget_bytes} is too small: the least this model needs is "
             f"{least.total_bytes} bytes ({least.num_slots} staging slots x {least.slot_bytes} + cast workspace "

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tierflow.testing import build_random_llama
+
+# name -> builder kwargs. Together they cover GQA and MHA, tied and untied embeddings,
+# fp32 and bf16 safetensors, a sharded checkpoint with an index json, llama3 rope
+# scaling and attention/MLP biases.
+TINY_MODELS = {
+    "gqa-untied-fp32": dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=False),
+    "mha-tied-fp32": dict(num_heads=4, num_kv_heads=4, tie_word_embeddings=True),
+    "gqa-tied-bf16": dict(num_heads=8, num_kv_heads=2, hidden_size=128, tie_word_embeddings=True, dtype="bfloat16"),
+    "sharded-fp32": dict(num_layers=4, max_shard_bytes=200_000),
+    "llama3-rope-fp32": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "bias-fp32": dict(attention_bias=True, mlp_bias=True),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: build_random_llama(root / name, seed=i, **kw) for i, (name, kw) in enumerate(TINY_MODELS.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["gqa-untied-fp32"]
+
+
+def run(coro):
+    return asyncio.run(coro)
