@@ -56,10 +56,10 @@ def oracle_greedy(path: str | Path, token_ids: list[int], max_new_tokens: int, d
 
 
 def streaming_budget(path: str | Path, config: Any = None) -> int:
-    """The device budget of a placement that streams every unit: the smallest budget at
-    which every decoder layer streams (placement may still keep a large embedding
-    resident within it, when that shrinks the staging slots). Pass the EngineConfig you
-    will use: its other fields size the slots and reservations."""
+    """The smallest device budget that runs ``path`` — at that budget every decoder layer
+    streams from disk on every sweep (the embedding and head may stay resident when that
+    is what makes it smallest). Pass the EngineConfig you will use: its other fields size
+    the staging slots and reservations."""
     from tierflow.config import EngineConfig
     from tierflow.engine import placement_request, resolve_device, resolve_dtype
     from tierflow.tiers.checkpoint import CheckpointIndex
@@ -68,4 +68,7 @@ def streaming_budget(path: str | Path, config: Any = None) -> int:
     config = config or EngineConfig(device="cpu")
     index = CheckpointIndex.open(path)
     dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, resolve_device(config.device))
-    return evaluate(placement_request(index, config, dtype), set()).total_bytes
+    request = placement_request(index, config, dtype)
+    head = index.spec.num_units - 1
+    options = [set(), {0}, {head}, {0, head}] if request.tied is None else [set(), {0, head}]
+    return min(evaluate(request, resident).total_bytes for resident in options)
