@@ -6,9 +6,9 @@ engine. The device budget holds: resident units + staging slots (one per unit in
 each as large as the largest streamed unit's read) + the fixed part (KV reservation and
 activation workspace).
 
-Every byte streamed from disk costs the same time per token, so the choice of *which*
-units stay resident only matters through the staging size: groups are tried largest first,
-which also keeps the slots small. Tied embeddings make the embedding and the head one
+Every byte streamed from disk costs the same time per token, so the objective is the
+fewest bytes streamed per sweep; the staging slots (as large as the largest streamed unit)
+are what make the choice of *which* units stay resident matter. Tied embeddings make the embedding and the head one
 group (both resident, sharing the tensor, or both streamed, the head reading it again).
 """
 
@@ -79,25 +79,32 @@ def evaluate(req: PlacementRequest, resident: set[int]) -> Placement:
 
 
 def place_units(req: PlacementRequest) -> Placement:
-    """Keep as much resident as fits; raise TierCapacityError if even streaming does not fit."""
+    """Keep as much resident as fits; raise TierCapacityError if even streaming does not fit.
+
+    Staging slots are as large as the largest streamed unit, so for every candidate slot
+    size the units larger than it are forced resident first; the rest are then added
+    largest first while they fit. Of these candidates the one streaming the fewest bytes
+    per sweep wins (ties: the least memory)."""
     everything = set(range(len(req.resident_bytes)))
     if req.budget_bytes is None:
         return evaluate(req, everything)
     groups = sorted(_groups(req), key=lambda g: (-sum(req.resident_bytes[u] for u in g), g))
-    resident: set[int] = set()
-    best = evaluate(req, resident)
-    for group in groups:
-        trial = evaluate(req, resident | set(group))
-        if trial.total_bytes <= req.budget_bytes:
-            resident |= set(group)
-            best = trial
-    if best.total_bytes > req.budget_bytes:
-        least = min((evaluate(req, set(g)) for g in groups[:1]), key=lambda p: p.total_bytes, default=best)
-        least = min(least, evaluate(req, set()), key=lambda p: p.total_bytes)
+    candidates = []
+    for slot in sorted({0, *req.stream_bytes}):
+        resident = {u for g in groups if any(req.stream_bytes[u] > slot for u in g) for u in g}
+        if evaluate(req, resident).total_bytes > req.budget_bytes:
+            continue
+        for group in groups:
+            if evaluate(req, resident | set(group)).total_bytes <= req.budget_bytes:
+                resident |= set(group)
+        candidates.append(evaluate(req, resident))
+    if not candidates:
+        least = min((evaluate(req, {u for g in groups if any(req.stream_bytes[u] > slot for u in g) for u in g})
+                     for slot in set(req.stream_bytes)), key=lambda p: p.total_bytes)
         raise TierCapacityError(
             f"device_memory_bytes={req.budget_bytes} is too small: the least this model needs is "
             f"{least.total_bytes} bytes ({least.num_slots} staging slots x {least.slot_bytes} + cast workspace "
             f"{least.convert_bytes} + resident {least.resident_bytes} + KV reservation and activations "
             f"{least.fixed_bytes}). Raise the budget by {least.total_bytes - req.budget_bytes} bytes, or lower "
             "prefetch_depth, kv_reserve_tokens or prefill_chunk_tokens.")
-    return best
+    return min(candidates, key=lambda p: (sum(req.stream_bytes[u] for u in p.streamed), p.total_bytes))

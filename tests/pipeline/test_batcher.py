@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from tierflow.pipeline.batcher import Batcher
+
+
+def _drain(b: Batcher, new_tokens: dict[int, int]) -> list:
+    plans = []
+    while (plan := b.schedule()) is not None:
+        plans.append(plan)
+        appended = set()
+        for s in plan.seqs:
+            if s.sample and new_tokens[s.seq_id] > 0:
+                new_tokens[s.seq_id] -= 1
+                appended.add(s.seq_id)
+        b.update(plan, appended)
+        for s in plan.seqs:
+            if s.sample and s.seq_id not in appended:
+                b.remove(s.seq_id)
+    return plans
+
+
+def test_prefill_is_chunked_under_the_token_budget():
+    b = Batcher(max_num_seqs=4, max_sweep_tokens=8)
+    b.add(0, 20)
+    plans = _drain(b, {0: 0})
+    assert [p.num_tokens for p in plans] == [8, 8, 4]
+    assert [p.seqs[0].sample for p in plans] == [False, False, True]
+    assert [p.seqs[0].start for p in plans] == [0, 8, 16]
+
+
+def test_decode_goes_first_and_prefill_fills_the_rest():
+    b = Batcher(max_num_seqs=4, max_sweep_tokens=8)
+    b.add(0, 3)
+    plan = b.schedule()
+    b.update(plan, {0})            # seq 0 now decodes
+    b.add(1, 30)
+    plan = b.schedule()
+    assert plan.seqs[0].seq_id == 0 and plan.seqs[0].num_tokens == 1
+    assert plan.seqs[1].seq_id == 1 and plan.seqs[1].num_tokens == 7
+    assert plan.num_tokens == 8
+
+
+def test_admission_cap_and_fifo():
+    b = Batcher(max_num_seqs=2, max_sweep_tokens=100)
+    for i in range(4):
+        b.add(i, 2)
+    plan = b.schedule()
+    assert [s.seq_id for s in plan.seqs] == [0, 1]
+    assert b.statistics().num_waiting == 2
+    b.update(plan, {0, 1})
+    b.remove(0)
+    plan = b.schedule()
+    assert [(s.seq_id, s.num_tokens) for s in plan.seqs] == [(1, 1), (2, 2)]
+
+
+def test_remove_waiting_and_running():
+    b = Batcher(max_num_seqs=1, max_sweep_tokens=100)
+    b.add(0, 2)
+    b.add(1, 2)
+    b.schedule()
+    b.remove(1)
+    b.remove(0)
+    assert not b.has_work() and b.schedule() is None
