@@ -4,6 +4,8 @@ bandwidth probe that uses the engine's own reader, and small timing utilities.""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -124,74 +126,161 @@ def build_checkpoint(directory: Path, shape: ModelShape, *, seed: int = 0, std: 
 
 
 # --------------------------------------------------------------------------- disk bandwidth
-@dataclass
+HUGE_PAGE_BYTES = 2 * 2**20
+_MADV_HUGEPAGE = 14
+
+
+def hugepage_empty(nbytes: int) -> torch.Tensor:
+    """Like ``aligned_empty`` (4 KiB aligned uint8 buffer) but 2 MiB aligned and advised
+    MADV_HUGEPAGE before first touch, so that it is backed by physically contiguous 2 MiB
+    pages where transparent huge pages are enabled ("always" or "madvise")."""
+    raw = torch.empty(nbytes + HUGE_PAGE_BYTES, dtype=torch.uint8)
+    skip = (-raw.data_ptr()) % HUGE_PAGE_BYTES
+    view = raw[skip:skip + nbytes]
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(view.data_ptr()), ctypes.c_size_t(-(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES),
+                     _MADV_HUGEPAGE)
+    except (OSError, AttributeError):
+        pass        # no THP here: an ordinary buffer
+    return view
+
+
+def physical_runs(buffer: torch.Tensor, block_bytes: int) -> float | None:
+    """Mean number of physically contiguous runs per ``block_bytes`` of ``buffer`` (from
+    /proc/self/pagemap; None without the permission to see frame numbers). A block whose
+    pages are scattered needs that many DMA segments; the block layer splits a request
+    whose segment count exceeds the device's max_segments."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, n = buffer.data_ptr() // page, buffer.numel() // page
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start * 8)
+            raw = f.read(n * 8)
+    except OSError:
+        return None
+    frames = [int.from_bytes(raw[i:i + 8], "little") & ((1 << 55) - 1) for i in range(0, len(raw), 8)]
+    if not any(frames):
+        return None
+    per_block = max(block_bytes // page, 1)
+    runs = blocks = 0
+    for b in range(0, n, per_block):
+        chunk = frames[b:b + per_block]
+        runs += 1 + sum(1 for x, y in zip(chunk, chunk[1:]) if y != x + 1)
+        blocks += 1
+    return runs / blocks
+
+
+def max_segments(path: str) -> int | None:
+    """The block device's max_segments for the filesystem holding ``path`` (None if unknown)."""
+    try:
+        dev = os.stat(path).st_dev
+        sys_dir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        queue = sys_dir / "queue" if (sys_dir / "queue").exists() else sys_dir / ".." / "queue"
+        return int((queue / "max_segments").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class DiskProbe:
-    path: str
-    file_bytes: int
-    block_bytes: int
-    io_threads: int
-    mode: str                       # "direct" | "buffered" | "mixed"
-    passes_gbps: list[float]        # one figure per whole-file pass
+    """O_DIRECT read bandwidth of a whole file through the engine's own ``DiskReader``
+    (same block size, same thread count = queue depth) and the weight stream's own access
+    pattern: the file in ``slot_bytes`` chunks into a ring of ``in_flight`` reused buffers
+    with ``in_flight`` chunk reads outstanding (minus compute).
+
+    Two rings: "regular" buffers from ``aligned_empty`` (how the engine allocates its
+    staging slots) and "hugepage" buffers (``hugepage_empty``). On a VM the first can be
+    much slower when the buffer's pages are physically scattered, so the rate depends on
+    allocation luck; the second measures what the disk delivers. Buffers are allocated and
+    pre-faulted once, so page faults are never timed."""
+
+    KINDS = ("regular", "hugepage")
+
+    def __init__(self, path: str, *, io_threads: int, block_bytes: int, slot_bytes: int, in_flight: int,
+                 direct_io: str = "auto") -> None:
+        self.path, self.io_threads, self.block_bytes = path, io_threads, block_bytes
+        self.slot_bytes, self.in_flight = slot_bytes, in_flight
+        size = os.path.getsize(path)
+        self.file_bytes = -(-size // ALIGN_BYTES) * ALIGN_BYTES
+        self.chunks = [UnitLayout(-1, f"chunk{i}", (ByteRange(path, start, n, 0),), (), n, n)
+                       for i, start in enumerate(range(0, self.file_bytes, slot_bytes))
+                       for n in [min(slot_bytes, self.file_bytes - start)]]
+        self.rings = {"regular": [aligned_empty(slot_bytes) for _ in range(in_flight)],
+                      "hugepage": [hugepage_empty(slot_bytes) for _ in range(in_flight)]}
+        for ring in self.rings.values():
+            for buffer in ring:
+                buffer.fill_(0)
+        self.reader = DiskReader([path], io_threads=io_threads, block_bytes=block_bytes, direct_io=direct_io)
+        self.passes: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
+
+    def runs_per_block(self) -> dict[str, float | None]:
+        out = {}
+        for kind, ring in self.rings.items():
+            got = [physical_runs(b, self.block_bytes) for b in ring]
+            out[kind] = None if None in got else sum(got) / len(got)
+        return out
+
+    async def _pass(self, ring: list[torch.Tensor]) -> float:
+        free = list(range(len(ring)))
+        gate = asyncio.Semaphore(len(ring))
+
+        async def one(layout: UnitLayout) -> int:
+            async with gate:
+                slot = free.pop()
+                try:
+                    return await self.reader.read(layout, ring[slot])
+                finally:
+                    free.append(slot)
+        started = time.perf_counter()
+        nbytes = sum(await asyncio.gather(*(one(layout) for layout in self.chunks)))
+        return nbytes / (time.perf_counter() - started) / GB
+
+    async def measure(self, passes: int = 2) -> dict[str, list[float]]:
+        got: dict[str, list[float]] = {kind: [] for kind in self.KINDS}
+        for _ in range(passes):
+            for kind in self.KINDS:
+                got[kind].append(await self._pass(self.rings[kind]))
+        for kind in self.KINDS:
+            self.passes[kind] += got[kind]
+        return got
 
     @property
-    def gbps(self) -> float:        # median of the passes
-        return statistics.median(self.passes_gbps)
+    def mode(self) -> str:
+        modes = set(self.reader.statistics().modes.values())
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def close(self) -> None:
+        self.reader.close()
+        self.rings = {}
 
 
-def whole_file_layout(path: str, buffer_offset: int = 0, start: int = 0, nbytes: int | None = None) -> UnitLayout:
-    size = os.path.getsize(path)
-    nbytes = size - start if nbytes is None else nbytes
-    aligned = -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
-    return UnitLayout(-1, "file", (ByteRange(path, start, aligned, buffer_offset),), (), aligned, nbytes)
+# --------------------------------------------------------------------------- CPU load of others
+class CpuMonitor:
+    """How busy the machine's CPUs were with work that is *not* this process (other
+    processes, and steal time from the hypervisor) over a phase: benchmarks on a 2-core
+    machine are only meaningful when this is small."""
 
+    def __init__(self) -> None:
+        self._start = self._sample()
 
-async def probe_disk(path: str, *, io_threads: int, block_bytes: int, direct_io: str = "auto",
-                     passes: int = 3) -> DiskProbe:
-    """O_DIRECT read bandwidth of the whole file with the engine's reader (same block size,
-    same thread count = queue depth). The buffer is pre-faulted so page faults are not timed."""
-    layout = whole_file_layout(path)
-    buffer = aligned_empty(layout.buffer_bytes)
-    buffer.fill_(0)
-    reader = DiskReader([path], io_threads=io_threads, block_bytes=block_bytes, direct_io=direct_io)
-    results = []
-    try:
-        for _ in range(passes):
-            started = time.perf_counter()
-            got = await reader.read(layout, buffer)
-            results.append(got / (time.perf_counter() - started) / GB)
-        modes = set(reader.statistics().modes.values())
-    finally:
-        reader.close()
-    return DiskProbe(path, os.path.getsize(path), block_bytes, io_threads,
-                     modes.pop() if len(modes) == 1 else "mixed", results)
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        busy = user + nice + system + steal      # irq / softirq left out: mostly our own disk completions
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return busy / tick, (int(own[11]) + int(own[12])) / tick, time.perf_counter()
 
+    def restart(self) -> None:
+        self._start = self._sample()
 
-async def probe_stream_pattern(layouts: list[UnitLayout], *, io_threads: int, block_bytes: int,
-                               in_flight: int, direct_io: str = "auto", sweeps: int = 2) -> float:
-    """I/O-only ceiling of the weight stream: the streamed units read in sweep order with
-    ``in_flight`` unit reads outstanding (what the slot ring allows), no compute. GB/s."""
-    slot = max(layout.buffer_bytes for layout in layouts)
-    buffers = [aligned_empty(slot) for _ in range(in_flight)]
-    for b in buffers:
-        b.fill_(0)
-    files = sorted({r.path for layout in layouts for r in layout.ranges})
-    reader = DiskReader(files, io_threads=io_threads, block_bytes=block_bytes, direct_io=direct_io)
-    sem = asyncio.Semaphore(in_flight)
-    free = list(range(in_flight))
-
-    async def one(layout: UnitLayout) -> int:
-        async with sem:
-            index = free.pop()
-            try:
-                return await reader.read(layout, buffers[index])
-            finally:
-                free.append(index)
-    try:
-        started = time.perf_counter()
-        total = sum(await asyncio.gather(*(one(layout) for _ in range(sweeps) for layout in layouts)))
-        return total / (time.perf_counter() - started) / GB
-    finally:
-        reader.close()
+    def foreign_load(self) -> float:
+        """Other work, in CPUs' worth (0.0 .. ncpu), since the start."""
+        busy, own, now = self._sample()
+        return max(0.0, (busy - self._start[0]) - (own - self._start[1])) / max(now - self._start[2], 1e-9)
 
 
 # --------------------------------------------------------------------------- timing

@@ -67,3 +67,16 @@ def test_peak_rss_stays_within_budget(tmp_path):
           f"RSS growth {growth / 2**20:.1f} MiB")
     assert growth <= budget + allowance, f"RSS grew {growth / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB"
     assert r["streamed"] > model_bytes   # it really streamed the model, more than once
+
+
+def test_no_gc_collect_or_empty_cache_in_the_library():
+    """Buffers are allocated once and reused; nothing in tierflow forces collections."""
+    from pathlib import Path
+
+    import tierflow
+
+    root = Path(tierflow.__file__).parent
+    offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "gc.collect(" in line or "empty_cache(" in line]
+    assert offenders == []
