@@ -209,15 +209,7 @@ class Engine:
     # ----------------------------------------------------------------------------- requests
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
         req = self._submit(prompt, params or SamplingParams())
-        try:
-            while not req.done:
-                await req.changed.wait()
-                req.changed.clear()
-        finally:
-            if not req.done:
-                self._cancel(req)
-        if req.error is not None:
-            raise req.error
+        await self._wait(req)
         return Completion(req.detok.text, tuple(req.output_ids),
                           req.finish_reason or "stop", tuple(req.prompt_ids),
                           req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s)
@@ -246,6 +238,11 @@ class Engine:
         """Float32 logits [num_prompt_tokens, vocab] of every prompt position (for checks
         against other implementations and for scoring)."""
         req = self._submit(prompt, SamplingParams(max_new_tokens=1), score=True)
+        await self._wait(req)
+        return torch.cat(req.logits)
+
+    async def _wait(self, req: _Request) -> None:
+        """Wait for ``req`` to finish; cancelling the waiter cancels the request."""
         try:
             while not req.done:
                 await req.changed.wait()
@@ -255,7 +252,6 @@ class Engine:
                 self._cancel(req)
         if req.error is not None:
             raise req.error
-        return torch.cat(req.logits)
 
     def _submit(self, prompt: Prompt, params: SamplingParams, score: bool = False) -> _Request:
         if self._closed:
