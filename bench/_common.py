@@ -189,10 +189,11 @@ class DiskProbe:
     with ``in_flight`` chunk reads outstanding (minus compute).
 
     Two rings: "regular" buffers from ``aligned_empty`` (how the engine allocates its
-    staging slots) and "hugepage" buffers (``hugepage_empty``). On a VM the first can be
-    much slower when the buffer's pages are physically scattered, so the rate depends on
-    allocation luck; the second measures what the disk delivers. Buffers are allocated and
-    pre-faulted once, so page faults are never timed."""
+    staging slots) and "hugepage" buffers (``hugepage_empty``). The first is much slower
+    when the buffer's pages are physically scattered (more contiguous runs per request than
+    the device's max_segments: the block layer splits each request), so its rate depends on
+    how fragmented free memory was at allocation; the second measures what the disk
+    delivers. Buffers are allocated and pre-faulted once, so page faults are never timed."""
 
     KINDS = ("regular", "hugepage")
 

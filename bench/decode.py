@@ -353,6 +353,11 @@ def report(r: dict[str, Any]) -> None:
     t.add_row("greedy tokens resident == transformers", "yes" if x["tokens_resident_vs_transformers"] else "NO",
               f"streamed == resident: {'yes' if x['tokens_streamed_vs_resident'] else 'NO'}")
     console.print(t)
+    if c["engine_slots"] and c["max_segments"] and c["engine_slots"] > c["max_segments"]:
+        console.print(f"[yellow]note: the engine's staging slots are physically fragmented ({c['engine_slots']:.0f} "
+                      f"contiguous runs per {sp['block_bytes'] >> 20} MiB read > the device's max_segments "
+                      f"{c['max_segments']}), so the block layer splits every read into several requests; "
+                      "huge-page slots avoid it (compare the two probe rows)[/]")
     busy = max(x["foreign_cpu_load_streamed"], x["foreign_cpu_load_resident"])
     if busy > 0.1:
         console.print(f"[yellow]warning: other work kept {busy:.2f} CPUs busy during timed runs; timings on this "
