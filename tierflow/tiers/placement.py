@@ -8,7 +8,8 @@ activation workspace).
 
 Every byte streamed from disk costs the same time per token, so the objective is the
 fewest bytes streamed per sweep; the staging slots (as large as the largest streamed unit)
-are what make the choice of *which* units stay resident matter. Tied embeddings make the embedding and the head one
+are what make the choice of *which* units stay resident matter. Tied embeddings make the
+embedding and the head one
 group (both resident, sharing the tensor, or both streamed, the head reading it again).
 """
 
@@ -78,6 +79,11 @@ def evaluate(req: PlacementRequest, resident: set[int]) -> Placement:
                      req.budget_bytes)
 
 
+def _larger_than(req: PlacementRequest, groups: list[tuple[int, ...]], slot_bytes: int) -> set[int]:
+    """Units of every group that has a unit too large to stream through ``slot_bytes`` slots."""
+    return {u for g in groups if any(req.stream_bytes[u] > slot_bytes for u in g) for u in g}
+
+
 def place_units(req: PlacementRequest) -> Placement:
     """Keep as much resident as fits; raise TierCapacityError if even streaming does not fit.
 
@@ -91,7 +97,7 @@ def place_units(req: PlacementRequest) -> Placement:
     groups = sorted(_groups(req), key=lambda g: (-sum(req.resident_bytes[u] for u in g), g))
     candidates = []
     for slot in sorted({0, *req.stream_bytes}):
-        resident = {u for g in groups if any(req.stream_bytes[u] > slot for u in g) for u in g}
+        resident = _larger_than(req, groups, slot)
         if evaluate(req, resident).total_bytes > req.budget_bytes:
             continue
         for group in groups:
@@ -99,8 +105,8 @@ def place_units(req: PlacementRequest) -> Placement:
                 resident |= set(group)
         candidates.append(evaluate(req, resident))
     if not candidates:
-        least = min((evaluate(req, {u for g in groups if any(req.stream_bytes[u] > slot for u in g) for u in g})
-                     for slot in set(req.stream_bytes)), key=lambda p: p.total_bytes)
+        least = min((evaluate(req, _larger_than(req, groups, slot)) for slot in set(req.stream_bytes)),
+                    key=lambda p: p.total_bytes)
         raise TierCapacityError(
             f"device_memory_bytes={req.budget_bytes} is too small: the least this model needs is "
             f"{least.total_bytes} bytes ({least.num_slots} staging slots x {least.slot_bytes} + cast workspace "
