@@ -135,10 +135,10 @@ async def timed_stream(engine: Engine, new_tokens: int) -> dict[str, Any]:
 
 def placement_info(engine: Engine) -> dict[str, Any]:
     stats = engine.stats()
-    return {"tiers": list(engine.placement.tiers), "units_streamed": stats.units_streamed,
+    return {"tiers": list(engine.plan.tiers), "units_streamed": stats.units_streamed,
             "units_resident": stats.units_resident, "resident_bytes": stats.resident_bytes,
             "staging_bytes": stats.staging_bytes,
-            "streamed_bytes_per_sweep": sum(engine.index.units[u].buffer_bytes for u in engine.placement.streamed)}
+            "streamed_bytes_per_sweep": sum(engine.index.units[u].buffer_bytes for u in engine.plan.streamed)}
 
 
 def engine_slots(engine: Engine) -> list[torch.Tensor]:
@@ -158,11 +158,11 @@ async def streamed_phase(path: Path, dtype_name: str, new_tokens: int, rounds: i
     engine = await Engine.open(path, replace(base, device_memory_bytes=budget))
     probe = None
     try:
-        info = placement_info(engine) | {"budget_bytes": budget, "slot_bytes": engine.placement.slot_bytes,
-                                         "num_slots": engine.placement.num_slots}
+        info = placement_info(engine) | {"budget_bytes": budget, "slot_bytes": engine.plan.slot_bytes,
+                                         "num_slots": engine.plan.num_slots}
         assert all(t == DISK for t in info["tiers"][1:-1]), f"a decoder layer is not on disk: {info['tiers']}"
         probe = DiskProbe(weights, io_threads=base.io_threads, block_bytes=base.io_block_bytes,
-                          slot_bytes=engine.placement.slot_bytes, in_flight=engine.placement.num_slots,
+                          slot_bytes=engine.plan.slot_bytes, in_flight=engine.plan.num_slots,
                           direct_io=base.direct_io)
         await engine.generate(PROMPT, SamplingParams(max_new_tokens=WARMUP_TOKENS, ignore_eos=True))
         await quiesce(engine)

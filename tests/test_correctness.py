@@ -52,14 +52,14 @@ def test_matches_transformers(tiny_models, name, placement):
     assert list(out.token_ids) == oracle_greedy(path, PROMPT, 32, dtype)
     assert out.finish_reason == "length"
 
-    layers = engine.placement.tiers[1:-1]
+    layers = engine.plan.tiers[1:-1]
     if placement == "resident":
-        assert set(engine.placement.tiers) == {"device"}
+        assert set(engine.plan.tiers) == {"device"}
         assert after.bytes_streamed == 0
     else:
-        assert set(layers) == {"disk"}, engine.placement.tiers
+        assert set(layers) == {"disk"}, engine.plan.tiers
         # every decoder layer was read from disk for every sweep (one sweep per token)
-        streamed = engine.placement.streamed
+        streamed = engine.plan.streamed
         sweep_bytes = sum(engine.index.units[u].buffer_bytes for u in streamed)
         assert after.sweeps == 33 and consumed == 33 * len(streamed)
         # reads run ahead of compute by up to the ring's size, at both ends of the window

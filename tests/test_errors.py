@@ -100,7 +100,7 @@ def test_shape_mismatch(model_copy):
 
 
 def test_budget_too_small(tiny_model):
-    with pytest.raises(TierCapacityError, match="too small.*Raise the budget"):
+    with pytest.raises(TierCapacityError, match=r"device memory is short by \d+ bytes.*budget is 4096.*Raise that budget"):
         _open(tiny_model, EngineConfig(device="cpu", device_memory_bytes=4096))
 
 

@@ -36,13 +36,14 @@ SCRIPT = textwrap.dedent("""
                               kv_reserve_tokens=256, prefill_chunk_tokens=128, max_num_seqs=4)
         async with await Engine.open(path, config) as engine:
             out = await engine.generate(list(range(1, 40)), SamplingParams(max_new_tokens=12, ignore_eos=True))
-            return engine.placement, engine.stats(), out
+            return engine.plan, engine.stats(), out
 
     threading.Thread(target=sample, daemon=True).start()
-    placement, stats, out = asyncio.run(main())
+    plan, stats, out = asyncio.run(main())
     done.set()
-    print(json.dumps({"baseline": baseline, "peak": peak[0], "tiers": placement.tiers,
-                      "staging": placement.staging_bytes, "total": placement.total_bytes,
+    device = plan.memory["device"]
+    print(json.dumps({"baseline": baseline, "peak": peak[0], "tiers": plan.tiers,
+                      "staging": device.staging, "total": device.total,
                       "streamed": stats.bytes_streamed, "tokens": len(out.token_ids)}))
 """)
 

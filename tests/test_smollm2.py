@@ -53,11 +53,13 @@ def test_streamed_greedy_tokens_match_transformers(smollm2, oracle):
     async def main():
         async with await Engine.open(smollm2, config) as engine:
             outs = [await engine.generate(chat, SamplingParams(max_new_tokens=NEW_TOKENS)) for chat in CHATS]
-            return engine.placement, outs
+            return engine.plan, outs
 
-    placement, outs = asyncio.run(main())
-    layers = placement.tiers[1:-1]
-    assert layers.count("disk") >= len(layers) - 1, placement.tiers
+    plan, outs = asyncio.run(main())
+    # 256 MiB holds the tied embedding (108 MiB in fp32), the staging slots and a few of the
+    # 13.5 MiB layers: most of the 30 layers stream from disk on every token.
+    layers = plan.tiers[1:-1]
+    assert layers.count("disk") >= 20, plan.tiers
     model, tokenizer = oracle
     for chat, out in zip(CHATS, outs):
         assert list(out.token_ids) == _oracle_tokens(model, tokenizer, chat)
@@ -73,10 +75,10 @@ def test_every_layer_streamed(smollm2, oracle):
 
     async def main():
         async with await Engine.open(smollm2, config) as engine:
-            return engine.placement, await engine.generate(CHATS[0], SamplingParams(max_new_tokens=NEW_TOKENS))
+            return engine.plan, await engine.generate(CHATS[0], SamplingParams(max_new_tokens=NEW_TOKENS))
 
-    placement, out = asyncio.run(main())
-    assert set(placement.tiers[1:-1]) == {"disk"}
+    plan, out = asyncio.run(main())
+    assert set(plan.tiers[1:-1]) == {"disk"}
     model, tokenizer = oracle
     assert list(out.token_ids) == _oracle_tokens(model, tokenizer, CHATS[0])
 

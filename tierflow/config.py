@@ -7,7 +7,9 @@ they belong to the hardware profile and the plan. Every invalid value raises a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from tierflow.errors import ConfigError, SamplingError
 
@@ -32,32 +34,43 @@ class EngineConfig:
     device: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
     dtype: compute dtype; "auto" keeps the checkpoint's dtype (float16 becomes
         float32 on CPU, where half-precision matmuls are very slow).
+    profile: a profile JSON (path or parsed dict; see the README): the hardware to plan
+        for (else the engine measures this machine, once, and caches the figures) and
+        overrides of what the planner would choose. The fields below that are set
+        (not None) take precedence over the profile's overrides.
     device_memory_bytes: cap on what the engine keeps in device memory (resident
-        weights + staging slots + KV reservation + workspace); None means no cap.
+        weights + staging slots + KV + workspace); None: the measured free memory less
+        a safety margin.
+    host_memory_bytes: cap on pinned host memory (CUDA); None: measured.
     prefetch_depth: how many streamed units are read ahead of compute, also across
-        the boundary from one sweep to the next.
-    io_threads: reader threads, i.e. the disk queue depth.
-    io_block_bytes: size of one read request (a multiple of 4 KiB).
+        the boundary from one sweep to the next (None: the planner chooses).
+    io_threads: reader threads, i.e. the disk queue depth (None: 4).
+    io_block_bytes: size of one read request, a multiple of 4 KiB (None: 8 MiB).
     direct_io: "auto" tries O_DIRECT and falls back to buffered reads where the
         filesystem refuses it; "on" makes a refusal an error; "off" always buffers.
-    kv_reserve_tokens: tokens of KV cache (all sequences together) reserved in the
-        device budget when placing weights.
+    kv_reserve_tokens: tokens of KV cache (all sequences together) the plan reserves
+        in device memory; the planner sizes everything else around it.
     max_num_seqs: the most sequences one sweep serves.
     prefill_chunk_tokens: the most tokens one sweep computes (prompts longer than this
-        are prefilled over several sweeps); sizes the activation workspace.
+        are prefilled over several sweeps); None: the planner chooses.
+    mlp_chunk_tokens: the MLP's intermediate activations are computed this many tokens
+        at a time; None: the planner chooses.
     max_context_tokens: cap on prompt + generated tokens (None: the model's own).
     """
 
     device: str = "auto"
     dtype: str = "auto"
+    profile: str | os.PathLike[str] | Mapping[str, Any] | None = None
     device_memory_bytes: int | None = None
-    prefetch_depth: int = 2
-    io_threads: int = 4
-    io_block_bytes: int = 8 * 2**20
+    host_memory_bytes: int | None = None
+    prefetch_depth: int | None = None
+    io_threads: int | None = None
+    io_block_bytes: int | None = None
     direct_io: str = "auto"
     kv_reserve_tokens: int = 2048
     max_num_seqs: int = 64
-    prefill_chunk_tokens: int = 1024
+    prefill_chunk_tokens: int | None = None
+    mlp_chunk_tokens: int | None = None
     max_context_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -68,15 +81,16 @@ class EngineConfig:
             raise ConfigError(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.direct_io not in DIRECT_IO_MODES:
             raise ConfigError(f"EngineConfig.direct_io must be one of {DIRECT_IO_MODES}, got {self.direct_io!r}")
-        _check_positive("EngineConfig", "device_memory_bytes", self.device_memory_bytes, allow_none=True)
-        _check_positive("EngineConfig", "prefetch_depth", self.prefetch_depth)
-        _check_positive("EngineConfig", "io_threads", self.io_threads)
-        _check_positive("EngineConfig", "io_block_bytes", self.io_block_bytes, minimum=4096)
-        if self.io_block_bytes % 4096:
+        if self.profile is not None and not isinstance(self.profile, (str, os.PathLike, Mapping)):
+            raise ConfigError(f"EngineConfig.profile must be a path or a dict, got {type(self.profile).__name__}")
+        for name in ("device_memory_bytes", "host_memory_bytes", "prefetch_depth", "io_threads",
+                     "prefill_chunk_tokens", "mlp_chunk_tokens"):
+            _check_positive("EngineConfig", name, getattr(self, name), allow_none=True)
+        _check_positive("EngineConfig", "io_block_bytes", self.io_block_bytes, allow_none=True, minimum=4096)
+        if self.io_block_bytes is not None and self.io_block_bytes % 4096:
             raise ConfigError(f"EngineConfig.io_block_bytes must be a multiple of 4096, got {self.io_block_bytes}")
         _check_positive("EngineConfig", "kv_reserve_tokens", self.kv_reserve_tokens, minimum=0)
         _check_positive("EngineConfig", "max_num_seqs", self.max_num_seqs)
-        _check_positive("EngineConfig", "prefill_chunk_tokens", self.prefill_chunk_tokens)
         _check_positive("EngineConfig", "max_context_tokens", self.max_context_tokens, allow_none=True)
 
 

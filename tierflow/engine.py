@@ -33,7 +33,9 @@ from tierflow.stages.weights import WeightStream, cast_weights, unit_views
 from tierflow.sweep import SweepBatch, SweepRunner
 from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.kvcache import SequenceKV
-from tierflow.tiers.placement import DEVICE, Placement, PlacementRequest, place_units
+from tierflow.outputs import StageTimes
+from tierflow.planning import EnginePlan, plan_engine
+from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
 log = logging.getLogger(__name__)
@@ -102,32 +104,19 @@ def _eos_ids(index: CheckpointIndex, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def placement_request(index: CheckpointIndex, config: EngineConfig, dtype: torch.dtype) -> PlacementRequest:
-    """Sizes of every unit, resident and streamed, and the fixed reservations, for placement."""
-    spec, units = index.spec, index.units
-    fixed = (config.kv_reserve_tokens * spec.kv_bytes_per_token(dtype.itemsize)
-             + config.prefill_chunk_tokens * spec.activation_bytes_per_token(dtype.itemsize)
-             + config.max_num_seqs * spec.vocab_size * 4)
-    compute = tuple(u.compute_bytes(dtype) for u in units)
-    convert = tuple(0 if all(t.dtype == dtype for t in u.tensors) else c for u, c in zip(units, compute))
-    tied = (0, spec.num_units - 1) if spec.tie_word_embeddings else None
-    return PlacementRequest(
-        resident_bytes=compute, stream_bytes=tuple(u.buffer_bytes for u in units), convert_bytes=convert,
-        fixed_bytes=fixed, num_slots=config.prefetch_depth + 1, budget_bytes=config.device_memory_bytes,
-        tied=tied, tied_bytes=compute[0] if tied else 0)
-
-
 class Engine:
     """Use ``await Engine.open(model, EngineConfig(...))``; then ``generate`` / ``stream``."""
 
     def __init__(self, index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 tokenizer: Any, placement: Placement, reader: DiskReader, worker: ComputeWorker) -> None:
+                 tokenizer: Any, planned: EnginePlan, reader: DiskReader, worker: ComputeWorker) -> None:
         self.index, self.config, self.device, self.dtype = index, config, device, dtype
-        self.spec, self.tokenizer, self.placement = index.spec, tokenizer, placement
+        self.spec, self.tokenizer = index.spec, tokenizer
+        self.plan, self.hardware, self.costs = planned.plan, planned.hardware, planned.costs
+        self.hardware_source = planned.provenance
         self._reader, self._worker = reader, worker
         self._eos_ids = _eos_ids(index, tokenizer)
         self.max_context_tokens = min(config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
-        self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=config.prefill_chunk_tokens)
+        self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=self.plan.prefill_chunk_tokens)
         self._requests: dict[int, _Request] = {}
         self._to_remove: set[int] = set()
         self._ids = itertools.count()
@@ -137,6 +126,9 @@ class Engine:
         self._stream: WeightStream | None = None
         self._runner: SweepRunner | None = None
         self._tokens_generated = self._prompt_tokens = 0
+        self._decode_sweeps = 0
+        self._predicted = [0.0, 0.0, 0.0, 0.0]    # disk, pcie, compute, total: summed over decode sweeps
+        self._measured = [0.0, 0.0, 0.0, 0.0]
 
     # ----------------------------------------------------------------------------- lifecycle
     @classmethod
@@ -145,23 +137,25 @@ class Engine:
         index = await asyncio.to_thread(CheckpointIndex.open, model)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, device)
-        placement = place_units(placement_request(index, config, dtype))
+        planned = await plan_engine(index, config, device, dtype)
         tokenizer = await asyncio.to_thread(_load_tokenizer, index.directory)
-        reader = DiskReader(index.files, io_threads=config.io_threads, block_bytes=config.io_block_bytes,
+        reader = DiskReader(index.files, io_threads=planned.plan.io_threads, block_bytes=planned.plan.io_block_bytes,
                             direct_io=config.direct_io)
-        engine = cls(index, config, device, dtype, tokenizer, placement, reader, ComputeWorker())
+        engine = cls(index, config, device, dtype, tokenizer, planned, reader, ComputeWorker())
         try:
             await engine._start()
         except BaseException:
             await engine.close()
             raise
-        log.info("opened %s: %d units resident, %d streamed, dtype %s", index.directory,
-                 len(index.units) - len(placement.streamed), len(placement.streamed), dtype)
+        plan = planned.plan
+        log.info("opened %s: %d units resident, %d streamed, dtype %s; predicted %.4f s per token (%s bound)",
+                 index.directory, len(index.units) - len(plan.streamed), len(plan.streamed), dtype,
+                 plan.predicted.decode_s_per_token, plan.predicted.bottleneck)
         return engine
 
     async def _start(self) -> None:
         resident: dict[int, dict[str, torch.Tensor]] = {}
-        for unit, tier in enumerate(self.placement.tiers):
+        for unit, tier in enumerate(self.plan.tiers):
             if tier != DEVICE:
                 continue
             layout = self.index.units[unit]
@@ -174,12 +168,13 @@ class Engine:
             if shared:
                 weights["lm_head"] = resident[0]["embed"]
             resident[unit] = weights
-        streamed = [self.index.units[u] for u in self.placement.streamed]
+        streamed = [self.index.units[u] for u in self.plan.streamed]
         if streamed:
-            ring = SlotRing([aligned_empty(self.placement.slot_bytes) for _ in range(self.placement.num_slots)])
+            ring = SlotRing([aligned_empty(self.plan.device_slot_bytes) for _ in range(self.plan.num_slots)])
             self._stream = WeightStream(streamed, self._reader, ring, SameDevice())
             self._stream.start()
-        self._runner = SweepRunner(self.spec, self.index.adapter, resident, self._stream, self._worker, self.dtype)
+        self._runner = SweepRunner(self.spec, self.index.adapter, resident, self._stream, self._worker, self.dtype,
+                                   mlp_chunk_tokens=self.plan.mlp_chunk_tokens)
         self._driver = asyncio.create_task(self._drive(), name="tierflow-driver")
 
     async def close(self) -> None:
@@ -299,6 +294,8 @@ class Engine:
                 await self._wake.wait()
                 continue
             reqs = [self._requests[s.seq_id] for s in plan.seqs]
+            decode = all(s.num_tokens == 1 and s.start >= len(r.prompt_ids) for s, r in zip(plan.seqs, reqs))
+            before = self._stage_clock()
             try:
                 logits = await self._runner.run(self._batch(plan, reqs))
                 tokens = await self._worker.run(self._sample, plan, reqs, logits)
@@ -308,6 +305,8 @@ class Engine:
                     self._finish(req, error=exc if isinstance(exc, TierflowError) else
                                  RequestError(f"request failed in a sweep: {exc!r}"))
                 continue
+            if decode:
+                self._account_decode(plan, before)
             self._batcher.update(plan, self._apply(plan, reqs, tokens))
             for req in reqs:
                 req.changed.set()
@@ -375,10 +374,33 @@ class Engine:
             self._finish(req, "length")
 
     # ----------------------------------------------------------------------------- stats
+    def _stage_clock(self) -> tuple[float, float, float, float]:
+        """Cumulative (disk busy, upload, compute busy, wall) seconds."""
+        stream = self._stream.statistics() if self._stream else None
+        return (stream.busy_s if stream else 0.0, stream.upload_s if stream else 0.0,
+                self._worker.statistics().busy_s, time.perf_counter())
+
+    def _account_decode(self, plan: SweepPlan, before: tuple[float, float, float, float]) -> None:
+        """Add one decode sweep's measured stage seconds, and the cost model's prediction for
+        exactly that sweep (its sequences and their context lengths), to the running sums."""
+        now = self._stage_clock()
+        k = len(plan.seqs)
+        keys = sum(s.start + 1 for s in plan.seqs) // k
+        kv = {DEVICE: sum(s.start + 1 for s in plan.seqs) * self.costs.kv_bytes_per_token}
+        predicted = sweep_times(self.costs, self.hardware, self.plan.tiers, kv, tokens=k, logit_rows=k, queries=1,
+                                keys=keys, sequences=k)
+        self._decode_sweeps += 1
+        for i, value in enumerate((predicted.disk_s, predicted.pcie_s, predicted.compute_s, predicted.total_s)):
+            self._predicted[i] += value
+        for i in range(4):
+            self._measured[i] += now[i] - before[i]
+
     def stats(self) -> EngineStats:
         reader = self._reader.statistics()
         stream = self._stream.statistics() if self._stream else None
         modes = set(reader.modes.values())
+        n = max(1, self._decode_sweeps)
+        device = self.plan.memory[DEVICE]
         return EngineStats(
             bytes_read_from_disk=reader.bytes_read, bytes_streamed=stream.bytes_read if stream else 0,
             tokens_generated=self._tokens_generated, prompt_tokens=self._prompt_tokens,
@@ -386,6 +408,8 @@ class Engine:
             read_s=stream.read_s if stream else 0.0, upload_s=stream.upload_s if stream else 0.0,
             compute_s=self._worker.statistics().busy_s, stall_s=stream.stall_s if stream else 0.0,
             io_mode=modes.pop() if len(modes) == 1 else "mixed",
-            units_resident=len(self.placement.tiers) - len(self.placement.streamed),
-            units_streamed=len(self.placement.streamed), resident_bytes=self.placement.resident_bytes,
-            staging_bytes=self.placement.staging_bytes)
+            units_resident=len(self.plan.tiers) - len(self.plan.streamed),
+            units_streamed=len(self.plan.streamed), resident_bytes=device.weights, staging_bytes=device.staging,
+            decode_sweeps=self._decode_sweeps,
+            predicted_decode=StageTimes(*(x / n for x in self._predicted)),
+            measured_decode=StageTimes(*(x / n for x in self._measured)))

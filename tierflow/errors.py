@@ -17,6 +17,10 @@ class ConfigError(TierflowError, ValueError):
     """An ``EngineConfig``, ``SamplingParams`` or profile value is invalid."""
 
 
+class ProfileError(ConfigError):
+    """A profile JSON is unreadable, malformed, or holds an unknown key or a wrong type."""
+
+
 class CheckpointError(TierflowError):
     """A checkpoint cannot be found, opened or parsed."""
 

@@ -23,6 +23,19 @@ class StreamChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class StageTimes:
+    """Seconds per decode sweep, by pipeline stage. Measured: ``disk_s`` is the time at least
+    one weight read was in flight, ``pcie_s`` the uploads, ``compute_s`` the time the compute
+    worker was busy, ``total_s`` the wall time of the sweep. Predicted: the plan's cost model
+    for the same sweeps."""
+
+    disk_s: float = 0.0
+    pcie_s: float = 0.0
+    compute_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     bytes_read_from_disk: int            # cumulative, resident loading included
     bytes_streamed: int                  # of which by the weight stream during sweeps
@@ -38,3 +51,6 @@ class EngineStats:
     units_streamed: int
     resident_bytes: int
     staging_bytes: int
+    decode_sweeps: int = 0               # sweeps in which every sequence decoded one token
+    predicted_decode: StageTimes = StageTimes()   # per decode sweep, from the plan's cost model
+    measured_decode: StageTimes = StageTimes()    # per decode sweep, measured

@@ -9,7 +9,7 @@ stream stays aligned with the next sweep.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,9 +31,11 @@ class SweepBatch:
 
 class SweepRunner:
     def __init__(self, spec: ModelSpec, adapter: Adapter, resident: dict[int, UnitWeights],
-                 stream: WeightStream | None, worker: ComputeWorker, dtype: torch.dtype) -> None:
+                 stream: WeightStream | None, worker: ComputeWorker, dtype: torch.dtype, *,
+                 mlp_chunk_tokens: int | None = None) -> None:
         self.spec, self.adapter, self.resident = spec, adapter, resident
         self.stream, self.worker, self.dtype = stream, worker, dtype
+        self.mlp_chunk_tokens = mlp_chunk_tokens
         self.num_sweeps = 0
 
     async def run(self, batch: SweepBatch) -> torch.Tensor:
@@ -62,8 +64,9 @@ class SweepRunner:
 
     def _compute(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch) -> Any:
         if unit == 0:
-            self._ctx = self.adapter.make_context(self.spec, batch.positions, batch.seq_slices, batch.seq_starts,
-                                                  batch.kv, batch.logit_rows, self.dtype)
+            ctx = self.adapter.make_context(self.spec, batch.positions, batch.seq_slices, batch.seq_starts,
+                                            batch.kv, batch.logit_rows, self.dtype)
+            self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens)
             hidden = batch.token_ids
         weights = cast_weights(dict(weights), self.dtype)
         with torch.inference_mode():

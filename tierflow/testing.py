@@ -56,19 +56,24 @@ def oracle_greedy(path: str | Path, token_ids: list[int], max_new_tokens: int, d
 
 
 def streaming_budget(path: str | Path, config: Any = None) -> int:
-    """The smallest device budget that runs ``path`` — at that budget every decoder layer
-    streams from disk on every sweep (the embedding and head may stay resident when that
-    is what makes it smallest). Pass the EngineConfig you will use: its other fields size
-    the staging slots and reservations."""
+    """The smallest device budget that runs ``path`` — at that budget the decoder layers
+    stream from disk on every sweep (the embedding and head may stay resident when that is
+    what makes it smallest). Pass the EngineConfig you will use: its other fields size the
+    staging slots and reservations."""
+    from dataclasses import replace
+
     from tierflow.config import EngineConfig
-    from tierflow.engine import placement_request, resolve_device, resolve_dtype
+    from tierflow.engine import resolve_device, resolve_dtype
+    from tierflow.planning import engine_overrides, engine_workload, index_costs, load_engine_profile
     from tierflow.tiers.checkpoint import CheckpointIndex
-    from tierflow.tiers.placement import evaluate
+    from tierflow.tiers.planner import minimum_device_bytes
+    from tierflow.tiers.profile import HardwareProfile
 
     config = config or EngineConfig(device="cpu")
     index = CheckpointIndex.open(path)
     dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, resolve_device(config.device))
-    request = placement_request(index, config, dtype)
-    head = index.spec.num_units - 1
-    options = [set(), {0}, {head}, {0, head}] if request.tied is None else [set(), {0, head}]
-    return min(evaluate(request, resident).total_bytes for resident in options)
+    # Which placements fit depends on sizes only, so any bandwidths do.
+    unlimited = HardwareProfile(device="cpu", device_memory_bytes=2**60, host_memory_bytes=2**60, disk_read_gbps=1.0,
+                                decode_gbps=1.0, prefill_tflops=1.0)
+    overrides = replace(engine_overrides(config, load_engine_profile(config)), device_memory_bytes=None)
+    return minimum_device_bytes(index_costs(index, dtype), unlimited, engine_workload(config), overrides)

@@ -102,6 +102,7 @@ class SweepContext:
     kv: tuple[Any, ...]                          # one SequenceKV per sequence
     rope: tuple[torch.Tensor, torch.Tensor]      # cos, sin: [num_tokens, head_dim]
     logit_rows: torch.Tensor                     # rows of the packed batch whose logits are wanted
+    mlp_chunk_tokens: int | None = None          # MLP intermediates this many tokens at a time (None: all)
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -176,9 +176,18 @@ class LlamaAdapter:
             attn[rows] = attend(q[rows], keys, values, start)
         x = x + F.linear(attn, w["o_proj"], w.get("o_proj.bias"))
         h = rms_norm(x, w["post_attention_layernorm"], spec.rms_norm_eps)
-        gate = F.silu(F.linear(h, w["gate_proj"], w.get("gate_proj.bias")))
-        return x + F.linear(gate * F.linear(h, w["up_proj"], w.get("up_proj.bias")), w["down_proj"],
-                            w.get("down_proj.bias"))
+        step = ctx.mlp_chunk_tokens or n
+        if step >= n:
+            return x + _mlp(w, h)
+        out = torch.empty_like(x)
+        for start in range(0, n, step):   # bounds the [tokens, intermediate] activations
+            out[start:start + step] = _mlp(w, h[start:start + step])
+        return x + out
+
+
+def _mlp(w: UnitWeights, h: torch.Tensor) -> torch.Tensor:
+    gate = F.silu(F.linear(h, w["gate_proj"], w.get("gate_proj.bias")))
+    return F.linear(gate * F.linear(h, w["up_proj"], w.get("up_proj.bias")), w["down_proj"], w.get("down_proj.bias"))
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:

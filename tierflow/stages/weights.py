@@ -54,6 +54,7 @@ class StreamStats:
     read_s: float        # summed wall time of unit reads (they overlap each other and compute)
     upload_s: float
     stall_s: float       # time compute waited for weights
+    busy_s: float        # time at least one read was in flight (the disk stage's busy time)
 
 
 class WeightStream:
@@ -64,9 +65,12 @@ class WeightStream:
         self._task: asyncio.Task[None] | None = None
         self._units_read = self._units_consumed = self._bytes_read = 0
         self._read_s = self._upload_s = self._stall_s = 0.0
+        self._in_flight, self._busy_since, self._busy_s = 0, 0.0, 0.0
 
     def statistics(self) -> StreamStats:
-        return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s, self._upload_s, self._stall_s)
+        busy = self._busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
+        return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s, self._upload_s,
+                           self._stall_s, busy)
 
     @property
     def units(self) -> tuple[int, ...]:
@@ -85,8 +89,16 @@ class WeightStream:
 
     async def _load(self, layout: UnitLayout, slot: int) -> dict[str, torch.Tensor]:
         started = time.perf_counter()
-        nbytes = await self._reader.read(layout, self._ring.slots[slot])
-        read_done = time.perf_counter()
+        if self._in_flight == 0:
+            self._busy_since = started
+        self._in_flight += 1
+        try:
+            nbytes = await self._reader.read(layout, self._ring.slots[slot])
+        finally:
+            self._in_flight -= 1
+            read_done = time.perf_counter()
+            if self._in_flight == 0:
+                self._busy_s += read_done - self._busy_since
         device_buffer = await self._uploader.upload(self._ring.slots[slot], slot)
         self._bytes_read += nbytes
         self._read_s += read_done - started

@@ -1,0 +1,97 @@
+"""From an EngineConfig and a checkpoint to the planner's inputs, and to a plan.
+
+The engine, ``tierflow plan`` and the test helpers all build the planner's inputs here, so
+they plan the same way: the model's costs from its checkpoint (or from config.json alone),
+the hardware from the profile JSON (or measured by the probe), and the overrides from the
+profile with the EngineConfig's explicit fields on top.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tierflow.adapters import ModelSpec, adapter_for
+from tierflow.config import EngineConfig
+from tierflow.errors import CheckpointError
+from tierflow.tiers.checkpoint import CheckpointIndex, resolve_checkpoint
+from tierflow.tiers.costmodel import ModelCosts, Workload, costs_from_spec
+from tierflow.tiers.planner import TierPlan, plan
+from tierflow.tiers.probe import ProbeCache, default_cache, probe
+from tierflow.tiers.profile import HardwareProfile, Overrides, Profile, load_profile
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def index_costs(index: CheckpointIndex, dtype: torch.dtype) -> ModelCosts:
+    """Costs of a checkpoint at hand: its real read sizes, and whether any tensor needs a cast."""
+    cast = any(t.dtype != dtype and t.dtype.is_floating_point for u in index.units for t in u.tensors)
+    return costs_from_spec(index.spec, index.adapter, DTYPE_NAMES[dtype], [u.buffer_bytes for u in index.units],
+                           name=index.directory.name, cast=cast)
+
+
+def config_spec(model: str | Path) -> tuple[ModelSpec, Any, Path]:
+    """ModelSpec and adapter from a directory's config.json alone (weights not needed)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        directory = path.parent
+    else:
+        directory = resolve_checkpoint(model)
+        path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{directory} has no config.json") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    adapter = adapter_for(config)
+    return adapter.spec_from_config(config), adapter, directory
+
+
+def engine_overrides(config: EngineConfig, profile: Profile | None) -> Overrides:
+    """The profile's overrides with the EngineConfig's explicit fields on top. The engine holds
+    its KV cache in device memory, so the plan keeps every KV block there."""
+    base = profile.overrides if profile is not None else Overrides()
+    explicit = {name: getattr(config, name) for name in
+                ("device_memory_bytes", "host_memory_bytes", "prefetch_depth", "io_threads", "io_block_bytes",
+                 "prefill_chunk_tokens", "mlp_chunk_tokens") if getattr(config, name) is not None}
+    return replace(base, **explicit, kv_budget_tokens={**base.kv_budget_tokens, "host": 0, "disk": 0})
+
+
+def engine_workload(config: EngineConfig) -> Workload:
+    """The engine plans for its KV reservation: that many tokens of context."""
+    return Workload(context_tokens=max(1, config.kv_reserve_tokens), concurrency=1,
+                    new_tokens=min(256, config.kv_reserve_tokens // 2))
+
+
+def load_engine_profile(config: EngineConfig) -> Profile | None:
+    return load_profile(config.profile) if config.profile is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePlan:
+    plan: TierPlan
+    hardware: HardwareProfile
+    costs: ModelCosts
+    provenance: dict[str, Any]
+
+
+async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                      *, cache: ProbeCache | None = None,
+                      progress: Callable[[str], None] | None = None) -> EnginePlan:
+    """The plan the engine runs: hardware from the profile, else measured (cached per machine)."""
+    profile = load_engine_profile(config)
+    costs = index_costs(index, dtype)
+    overrides = engine_overrides(config, profile)
+    if profile is not None and profile.hardware is not None:
+        hardware, provenance = profile.hardware, {"source": "profile", **dict(profile.measured)}
+    else:
+        hardware, provenance = await probe(device, dtype, costs, index.directory,
+                                           io_threads=overrides.io_threads or 4,
+                                           block_bytes=overrides.io_block_bytes or 8 * 2**20,
+                                           cache=cache or default_cache(), progress=progress)
+    return EnginePlan(plan(costs, hardware, engine_workload(config), overrides), hardware, costs, provenance)
