@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from tierflow import SamplingParams
 from tierflow.tiers.checkpoint import ALIGN_BYTES, ByteRange, UnitLayout
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
 GB = 1e9
+PROMPT = [1, 415, 2936, 9060, 17354, 8309, 23517, 975, 278, 17366, 11203, 29889]   # 12 token ids
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -311,3 +313,38 @@ class TimingStreamer:
 
     def end(self) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- engine runs
+async def quiesce(engine: Any, poll_s: float = 0.05) -> None:
+    """Wait until the weight stream's read-ahead (which runs past the end of a request)
+    has finished, so that nothing else uses the disk while we probe it."""
+    last = -1
+    while (now := engine.stats().bytes_read_from_disk) != last:
+        last = now
+        await asyncio.sleep(poll_s)
+
+
+async def timed_stream(engine: Any, new_tokens: int, prompt: list[int] = PROMPT) -> dict[str, Any]:
+    """Greedy decode of ``new_tokens``; stats deltas over the decode window (first token excluded)."""
+    cpu = CpuMonitor()
+    stamps: list[float] = []
+    tokens: list[int] = []
+    first = None
+    async for chunk in engine.stream(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
+        now = time.perf_counter()
+        if chunk.token_ids:
+            stamps += [now] * len(chunk.token_ids)
+            tokens += chunk.token_ids
+            if first is None:
+                first = engine.stats()
+    last = engine.stats()
+    n = len(tokens) - 1
+    window = stamps[-1] - stamps[0]
+    delta = {k: getattr(last, k) - getattr(first, k) for k in
+             ("bytes_streamed", "bytes_read_from_disk", "read_s", "compute_s", "stall_s", "sweeps")}
+    return {"tokens": tokens, "timing": per_token(stamps), "decode_window_s": window, "decode_deltas": delta,
+            "bytes_streamed_per_token": delta["bytes_streamed"] / n,
+            "achieved_gbps": delta["bytes_streamed"] / window / GB if window > 0 else 0.0,
+            "read_s_per_token": delta["read_s"] / n, "compute_s_per_token": delta["compute_s"] / n,
+            "stall_s_per_token": delta["stall_s"] / n, "foreign_cpu_load": cpu.foreign_load()}

@@ -31,23 +31,22 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (DTYPES, GB, CpuMonitor, DiskProbe, ModelShape, TimingStreamer, build_checkpoint,  # noqa: E402
-                     max_segments, per_token, physical_runs)
+from _common import (DTYPES, GB, PROMPT, CpuMonitor, DiskProbe, ModelShape, TimingStreamer, build_checkpoint,  # noqa: E402
+                     max_segments, per_token, physical_runs, quiesce, timed_stream)
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
 from tierflow.tiers.checkpoint import CheckpointIndex  # noqa: E402
-from tierflow.tiers.placement import DISK  # noqa: E402
+from tierflow.tiers.costmodel import DISK  # noqa: E402
 
 TARGET_STREAMED = 1.25
 TARGET_RESIDENT = 1.15
-PROMPT = [1, 415, 2936, 9060, 17354, 8309, 23517, 975, 278, 17366, 11203, 29889]   # 12 token ids
 WARMUP_TOKENS = 3
 
 
@@ -65,72 +64,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def streaming_budget(path: Path, base: EngineConfig, dtype: torch.dtype) -> int:
-    """The largest device budget (of a few candidates) at which the engine's own placement
-    streams every decoder layer: the embedding and head stay resident when that is possible."""
-    index = CheckpointIndex.open(path)
-    last = index.spec.num_units - 1
-    layers = set(range(1, last))
-    try:
-        from tierflow.engine import placement_request
-        from tierflow.errors import TierCapacityError
-        from tierflow.tiers.placement import evaluate, place_units
-    except ImportError:        # an engine version without those helpers: size it here
-        spec, units = index.spec, index.units[1:-1]
-        fixed = (base.kv_reserve_tokens * spec.kv_bytes_per_token(dtype.itemsize)
-                 + base.prefill_chunk_tokens * spec.activation_bytes_per_token(dtype.itemsize)
-                 + base.max_num_seqs * spec.vocab_size * 4)
-        slot = max(u.buffer_bytes for u in units)
-        convert = max(0 if all(t.dtype == dtype for t in u.tensors) else u.compute_bytes(dtype) for u in units)
-        resident = sum(index.units[u].compute_bytes(dtype) for u in (0, last))
-        return fixed + (base.prefetch_depth + 1) * slot + convert + resident + 2**20
-    req = placement_request(index, base, dtype)
-    candidates = sorted({evaluate(req, keep).total_bytes + slack for keep in ({0, last}, {0}, {last}, set())
-                         for slack in (2**20, 0)}, reverse=True)
-    for budget in candidates:
-        try:
-            placement = place_units(replace(req, budget_bytes=budget))
-        except TierCapacityError:
-            continue
-        if all(placement.tiers[u] == DISK for u in layers):
-            return budget
-    raise SystemExit(f"error: no device budget streams every decoder layer of {path}: keeping this model "
-                     f"resident costs less memory than its {base.prefetch_depth + 1} staging slots; "
-                     "use more --layers")
-
-
-async def quiesce(engine: Engine, poll_s: float = 0.05) -> None:
-    """Wait until the weight stream's read-ahead (which runs past the end of a request)
-    has finished, so that nothing else uses the disk while we probe it."""
-    last = -1
-    while (now := engine.stats().bytes_read_from_disk) != last:
-        last = now
-        await asyncio.sleep(poll_s)
-
-
-async def timed_stream(engine: Engine, new_tokens: int) -> dict[str, Any]:
-    """Greedy decode of ``new_tokens``; stats deltas over the decode window (first token excluded)."""
-    cpu = CpuMonitor()
-    stamps: list[float] = []
-    tokens: list[int] = []
-    first = None
-    async for chunk in engine.stream(PROMPT, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
-        now = time.perf_counter()
-        if chunk.token_ids:
-            stamps += [now] * len(chunk.token_ids)
-            tokens += chunk.token_ids
-            if first is None:
-                first = engine.stats()
-    last = engine.stats()
-    n = len(tokens) - 1
-    window = stamps[-1] - stamps[0]
-    delta = {k: getattr(last, k) - getattr(first, k) for k in
-             ("bytes_streamed", "bytes_read_from_disk", "read_s", "compute_s", "stall_s", "sweeps")}
-    return {"tokens": tokens, "timing": per_token(stamps), "decode_window_s": window, "decode_deltas": delta,
-            "bytes_streamed_per_token": delta["bytes_streamed"] / n,
-            "achieved_gbps": delta["bytes_streamed"] / window / GB if window > 0 else 0.0,
-            "read_s_per_token": delta["read_s"] / n, "compute_s_per_token": delta["compute_s"] / n,
-            "stall_s_per_token": delta["stall_s"] / n, "foreign_cpu_load": cpu.foreign_load()}
+def streamed_profile(path: Path) -> dict[str, Any]:
+    """Pin every decoder layer to disk and the embedding and head to the device (profile overrides)."""
+    layers = CheckpointIndex.open(path).spec.num_layers
+    return {"version": 1, "overrides": {"tiers": {f"layers.0-{layers - 1}": "disk", "embed": "device",
+                                                  "head": "device"}, "prefetch_depth": 2}}
 
 
 def placement_info(engine: Engine) -> dict[str, Any]:
@@ -151,19 +89,16 @@ def engine_slots(engine: Engine) -> list[torch.Tensor]:
 async def streamed_phase(path: Path, dtype_name: str, new_tokens: int, rounds: int) -> dict[str, Any]:
     """Disk probes interleaved with streamed decode runs: each run gets the disk bandwidth
     measured right before and right after it (this virtual disk drifts within seconds)."""
-    dtype = DTYPES[dtype_name]
-    base = EngineConfig(device="cpu", dtype=dtype_name)
+    base = EngineConfig(device="cpu", dtype=dtype_name, profile=streamed_profile(path))
     weights = str(path / "model.safetensors")
-    budget = streaming_budget(path, base, dtype)
-    engine = await Engine.open(path, replace(base, device_memory_bytes=budget))
+    engine = await Engine.open(path, base)
+    plan = engine.plan
     probe = None
     try:
-        info = placement_info(engine) | {"budget_bytes": budget, "slot_bytes": engine.plan.slot_bytes,
-                                         "num_slots": engine.plan.num_slots}
+        info = placement_info(engine) | {"slot_bytes": plan.device_slot_bytes, "num_slots": plan.num_slots}
         assert all(t == DISK for t in info["tiers"][1:-1]), f"a decoder layer is not on disk: {info['tiers']}"
-        probe = DiskProbe(weights, io_threads=base.io_threads, block_bytes=base.io_block_bytes,
-                          slot_bytes=engine.plan.slot_bytes, in_flight=engine.plan.num_slots,
-                          direct_io=base.direct_io)
+        probe = DiskProbe(weights, io_threads=plan.io_threads, block_bytes=plan.io_block_bytes,
+                          slot_bytes=plan.device_slot_bytes, in_flight=plan.num_slots, direct_io=base.direct_io)
         await engine.generate(PROMPT, SamplingParams(max_new_tokens=WARMUP_TOKENS, ignore_eos=True))
         await quiesce(engine)
         probes = [await probe.measure(1)]
@@ -177,7 +112,7 @@ async def streamed_phase(path: Path, dtype_name: str, new_tokens: int, rounds: i
         if reader is not None:
             rs = reader.statistics()
             info |= {"reader_modes": rs.modes, "reader_requests": rs.requests, "reader_busy_s": rs.busy_s}
-        slots = [physical_runs(b, base.io_block_bytes) for b in engine_slots(engine)]
+        slots = [physical_runs(b, plan.io_block_bytes) for b in engine_slots(engine)]
         contiguity = {"engine_slots": None if not slots or None in slots else sum(slots) / len(slots),
                       **{f"probe_{k}": v for k, v in probe.runs_per_block().items()},
                       "max_segments": max_segments(weights)}
@@ -191,7 +126,7 @@ async def streamed_phase(path: Path, dtype_name: str, new_tokens: int, rounds: i
             run[f"disk_{kind}_gbps"] = statistics.median(probes[r][kind] + probes[r + 1][kind])
         run["disk_gbps"] = max(run[f"disk_{kind}_gbps"] for kind in DiskProbe.KINDS)
     return {"placement": info, "runs": runs, "probes": probes, "probe_passes": passes, "disk_mode": mode,
-            "contiguity": contiguity, "io_threads": base.io_threads, "block_bytes": base.io_block_bytes}
+            "contiguity": contiguity, "io_threads": plan.io_threads, "block_bytes": plan.io_block_bytes}
 
 
 def hf_timed(model: Any, new_tokens: int) -> dict[str, Any]:
@@ -321,7 +256,7 @@ def report(r: dict[str, Any]) -> None:
     t.add_section()
     tiers = "".join("D" if z == "disk" else "R" for z in place["tiers"])
     t.add_row("streamed: placement", f"{place['units_streamed']} disk, {place['units_resident']} resident",
-              f"tiers {tiers} (R resident, D disk); budget {place['budget_bytes'] / GB:.3f} GB; "
+              f"tiers {tiers} (R resident, D disk; pinned by profile overrides); "
               f"engine io_mode {place['io_mode']}, reader.statistics().modes "
               f"{ {Path(k).name: v for k, v in place.get('reader_modes', {}).items()} }")
     t.add_row("streamed: time / decode token", ms(x["streamed_s_per_token"]), f"rounds {rounds(x['streamed_rounds_s'])}")

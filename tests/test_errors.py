@@ -12,7 +12,6 @@ import pytest
 from tierflow import (CheckpointError, Engine, EngineClosedError, EngineConfig, PromptError, SamplingError,
                       SamplingParams, ShapeMismatchError, UnsupportedModelError)
 from tierflow.errors import ConfigError, TierCapacityError
-from tierflow.testing import build_random_llama
 
 CONFIG = EngineConfig(device="cpu", kv_reserve_tokens=64, prefill_chunk_tokens=64)
 GOOD = [1, 2, 3, 4]
