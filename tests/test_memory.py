@@ -32,8 +32,13 @@ SCRIPT = textwrap.dedent("""
             time.sleep(0.002)
 
     async def main():
+        # The hardware is given, so the engine plans without probing this machine: the probe's
+        # own temporary buffers are not what this test measures.
+        hardware = {"device": "cpu", "device_memory_bytes": 2**34, "host_memory_bytes": 2**34,
+                    "disk_read_gbps": 3.0, "decode_gbps": 20.0, "prefill_tflops": 0.1}
         config = EngineConfig(device="cpu", dtype="float32", device_memory_bytes=budget,
-                              kv_reserve_tokens=256, prefill_chunk_tokens=128, max_num_seqs=4)
+                              kv_reserve_tokens=256, prefill_chunk_tokens=128, max_num_seqs=4,
+                              profile={"version": 1, "hardware": hardware})
         async with await Engine.open(path, config) as engine:
             out = await engine.generate(list(range(1, 40)), SamplingParams(max_new_tokens=12, ignore_eos=True))
             return engine.plan, engine.stats(), out

@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tierflow.config import EngineConfig, SamplingParams
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(_run(args, console))
     except TierflowError as exc:
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         return 2
     except KeyboardInterrupt:
         return 130

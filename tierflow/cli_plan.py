@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ from rich.table import Table
 from tierflow.adapters import adapter_for
 from tierflow.errors import CheckpointError, ConfigError
 from tierflow.planning import (DTYPE_NAMES, config_spec, engine_overrides, engine_workload, index_costs,
-                               load_engine_profile)
+                               layer_benchmark, load_engine_profile)
 from tierflow.report import format_bytes, plan_document, render_plan
 from tierflow.tiers.advice import improvements
 from tierflow.tiers.checkpoint import CheckpointIndex
@@ -70,17 +71,19 @@ def _dtype(name: str, checkpoint_dtype: str, device_type: str) -> str:
     return checkpoint_dtype if checkpoint_dtype in DTYPE_NAMES.values() else "float32"
 
 
-def _model_costs(model: str, dtype_arg: str, device_type: str) -> tuple[ModelCosts, Path]:
-    """Costs from the checkpoint when its weights are there (real read sizes), else config.json."""
+def _model_costs(model: str, dtype_arg: str, device_type: str) -> tuple[ModelCosts, Path, Callable[..., Any]]:
+    """Costs from the checkpoint when its weights are there (real read sizes), else config.json;
+    and a maker of the layer benchmark the probe times."""
     spec, adapter, directory = config_spec(model)
     dtype = _dtype(dtype_arg, spec.checkpoint_dtype, device_type)
+    bench = partial(layer_benchmark, spec, adapter)
     if any(directory.glob("*.safetensors")):
         try:
             index = CheckpointIndex.open(directory)
-            return index_costs(index, getattr(torch, dtype)), directory
+            return index_costs(index, getattr(torch, dtype)), directory, bench
         except CheckpointError:
             pass   # weights incomplete or odd: plan from the config
-    return costs_from_spec(spec, adapter, dtype, name=directory.name), directory
+    return costs_from_spec(spec, adapter, dtype, name=directory.name), directory, bench
 
 
 def _progress(console: Console) -> Callable[[str], None]:
@@ -88,19 +91,15 @@ def _progress(console: Console) -> Callable[[str], None]:
 
 
 async def _hardware(args: argparse.Namespace, profile: Profile | None, costs: ModelCosts, directory: Path,
-                    console: Console) -> tuple[HardwareProfile, str]:
+                    bench: Callable[..., Any], console: Console) -> tuple[HardwareProfile, str]:
     if profile is not None and profile.hardware is not None:
         return profile.hardware, f"from {args.profile}"
     device = _device(args.device)
-    dtype = getattr(torch, DTYPE_NAMES.get(getattr(torch, args.dtype, None), "") or _costs_dtype(costs))
+    dtype = getattr(torch, {4: "float32", 2: "bfloat16"}[costs.dtype_bytes])
     hw, provenance = await probe(device, dtype, costs, directory, cache=default_cache(), fresh=args.fresh,
-                                 progress=_progress(console))
+                                 layer=bench(device, dtype), progress=_progress(console))
     sources = {provenance[k]["source"] for k in ("disk", "compute") if k in provenance}
     return hw, "measured on this machine" + (" (cached figures)" if sources == {"cache"} else "")
-
-
-def _costs_dtype(costs: ModelCosts) -> str:
-    return {4: "float32", 2: "bfloat16"}[costs.dtype_bytes]
 
 
 async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
@@ -111,8 +110,8 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     profile = load_profile(args.profile) if args.profile else None
     device_type = profile.hardware.device if profile and profile.hardware else _device(args.device).type
-    costs, directory = _model_costs(args.model, args.dtype, device_type)
-    hw, source = await _hardware(args, profile, costs, directory, console)
+    costs, directory, bench = _model_costs(args.model, args.dtype, device_type)
+    hw, source = await _hardware(args, profile, costs, directory, bench, console)
     overrides = profile.overrides if profile else Overrides()
     if args.device_memory is not None:
         overrides = replace(overrides, device_memory_bytes=args.device_memory)
@@ -131,14 +130,16 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
 async def _probe_command(args: argparse.Namespace, console: Console) -> None:
     device = _device(args.device)
     if args.model:
-        costs, directory = _model_costs(args.model, args.dtype, device.type)
+        costs, directory, bench = _model_costs(args.model, args.dtype, device.type)
     else:
         adapter = adapter_for(GENERIC_CONFIG)
-        costs = costs_from_spec(adapter.spec_from_config(GENERIC_CONFIG), adapter, args.dtype, name="generic")
-        directory = Path.cwd()
+        spec = adapter.spec_from_config(GENERIC_CONFIG)
+        costs = costs_from_spec(spec, adapter, args.dtype, name="generic")
+        directory, bench = Path.cwd(), partial(layer_benchmark, spec, adapter)
     directory = Path(args.dir) if args.dir else directory
-    hw, provenance = await probe(device, getattr(torch, args.dtype), costs, directory, cache=default_cache(),
-                                 fresh=args.fresh, progress=_progress(console))
+    dtype = getattr(torch, args.dtype)
+    hw, provenance = await probe(device, dtype, costs, directory, cache=default_cache(), fresh=args.fresh,
+                                 layer=bench(device, dtype), progress=_progress(console))
     table = Table(title="tierflow probe", show_header=False, box=None)
     for key, value in hw.to_json().items():
         if value is not None:

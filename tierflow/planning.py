@@ -9,21 +9,25 @@ profile with the EngineConfig's explicit fields on top.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 import torch
 
 from tierflow.adapters import ModelSpec, adapter_for
 from tierflow.config import EngineConfig
-from tierflow.errors import CheckpointError
+from tierflow.errors import CheckpointError, ConfigError
 from tierflow.tiers.checkpoint import CheckpointIndex, resolve_checkpoint
 from tierflow.tiers.costmodel import ModelCosts, Workload, costs_from_spec
+from tierflow.tiers.kvcache import SequenceKV
 from tierflow.tiers.planner import TierPlan, plan
 from tierflow.tiers.probe import ProbeCache, default_cache, probe
 from tierflow.tiers.profile import HardwareProfile, Overrides, Profile, load_profile
 
+COLD_BYTES = 256 * 2**20       # more than any last-level cache
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -72,6 +76,43 @@ def load_engine_profile(config: EngineConfig) -> Profile | None:
     return load_profile(config.profile) if config.profile is not None else None
 
 
+def layer_benchmark(spec: ModelSpec, adapter: Any, device: torch.device, dtype: torch.dtype,
+                    cold_bytes: int = COLD_BYTES) -> Callable[[int], None]:
+    """``run(tokens)``: one decoder layer of this model, random weights, through the family's
+    own forward (norms, rotary, attention, KV append), for the probe's compute figures.
+
+    Successive calls cycle through enough copies of the layer to fill ``cold_bytes``, so the
+    weights come from memory as in a real sweep, not from a cache that one small layer would
+    fit in. The weights are made on first use: building the function costs nothing."""
+    state: dict[str, Any] = {}
+
+    def setup() -> None:
+        gen = torch.Generator().manual_seed(0)
+        shapes = adapter.expected_shapes(spec, 1)
+        layer_bytes = sum(math.prod(shape) for shape in shapes.values()) * torch.finfo(dtype).bits // 8
+        cold = min(cold_bytes, psutil.virtual_memory().available // 8)
+        copies = max(1, min(64, -(-cold // max(1, layer_bytes))))
+        state["copies"] = [{name: (torch.randn(shape, generator=gen) * 0.02 if len(shape) > 1
+                                   else torch.ones(shape)).to(device, dtype) for name, shape in shapes.items()}
+                           for _ in range(copies)]
+        state["gen"], state["calls"] = gen, 0
+
+    def run(tokens: int) -> None:
+        if not state:
+            setup()
+        weights = state["copies"][state["calls"] % len(state["copies"])]
+        state["calls"] += 1
+        x = state.setdefault(tokens, torch.randn(tokens, spec.hidden_size, generator=state["gen"]).to(device, dtype))
+        kv = SequenceKV(1, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+        positions = torch.arange(tokens, device=device)
+        ctx = adapter.make_context(spec, positions, (slice(0, tokens),), (0,), (kv,),
+                                   torch.tensor([tokens - 1], device=device), dtype)
+        with torch.inference_mode():
+            adapter.forward_unit(spec, 1, weights, x, ctx)
+
+    return run
+
+
 @dataclass(frozen=True, slots=True)
 class EnginePlan:
     plan: TierPlan
@@ -88,10 +129,14 @@ async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torc
     costs = index_costs(index, dtype)
     overrides = engine_overrides(config, profile)
     if profile is not None and profile.hardware is not None:
+        if profile.hardware.device != device.type:
+            raise ConfigError(f"the profile's hardware describes a {profile.hardware.device!r} machine but the engine "
+                              f"runs on {device.type!r}; plan for that machine with `tierflow plan --profile`, or "
+                              "give the engine a profile of this one (`tierflow probe --out`)")
         hardware, provenance = profile.hardware, {"source": "profile", **dict(profile.measured)}
     else:
         hardware, provenance = await probe(device, dtype, costs, index.directory,
-                                           io_threads=overrides.io_threads or 4,
-                                           block_bytes=overrides.io_block_bytes or 8 * 2**20,
-                                           cache=cache or default_cache(), progress=progress)
+                                           io_threads=overrides.io_threads or 4, block_bytes=overrides.io_block_bytes,
+                                           cache=cache or default_cache(), progress=progress,
+                                           layer=layer_benchmark(index.spec, index.adapter, device, dtype))
     return EnginePlan(plan(costs, hardware, engine_workload(config), overrides), hardware, costs, provenance)

@@ -164,8 +164,9 @@ def test_pinning_host_on_cpu_is_a_profile_error():
 
 
 def test_pinning_more_to_device_than_fits():
+    least = minimum_device_bytes(SMALL, CPU, SMALL_WORK)    # runs, but only with layers streamed
     with pytest.raises(TierCapacityError, match=r"pinned.*device memory is short by"):
-        plan(SMALL, CPU, SMALL_WORK, Overrides(tiers={"all": "device"}, device_memory_bytes=1_500_000))
+        plan(SMALL, CPU, SMALL_WORK, Overrides(tiers={"all": "device"}, device_memory_bytes=least))
 
 
 @pytest.mark.parametrize("pin", [{"embed": "device"}, {"head": "device"}])
@@ -177,8 +178,9 @@ def test_pinning_one_of_tied_units_keeps_the_pair_together(pin):
 
 
 def test_prefetch_depth_and_prefill_chunk_overrides_appear_in_the_plan():
-    overrides = Overrides(prefetch_depth=3, prefill_chunk_tokens=96, device_memory_bytes=2 * MiB)
-    p = plan(SMALL, CPU, SMALL_WORK, overrides)
+    overrides = Overrides(prefetch_depth=3, prefill_chunk_tokens=96)
+    least = minimum_device_bytes(SMALL, CPU, SMALL_WORK, overrides)
+    p = plan(SMALL, CPU, SMALL_WORK, replace(overrides, device_memory_bytes=least))
     assert p.prefetch_depth == 3 and p.prefill_chunk_tokens == 96
     assert p.streamed and p.num_slots == 4
     doc = p.to_json()
@@ -249,7 +251,8 @@ def plan_or_none(*args):
 @PROPERTY
 @given(scenario=scenarios(), margin=margins, data=st.data(),
        which=st.sampled_from(["device_memory_bytes", "host_memory_bytes", "device cap", "host cap"]))
-def test_more_memory_never_predicts_a_slower_decode(scenario, margin, data, which):
+def test_more_memory_never_predicts_slower(scenario, margin, data, which):
+    """Slower by the planner's objective: seconds per generated token, prefill amortised."""
     model, hw, work, memory = scenario
     extra = data.draw(memory, label="extra")
     if which.endswith("cap"):      # the same machine, a larger cap
@@ -263,18 +266,18 @@ def test_more_memory_never_predicts_a_slower_decode(scenario, margin, data, whic
     small = plan_or_none(model, small_hw, work, small_overrides)
     assume(small is not None)
     big = plan(model, big_hw, work, big_overrides)
-    assert big.predicted.decode_s_per_token <= small.predicted.decode_s_per_token
+    assert big.predicted.s_per_token <= small.predicted.s_per_token
 
 
 @PROPERTY
 @given(scenario=scenarios(), data=st.data(), faster=st.floats(1.0, 100.0))
-def test_faster_disk_never_predicts_a_slower_decode(scenario, data, faster):
+def test_faster_disk_never_predicts_slower(scenario, data, faster):
     model, hw, work, memory = scenario
     overrides = Overrides(device_memory_bytes=cap(memory, data.draw))
     slow = plan_or_none(model, hw, work, overrides)
     assume(slow is not None)
     fast = plan(model, replace(hw, disk_read_gbps=hw.disk_read_gbps * faster), work, overrides)
-    assert fast.predicted.decode_s_per_token <= slow.predicted.decode_s_per_token
+    assert fast.predicted.s_per_token <= slow.predicted.s_per_token
 
 
 @PROPERTY

@@ -3,15 +3,17 @@
 ``plan(model, hardware, workload, overrides) -> TierPlan`` is a pure function (no torch, no
 I/O), so it is tested with synthetic machines and can plan for a machine one does not have.
 
-Objective: the least predicted seconds per decode token within the memory budgets (each
-measured budget less a safety margin). Bytes of device (then host) memory go to what saves
+Objective: the least predicted seconds per generated token of the workload within the
+memory budgets (each measured budget less a safety margin): decode seconds per token plus
+the prefill amortised over the new tokens, so memory goes to a larger prefill chunk only
+when that saves more time than it costs decoding. Bytes of device (then host) memory go to what saves
 the most time per byte: a layer kept resident saves its read (and copy) on every sweep; a
 KV block kept resident saves reading it back on every sweep. Placements are built by filling
 the tiers in a few orders (largest units first, smallest first; weights before KV, KV before
 weights) for every staging-slot size, prefetch depth and prefill chunk, each order filled
 until the first item that does not fit; the best prediction wins. Because every candidate
 only moves items towards faster tiers as memory grows, and no candidate depends on
-bandwidths, more memory or a faster disk never predicts a slower plan.
+bandwidths, more memory or a faster disk never predicts a slower plan (by that objective).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 from tierflow.errors import ProfileError, TierCapacityError
-from tierflow.tiers.costmodel import (DEVICE, DISK, EMBED, HOST, ModelCosts, SweepTimes, UnitCost, Workload,
-                                      sweep_times)
+from tierflow.tiers.costmodel import (DEVICE, DISK, EMBED, HOST, LAYER, ModelCosts, SweepTimes, UnitCost, Workload,
+                                      io_block_for, sweep_times)
 from tierflow.tiers.profile import HardwareProfile, Overrides, parse_selector
 
 KV_BLOCK_TOKENS = 256
@@ -30,7 +32,6 @@ PREFILL_CHUNKS = (64, 128, 256, 512, 1024, 2048, 4096)
 PREFETCH_DEPTHS = (2, 1)              # the preferred depth first
 DEFAULT_MARGIN = 0.10
 DEFAULT_IO_THREADS = 4
-DEFAULT_IO_BLOCK_BYTES = 8 * 2**20
 _KV = "kv"
 
 
@@ -58,6 +59,7 @@ class Prediction:
     kv_bytes: int
     bottleneck: str                     # "disk" | "pcie" | "compute"
     decode: SweepTimes                  # per resource
+    s_per_token: float                  # the objective: (prefill_s + new_tokens × decode) / new_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,7 @@ class TierPlan:
                           "prefill_s": p.prefill_s, "peak_device_bytes": p.peak_device_bytes,
                           "peak_host_bytes": p.peak_host_bytes, "disk_bytes": p.disk_bytes, "kv_bytes": p.kv_bytes,
                           "bottleneck": p.bottleneck, "disk_s": p.decode.disk_s, "pcie_s": p.decode.pcie_s,
-                          "compute_s": p.decode.compute_s},
+                          "compute_s": p.decode.compute_s, "s_per_token": p.s_per_token},
         }
 
 
@@ -252,7 +254,16 @@ def _orders(s: _Search) -> Iterator[list[Any]]:
 
 
 def _caps(s: _Search) -> list[float]:
-    return sorted({math.inf, *(u.stream_bytes for u in s.model.units), *(u.resident_bytes for u in s.model.units)})
+    """Staging-slot sizes to try: one per cluster of unit sizes within 2% of each other (layers
+    differ by a few pages of alignment; forcing the slightly larger ones resident would save
+    a few KiB of staging and scatter the placement), plus no cap."""
+    clusters: list[list[int]] = []
+    for size in sorted({max(u.stream_bytes, u.resident_bytes) for u in s.model.units}):
+        if clusters and size <= clusters[-1][0] * 1.02:
+            clusters[-1][1] = size
+        else:
+            clusters.append([size, size])
+    return [float(high) for _, high in clusters] + [math.inf]
 
 
 def _candidate(s: _Search, depth: int, chunk: int, order: list[Any], cap: float) -> _State | None:
@@ -300,7 +311,9 @@ def _predict(s: _Search, st: _State) -> tuple[Prediction, dict[str, TierMemory]]
     prediction = Prediction(
         decode.total_s, k / decode.total_s if decode.total_s else math.inf, sweeps * per_sweep.total_s + spill_s,
         memory[DEVICE].total, memory[HOST].total, model.checkpoint_bytes + kv_bytes[DISK],
-        s.kv_blocks * s.kv_block_bytes, decode.bottleneck, decode)
+        s.kv_blocks * s.kv_block_bytes, decode.bottleneck, decode, 0.0)
+    new_tokens = max(1, work.new_tokens)
+    prediction = replace(prediction, s_per_token=prediction.prefill_s / new_tokens + prediction.decode_s_per_token)
     return prediction, memory
 
 
@@ -338,8 +351,8 @@ def plan(model: ModelCosts, hw: HardwareProfile, work: Workload | None = None,
                     if st is None or not _kv_fits(s, st):
                         continue
                     prediction, memory = _predict(s, st)
-                    key = (prediction.decode_s_per_token, prediction.prefill_s, abs(depth - PREFETCH_DEPTHS[0]),
-                           prediction.peak_device_bytes + prediction.peak_host_bytes)
+                    key = (prediction.s_per_token, prediction.decode_s_per_token,
+                           abs(depth - PREFETCH_DEPTHS[0]), prediction.peak_device_bytes + prediction.peak_host_bytes)
                     if best is None or key < best[0]:
                         best = (key, st, prediction, memory)
     if best is None:
@@ -347,10 +360,11 @@ def plan(model: ModelCosts, hw: HardwareProfile, work: Workload | None = None,
     _, st, prediction, memory = best
     device_slot, host_slot, convert = st.staging()
     streams = any(t != DEVICE for t in st.tiers)
+    threads = overrides.io_threads or DEFAULT_IO_THREADS
     return TierPlan(model.name, hw.device, work, tuple(u.name for u in model.units), tuple(st.tiers),
                     dict(st.kv), KV_BLOCK_TOKENS, st.depth, st.depth + 1 if streams else 0,
                     device_slot if streams else 0, host_slot, convert, st.chunk, st.mlp_chunk,
-                    overrides.io_threads or DEFAULT_IO_THREADS, overrides.io_block_bytes or DEFAULT_IO_BLOCK_BYTES,
+                    threads, overrides.io_block_bytes or io_block_for(largest_read(model), threads),
                     memory, prediction, s.margin)
 
 
@@ -374,6 +388,11 @@ def _least_state(s: _Search, depth: int, chunk: int, cap: float) -> _State:
         st.kv[tier] += moved
         excess -= moved
     return st
+
+
+def largest_read(model: ModelCosts) -> int:
+    """The largest decoder layer read: what the read pattern (and the disk probe) is sized by."""
+    return max((u.stream_bytes for u in model.units if u.kind == LAYER), default=0)
 
 
 def _capacity_error(s: _Search, depths: Sequence[int], chunks: Sequence[int]) -> TierCapacityError:

@@ -31,7 +31,8 @@ import torch
 
 from tierflow.errors import TierflowError
 from tierflow.tiers.checkpoint import ALIGN_BYTES, ByteRange, UnitLayout
-from tierflow.tiers.costmodel import ModelCosts
+from tierflow.tiers.costmodel import ModelCosts, io_block_for
+from tierflow.tiers.planner import largest_read
 from tierflow.tiers.profile import HardwareProfile
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PROBE_FILE_BYTES = 256 * 2**20
 CHUNK_BYTES = 64 * 2**20
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +96,8 @@ def _write_probe_file(path: Path, nbytes: int) -> float:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0)
     try:
         fd = os.open(path, flags, 0o600)
-    except OSError:   # the filesystem refuses O_DIRECT: buffered writes, reads will say so
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:   # the filesystem refuses O_DIRECT (it may have created the file first)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     view = memoryview(block.numpy())
     started = time.perf_counter()
     try:
@@ -109,9 +110,10 @@ def _write_probe_file(path: Path, nbytes: int) -> float:
 
 
 async def measure_disk(directory: str | Path, *, io_threads: int = 4, block_bytes: int = 8 * 2**20,
-                       in_flight: int = 3, seconds: float = 1.0, file_bytes: int = PROBE_FILE_BYTES) -> DiskFigures:
+                       in_flight: int = 3, chunk_bytes: int = CHUNK_BYTES, seconds: float = 1.0,
+                       file_bytes: int = PROBE_FILE_BYTES) -> DiskFigures:
     """O_DIRECT read bandwidth of ``directory``'s filesystem, read the way the weight stream
-    reads: ``CHUNK_BYTES`` chunks into ``in_flight`` reused aligned buffers."""
+    reads: ``chunk_bytes`` chunks (one unit each) into ``in_flight`` reused aligned buffers."""
     directory = Path(directory)
     free = psutil.disk_usage(str(directory)).free
     file_bytes = max(ALIGN_BYTES, min(file_bytes, free // 4) // ALIGN_BYTES * ALIGN_BYTES)
@@ -120,7 +122,7 @@ async def measure_disk(directory: str | Path, *, io_threads: int = 4, block_byte
         write_gbps = await asyncio.to_thread(_write_probe_file, path, file_bytes)
         reader = DiskReader([str(path)], io_threads=io_threads, block_bytes=block_bytes)
         try:
-            chunk = min(CHUNK_BYTES, file_bytes)
+            chunk = min(chunk_bytes, file_bytes)
             layouts = [UnitLayout(-1, "probe", (ByteRange(str(path), start, min(chunk, file_bytes - start), 0),), (),
                                   min(chunk, file_bytes - start), min(chunk, file_bytes - start))
                        for start in range(0, file_bytes, chunk)]
@@ -183,36 +185,45 @@ def _layer_shapes(model: ModelCosts) -> list[tuple[int, int]]:
 
 
 def measure_compute(model: ModelCosts, device: torch.device, dtype: torch.dtype, *, prefill_tokens: int = 256,
-                    seconds: float = 0.5) -> tuple[float, float]:
-    """(decode GB/s of weights, prefill TFLOP/s) running one decoder layer's matmuls."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    weights = [(torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype) for shape in _layer_shapes(model)]
-    nbytes = sum(w.numel() for w in weights) * weights[0].element_size()
-    flops_per_token = 2 * sum(w.numel() for w in weights)
+                    seconds: float = 0.5, layer: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """(decode GB/s of weights, prefill TFLOP/s) of one decoder layer, at one token and at
+    ``prefill_tokens``. ``layer(tokens)`` runs the model family's real layer forward (norms,
+    rotary, attention, KV append and all), which is what the engine runs; without it the
+    layer's matmuls alone are timed (shrunk to fit when a layer is very large)."""
+    unit = next(u for u in model.units if u.kind == "layer")
+    nbytes, params = unit.resident_bytes, unit.matmul_params
+    if layer is None:
+        shapes = _layer_shapes(model)
+        room = max(64 * 2**20, psutil.virtual_memory().available // 8)
+        scale = min(1.0, room / max(1, nbytes))
+        shapes = [(max(1, int(a * scale)), b) if a >= b else (a, max(1, int(b * scale))) for a, b in shapes]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        weights = [(torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype) for shape in shapes]
+        nbytes = sum(w.numel() for w in weights) * weights[0].element_size()
+        params = sum(w.numel() for w in weights)
+        inputs = {n: torch.randn(n, model.hidden_size, generator=gen).to(device, dtype) for n in (1, prefill_tokens)}
 
-    def layer(x: torch.Tensor) -> None:
-        with torch.inference_mode():
-            for w in weights:
-                x_in = x if x.shape[-1] == w.shape[1] else torch.zeros(x.shape[0], w.shape[1], dtype=dtype,
-                                                                       device=device)
-                torch.nn.functional.linear(x_in, w)
+        def layer(tokens: int) -> None:
+            with torch.inference_mode():
+                for w in weights:
+                    x = inputs[tokens]
+                    torch.nn.functional.linear(x if x.shape[-1] == w.shape[1] else x.new_zeros(tokens, w.shape[1]), w)
 
-    decode = _time(layer, torch.randn(1, model.hidden_size, generator=gen).to(device, dtype), device, seconds / 2)
-    prefill = _time(layer, torch.randn(prefill_tokens, model.hidden_size, generator=gen).to(device, dtype), device,
-                    seconds / 2)
-    return nbytes / decode / 1e9, flops_per_token * prefill_tokens / prefill / 1e12
+    decode = _time(layer, 1, device, seconds / 2)
+    prefill = _time(layer, prefill_tokens, device, seconds / 2)
+    return nbytes / decode / 1e9, 2 * params * prefill_tokens / prefill / 1e12
 
 
-def _time(fn: Callable[[torch.Tensor], None], x: torch.Tensor, device: torch.device, seconds: float) -> float:
+def _time(fn: Callable[[int], None], tokens: int, device: torch.device, seconds: float) -> float:
     """Median seconds of one call, after a warm-up call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn(x)
+    fn(tokens)
     sync()
     times: list[float] = []
     deadline = time.perf_counter() + seconds
     while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
         started = time.perf_counter()
-        fn(x)
+        fn(tokens)
         sync()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
@@ -230,10 +241,13 @@ class ProbeCache:
             return {}
         try:
             doc = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
-            log.warning("ignoring unreadable probe cache %s", self.path)
-            return {}
-        return doc if doc.get("version") == _CACHE_VERSION else {}
+        except (OSError, ValueError):    # unreadable, not UTF-8, not JSON
+            doc = None
+        if isinstance(doc, dict) and doc.get("version") == _CACHE_VERSION and isinstance(doc.get("entries"), dict):
+            return doc
+        if not (isinstance(doc, dict) and isinstance(doc.get("version"), int) and doc["version"] < _CACHE_VERSION):
+            log.warning("ignoring unreadable probe cache %s; it will be rewritten", self.path)
+        return {}   # an older version's figures are simply measured again
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self._load().get("entries", {}).get(key)
@@ -260,11 +274,12 @@ def _filesystem_key(directory: Path) -> str:
 
 
 async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, model_dir: str | Path,
-                spill_dir: str | Path | None = None, *, io_threads: int = 4, block_bytes: int = 8 * 2**20,
-                cache: ProbeCache | None = None, fresh: bool = False,
+                spill_dir: str | Path | None = None, *, io_threads: int = 4, block_bytes: int | None = None,
+                cache: ProbeCache | None = None, fresh: bool = False, layer: Callable[[int], None] | None = None,
                 progress: Callable[[str], None] | None = None) -> tuple[HardwareProfile, dict[str, Any]]:
     """Measure (or take from the cache) everything a ``HardwareProfile`` holds. Returns the
-    profile and a provenance record: what was measured when, and what came from the cache."""
+    profile and a provenance record: what was measured when, and what came from the cache.
+    ``layer(tokens)`` runs the model's real layer forward for the compute figures."""
     cache = cache or ProbeCache(None)
     say = progress or (lambda text: log.info("%s", text))
     machine = machine_key()
@@ -284,8 +299,16 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
             provenance[what] = {"source": "cache", **hit}
         return hit
 
+    # Read the way the engine will: chunks the size of the model's layers, two in flight (the
+    # shallowest prefetch), in the request size the plan will use.
+    largest = largest_read(model) or CHUNK_BYTES
+    chunk = min(CHUNK_BYTES, -(-largest // ALIGN_BYTES) * ALIGN_BYTES)
+    block = block_bytes or io_block_for(largest, io_threads)
+    pattern = f"{io_threads}x{block}/{chunk}x2"
+
     async def disk_of(directory: Path) -> dict[str, Any]:
-        figures = await measure_disk(directory, io_threads=io_threads, block_bytes=block_bytes)
+        figures = await measure_disk(directory, io_threads=io_threads, block_bytes=block, in_flight=2,
+                                     chunk_bytes=chunk)
         if figures.io_mode != "direct":
             log.warning("%s refuses O_DIRECT: the disk figures are page-cache figures", directory)
         return {"read_gbps": figures.read_gbps, "write_gbps": figures.write_gbps, "io_mode": figures.io_mode,
@@ -294,17 +317,17 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
     model_dir = Path(model_dir)
     spill = Path(spill_dir) if spill_dir is not None else model_dir
     spill.mkdir(parents=True, exist_ok=True)
-    disk = await cached(f"disk/{_filesystem_key(model_dir)}/{io_threads}/{block_bytes}", "disk",
-                        lambda: disk_of(model_dir))
+    disk = await cached(f"disk/{_filesystem_key(model_dir)}/{pattern}", "disk", lambda: disk_of(model_dir))
     kv_disk = disk if _filesystem_key(spill) == _filesystem_key(model_dir) else await cached(
-        f"disk/{_filesystem_key(spill)}/{io_threads}/{block_bytes}", "kv_disk", lambda: disk_of(spill))
+        f"disk/{_filesystem_key(spill)}/{pattern}", "kv_disk", lambda: disk_of(spill))
     shape = f"{model.hidden_size}x{model.intermediate_size}x{model.num_heads}x{model.head_dim}"
 
     async def compute() -> dict[str, Any]:
-        decode, prefill = await asyncio.to_thread(measure_compute, model, device, dtype)
+        decode, prefill = await asyncio.to_thread(measure_compute, model, device, dtype, layer=layer)
         return {"decode_gbps": decode, "prefill_tflops": prefill}
 
-    flops = await cached(f"compute/{device.type}/{dtype}/{shape}/{torch.get_num_threads()}", "compute", compute)
+    kind = "layer" if layer is not None else "matmul"
+    flops = await cached(f"compute/{device.type}/{dtype}/{shape}/{kind}/{torch.get_num_threads()}", "compute", compute)
     h2d = d2h = None
     if device.type == "cuda":
         async def pcie() -> dict[str, Any]:

@@ -200,7 +200,7 @@ def parse_overrides(doc: Any, where: str = "overrides") -> Overrides:
         if tier not in TIERS:
             raise ProfileError(f"{where}.tiers.{selector} must be one of {TIERS}, got {tier!r}")
     values["tiers"] = dict(tiers)
-    kv = _object(f"{where}.kv_budget_tokens", doc.get("kv_budget_tokens", {}), TIERS[:2])
+    kv = _object(f"{where}.kv_budget_tokens", doc.get("kv_budget_tokens", {}), TIERS)
     values["kv_budget_tokens"] = {tier: _typed(f"{where}.kv_budget_tokens.{tier}", n, _INT, positive=False)
                                   for tier, n in kv.items()}
     for tier, n in values["kv_budget_tokens"].items():
