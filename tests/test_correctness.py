@@ -80,6 +80,23 @@ def test_chunked_prefill_matches(tiny_model):
     assert ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-5
 
 
+def test_chunked_mlp_matches(tiny_model):
+    """The MLP computed 7 tokens at a time (a prefill chunk of 64 in ten pieces) gives the
+    same logits as transformers."""
+    ids = (PROMPT * 6)[:70]
+    config = EngineConfig(device="cpu", dtype="float32", kv_reserve_tokens=256, prefill_chunk_tokens=64,
+                          mlp_chunk_tokens=7)
+
+    async def main():
+        async with await Engine.open(tiny_model, config) as engine:
+            return engine.plan.mlp_chunk_tokens, await engine.logits(ids)
+
+    mlp_chunk, logits = asyncio.run(main())
+    assert mlp_chunk == 7
+    expected = oracle_logits(tiny_model, ids)
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
 def test_stream_yields_the_generated_tokens(tiny_model):
     async def main():
         async with await Engine.open(tiny_model, EngineConfig(device="cpu", **SMALL)) as engine:

@@ -262,18 +262,14 @@ def test_a_failed_open_leaves_nothing_broken(tiny_model, case):
     assert len(tokens) == 2
 
 
-def test_a_cuda_profile_on_the_cpu_engine_is_refused_or_runs(tiny_model):
-    """The engine runs on the CPU. A CUDA machine's profile that keeps layer 0 in host RAM plans
-    a tier the CPU engine does not have: Engine.open refuses it with a ConfigError naming the
-    device, or the engine generates what the CPU profile generates; it never accepts the plan
-    and then fails every request."""
-    _, reference, _ = generate(tiny_model, engine_profile())
-    try:
-        _, tokens, _ = generate(tiny_model, engine_profile(RTX_3060_TI, tiers={"layers.0": "host"}))
-    except ConfigError as exc:
-        assert "cuda" in str(exc)
-    else:
-        assert tokens == reference
+def test_a_cuda_profile_on_the_cpu_engine_is_refused(tiny_model):
+    """The engine runs on the CPU. A CUDA machine's profile plans tiers (host RAM, PCIe copies)
+    the CPU engine does not have: Engine.open refuses it, naming both devices, rather than
+    accepting the plan and failing every request; the engine still opens with a CPU profile."""
+    with pytest.raises(ConfigError, match=r"describes a 'cuda' machine but the engine runs on 'cpu'"):
+        generate(tiny_model, engine_profile(RTX_3060_TI, tiers={"layers.0": "host"}))
+    _, tokens, _ = generate(tiny_model, engine_profile())
+    assert len(tokens) > 0
 
 
 # ----------------------------------------------------------------------------- --report

@@ -10,7 +10,7 @@ from rich.table import Table
 from tierflow.outputs import EngineStats
 from tierflow.tiers.advice import Improvement
 from tierflow.tiers.costmodel import DEVICE, DISK, HOST, ModelCosts
-from tierflow.tiers.planner import TierPlan
+from tierflow.tiers.plan import TierPlan
 from tierflow.tiers.profile import HardwareProfile
 
 REPORT_VERSION = 1
