@@ -19,6 +19,7 @@ import torch
 
 from tierflow import SamplingParams
 from tierflow.tiers.checkpoint import ALIGN_BYTES, ByteRange, UnitLayout
+from tierflow.tiers.probe import read_pass
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
 GB = 1e9
@@ -224,19 +225,8 @@ class DiskProbe:
         return out
 
     async def _pass(self, ring: list[torch.Tensor]) -> float:
-        free = list(range(len(ring)))
-        gate = asyncio.Semaphore(len(ring))
-
-        async def one(layout: UnitLayout) -> int:
-            async with gate:
-                slot = free.pop()
-                try:
-                    return await self.reader.read(layout, ring[slot])
-                finally:
-                    free.append(slot)
-        started = time.perf_counter()
-        nbytes = sum(await asyncio.gather(*(one(layout) for layout in self.chunks)))
-        return nbytes / (time.perf_counter() - started) / GB
+        seconds = await read_pass(self.reader, self.chunks, ring)
+        return sum(layout.buffer_bytes for layout in self.chunks) / seconds / GB
 
     async def measure(self, passes: int = 2) -> dict[str, list[float]]:
         got: dict[str, list[float]] = {kind: [] for kind in self.KINDS}

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="model directory or hub id in the local HF cache (default: the demo model)")
     run.add_argument("--device-memory", type=parse_size, default=parse_size("256MiB"),
                      help="device memory budget, e.g. 256MiB or 8GiB (default 256MiB; see --no-cap)")
-    run.add_argument("--no-cap", action="store_true", help="no device memory cap: keep every unit resident")
+    run.add_argument("--no-cap", action="store_true",
+                     help="no cap: plan for the measured free memory (less a safety margin)")
     run.add_argument("--device", default="auto")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     run.add_argument("--max-new-tokens", type=int, default=128)

@@ -97,7 +97,8 @@ def _mlp_chunk(model: ModelCosts, chunk: int, override: int | None) -> int:
 
 
 class _State:
-    """One candidate placement being filled, with running sums so each step is O(1)."""
+    """One candidate placement being filled; its memory is recomputed from the tiers at each
+    step (plans have tens of units, and the whole search takes tens of milliseconds)."""
 
     def __init__(self, s: _Search, depth: int, chunk: int) -> None:
         self.s, self.depth, self.chunk = s, depth, chunk

@@ -132,7 +132,7 @@ async def measure_disk(directory: str | Path, *, io_threads: int = 4, block_byte
             rates: list[float] = []
             started = time.perf_counter()
             while not rates or (time.perf_counter() - started < seconds and len(rates) < 20):
-                rates.append(file_bytes / await _read_pass(reader, layouts, ring) / 1e9)
+                rates.append(file_bytes / await read_pass(reader, layouts, ring) / 1e9)
             modes = set(reader.statistics().modes.values())
         finally:
             reader.close()
@@ -141,7 +141,8 @@ async def measure_disk(directory: str | Path, *, io_threads: int = 4, block_byte
     return DiskFigures(statistics.median(rates), write_gbps, modes.pop() if len(modes) == 1 else "mixed", free)
 
 
-async def _read_pass(reader: DiskReader, layouts: list[UnitLayout], ring: list[torch.Tensor]) -> float:
+async def read_pass(reader: DiskReader, layouts: list[UnitLayout], ring: list[torch.Tensor]) -> float:
+    """Seconds to read ``layouts`` into the reused buffers of ``ring``, one read per buffer in flight."""
     free = list(range(len(ring)))
     gate = asyncio.Semaphore(len(ring))
 
