@@ -338,3 +338,10 @@ async def timed_stream(engine: Any, new_tokens: int, prompt: list[int] = PROMPT)
             "achieved_gbps": delta["bytes_streamed"] / window / GB if window > 0 else 0.0,
             "read_s_per_token": delta["read_s"] / n, "compute_s_per_token": delta["compute_s"] / n,
             "stall_s_per_token": delta["stall_s"] / n, "foreign_cpu_load": cpu.foreign_load()}
+
+
+def streamed_profile(path: Path) -> dict[str, Any]:
+    """Pin every decoder layer to disk and the embedding and head to the device (profile overrides)."""
+    layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    return {"version": 1, "overrides": {"tiers": {f"layers.0-{layers - 1}": "disk", "embed": "device",
+                                                  "head": "device"}, "prefetch_depth": 2}}

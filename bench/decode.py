@@ -39,10 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (DTYPES, GB, PROMPT, CpuMonitor, DiskProbe, ModelShape, TimingStreamer, build_checkpoint,  # noqa: E402
-                     max_segments, per_token, physical_runs, quiesce, timed_stream)
+                     max_segments, per_token, physical_runs, quiesce, streamed_profile, timed_stream)
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
-from tierflow.tiers.checkpoint import CheckpointIndex  # noqa: E402
 from tierflow.tiers.costmodel import DISK  # noqa: E402
 
 TARGET_STREAMED = 1.25
@@ -62,13 +61,6 @@ def parse_args() -> argparse.Namespace:
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (the first token is excluded from decode timing)")
     return args
-
-
-def streamed_profile(path: Path) -> dict[str, Any]:
-    """Pin every decoder layer to disk and the embedding and head to the device (profile overrides)."""
-    layers = CheckpointIndex.open(path).spec.num_layers
-    return {"version": 1, "overrides": {"tiers": {f"layers.0-{layers - 1}": "disk", "embed": "device",
-                                                  "head": "device"}, "prefetch_depth": 2}}
 
 
 def placement_info(engine: Engine) -> dict[str, Any]:

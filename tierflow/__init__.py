@@ -6,7 +6,7 @@ from __future__ import annotations
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine import Engine
 from tierflow.errors import (CheckpointError, ConfigError, DemoModelMissingError, EngineClosedError, ProfileError,
-                             PromptError, RequestError, SamplingError, ShapeMismatchError, TierCapacityError, TierflowError,
+                             PromptError, RequestError, RequestTimeoutError, SamplingError, ShapeMismatchError, TierCapacityError, TierflowError,
                              TransferError, UnsupportedModelError)
 from tierflow.outputs import Completion, EngineStats, StreamChunk
 from tierflow.sync import SyncEngine
@@ -14,6 +14,6 @@ from tierflow.sync import SyncEngine
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "Completion", "ConfigError", "DemoModelMissingError", "Engine", "EngineClosedError",
-           "EngineConfig", "EngineStats", "ProfileError", "PromptError", "RequestError", "SamplingError", "SamplingParams",
+           "EngineConfig", "EngineStats", "ProfileError", "PromptError", "RequestError", "RequestTimeoutError", "SamplingError", "SamplingParams",
            "ShapeMismatchError", "StreamChunk", "SyncEngine", "TierCapacityError", "TierflowError", "TransferError",
            "UnsupportedModelError"]

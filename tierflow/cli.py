@@ -25,6 +25,7 @@ from rich.table import Table
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine import Engine
 from tierflow.errors import TierflowError
+from tierflow.loop import run as run_loop
 from tierflow.report import format_bytes, render_plan_vs_actual, unit_ranges
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     console = Console(stderr=True)
     try:
-        asyncio.run(_run(args, console))
+        run_loop(_run(args, console))
     except TierflowError as exc:
         console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         return 2

@@ -21,9 +21,10 @@ from typing import Any, AsyncIterator
 import torch
 
 from tierflow.config import EngineConfig, SamplingParams
-from tierflow.errors import EngineClosedError, PromptError, RequestError, TierflowError
+from tierflow.errors import (ConfigError, EngineClosedError, PromptError, RequestError, RequestTimeoutError, TierCapacityError,
+                             TierflowError)
 from tierflow.outputs import Completion, EngineStats, StreamChunk
-from tierflow.pipeline.batcher import Batcher, SweepPlan
+from tierflow.pipeline.batcher import Batcher, KVCapacityError, SweepPlan
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.prompts import Detokenizer, Prompt, encode_prompt
@@ -68,6 +69,14 @@ class _Request:
     def token(self, position: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ConfigError(f"timeout_s must be a number of seconds > 0 or None, got {timeout_s!r}")
+    return asyncio.get_running_loop().time() + timeout_s
 
 
 def resolve_device(device: str) -> torch.device:
@@ -116,7 +125,9 @@ class Engine:
         self._reader, self._worker = reader, worker
         self._eos_ids = _eos_ids(index, tokenizer)
         self.max_context_tokens = min(config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
-        self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=self.plan.prefill_chunk_tokens)
+        kv_tokens = self.plan.kv_blocks[DEVICE] // max(1, self.spec.num_layers) * self.plan.kv_block_tokens
+        self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=self.plan.prefill_chunk_tokens,
+                                kv_capacity_tokens=kv_tokens)
         self._requests: dict[int, _Request] = {}
         self._to_remove: set[int] = set()
         self._ids = itertools.count()
@@ -202,20 +213,25 @@ class Engine:
         return self._closed
 
     # ----------------------------------------------------------------------------- requests
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
+    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                       timeout_s: float | None = None) -> Completion:
+        """Generate a completion. ``timeout_s`` bounds the whole request (queueing included):
+        past it the request is cancelled and ``RequestTimeoutError`` raised."""
         req = self._submit(prompt, params or SamplingParams())
-        await self._wait(req)
+        await self._wait(req, _deadline(timeout_s))
         return Completion(req.detok.text, tuple(req.output_ids),
                           req.finish_reason or "stop", tuple(req.prompt_ids),
                           req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s)
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamChunk]:
+    async def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
+                     timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
+        """Stream a completion chunk by chunk; leaving the loop early cancels the request."""
         req = self._submit(prompt, params or SamplingParams())
+        deadline = _deadline(timeout_s)
         sent = 0
         try:
             while True:
-                await req.changed.wait()
-                req.changed.clear()
+                await self._changed(req, deadline)
                 if req.error is not None:
                     raise req.error
                 new_ids = tuple(req.output_ids[sent:])
@@ -233,15 +249,27 @@ class Engine:
         """Float32 logits [num_prompt_tokens, vocab] of every prompt position (for checks
         against other implementations and for scoring)."""
         req = self._submit(prompt, SamplingParams(max_new_tokens=1), score=True)
-        await self._wait(req)
+        await self._wait(req, None)
         return torch.cat(req.logits)
 
-    async def _wait(self, req: _Request) -> None:
+    async def _changed(self, req: _Request, deadline: float | None) -> None:
+        """Wait for news of ``req``; past ``deadline`` (loop time) cancel it and raise."""
+        if deadline is None:
+            await req.changed.wait()
+        else:
+            try:
+                await asyncio.wait_for(req.changed.wait(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                self._cancel(req)
+                raise RequestTimeoutError(f"the request did not finish within its timeout "
+                                          f"({len(req.output_ids)} tokens generated); it was cancelled") from None
+        req.changed.clear()
+
+    async def _wait(self, req: _Request, deadline: float | None) -> None:
         """Wait for ``req`` to finish; cancelling the waiter cancels the request."""
         try:
             while not req.done:
-                await req.changed.wait()
-                req.changed.clear()
+                await self._changed(req, deadline)
         finally:
             if not req.done:
                 self._cancel(req)
@@ -257,12 +285,21 @@ class Engine:
         if len(ids) + (0 if score else 1) > self.max_context_tokens:
             raise PromptError(f"the prompt has {len(ids)} tokens but the context window holds "
                               f"{self.max_context_tokens} (prompt plus at least one new token); shorten it")
+        most = len(ids) if score else min(len(ids) + params.max_new_tokens, self.max_context_tokens)
+        seq_id = next(self._ids)
+        try:
+            self._batcher.add(seq_id, len(ids), most)
+        except KVCapacityError:
+            raise TierCapacityError(
+                f"the prompt ({len(ids)} tokens) and up to {most - len(ids)} new tokens need KV cache for {most} "
+                f"tokens, but this engine's KV capacity is {self._batcher.kv_capacity_tokens} tokens for all "
+                "requests together; shorten the prompt, lower max_new_tokens, or open the engine with a larger "
+                "kv_reserve_tokens") from None
         kv = SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, dtype=self.dtype,
-                        device=self.device)
-        req = _Request(next(self._ids), ids, params, kv, Detokenizer(self.tokenizer, params.stop),
+                        device=self.device, max_tokens=most)
+        req = _Request(seq_id, ids, params, kv, Detokenizer(self.tokenizer, params.stop),
                        make_generator(params), score=score)
         self._requests[req.id] = req
-        self._batcher.add(req.id, len(ids))
         self._wake.set()
         return req
 
@@ -394,6 +431,16 @@ class Engine:
             self._predicted[i] += value
         for i in range(4):
             self._measured[i] += now[i] - before[i]
+
+    def pipeline_statistics(self) -> dict[str, Any]:
+        """Every bounded queue, ring and budget of the pipeline (``statistics()`` of each): the
+        batcher (running / waiting sequences, KV tokens reserved), the staging ring and the
+        channel of read-ahead units, the compute worker, and the live requests."""
+        stream = self._stream
+        return {"batcher": self._batcher.statistics(), "requests": len(self._requests),
+                "ring": stream.ring_statistics() if stream else None,
+                "channel": stream.channel_statistics() if stream else None,
+                "worker": self._worker.statistics()}
 
     def stats(self) -> EngineStats:
         reader = self._reader.statistics()

@@ -59,3 +59,7 @@ class EngineClosedError(TierflowError):
 
 class RequestError(TierflowError):
     """A single request failed; the engine keeps serving the others."""
+
+
+class RequestTimeoutError(RequestError, TimeoutError):
+    """A request did not finish within its ``timeout_s``; it was cancelled."""

@@ -10,6 +10,7 @@ from typing import Any, Coroutine, Iterator, TypeVar
 
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine import Engine
+from tierflow.loop import new_event_loop
 from tierflow.outputs import Completion, EngineStats, StreamChunk
 from tierflow.prompts import Prompt
 
@@ -20,7 +21,7 @@ class SyncEngine:
     """``with SyncEngine(model, EngineConfig(...)) as engine: engine.generate(prompt, params)``"""
 
     def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tierflow-sync-loop", daemon=True)
         self._thread.start()
         try:

@@ -5,8 +5,14 @@ the engine's driver is ``plan = batcher.schedule(); out = await sweep.run(plan);
 batcher.update(plan, appended)``. A sequence is a count of known tokens (prompt and
 generated) and a count of computed ones (their KV exists); a sweep computes the next run
 of uncomputed tokens of every running sequence, decode tokens first, then prefill chunks,
-under a per-sweep token budget, so a long prompt never stalls everyone's decoding. Waiting
-sequences are admitted first-in first-out up to ``max_num_seqs``.
+under a per-sweep token budget, so a long prompt never stalls everyone's decoding.
+
+Admission is first-in first-out, up to ``max_num_seqs`` running sequences and by KV
+capacity: a sequence reserves the KV of every token it may reach (prompt plus its
+``max_new_tokens``, within the context window) when it is admitted, and gives it back when
+it is removed, so the KV cache never outgrows what the plan gave it. The head of the queue
+waits until it fits and nobody overtakes it, so nobody starves. A sequence that could never
+fit is refused by ``add``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 class _Seq:
     seq_id: int
     num_tokens: int          # tokens known: prompt + generated so far
+    reserved: int            # KV tokens held while running: the most it may reach
     num_computed: int = 0    # tokens whose KV exists
 
 
@@ -41,35 +48,57 @@ class BatcherStats:
     num_running: int
     num_waiting: int
     sweeps: int
+    kv_reserved_tokens: int      # held by running sequences
+    kv_capacity_tokens: int | None
+
+
+class KVCapacityError(ValueError):
+    """A sequence needs more KV tokens than the whole capacity: it could never be admitted."""
 
 
 class Batcher:
-    def __init__(self, *, max_num_seqs: int, max_sweep_tokens: int) -> None:
+    def __init__(self, *, max_num_seqs: int, max_sweep_tokens: int, kv_capacity_tokens: int | None = None) -> None:
         self.max_num_seqs, self.max_sweep_tokens = max_num_seqs, max_sweep_tokens
+        self.kv_capacity_tokens = kv_capacity_tokens
         self._running: dict[int, _Seq] = {}
         self._waiting: deque[_Seq] = deque()
         self._sweeps = 0
+        self._reserved = 0
 
     def statistics(self) -> BatcherStats:
-        return BatcherStats(len(self._running), len(self._waiting), self._sweeps)
+        return BatcherStats(len(self._running), len(self._waiting), self._sweeps, self._reserved,
+                            self.kv_capacity_tokens)
 
-    def add(self, seq_id: int, num_prompt_tokens: int) -> None:
+    def add(self, seq_id: int, num_prompt_tokens: int, max_tokens: int | None = None) -> None:
+        """Queue a sequence of ``num_prompt_tokens`` that may grow to ``max_tokens`` (default:
+        the prompt alone). Raises KVCapacityError if that can never fit."""
         if num_prompt_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token")
-        self._waiting.append(_Seq(seq_id, num_prompt_tokens))
+        need = max(num_prompt_tokens, max_tokens or 0)
+        if self.kv_capacity_tokens is not None and need > self.kv_capacity_tokens:
+            raise KVCapacityError(f"the sequence needs KV for {need} tokens but the KV capacity is "
+                                  f"{self.kv_capacity_tokens} tokens")
+        self._waiting.append(_Seq(seq_id, num_prompt_tokens, need))
+
+    def _fits(self, seq: _Seq) -> bool:
+        return self.kv_capacity_tokens is None or self._reserved + seq.reserved <= self.kv_capacity_tokens
 
     def remove(self, seq_id: int) -> None:
         """Forget a finished or cancelled sequence (called between sweeps)."""
-        if self._running.pop(seq_id, None) is None:
+        seq = self._running.pop(seq_id, None)
+        if seq is None:
             self._waiting = deque(s for s in self._waiting if s.seq_id != seq_id)
+        else:
+            self._reserved -= seq.reserved
 
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
     def schedule(self) -> SweepPlan | None:
-        while self._waiting and len(self._running) < self.max_num_seqs:
+        while self._waiting and len(self._running) < self.max_num_seqs and self._fits(self._waiting[0]):
             seq = self._waiting.popleft()
             self._running[seq.seq_id] = seq
+            self._reserved += seq.reserved
         decode = [s for s in self._running.values() if s.num_tokens - s.num_computed == 1]
         prefill = [s for s in self._running.values() if s.num_tokens - s.num_computed > 1]
         budget = self.max_sweep_tokens

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierflow.pipeline.ring import Channel, SlotRing
+from tierflow.pipeline.ring import Channel, ChannelStats, RingStats, SlotRing
 from tierflow.stages.upload import Uploader
 from tierflow.tiers.checkpoint import UnitLayout
 from tierflow.tiers.reader import DiskReader
@@ -71,6 +71,12 @@ class WeightStream:
         busy = self._busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
         return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s, self._upload_s,
                            self._stall_s, busy)
+
+    def ring_statistics(self) -> RingStats:
+        return self._ring.statistics()
+
+    def channel_statistics(self) -> ChannelStats:
+        return self._channel.statistics()
 
     @property
     def units(self) -> tuple[int, ...]:

@@ -23,8 +23,8 @@ class KVStats:
 
 class SequenceKV:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, block_tokens: int = 256) -> None:
-        self.num_layers, self.block_tokens = num_layers, block_tokens
+                 device: torch.device, block_tokens: int = 256, max_tokens: int | None = None) -> None:
+        self.num_layers, self.block_tokens, self.max_tokens = num_layers, block_tokens, max_tokens
         self._shape = (num_kv_heads, 0, head_dim)
         self._dtype, self._device = dtype, device
         self._keys = [torch.empty(self._shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -46,6 +46,8 @@ class SequenceKV:
         end = start + n
         if end > self._keys[layer].shape[1]:
             capacity = -(-max(end, self._keys[layer].shape[1] * 3 // 2) // self.block_tokens) * self.block_tokens
+            if self.max_tokens is not None:     # never more than the tokens admission reserved
+                capacity = max(end, min(capacity, self.max_tokens))
             self._keys[layer] = self._grow(self._keys[layer], start, capacity)
             self._values[layer] = self._grow(self._values[layer], start, capacity)
         self._keys[layer][:, start:end] = k.transpose(0, 1)
