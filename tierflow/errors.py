@@ -53,6 +53,10 @@ class TransferError(TierflowError):
     """Moving bytes between tiers failed (a disk read, a short read, a copy)."""
 
 
+class KVCorruptionError(TransferError):
+    """A KV block read back from a spill file fails its checksum; it is never used."""
+
+
 class EngineClosedError(TierflowError):
     """The engine was closed; open a new one with ``Engine.open``."""
 
