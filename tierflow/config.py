@@ -56,6 +56,11 @@ class EngineConfig:
     mlp_chunk_tokens: the MLP's intermediate activations are computed this many tokens
         at a time; None: the planner chooses.
     max_context_tokens: cap on prompt + generated tokens (None: the model's own).
+    kv_cache_dir: where KV blocks that fit neither the device nor the host budget spill
+        (a file per engine, removed on close). Setting it, or either budget below, pages
+        the KV cache: fixed-size blocks placed device first, then host, then disk.
+    kv_device_bytes / kv_host_bytes: KV budgets per tier (0 forces a tier empty); None: the
+        plan's device share, and no host share on CPU (where host memory is the device's).
     """
 
     device: str = "auto"
@@ -72,6 +77,13 @@ class EngineConfig:
     prefill_chunk_tokens: int | None = None
     mlp_chunk_tokens: int | None = None
     max_context_tokens: int | None = None
+    kv_cache_dir: str | os.PathLike[str] | None = None
+    kv_device_bytes: int | None = None
+    kv_host_bytes: int | None = None
+
+    @property
+    def paged_kv(self) -> bool:
+        return self.kv_cache_dir is not None or self.kv_device_bytes is not None or self.kv_host_bytes is not None
 
     def __post_init__(self) -> None:
         dev = self.device
@@ -91,6 +103,10 @@ class EngineConfig:
             raise ConfigError(f"EngineConfig.io_block_bytes must be a multiple of 4096, got {self.io_block_bytes}")
         _check_positive("EngineConfig", "kv_reserve_tokens", self.kv_reserve_tokens, minimum=0)
         _check_positive("EngineConfig", "max_num_seqs", self.max_num_seqs)
+        for name in ("kv_device_bytes", "kv_host_bytes"):
+            _check_positive("EngineConfig", name, getattr(self, name), allow_none=True, minimum=0)
+        if self.kv_cache_dir is not None and not isinstance(self.kv_cache_dir, (str, os.PathLike)):
+            raise ConfigError(f"EngineConfig.kv_cache_dir must be a path, got {type(self.kv_cache_dir).__name__}")
         _check_positive("EngineConfig", "max_context_tokens", self.max_context_tokens, allow_none=True)
 
 

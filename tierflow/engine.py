@@ -34,6 +34,7 @@ from tierflow.stages.weights import WeightStream, cast_weights, unit_views
 from tierflow.sweep import SweepBatch, SweepRunner
 from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.kvcache import SequenceKV
+from tierflow.tiers.pagedkv import KVStore
 from tierflow.outputs import StageTimes
 from tierflow.planning import EnginePlan, plan_engine
 from tierflow.tiers.costmodel import DEVICE, sweep_times
@@ -49,7 +50,7 @@ class _Request:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    kv: SequenceKV
+    kv: Any                                   # SequenceKV, or PagedSequenceKV with a paged KV cache
     detok: Detokenizer
     generator: torch.Generator | None
     score: bool = False                       # return prompt logits instead of generating
@@ -95,6 +96,29 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     return resolved
 
 
+def make_kv_store(config: EngineConfig, plan: Any, spec: Any, dtype: torch.dtype, device: torch.device) -> KVStore:
+    """Pools for a paged KV cache of ``kv_reserve_tokens`` tokens: the device share from
+    ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
+    plan's), the rest on disk in ``kv_cache_dir``."""
+    layers, bt = spec.num_layers, plan.kv_block_tokens
+    block_bytes = 2 * spec.num_kv_heads * bt * spec.head_dim * dtype.itemsize
+    total = -(-max(1, config.kv_reserve_tokens) // bt)
+    device_share = config.kv_device_bytes // block_bytes // layers if config.kv_device_bytes is not None else \
+        plan.kv_blocks[DEVICE] // layers
+    host_share = config.kv_host_bytes // block_bytes // layers if config.kv_host_bytes is not None else \
+        plan.kv_blocks.get("host", 0) // layers
+    device_share = min(device_share, total)
+    host_share = min(host_share, total - device_share)
+    disk_share = total - device_share - host_share
+    if disk_share and config.kv_cache_dir is None:
+        raise ConfigError(f"{disk_share * bt} of the {total * bt} tokens of KV (kv_reserve_tokens) fit neither the "
+                          "device nor the host KV budget: set EngineConfig.kv_cache_dir to spill them to disk, or "
+                          "raise kv_device_bytes / kv_host_bytes")
+    return KVStore(num_layers=layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
+                   device=device, block_tokens=bt, device_blocks=device_share * layers,
+                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir)
+
+
 def _load_tokenizer(directory: Path) -> Any:
     if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
@@ -125,6 +149,7 @@ class Engine:
         self._reader, self._worker = reader, worker
         self._eos_ids = _eos_ids(index, tokenizer)
         self.max_context_tokens = min(config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
+        self._kv_store: KVStore | None = None        # made in _start when the KV cache is paged
         kv_tokens = self.plan.kv_blocks[DEVICE] // max(1, self.spec.num_layers) * self.plan.kv_block_tokens
         self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=self.plan.prefill_chunk_tokens,
                                 kv_capacity_tokens=kv_tokens)
@@ -165,6 +190,9 @@ class Engine:
         return engine
 
     async def _start(self) -> None:
+        if self.config.paged_kv:
+            self._kv_store = make_kv_store(self.config, self.plan, self.spec, self.dtype, self.device)
+            self._batcher.kv_capacity_tokens = self._kv_store.capacity_tokens
         resident: dict[int, dict[str, torch.Tensor]] = {}
         for unit, tier in enumerate(self.plan.tiers):
             if tier != DEVICE:
@@ -200,6 +228,8 @@ class Engine:
         if self._stream is not None:
             await self._stream.close()
         self._worker.close()
+        if self._kv_store is not None:
+            self._kv_store.close()
         self._reader.close()
 
     async def __aenter__(self) -> "Engine":
@@ -295,8 +325,9 @@ class Engine:
                 f"tokens, but this engine's KV capacity is {self._batcher.kv_capacity_tokens} tokens for all "
                 "requests together; shorten the prompt, lower max_new_tokens, or open the engine with a larger "
                 "kv_reserve_tokens") from None
-        kv = SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, dtype=self.dtype,
-                        device=self.device, max_tokens=most)
+        kv: Any = self._kv_store.sequence(seq_id) if self._kv_store is not None else \
+            SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, dtype=self.dtype,
+                       device=self.device, max_tokens=most)
         req = _Request(seq_id, ids, params, kv, Detokenizer(self.tokenizer, params.stop),
                        make_generator(params), score=score)
         self._requests[req.id] = req
@@ -440,7 +471,8 @@ class Engine:
         return {"batcher": self._batcher.statistics(), "requests": len(self._requests),
                 "ring": stream.ring_statistics() if stream else None,
                 "channel": stream.channel_statistics() if stream else None,
-                "worker": self._worker.statistics()}
+                "worker": self._worker.statistics(),
+                "kv_blocks": self._kv_store.statistics() if self._kv_store is not None else None}
 
     def stats(self) -> EngineStats:
         reader = self._reader.statistics()

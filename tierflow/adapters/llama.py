@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from tierflow.adapters.attention import attend_blocks
 from tierflow.adapters.base import EMBED, HEAD, LAYER, ModelSpec, NameRule, SweepContext, UnitWeights
 from tierflow.errors import UnsupportedModelError
 
@@ -172,8 +173,11 @@ class LlamaAdapter:
         k = k * cos + rotate_half(k) * sin
         attn = torch.empty(n, spec.num_heads * d, dtype=x.dtype, device=x.device)
         for rows, start, kv in zip(ctx.seq_slices, ctx.seq_starts, ctx.kv):
-            keys, values = kv.append(layer, k[rows], v[rows])
-            attn[rows] = attend(q[rows], keys, values, start)
+            stored = kv.append(layer, k[rows], v[rows])
+            if isinstance(stored, tuple):       # the whole KV, contiguous: one fused SDPA call
+                attn[rows] = attend(q[rows], *stored, start)
+            else:                               # KV blocks (paged, possibly on disk): online softmax
+                attn[rows] = attend_blocks(q[rows], stored, start)
         x = x + F.linear(attn, w["o_proj"], w.get("o_proj.bias"))
         h = rms_norm(x, w["post_attention_layernorm"], spec.rms_norm_eps)
         step = ctx.mlp_chunk_tokens or n

@@ -47,6 +47,11 @@ class SpillFile:
             raise TransferError(f"cannot reserve space for {self.path}: {exc.strerror}") from exc
 
     @property
+    def deleted(self) -> bool:
+        """Whether the file was unlinked while open (its data is no longer reachable by name)."""
+        return self._fd >= 0 and os.fstat(self._fd).st_nlink == 0
+
+    @property
     def size_bytes(self) -> int:
         return self.stride * self.num_slots
 

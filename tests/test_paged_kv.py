@@ -1,0 +1,122 @@
+"""The paged KV cache: at 4k tokens of context, KV all on disk, all in host memory, or split
+over device, host and disk gives the logits and tokens of the in-memory run and of
+transformers; corrupt, missing or unwritable spill files fail the request, never silently,
+and the engine goes on serving."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+import pytest
+
+from tierflow import Engine, EngineConfig, SamplingParams, TierCapacityError, TransferError
+from tierflow.errors import KVCorruptionError
+from tierflow.testing import oracle_greedy, oracle_logits
+
+CONTEXT = 4096
+NEW_TOKENS = 16
+PROMPT = [(i * 37) % 500 + 1 for i in range(CONTEXT - NEW_TOKENS - 8)]
+BASE = dict(device="cpu", dtype="float32", kv_reserve_tokens=CONTEXT, prefill_chunk_tokens=1024)
+HARDWARE = {"version": 1, "hardware": {"device": "cpu", "device_memory_bytes": 2**34, "host_memory_bytes": 2**34,
+                                       "disk_read_gbps": 3.0, "decode_gbps": 20.0, "prefill_tflops": 0.1}}
+
+
+async def _run(path, config, prompt=PROMPT, new_tokens=NEW_TOKENS):
+    async with await Engine.open(path, config) as engine:
+        logits = await engine.logits(prompt)
+        out = await engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        return logits, list(out.token_ids), engine.costs.kv_bytes_per_token, engine.pipeline_statistics()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    logits, tokens, per_token, _ = asyncio.run(_run(tiny_model, EngineConfig(**BASE, profile=HARDWARE)))
+    return logits, tokens, per_token
+
+
+@pytest.mark.parametrize("layout", ["all on disk", "all on host", "device, host and disk"])
+def test_tiered_kv_matches_in_memory_and_transformers(tiny_model, reference, tmp_path, layout):
+    ref_logits, ref_tokens, per_token = reference
+    third = per_token * CONTEXT // 3
+    budgets = {"all on disk": dict(kv_device_bytes=0, kv_host_bytes=0),
+               "all on host": dict(kv_device_bytes=0, kv_host_bytes=per_token * CONTEXT),
+               "device, host and disk": dict(kv_device_bytes=third, kv_host_bytes=third)}[layout]
+    config = EngineConfig(**BASE, profile=HARDWARE, kv_cache_dir=tmp_path, **budgets)
+    logits, tokens, _, stats = asyncio.run(_run(tiny_model, config))
+
+    pools = stats["kv_blocks"]
+    used_tiers = {tier for tier, pool in pools.items() if pool.capacity}
+    assert used_tiers == {"all on disk": {"disk"}, "all on host": {"host"},
+                          "device, host and disk": {"device", "host", "disk"}}[layout]
+    assert all(pool.used == 0 for pool in pools.values())          # freed when the requests ended
+    rel = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+    assert rel <= 1e-5, rel
+    expected = oracle_logits(tiny_model, PROMPT)
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    assert tokens == ref_tokens == oracle_greedy(tiny_model, PROMPT, NEW_TOKENS)
+    assert list(tmp_path.iterdir()) == []                          # the spill file is removed on close
+
+
+def test_without_a_spill_directory_kv_that_does_not_fit_is_a_config_error(tiny_model):
+    from tierflow import ConfigError
+    with pytest.raises(ConfigError, match="set EngineConfig.kv_cache_dir"):
+        asyncio.run(Engine.open(tiny_model, EngineConfig(**BASE, profile=HARDWARE, kv_device_bytes=0)))
+
+
+def _disk_config(tmp_path):
+    return EngineConfig(device="cpu", kv_reserve_tokens=2048, prefill_chunk_tokens=256, profile=HARDWARE,
+                        kv_cache_dir=tmp_path, kv_device_bytes=0, kv_host_bytes=0)
+
+
+def _spill_file(tmp_path):
+    (path,) = tmp_path.iterdir()
+    return path
+
+
+def _inject(fault, directory, monkeypatch):
+    (path,) = directory.iterdir()
+    if fault == "flipped byte":            # in the first block's keys
+        with open(path, "r+b") as raw:
+            raw.seek(100)
+            byte = raw.read(1)
+            raw.seek(100)
+            raw.write(bytes([byte[0] ^ 0xFF]))
+    elif fault == "deleted file":
+        os.unlink(path)
+    else:                                  # the next block written to disk meets a full disk
+        def full(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(os, "pwrite", full)
+
+
+@pytest.mark.parametrize("fault,error,message", [
+    ("flipped byte", KVCorruptionError, "fails its checksum"),
+    ("deleted file", TransferError, "was deleted while in use"),
+    ("disk full", TierCapacityError, "is full"),
+])
+def test_a_spill_fault_fails_its_request_and_the_engine_goes_on(tiny_model, tmp_path, monkeypatch, fault, error,
+                                                                message):
+    prompt = PROMPT[:600]        # the prefill puts two full 256-token blocks per layer on disk
+    expected = oracle_greedy(tiny_model, prompt[:300], 6)
+
+    async def main():
+        async with await Engine.open(tiny_model, _disk_config(tmp_path)) as engine:
+            failure = None
+            try:
+                async for _ in engine.stream(prompt, SamplingParams(max_new_tokens=400, ignore_eos=True)):
+                    if failure is None:
+                        failure = "injected"
+                        _inject(fault, tmp_path, monkeypatch)
+            except Exception as exc:      # noqa: BLE001 - checked below
+                failure = exc
+            monkeypatch.undo()
+            after = await engine.generate(prompt[:300], SamplingParams(max_new_tokens=6, ignore_eos=True))
+            return failure, list(after.token_ids), engine.pipeline_statistics()
+
+    failure, tokens, stats = asyncio.run(asyncio.wait_for(main(), 120))
+    assert isinstance(failure, error) and message in str(failure), failure
+    assert tokens == expected                       # the same engine serves the next request correctly
+    assert all(pool.used == 0 for pool in stats["kv_blocks"].values())
+    assert list(tmp_path.iterdir()) == []           # closing removed the spill file

@@ -1,0 +1,136 @@
+"""Paged KV storage: blocks of ``block_tokens`` tokens of one layer in a device pool, a host
+pool and a disk spill file, placed by ``KVBlockTables``.
+
+``PagedSequenceKV`` has the interface the attention code sees (``append(layer, k, v)``), but
+returns the layer's KV as an iterator of blocks — (keys, values, first position) — for the
+online-softmax attention (``adapters.attention.attend_blocks``): a disk block is read into a
+reusable buffer only when attention reaches it, so attention holds one block at a time
+whatever the context. Each layer's last, partly filled block lives in a per-sequence tail
+buffer and is committed to a pool slot (fastest tier with room) when it fills.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tierflow.errors import TransferError
+from tierflow.tiers.kvblocks import BlockRef, KVBlockTables, PoolStats
+from tierflow.tiers.spill import SpillFile
+
+_ids = itertools.count()
+
+
+class KVStore:
+    """Engine-wide block storage. ``close()`` removes the spill file."""
+
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, block_tokens: int, device_blocks: int, host_blocks: int, disk_blocks: int,
+                 spill_dir: str | os.PathLike[str] | None) -> None:
+        self.num_layers, self.block_tokens, self.dtype, self.device = num_layers, block_tokens, dtype, device
+        self.block_shape = (2, num_kv_heads, block_tokens, head_dim)
+        self.block_bytes = 2 * num_kv_heads * block_tokens * head_dim * dtype.itemsize
+        self.tables = KVBlockTables({"device": device_blocks, "host": host_blocks, "disk": disk_blocks},
+                                    num_layers=num_layers, block_tokens=block_tokens)
+        self._pools = {"device": torch.empty((device_blocks, *self.block_shape), dtype=dtype, device=device),
+                       "host": torch.empty((host_blocks, *self.block_shape), dtype=dtype)}
+        self.spill: SpillFile | None = None
+        if disk_blocks:
+            if spill_dir is None:
+                raise ValueError("KV blocks on disk need a spill directory (EngineConfig.kv_cache_dir)")
+            directory = Path(spill_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self.spill = SpillFile(directory / f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill", self.block_bytes,
+                                   disk_blocks)
+        self._scratch = torch.empty(self.block_shape, dtype=dtype)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens of context all sequences together can hold (whole blocks in every layer)."""
+        return self.tables.capacity_blocks // self.num_layers * self.block_tokens
+
+    def statistics(self) -> dict[str, PoolStats]:
+        return self.tables.statistics()
+
+    def write(self, ref: BlockRef, block: torch.Tensor) -> None:
+        if ref.tier == "disk":
+            self._disk().write(ref.slot, block.cpu())
+        else:
+            self._pools[ref.tier][ref.slot].copy_(block)
+
+    def load(self, ref: BlockRef) -> torch.Tensor:
+        """The block's [2, kv_heads, block_tokens, head_dim]; a disk block lands in a buffer
+        that the next ``load`` of a disk block overwrites."""
+        if ref.tier == "disk":
+            return self._disk().read(ref.slot, self._scratch).to(self.device)
+        return self._pools[ref.tier][ref.slot].to(self.device)
+
+    def _disk(self) -> SpillFile:
+        """The spill file. One deleted under the engine is replaced by a fresh, empty one (so
+        later requests work) and the request that needed it fails with a clear error."""
+        spill = self.spill
+        assert spill is not None
+        if spill.deleted:
+            spill.close()
+            self.spill = SpillFile(spill.path.with_name(f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill"),
+                                   self.block_bytes, spill.num_slots)
+            raise TransferError(f"KV spill file {spill.path} was deleted while in use; the blocks it held are lost "
+                                f"and the requests that need them fail (a new spill file replaces it)")
+        return spill
+
+    def sequence(self, seq_id: int) -> "PagedSequenceKV":
+        return PagedSequenceKV(self, seq_id)
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+
+
+class PagedSequenceKV:
+    def __init__(self, store: KVStore, seq_id: int) -> None:
+        self.store, self.seq_id = store, seq_id
+        self.num_layers = store.num_layers
+        self._lengths = [0] * store.num_layers
+        self._tails: list[torch.Tensor | None] = [None] * store.num_layers
+
+    @property
+    def num_tokens(self) -> int:
+        return min(self._lengths)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Store ``k``/``v`` [n, kv_heads, head_dim]; return the layer's KV as blocks."""
+        bt, store = self.store.block_tokens, self.store
+        tail = self._tails[layer]
+        if tail is None:
+            tail = self._tails[layer] = torch.empty(store.block_shape, dtype=store.dtype, device=store.device)
+        done = 0
+        while done < k.shape[0]:
+            fill = self._lengths[layer] % bt
+            take = min(bt - fill, k.shape[0] - done)
+            tail[0, :, fill:fill + take] = k[done:done + take].transpose(0, 1)
+            tail[1, :, fill:fill + take] = v[done:done + take].transpose(0, 1)
+            self._lengths[layer] += take
+            done += take
+            if fill + take == bt:       # the tail is full: commit it to a pool slot
+                store.write(store.tables.append_block(self.seq_id, layer), tail)
+        return self._blocks(layer)
+
+    def _blocks(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        bt = self.store.block_tokens
+        committed = self.store.tables.table(self.seq_id, layer)
+        for i, ref in enumerate(committed):
+            block = self.store.load(ref)
+            yield block[0], block[1], i * bt
+        fill = self._lengths[layer] - len(committed) * bt
+        if fill:
+            tail = self._tails[layer]
+            assert tail is not None
+            yield tail[0, :, :fill], tail[1, :, :fill], len(committed) * bt
+
+    def free(self) -> None:
+        self.store.tables.free_sequence(self.seq_id)
+        self._tails = [None] * self.num_layers
