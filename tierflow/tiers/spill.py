@@ -7,7 +7,9 @@ feeding attention a wrong value. Space is reserved up front (``posix_fallocate``
 disk is found when the file is made, as ``TierCapacityError``, not half-way through a
 request; an ENOSPC from a write is reported the same way. A file deleted while in use is
 detected (its link count drops to zero) and reported as ``TransferError`` rather than
-silently read from the unlinked inode. ``close()`` removes the file.
+silently read from the unlinked inode. ``close()`` removes the file. Slots are 4 KiB aligned
+and move whole through an aligned buffer, with O_DIRECT where the filesystem allows it, so
+spilled KV does not fill RAM through the page cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tierflow.errors import KVCorruptionError, TierCapacityError, TransferError
+from tierflow.tiers.reader import aligned_empty
 
 ALIGN = 4096
 
@@ -32,6 +35,16 @@ class SpillFile:
         self.stride = -(-block_bytes // ALIGN) * ALIGN
         self._crc: list[int | None] = [None] * num_slots
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.direct = False
+        if hasattr(os, "O_DIRECT"):      # bypass the page cache, which would otherwise fill RAM with KV
+            try:
+                direct_fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
+            except OSError:
+                pass                     # the filesystem refuses O_DIRECT: buffered I/O
+            else:
+                os.close(self._fd)
+                self._fd, self.direct = direct_fd, True
+        self._bounce = aligned_empty(self.stride)     # whole aligned slots move through it
         try:
             try:
                 os.posix_fallocate(self._fd, 0, self.stride * num_slots)
@@ -71,14 +84,15 @@ class SpillFile:
             raise ValueError(f"a block of {data.numel()} bytes does not fit slots of {self.block_bytes}")
         view = memoryview(data.numpy())
         self._crc[slot] = None          # a write that fails half-way leaves no valid block
+        self._bounce[:len(view)].copy_(data)
         try:
-            written = os.pwrite(self._fd, view, slot * self.stride)
+            written = os.pwrite(self._fd, memoryview(self._bounce.numpy()), slot * self.stride)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise TierCapacityError(f"the disk holding {self.path} is full: cannot spill a KV block") from exc
             raise TransferError(f"writing a KV block to {self.path} failed: {exc.strerror}") from exc
-        if written != len(view):
-            raise TransferError(f"short write of a KV block to {self.path}: {written} of {len(view)} bytes")
+        if written != self.stride:
+            raise TransferError(f"short write of a KV block to {self.path}: {written} of {self.stride} bytes")
         self._crc[slot] = zlib.crc32(view)
 
     def read(self, slot: int, out: torch.Tensor) -> torch.Tensor:
@@ -88,15 +102,15 @@ class SpillFile:
         if expected is None:
             raise KVCorruptionError(f"slot {slot} of {self.path} holds no complete block")
         data = out.view(torch.uint8).reshape(-1)
-        view = memoryview(data.numpy())
         try:
-            got = os.preadv(self._fd, [view], slot * self.stride)
+            got = os.preadv(self._fd, [memoryview(self._bounce.numpy())], slot * self.stride)
         except OSError as exc:
             raise TransferError(f"reading a KV block from {self.path} failed: {exc.strerror}") from exc
-        if got != len(view):
-            raise TransferError(f"short read of a KV block from {self.path}: {got} of {len(view)} bytes "
+        if got < data.numel():
+            raise TransferError(f"short read of a KV block from {self.path}: {got} of {data.numel()} bytes "
                                 "(was the file truncated?)")
-        if zlib.crc32(view) != expected:
+        data.copy_(self._bounce[:data.numel()])
+        if zlib.crc32(memoryview(data.numpy())) != expected:
             raise KVCorruptionError(f"KV block in slot {slot} of {self.path} fails its checksum: the file was "
                                     "modified or the disk returned bad data; the block will not be used")
         return out
