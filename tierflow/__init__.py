@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine import Engine
-from tierflow.errors import (CheckpointError, ConfigError, DemoModelMissingError, EngineClosedError, ProfileError,
-                             PromptError, RequestError, RequestTimeoutError, SamplingError, ShapeMismatchError, TierCapacityError, TierflowError,
-                             TransferError, UnsupportedModelError)
+from tierflow.errors import (CheckpointError, ConfigError, DemoModelMissingError, EngineClosedError, KVCorruptionError,
+                             ProfileError, PromptError, RequestError, RequestTimeoutError, SamplingError,
+                             ShapeMismatchError, TierCapacityError, TierflowError, TransferError, UnsupportedModelError)
 from tierflow.outputs import Completion, EngineStats, StreamChunk
 from tierflow.sync import SyncEngine
 
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "Completion", "ConfigError", "DemoModelMissingError", "Engine", "EngineClosedError",
-           "EngineConfig", "EngineStats", "ProfileError", "PromptError", "RequestError", "RequestTimeoutError", "SamplingError", "SamplingParams",
+           "EngineConfig", "EngineStats", "KVCorruptionError", "ProfileError", "PromptError", "RequestError", "RequestTimeoutError", "SamplingError", "SamplingParams",
            "ShapeMismatchError", "StreamChunk", "SyncEngine", "TierCapacityError", "TierflowError", "TransferError",
            "UnsupportedModelError"]
