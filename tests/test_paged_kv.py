@@ -120,3 +120,39 @@ def test_a_spill_fault_fails_its_request_and_the_engine_goes_on(tiny_model, tmp_
     assert tokens == expected                       # the same engine serves the next request correctly
     assert all(pool.used == 0 for pool in stats["kv_blocks"].values())
     assert list(tmp_path.iterdir()) == []           # closing removed the spill file
+
+
+def test_a_full_disk_fails_only_the_request_whose_block_it_was(tiny_model, tmp_path, monkeypatch):
+    """B decodes with its blocks in the tail buffer; A's prefill commits a block per layer to
+    disk and meets a full disk: A fails, B's tokens are those it gets alone."""
+    b_prompt, a_prompt = PROMPT[:100], PROMPT[:256]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+    async def main():
+        async with await Engine.open(tiny_model, _disk_config(tmp_path)) as engine:
+            alone = list((await engine.generate(b_prompt, params)).token_ids)
+            real, calls = os.pwrite, []
+
+            def full_once(fd, data, offset):
+                calls.append(offset)
+                if len(calls) == 1:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(fd, data, offset)
+
+            b_tokens, a_error = [], None
+            stream = engine.stream(b_prompt, params)
+            async for chunk in stream:
+                b_tokens += chunk.token_ids
+                if a_error is None:
+                    monkeypatch.setattr(os, "pwrite", full_once)
+                    try:
+                        await engine.generate(a_prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+                    except TierCapacityError as exc:
+                        a_error = exc
+            monkeypatch.undo()
+            return alone, b_tokens, a_error, engine.pipeline_statistics()
+
+    alone, b_tokens, a_error, stats = asyncio.run(asyncio.wait_for(main(), 120))
+    assert isinstance(a_error, TierCapacityError) and "is full" in str(a_error)
+    assert b_tokens == alone
+    assert stats["requests"] == 0 and all(pool.used == 0 for pool in stats["kv_blocks"].values())

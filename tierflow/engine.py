@@ -373,6 +373,9 @@ class Engine:
                     self._finish(req, error=exc if isinstance(exc, TierflowError) else
                                  RequestError(f"request failed in a sweep: {exc!r}"))
                 continue
+            for index, error in self._runner.last_failures.items():   # KV faults of single sequences
+                log.warning("request %d failed in a sweep: %s", reqs[index].id, error)
+                self._finish(reqs[index], error=error)
             if decode:
                 self._account_decode(plan, before)
             self._batcher.update(plan, self._apply(plan, reqs, tokens))

@@ -36,11 +36,13 @@ class SweepRunner:
         self.spec, self.adapter, self.resident = spec, adapter, resident
         self.stream, self.worker, self.dtype = stream, worker, dtype
         self.mlp_chunk_tokens = mlp_chunk_tokens
+        self.last_failures: dict[int, BaseException] = {}    # sequence index → its error, last sweep
         self.num_sweeps = 0
 
     async def run(self, batch: SweepBatch) -> torch.Tensor:
         """Logits [len(batch.logit_rows), vocab] in float32."""
         self.num_sweeps += 1
+        self.last_failures = {}
         hidden: Any = batch
         unit = 0
         try:
@@ -67,6 +69,7 @@ class SweepRunner:
             ctx = self.adapter.make_context(self.spec, batch.positions, batch.seq_slices, batch.seq_starts,
                                             batch.kv, batch.logit_rows, self.dtype)
             self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens)
+            self.last_failures = self._ctx.failures
             hidden = batch.token_ids
         weights = cast_weights(dict(weights), self.dtype)
         with torch.inference_mode():

@@ -103,6 +103,7 @@ class SweepContext:
     rope: tuple[torch.Tensor, torch.Tensor]      # cos, sin: [num_tokens, head_dim]
     logit_rows: torch.Tensor                     # rows of the packed batch whose logits are wanted
     mlp_chunk_tokens: int | None = None          # MLP intermediates this many tokens at a time (None: all)
+    failures: dict[int, BaseException] = field(default_factory=dict)   # sequence index → its KV error
     extras: dict[str, Any] = field(default_factory=dict)
 
 

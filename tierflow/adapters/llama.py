@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tierflow.adapters.attention import attend_blocks
 from tierflow.adapters.base import EMBED, HEAD, LAYER, ModelSpec, NameRule, SweepContext, UnitWeights
-from tierflow.errors import UnsupportedModelError
+from tierflow.errors import TierflowError, UnsupportedModelError
 
 _PROJECTIONS = {
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
@@ -172,12 +172,19 @@ class LlamaAdapter:
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         attn = torch.empty(n, spec.num_heads * d, dtype=x.dtype, device=x.device)
-        for rows, start, kv in zip(ctx.seq_slices, ctx.seq_starts, ctx.kv):
-            stored = kv.append(layer, k[rows], v[rows])
-            if isinstance(stored, tuple):       # the whole KV, contiguous: one fused SDPA call
-                attn[rows] = attend(q[rows], *stored, start)
-            else:                               # KV blocks (paged, possibly on disk): online softmax
-                attn[rows] = attend_blocks(q[rows], stored, start)
+        for index, (rows, start, kv) in enumerate(zip(ctx.seq_slices, ctx.seq_starts, ctx.kv)):
+            if index in ctx.failures:
+                attn[rows] = 0
+                continue
+            try:
+                stored = kv.append(layer, k[rows], v[rows])
+                if isinstance(stored, tuple):       # the whole KV, contiguous: one fused SDPA call
+                    attn[rows] = attend(q[rows], *stored, start)
+                else:                               # KV blocks (paged, possibly on disk): online softmax
+                    attn[rows] = attend_blocks(q[rows], stored, start)
+            except TierflowError as exc:            # this sequence's KV failed (a spill fault): only it fails
+                ctx.failures[index] = exc
+                attn[rows] = 0
         x = x + F.linear(attn, w["o_proj"], w.get("o_proj.bias"))
         h = rms_norm(x, w["post_attention_layernorm"], spec.rms_norm_eps)
         step = ctx.mlp_chunk_tokens or n
