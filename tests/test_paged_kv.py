@@ -156,3 +156,32 @@ def test_a_full_disk_fails_only_the_request_whose_block_it_was(tiny_model, tmp_p
     assert isinstance(a_error, TierCapacityError) and "is full" in str(a_error)
     assert b_tokens == alone
     assert stats["requests"] == 0 and all(pool.used == 0 for pool in stats["kv_blocks"].values())
+
+
+def test_a_conversation_turn_after_turn_gives_the_tokens_of_a_fresh_full_context_run(tiny_model, tmp_path):
+    """Three turns, each prompt the whole conversation so far plus a new message, on one engine
+    with KV on disk: every turn's answer equals a fresh engine's answer to the same context."""
+    messages = [PROMPT[:700], PROMPT[1000:1300], PROMPT[2000:2100]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    async def conversation():
+        async with await Engine.open(tiny_model, _disk_config(tmp_path)) as engine:
+            context, answers = [], []
+            for message in messages:
+                context += message
+                answer = list((await engine.generate(context, params)).token_ids)
+                answers.append(answer)
+                context += answer
+            return answers
+
+    async def fresh(context):
+        async with await Engine.open(tiny_model, EngineConfig(device="cpu", kv_reserve_tokens=2048,
+                                                               prefill_chunk_tokens=256, profile=HARDWARE)) as engine:
+            return list((await engine.generate(context, params)).token_ids)
+
+    answers = asyncio.run(conversation())
+    context = []
+    for message, answer in zip(messages, answers):
+        context += message
+        assert asyncio.run(fresh(context)) == answer == oracle_greedy(tiny_model, context, 12)
+        context += answer
