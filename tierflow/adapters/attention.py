@@ -33,13 +33,15 @@ def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Te
         kv_heads, t = keys.shape[0], keys.shape[1]
         if num_heads % kv_heads:
             raise ValueError(f"{num_heads} query heads cannot share {kv_heads} KV heads")
-        visible = torch.arange(first, first + t, device=q.device)[None, :] <= q_pos    # [n, t]
-        if not bool(visible.any()):
+        if first > start + n - 1:          # every key of the block is after every query
             continue
         group = num_heads // kv_heads
         k = keys.float().repeat_interleave(group, dim=0)                 # [H, t, D]
         v = values.float().repeat_interleave(group, dim=0)
-        scores = (query @ k.transpose(1, 2)).masked_fill(~visible, -math.inf)    # [H, n, t]
+        scores = query @ k.transpose(1, 2)                               # [H, n, t]
+        if first + t - 1 > start:          # some keys are after some queries: mask them
+            visible = torch.arange(first, first + t, device=q.device)[None, :] <= q_pos    # [n, t]
+            scores = scores.masked_fill(~visible, -math.inf)
         m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)   # rows with no visible key yet
         p = torch.exp(scores - safe)

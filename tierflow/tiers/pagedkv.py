@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -46,7 +47,10 @@ class KVStore:
             directory.mkdir(parents=True, exist_ok=True)
             self.spill = SpillFile(directory / f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill", self.block_bytes,
                                    disk_blocks)
-        self._scratch = torch.empty(self.block_shape, dtype=dtype)
+        # Two buffers: while attention uses one disk block, the next is read into the other.
+        self._scratch = [torch.empty(self.block_shape, dtype=dtype) for _ in range(2)]
+        self._bounces = [self.spill.bounce_buffer() for _ in range(2)] if self.spill is not None else []
+        self._reads = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv") if self.spill is not None else None
 
     @property
     def capacity_tokens(self) -> int:
@@ -62,12 +66,34 @@ class KVStore:
         else:
             self._pools[ref.tier][ref.slot].copy_(block)
 
-    def load(self, ref: BlockRef) -> torch.Tensor:
-        """The block's [2, kv_heads, block_tokens, head_dim]; a disk block lands in a buffer
-        that the next ``load`` of a disk block overwrites."""
-        if ref.tier == "disk":
-            return self._disk().read(ref.slot, self._scratch).to(self.device)
-        return self._pools[ref.tier][ref.slot].to(self.device)
+    def blocks(self, refs: tuple[BlockRef, ...]) -> Iterator[torch.Tensor]:
+        """Each block's [2, kv_heads, block_tokens, head_dim], in order. Disk blocks are read one
+        ahead on a reader thread into two alternating buffers, so a block's read overlaps the
+        attention over the one before; a yielded disk block is valid until the next is taken."""
+        pending: Future[torch.Tensor] | None = None
+        disk = [i for i, ref in enumerate(refs) if ref.tier == "disk"]
+        ahead = {index: n for n, index in enumerate(disk)}
+        try:
+            for i, ref in enumerate(refs):
+                if ref.tier != "disk":
+                    yield self._pools[ref.tier][ref.slot].to(self.device)
+                    continue
+                n = ahead[i]
+                block = pending.result() if pending is not None else self._read_disk(ref, n % 2)
+                pending = None
+                if n + 1 < len(disk):
+                    assert self._reads is not None
+                    pending = self._reads.submit(self._read_disk, refs[disk[n + 1]], (n + 1) % 2)
+                yield block.to(self.device)
+        finally:
+            if pending is not None:     # never leave a read writing into a buffer someone may reuse
+                try:
+                    pending.result()
+                except Exception:       # noqa: BLE001 - the consumer stopped; this block is not used
+                    pass
+
+    def _read_disk(self, ref: BlockRef, buffer: int) -> torch.Tensor:
+        return self._disk().read(ref.slot, self._scratch[buffer], self._bounces[buffer])
 
     def _disk(self) -> SpillFile:
         """The spill file. One deleted under the engine is replaced by a fresh, empty one (so
@@ -86,6 +112,8 @@ class KVStore:
         return PagedSequenceKV(self, seq_id)
 
     def close(self) -> None:
+        if self._reads is not None:
+            self._reads.shutdown(wait=True)
         if self.spill is not None:
             self.spill.close()
 
@@ -122,8 +150,7 @@ class PagedSequenceKV:
     def _blocks(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         bt = self.store.block_tokens
         committed = self.store.tables.table(self.seq_id, layer)
-        for i, ref in enumerate(committed):
-            block = self.store.load(ref)
+        for i, block in enumerate(self.store.blocks(committed)):
             yield block[0], block[1], i * bt
         fill = self._lengths[layer] - len(committed) * bt
         if fill:

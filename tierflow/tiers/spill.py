@@ -95,21 +95,27 @@ class SpillFile:
             raise TransferError(f"short write of a KV block to {self.path}: {written} of {self.stride} bytes")
         self._crc[slot] = zlib.crc32(view)
 
-    def read(self, slot: int, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (contiguous, the size that was written) from ``slot``; checks the CRC."""
+    def bounce_buffer(self) -> torch.Tensor:
+        """An aligned buffer for ``read(..., bounce=)``: one per concurrent reader."""
+        return aligned_empty(self.stride)
+
+    def read(self, slot: int, out: torch.Tensor, bounce: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill ``out`` (contiguous, the size that was written) from ``slot``; checks the CRC.
+        Concurrent reads each pass their own ``bounce`` buffer."""
         self._check(slot)
+        bounce = self._bounce if bounce is None else bounce
         expected = self._crc[slot]
         if expected is None:
             raise KVCorruptionError(f"slot {slot} of {self.path} holds no complete block")
         data = out.view(torch.uint8).reshape(-1)
         try:
-            got = os.preadv(self._fd, [memoryview(self._bounce.numpy())], slot * self.stride)
+            got = os.preadv(self._fd, [memoryview(bounce.numpy())], slot * self.stride)
         except OSError as exc:
             raise TransferError(f"reading a KV block from {self.path} failed: {exc.strerror}") from exc
         if got < data.numel():
             raise TransferError(f"short read of a KV block from {self.path}: {got} of {data.numel()} bytes "
                                 "(was the file truncated?)")
-        data.copy_(self._bounce[:data.numel()])
+        data.copy_(bounce[:data.numel()])
         if zlib.crc32(memoryview(data.numpy())) != expected:
             raise KVCorruptionError(f"KV block in slot {slot} of {self.path} fails its checksum: the file was "
                                     "modified or the disk returned bad data; the block will not be used")
