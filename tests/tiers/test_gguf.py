@@ -25,6 +25,7 @@ from tierflow.errors import (
     UnsupportedModelError,
 )
 from tierflow.tiers import gguf as gguf_converter
+from tierflow.tiers import gguf_tensors
 from tierflow.tiers.gguf import MARKER_FILENAME, convert_gguf, unpermute_rotary_rows
 
 DEMO_INSTALLED = importlib.util.find_spec(demo.DEMO_PACKAGE) is not None
@@ -167,9 +168,11 @@ def test_second_call_reuses_conversion(converted_dir: Path, demo_gguf: Path, mon
 
 
 @needs_demo_gguf
-@pytest.mark.parametrize("failing_step", ["dequantize_tensor", "_write_tokenizer"])
-def test_failure_mid_conversion_leaves_nothing(demo_gguf: Path, tmp_path: Path, monkeypatch, failing_step: str) -> None:
-    original = getattr(gguf_converter, failing_step)
+@pytest.mark.parametrize("module,failing_step", [(gguf_tensors, "dequantize_tensor"),
+                                                  (gguf_converter, "_write_tokenizer")])
+def test_failure_mid_conversion_leaves_nothing(demo_gguf: Path, tmp_path: Path, monkeypatch, module,
+                                               failing_step: str) -> None:
+    original = getattr(module, failing_step)
     calls = {"count": 0}
 
     def fail_on_third_call(*args, **kwargs):
@@ -178,7 +181,7 @@ def test_failure_mid_conversion_leaves_nothing(demo_gguf: Path, tmp_path: Path, 
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gguf_converter, failing_step, fail_on_third_call)
+    monkeypatch.setattr(module, failing_step, fail_on_third_call)
     out_dir = tmp_path / "cache" / "model"
     with pytest.raises(RuntimeError, match="simulated crash"):
         convert_gguf(demo_gguf, out_dir, progress=False)
