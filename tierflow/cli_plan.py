@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tierflow.adapters import adapter_for
+from tierflow.engine import resolve_dtype
 from tierflow.errors import CheckpointError, ConfigError
 from tierflow.planning import (DTYPE_NAMES, config_spec, engine_overrides, engine_workload, index_costs,
                                layer_benchmark, load_engine_profile)
@@ -63,39 +64,32 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def _dtype(name: str, checkpoint_dtype: str, device_type: str) -> str:
-    if name != "auto":
-        return name
-    if checkpoint_dtype == "float16" and device_type == "cpu":
-        return "float32"      # what the engine does: fp16 matmuls are very slow on most CPUs
-    return checkpoint_dtype if checkpoint_dtype in DTYPE_NAMES.values() else "float32"
-
-
-def _model_costs(model: str, dtype_arg: str, device_type: str) -> tuple[ModelCosts, Path, Callable[..., Any]]:
+def _model_costs(model: str, dtype_arg: str, device_type: str
+                 ) -> tuple[ModelCosts, torch.dtype, Path, Callable[..., Any]]:
     """Costs from the checkpoint when its weights are there (real read sizes), else config.json;
-    and a maker of the layer benchmark the probe times."""
+    the compute dtype (chosen as the engine chooses it); and a maker of the layer benchmark
+    the probe times."""
     spec, adapter, directory = config_spec(model)
-    dtype = _dtype(dtype_arg, spec.checkpoint_dtype, device_type)
+    dtype = resolve_dtype(dtype_arg, spec.checkpoint_dtype, torch.device(device_type))
     bench = partial(layer_benchmark, spec, adapter)
     if any(directory.glob("*.safetensors")):
         try:
             index = CheckpointIndex.open(directory)
-            return index_costs(index, getattr(torch, dtype)), directory, bench
+            return index_costs(index, dtype), dtype, directory, bench
         except CheckpointError:
             pass   # weights incomplete or odd: plan from the config
-    return costs_from_spec(spec, adapter, dtype, name=directory.name), directory, bench
+    return costs_from_spec(spec, adapter, DTYPE_NAMES[dtype], name=directory.name), dtype, directory, bench
 
 
 def _progress(console: Console) -> Callable[[str], None]:
     return lambda text: console.print(f"[dim]{text}…[/dim]")
 
 
-async def _hardware(args: argparse.Namespace, profile: Profile | None, costs: ModelCosts, directory: Path,
-                    bench: Callable[..., Any], console: Console) -> tuple[HardwareProfile, str]:
+async def _hardware(args: argparse.Namespace, profile: Profile | None, costs: ModelCosts, dtype: torch.dtype,
+                    directory: Path, bench: Callable[..., Any], console: Console) -> tuple[HardwareProfile, str]:
     if profile is not None and profile.hardware is not None:
         return profile.hardware, f"from {args.profile}"
     device = _device(args.device)
-    dtype = getattr(torch, {4: "float32", 2: "bfloat16"}[costs.dtype_bytes])
     hw, provenance = await probe(device, dtype, costs, directory, cache=default_cache(), fresh=args.fresh,
                                  layer=bench(device, dtype), progress=_progress(console))
     sources = {provenance[k]["source"] for k in ("disk", "compute") if k in provenance}
@@ -110,8 +104,8 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     profile = load_profile(args.profile) if args.profile else None
     device_type = profile.hardware.device if profile and profile.hardware else _device(args.device).type
-    costs, directory, bench = _model_costs(args.model, args.dtype, device_type)
-    hw, source = await _hardware(args, profile, costs, directory, bench, console)
+    costs, dtype, directory, bench = _model_costs(args.model, args.dtype, device_type)
+    hw, source = await _hardware(args, profile, costs, dtype, directory, bench, console)
     overrides = profile.overrides if profile else Overrides()
     if args.device_memory is not None:
         overrides = replace(overrides, device_memory_bytes=args.device_memory)
@@ -130,7 +124,7 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
 async def _probe_command(args: argparse.Namespace, console: Console) -> None:
     device = _device(args.device)
     if args.model:
-        costs, directory, bench = _model_costs(args.model, args.dtype, device.type)
+        costs, _, directory, bench = _model_costs(args.model, args.dtype, device.type)
     else:
         adapter = adapter_for(GENERIC_CONFIG)
         spec = adapter.spec_from_config(GENERIC_CONFIG)
