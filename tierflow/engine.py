@@ -21,9 +21,9 @@ from typing import Any, AsyncIterator
 import torch
 
 from tierflow.config import EngineConfig, SamplingParams
-from tierflow.errors import (ConfigError, EngineClosedError, PromptError, RequestError, RequestTimeoutError, TierCapacityError,
-                             TierflowError)
-from tierflow.outputs import Completion, EngineStats, StreamChunk
+from tierflow.errors import (ConfigError, EngineClosedError, PromptError, RequestError, RequestTimeoutError,
+                             TierCapacityError, TierflowError)
+from tierflow.outputs import Completion, EngineStats, StageTimes, StreamChunk
 from tierflow.pipeline.batcher import Batcher, KVCapacityError, SweepPlan
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
@@ -32,12 +32,11 @@ from tierflow.sampling import make_generator, sample
 from tierflow.stages.upload import SameDevice
 from tierflow.stages.weights import WeightStream, cast_weights, unit_views
 from tierflow.sweep import SweepBatch, SweepRunner
+from tierflow.planning import EnginePlan, plan_engine
 from tierflow.tiers.checkpoint import CheckpointIndex
+from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
 from tierflow.tiers.pagedkv import KVStore
-from tierflow.outputs import StageTimes
-from tierflow.planning import EnginePlan, plan_engine
-from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
 log = logging.getLogger(__name__)
@@ -94,29 +93,6 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     if resolved == torch.float16 and device.type == "cpu":
         return torch.float32     # fp16 matmuls are very slow on most CPUs
     return resolved
-
-
-def make_kv_store(config: EngineConfig, plan: Any, spec: Any, dtype: torch.dtype, device: torch.device) -> KVStore:
-    """Pools for a paged KV cache of ``kv_reserve_tokens`` tokens: the device share from
-    ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
-    plan's), the rest on disk in ``kv_cache_dir``."""
-    layers, bt = spec.num_layers, plan.kv_block_tokens
-    block_bytes = 2 * spec.num_kv_heads * bt * spec.head_dim * dtype.itemsize
-    total = -(-max(1, config.kv_reserve_tokens) // bt)
-    device_share = config.kv_device_bytes // block_bytes // layers if config.kv_device_bytes is not None else \
-        plan.kv_blocks[DEVICE] // layers
-    host_share = config.kv_host_bytes // block_bytes // layers if config.kv_host_bytes is not None else \
-        plan.kv_blocks.get("host", 0) // layers
-    device_share = min(device_share, total)
-    host_share = min(host_share, total - device_share)
-    disk_share = total - device_share - host_share
-    if disk_share and config.kv_cache_dir is None:
-        raise ConfigError(f"{disk_share * bt} of the {total * bt} tokens of KV (kv_reserve_tokens) fit neither the "
-                          "device nor the host KV budget: set EngineConfig.kv_cache_dir to spill them to disk, or "
-                          "raise kv_device_bytes / kv_host_bytes")
-    return KVStore(num_layers=layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
-                   device=device, block_tokens=bt, device_blocks=device_share * layers,
-                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir)
 
 
 def _load_tokenizer(directory: Path) -> Any:
@@ -191,7 +167,7 @@ class Engine:
 
     async def _start(self) -> None:
         if self.config.paged_kv:
-            self._kv_store = make_kv_store(self.config, self.plan, self.spec, self.dtype, self.device)
+            self._kv_store = KVStore.for_engine(self.config, self.plan, self.spec, self.dtype, self.device)
             self._batcher.kv_capacity_tokens = self._kv_store.capacity_tokens
         resident: dict[int, dict[str, torch.Tensor]] = {}
         for unit, tier in enumerate(self.plan.tiers):

@@ -15,15 +15,22 @@ import itertools
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from tierflow.errors import TransferError
+from tierflow.config import EngineConfig
+from tierflow.errors import ConfigError, TransferError
 from tierflow.tiers.kvblocks import BlockRef, KVBlockTables, PoolStats
+from tierflow.tiers.plan import TierPlan
 from tierflow.tiers.spill import SpillFile
 
 _ids = itertools.count()
+
+
+def block_bytes(num_kv_heads: int, head_dim: int, block_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of one block: keys and values of ``block_tokens`` tokens of one layer."""
+    return 2 * num_kv_heads * block_tokens * head_dim * dtype.itemsize
 
 
 class KVStore:
@@ -34,7 +41,7 @@ class KVStore:
                  spill_dir: str | os.PathLike[str] | None) -> None:
         self.num_layers, self.block_tokens, self.dtype, self.device = num_layers, block_tokens, dtype, device
         self.block_shape = (2, num_kv_heads, block_tokens, head_dim)
-        self.block_bytes = 2 * num_kv_heads * block_tokens * head_dim * dtype.itemsize
+        self.block_bytes = block_bytes(num_kv_heads, head_dim, block_tokens, dtype)
         self.tables = KVBlockTables({"device": device_blocks, "host": host_blocks, "disk": disk_blocks},
                                     num_layers=num_layers, block_tokens=block_tokens)
         self._pools = {"device": torch.empty((device_blocks, *self.block_shape), dtype=dtype, device=device),
@@ -51,6 +58,30 @@ class KVStore:
         self._scratch = [torch.empty(self.block_shape, dtype=dtype) for _ in range(2)]
         self._bounces = [self.spill.bounce_buffer() for _ in range(2)] if self.spill is not None else []
         self._reads = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv") if self.spill is not None else None
+
+    @classmethod
+    def for_engine(cls, config: EngineConfig, plan: TierPlan, spec: Any, dtype: torch.dtype,
+                   device: torch.device) -> "KVStore":
+        """Pools for an engine's paged KV cache of ``kv_reserve_tokens`` tokens: the device share
+        from ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
+        plan's), the rest on disk in ``kv_cache_dir``."""
+        layers, bt = spec.num_layers, plan.kv_block_tokens
+        per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
+        total = -(-max(1, config.kv_reserve_tokens) // bt)
+        device_share = config.kv_device_bytes // per_block // layers if config.kv_device_bytes is not None else \
+            plan.kv_blocks["device"] // layers
+        host_share = config.kv_host_bytes // per_block // layers if config.kv_host_bytes is not None else \
+            plan.kv_blocks.get("host", 0) // layers
+        device_share = min(device_share, total)
+        host_share = min(host_share, total - device_share)
+        disk_share = total - device_share - host_share
+        if disk_share and config.kv_cache_dir is None:
+            raise ConfigError(f"{disk_share * bt} of the {total * bt} tokens of KV (kv_reserve_tokens) fit neither "
+                              "the device nor the host KV budget: set EngineConfig.kv_cache_dir to spill them to "
+                              "disk, or raise kv_device_bytes / kv_host_bytes")
+        return cls(num_layers=layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
+                   device=device, block_tokens=bt, device_blocks=device_share * layers,
+                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir)
 
     @property
     def capacity_tokens(self) -> int:
