@@ -432,10 +432,11 @@ class Engine:
         exactly that sweep (its sequences and their context lengths), to the running sums."""
         now = self._stage_clock()
         k = len(plan.seqs)
-        keys = sum(s.start + 1 for s in plan.seqs) // k
-        kv = {DEVICE: sum(s.start + 1 for s in plan.seqs) * self.costs.kv_bytes_per_token}
+        tokens = sum(s.start + 1 for s in plan.seqs)
+        kv_bytes = tokens * self.costs.kv_bytes_per_token
+        kv = self._kv_store.spread(kv_bytes) if self._kv_store is not None else {DEVICE: kv_bytes}
         predicted = sweep_times(self.costs, self.hardware, self.plan.tiers, kv, tokens=k, logit_rows=k, queries=1,
-                                keys=keys, sequences=k)
+                                keys=tokens // k, sequences=k)
         self._decode_sweeps += 1
         for i, value in enumerate((predicted.disk_s, predicted.pcie_s, predicted.compute_s, predicted.total_s)):
             self._predicted[i] += value

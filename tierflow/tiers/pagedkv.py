@@ -91,6 +91,13 @@ class KVStore:
     def statistics(self) -> dict[str, PoolStats]:
         return self.tables.statistics()
 
+    def spread(self, nbytes: int) -> dict[str, float]:
+        """``nbytes`` of KV shared out over the tiers as the blocks in use now are (all on the
+        device when no block is committed yet: the tails live there)."""
+        used = {tier: stats.used for tier, stats in self.statistics().items()}
+        total = sum(used.values())
+        return {tier: nbytes * n / total for tier, n in used.items()} if total else {"device": nbytes}
+
     def write(self, ref: BlockRef, block: torch.Tensor) -> None:
         if ref.tier == "disk":
             self._disk().write(ref.slot, block.cpu())
