@@ -188,3 +188,24 @@ def test_probe_sync_refuses_to_run_inside_an_event_loop(tmp_path):
 def test_probe_sync_outside_an_event_loop(tmp_path, small_disk_probe):
     hw, provenance = probe_sync(CPU, torch.float32, tiny_costs(), tmp_path, cache=ProbeCache(None))
     assert hw.device == "cpu" and sources(provenance)["disk"] == "measured"
+
+
+def test_a_checkpoint_directory_that_takes_no_probe_file_is_measured_elsewhere(tmp_path, small_disk_probe,
+                                                                                monkeypatch):
+    """A read-only (or full) model directory must not stop the engine from opening: the disk is
+    measured in the cache's directory instead, and the provenance says so."""
+    model_dir, cache = tmp_path / "model", ProbeCache(tmp_path / "cache" / "probe.json")
+    model_dir.mkdir()
+    real = probe_mod._write_probe_file
+
+    def refuse_in_model_dir(path, nbytes):
+        if path.parent == model_dir:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(path, nbytes)
+
+    monkeypatch.setattr(probe_mod, "_write_probe_file", refuse_in_model_dir)
+    hw, provenance = run_probe(model_dir, cache)
+    assert hw.disk_read_gbps > 0
+    assert provenance["disk"]["instead_of"] == str(model_dir)
+    assert provenance["disk"]["directory"] == str(tmp_path / "cache")
+    assert leftovers(model_dir) == [] and leftovers(tmp_path / "cache") == []

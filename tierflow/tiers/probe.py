@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,10 +316,20 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
         return {"read_gbps": figures.read_gbps, "write_gbps": figures.write_gbps, "io_mode": figures.io_mode,
                 "directory": str(directory)}
 
+    async def checkpoint_disk() -> dict[str, Any]:
+        try:
+            return await disk_of(model_dir)
+        except OSError as exc:   # no probe file can be written beside the checkpoint (read-only, full)
+            elsewhere = cache.path.parent if cache.path is not None else Path(tempfile.gettempdir())
+            elsewhere.mkdir(parents=True, exist_ok=True)
+            log.warning("cannot measure the disk in %s (%s); measuring %s instead", model_dir, exc.strerror,
+                        elsewhere)
+            return {**await disk_of(elsewhere), "instead_of": str(model_dir)}
+
     model_dir = Path(model_dir)
     spill = Path(spill_dir) if spill_dir is not None else model_dir
     spill.mkdir(parents=True, exist_ok=True)
-    disk = await cached(f"disk/{_filesystem_key(model_dir)}/{pattern}", "disk", lambda: disk_of(model_dir))
+    disk = await cached(f"disk/{_filesystem_key(model_dir)}/{pattern}", "disk", checkpoint_disk)
     kv_disk = disk if _filesystem_key(spill) == _filesystem_key(model_dir) else await cached(
         f"disk/{_filesystem_key(spill)}/{pattern}", "kv_disk", lambda: disk_of(spill))
     shape = f"{model.hidden_size}x{model.intermediate_size}x{model.num_heads}x{model.head_dim}"
@@ -338,15 +349,11 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
         h2d, d2h = link["h2d_gbps"], link["d2h_gbps"]
     mem = memory_figures(device)
     provenance["memory"] = {"source": "measured", **mem}
-    if device.type == "cuda":
-        pinned = mem["pinned_memory_bytes"]
-    else:
-        pinned = None
     hw = HardwareProfile(
         device=device.type, device_memory_bytes=mem["device_memory_bytes"], host_memory_bytes=mem["host_memory_bytes"],
         disk_read_gbps=disk["read_gbps"], decode_gbps=flops["decode_gbps"], prefill_tflops=flops["prefill_tflops"],
         h2d_gbps=h2d, d2h_gbps=d2h, device_name=mem["device_name"], device_total_bytes=mem["device_total_bytes"],
-        pinned_memory_bytes=pinned, kv_disk_read_gbps=kv_disk["read_gbps"], kv_disk_write_gbps=kv_disk["write_gbps"],
+        pinned_memory_bytes=mem.get("pinned_memory_bytes"), kv_disk_read_gbps=kv_disk["read_gbps"], kv_disk_write_gbps=kv_disk["write_gbps"],
         disk_free_bytes=psutil.disk_usage(str(spill)).free, compute_dtype=str(dtype).removeprefix("torch."))
     return hw, provenance
 
