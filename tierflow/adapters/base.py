@@ -60,14 +60,6 @@ class ModelSpec:
         kind = self.unit_kind(unit)
         return f"layer.{unit - 1}" if kind == LAYER else kind
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
-
-    def activation_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Workspace one token needs inside a layer (residual, q/k/v/o, MLP, fp32 norms)."""
-        q_kv = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        return (3 * self.hidden_size + q_kv + 3 * self.intermediate_size) * dtype_bytes + 2 * self.hidden_size * 4
-
 
 @dataclass(frozen=True, slots=True)
 class NameRule:
