@@ -191,7 +191,9 @@ def _caps(s: _Search) -> list[float]:
     return [float(high) for _, high in clusters] + [math.inf]
 
 
-def _candidate(s: _Search, depth: int, chunk: int, order: list[Any], cap: float) -> _State | None:
+def _forced(s: _Search, depth: int, chunk: int, cap: float) -> _State:
+    """A placement with only what must be off the disk: the pinned units, and the units too
+    large to stream through slots of ``cap`` bytes."""
     st = _State(s, depth, chunk)
     for u, tier in s.pins.items():
         st.tiers[u] = tier
@@ -200,6 +202,11 @@ def _candidate(s: _Search, depth: int, chunk: int, order: list[Any], cap: float)
         if too_big and all(u not in s.pins for u in group):
             for u in group:     # on CUDA an embedding on the host needs no staging slot
                 st.tiers[u] = HOST if not s.hw.is_cpu and group == (0,) else DEVICE
+    return st
+
+
+def _candidate(s: _Search, depth: int, chunk: int, order: list[Any], cap: float) -> _State | None:
+    st = _forced(s, depth, chunk, cap)
     if not st.fits():
         return None
     for tier in (DEVICE,) if s.hw.is_cpu else (DEVICE, HOST):
@@ -294,16 +301,9 @@ def plan(model: ModelCosts, hw: HardwareProfile, work: Workload | None = None,
 
 
 def _least_state(s: _Search, depth: int, chunk: int, cap: float) -> _State:
-    """The least demanding placement for a slot size: only pinned units and units too large
-    for ``cap`` off the disk, and KV on disk except what the disk's KV cap forbids."""
-    st = _State(s, depth, chunk)
-    for u, tier in s.pins.items():
-        st.tiers[u] = tier
-    for group in s.groups:
-        if any(max(s.model.units[u].stream_bytes, s.model.units[u].resident_bytes) > cap for u in group) \
-                and all(u not in s.pins for u in group):
-            for u in group:
-                st.tiers[u] = HOST if not s.hw.is_cpu and group == (0,) else DEVICE
+    """The least demanding placement for a slot size: the forced one, with KV on disk except
+    what the disk's KV cap forbids."""
+    st = _forced(s, depth, chunk, cap)
     excess = max(0, st.kv[DISK] - s.kv_caps.get(DISK, st.kv[DISK]))
     for tier in (HOST, DEVICE):
         if tier == HOST and s.hw.is_cpu:
