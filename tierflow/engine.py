@@ -32,7 +32,7 @@ from tierflow.sampling import make_generator, sample
 from tierflow.stages.upload import SameDevice
 from tierflow.stages.weights import WeightStream, cast_weights, unit_views
 from tierflow.sweep import SweepBatch, SweepRunner
-from tierflow.planning import EnginePlan, plan_engine
+from tierflow.planning import DTYPES, EnginePlan, plan_engine
 from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
@@ -40,8 +40,6 @@ from tierflow.tiers.pagedkv import KVStore
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(eq=False)
@@ -88,8 +86,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
     if dtype != "auto":
-        return _DTYPES[dtype]
-    resolved = _DTYPES.get(checkpoint_dtype, torch.float32)
+        return DTYPES[dtype]
+    resolved = DTYPES.get(checkpoint_dtype, torch.float32)
     if resolved == torch.float16 and device.type == "cpu":
         return torch.float32     # fp16 matmuls are very slow on most CPUs
     return resolved

@@ -28,7 +28,8 @@ from tierflow.tiers.probe import ProbeCache, default_cache, probe
 from tierflow.tiers.profile import HardwareProfile, Overrides, Profile, load_profile
 
 COLD_BYTES = 256 * 2**20       # more than any last-level cache
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def index_costs(index: CheckpointIndex, dtype: torch.dtype) -> ModelCosts:
