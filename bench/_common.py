@@ -133,6 +133,17 @@ HUGE_PAGE_BYTES = 2 * 2**20
 _MADV_HUGEPAGE = 14
 
 
+def long_context_model(directory: Path) -> Path:
+    """The long-context benchmarks' random Llama (hidden 512, 4 layers, 8 query / 2 KV heads,
+    64k positions), built in ``directory`` unless it is there already."""
+    from tierflow.testing import build_random_llama
+
+    if (directory / "config.json").exists():
+        return directory
+    return build_random_llama(directory, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
+                              intermediate_size=1536, vocab_size=4096, max_position_embeddings=65536)
+
+
 def hugepage_empty(nbytes: int) -> torch.Tensor:
     """Like ``aligned_empty`` (4 KiB aligned uint8 buffer) but 2 MiB aligned and advised
     MADV_HUGEPAGE before first touch, so that it is backed by physically contiguous 2 MiB

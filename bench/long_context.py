@@ -29,7 +29,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from tierflow.testing import build_random_llama
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import long_context_model  # noqa: E402
 
 CHILD = textwrap.dedent("""
     import asyncio, json, sys, threading, time
@@ -82,13 +83,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def model(directory: Path) -> Path:
-    if (directory / "config.json").exists():
-        return directory
-    return build_random_llama(directory, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
-                              intermediate_size=1536, vocab_size=4096, max_position_embeddings=65536)
-
-
 def disk_gbps(directory: Path) -> float:
     from tierflow.tiers.probe import measure_disk
     return asyncio.run(measure_disk(directory, chunk_bytes=4 * 2**20, in_flight=1, file_bytes=64 * 2**20)).read_gbps
@@ -96,7 +90,7 @@ def disk_gbps(directory: Path) -> float:
 
 def main() -> None:
     args = parse_args()
-    path = model(args.out / "model")
+    path = long_context_model(args.out / "model")
     rows = []
     for context in (int(x) for x in args.contexts.split(",")):
         with tempfile.TemporaryDirectory(dir=args.out) as spill:

@@ -16,6 +16,7 @@ from tierflow.errors import ConfigError, SamplingError
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DIRECT_IO_MODES = ("auto", "on", "off")
+EXPERT_READS = ("routed", "all")
 
 
 def _check_positive(owner: str, name: str, value: int | None, *, allow_none: bool = False,
@@ -61,6 +62,20 @@ class EngineConfig:
         the KV cache: fixed-size blocks placed device first, then host, then disk.
     kv_device_bytes / kv_host_bytes: KV budgets per tier (0 forces a tier empty); None: the
         plan's device share, and no host share on CPU (where host memory is the device's).
+    prefix_cache_bytes: host memory for the prefix cache: KV blocks of earlier prompts (and
+        conversations), keyed by their tokens, that a later request starting with the same
+        tokens reuses instead of prefilling them. 0 (the default) keeps none in memory.
+    prefix_cache_dir: a directory where the prefix cache keeps its blocks across processes
+        (checked against the model's fingerprint and a checksum per block before reuse).
+        The cache is on when either this or ``prefix_cache_bytes`` is set.
+    prefix_cache_disk_bytes: cap on the directory's size (least recently used blocks are
+        removed first); None: no cap.
+    expert_cache_bytes: mixture-of-experts models: memory for routed experts kept between
+        sweeps (least recently used leave first); None: what the plan leaves free on the device.
+        Only the experts the router picks are read, cached or not.
+    expert_reads: "routed" (the default) reads the experts a layer's tokens were routed to;
+        "all" reads every expert of a MoE layer on every sweep, as offloaders that ignore the
+        router do (for comparison).
     """
 
     device: str = "auto"
@@ -80,6 +95,15 @@ class EngineConfig:
     kv_cache_dir: str | os.PathLike[str] | None = None
     kv_device_bytes: int | None = None
     kv_host_bytes: int | None = None
+    prefix_cache_bytes: int = 0
+    prefix_cache_dir: str | os.PathLike[str] | None = None
+    prefix_cache_disk_bytes: int | None = None
+    expert_cache_bytes: int | None = None
+    expert_reads: str = "routed"
+
+    @property
+    def prefix_cache(self) -> bool:
+        return self.prefix_cache_bytes > 0 or self.prefix_cache_dir is not None
 
     @property
     def paged_kv(self) -> bool:
@@ -108,6 +132,14 @@ class EngineConfig:
         if self.kv_cache_dir is not None and not isinstance(self.kv_cache_dir, (str, os.PathLike)):
             raise ConfigError(f"EngineConfig.kv_cache_dir must be a path, got {type(self.kv_cache_dir).__name__}")
         _check_positive("EngineConfig", "max_context_tokens", self.max_context_tokens, allow_none=True)
+        _check_positive("EngineConfig", "prefix_cache_bytes", self.prefix_cache_bytes, minimum=0)
+        _check_positive("EngineConfig", "prefix_cache_disk_bytes", self.prefix_cache_disk_bytes, allow_none=True)
+        _check_positive("EngineConfig", "expert_cache_bytes", self.expert_cache_bytes, allow_none=True, minimum=0)
+        if self.expert_reads not in EXPERT_READS:
+            raise ConfigError(f"EngineConfig.expert_reads must be one of {EXPERT_READS}, got {self.expert_reads!r}")
+        if self.prefix_cache_dir is not None and not isinstance(self.prefix_cache_dir, (str, os.PathLike)):
+            raise ConfigError(f"EngineConfig.prefix_cache_dir must be a path, got "
+                              f"{type(self.prefix_cache_dir).__name__}")
 
 
 def _is_cuda_index(device: str) -> bool:

@@ -29,6 +29,8 @@ from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.prompts import Detokenizer, Prompt, encode_prompt
 from tierflow.sampling import make_generator, sample
+from tierflow.stages.experts import ExpertStage
+from tierflow.stages.prefix import PrefixReuse
 from tierflow.stages.upload import SameDevice
 from tierflow.stages.weights import WeightStream, cast_weights, unit_views
 from tierflow.sweep import SweepBatch, SweepRunner
@@ -37,6 +39,7 @@ from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
 from tierflow.tiers.pagedkv import KVStore
+from tierflow.tiers.prefixcache import PrefixCache, model_fingerprint
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ class _Request:
     submitted_s: float = field(default_factory=time.perf_counter)
     first_token_s: float = 0.0
     finished_s: float = 0.0
+    cached_tokens: int = 0                    # prompt tokens whose KV came from the prefix cache
+    remembered_blocks: int = 0                # full KV blocks offered to the prefix cache so far
 
     @property
     def done(self) -> bool:
@@ -124,6 +129,7 @@ class Engine:
         self._eos_ids = _eos_ids(index, tokenizer)
         self.max_context_tokens = min(config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
         self._kv_store: KVStore | None = None        # made in _start when the KV cache is paged
+        self._prefix: PrefixReuse | None = None      # made in _start when the prefix cache is on
         kv_tokens = self.plan.kv_blocks[DEVICE] // max(1, self.spec.num_layers) * self.plan.kv_block_tokens
         self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=self.plan.prefill_chunk_tokens,
                                 kv_capacity_tokens=kv_tokens)
@@ -134,8 +140,9 @@ class Engine:
         self._closed = False
         self._driver: asyncio.Task[None] | None = None
         self._stream: WeightStream | None = None
+        self._experts: ExpertStage | None = None     # mixture-of-experts models: the routed experts
         self._runner: SweepRunner | None = None
-        self._tokens_generated = self._prompt_tokens = 0
+        self._tokens_generated = self._prompt_tokens = self._prompt_tokens_cached = 0
         self._decode_sweeps = 0
         self._predicted = [0.0, 0.0, 0.0, 0.0]    # disk, pcie, compute, total: summed over decode sweeps
         self._measured = [0.0, 0.0, 0.0, 0.0]
@@ -167,6 +174,8 @@ class Engine:
         if self.config.paged_kv:
             self._kv_store = KVStore.for_engine(self.config, self.plan, self.spec, self.dtype, self.device)
             self._batcher.kv_capacity_tokens = self._kv_store.capacity_tokens
+        if self.config.prefix_cache:
+            await self._open_prefix_cache()
         resident: dict[int, dict[str, torch.Tensor]] = {}
         for unit, tier in enumerate(self.plan.tiers):
             if tier != DEVICE:
@@ -186,9 +195,25 @@ class Engine:
             ring = SlotRing([aligned_empty(self.plan.device_slot_bytes) for _ in range(self.plan.num_slots)])
             self._stream = WeightStream(streamed, self._reader, ring, SameDevice())
             self._stream.start()
+        if self.index.experts:
+            capacity = self.config.expert_cache_bytes
+            self._experts = ExpertStage(self.index.experts, self._reader, self.dtype,
+                                        self.plan.expert_cache_bytes if capacity is None else capacity,
+                                        read_all=self.config.expert_reads == "all")
+            if self._experts.capacity_bytes >= self._experts.total_bytes:   # every expert fits: keep them all
+                await self._experts.preload()
         self._runner = SweepRunner(self.spec, self.index.adapter, resident, self._stream, self._worker, self.dtype,
-                                   mlp_chunk_tokens=self.plan.mlp_chunk_tokens)
+                                   mlp_chunk_tokens=self.plan.mlp_chunk_tokens, experts=self._experts)
         self._driver = asyncio.create_task(self._drive(), name="tierflow-driver")
+
+    async def _open_prefix_cache(self) -> None:
+        spec, config = self.spec, self.config
+        fingerprint = await asyncio.to_thread(model_fingerprint, self.index.config, self.index.files, self.dtype)
+        shape = (spec.num_layers, 2, spec.num_kv_heads, self.plan.kv_block_tokens, spec.head_dim)
+        cache = await asyncio.to_thread(PrefixCache, fingerprint, shape, self.dtype,
+                                        memory_bytes=config.prefix_cache_bytes, directory=config.prefix_cache_dir,
+                                        disk_bytes=config.prefix_cache_disk_bytes)
+        self._prefix = PrefixReuse(cache, spec.num_layers)
 
     async def close(self) -> None:
         if self._closed:
@@ -201,9 +226,13 @@ class Engine:
             self._finish(req, error=EngineClosedError("the engine was closed while this request ran"))
         if self._stream is not None:
             await self._stream.close()
+        if self._experts is not None:
+            await self._experts.close()
         self._worker.close()
         if self._kv_store is not None:
             self._kv_store.close()
+        if self._prefix is not None:
+            await asyncio.to_thread(self._prefix.cache.close)
         self._reader.close()
 
     async def __aenter__(self) -> "Engine":
@@ -225,7 +254,8 @@ class Engine:
         await self._wait(req, _deadline(timeout_s))
         return Completion(req.detok.text, tuple(req.output_ids),
                           req.finish_reason or "stop", tuple(req.prompt_ids),
-                          req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s)
+                          req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s,
+                          req.cached_tokens)
 
     async def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
                      timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
@@ -324,12 +354,18 @@ class Engine:
     # ----------------------------------------------------------------------------- driver
     async def _drive(self) -> None:
         while True:
-            for seq_id in self._to_remove:
+            for seq_id in list(self._to_remove):
                 self._batcher.remove(seq_id)
                 req = self._requests.pop(seq_id, None)
                 if req is not None:
+                    if req.error is None:
+                        await self._remember(req)
                     req.kv.free()
             self._to_remove.clear()
+            # a request submitted while another's prefix is attached is admitted by the next round
+            while admitted := self._batcher.admit():
+                for seq_id in admitted:
+                    await self._attach_prefix(self._requests[seq_id])
             plan = self._batcher.schedule()
             if plan is None:
                 self._wake.clear()
@@ -353,8 +389,36 @@ class Engine:
             if decode:
                 self._account_decode(plan, before)
             self._batcher.update(plan, self._apply(plan, reqs, tokens))
+            for item, req in zip(plan.seqs, reqs):   # a prompt's prefill just completed: offer its blocks
+                if item.sample and item.start + item.num_tokens == len(req.prompt_ids) and not req.done:
+                    await self._remember(req)
             for req in reqs:
                 req.changed.set()
+
+    async def _attach_prefix(self, req: _Request) -> None:
+        """Reuse the longest cached prefix of a just-admitted request's prompt."""
+        if self._prefix is None or req.score:
+            return
+        try:
+            req.cached_tokens = await self._worker.run(self._prefix.attach, req.kv, req.prompt_ids)
+        except Exception as exc:     # the KV it was copied into failed (a spill fault): only this request fails
+            log.warning("request %d failed while reusing its cached prefix: %s", req.id, exc)
+            self._finish(req, error=exc if isinstance(exc, TierflowError) else
+                         RequestError(f"reusing the cached prefix failed: {exc!r}"))
+            return
+        if req.cached_tokens:
+            self._batcher.mark_computed(req.id, req.cached_tokens)
+            self._prompt_tokens_cached += req.cached_tokens
+
+    async def _remember(self, req: _Request) -> None:
+        """Offer a request's full KV blocks to the prefix cache (never fails the request)."""
+        if self._prefix is None or req.score:
+            return
+        try:
+            req.remembered_blocks = await self._worker.run(self._prefix.remember, req.kv,
+                                                           req.prompt_ids + req.output_ids, req.remembered_blocks)
+        except Exception as exc:     # noqa: BLE001 - the cache only misses these blocks
+            log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)
 
     def _batch(self, plan: SweepPlan, reqs: list[_Request]) -> SweepBatch:
         ids, positions, slices, rows = [], [], [], []
@@ -434,7 +498,8 @@ class Engine:
         kv_bytes = tokens * self.costs.kv_bytes_per_token
         kv = self._kv_store.spread(kv_bytes) if self._kv_store is not None else {DEVICE: kv_bytes}
         predicted = sweep_times(self.costs, self.hardware, self.plan.tiers, kv, tokens=k, logit_rows=k, queries=1,
-                                keys=tokens // k, sequences=k)
+                                keys=tokens // k, sequences=k,
+                                expert_cache_bytes=self._experts.capacity_bytes if self._experts else 0)
         self._decode_sweeps += 1
         for i, value in enumerate((predicted.disk_s, predicted.pcie_s, predicted.compute_s, predicted.total_s)):
             self._predicted[i] += value
@@ -450,13 +515,16 @@ class Engine:
                 "ring": stream.ring_statistics() if stream else None,
                 "channel": stream.channel_statistics() if stream else None,
                 "worker": self._worker.statistics(),
-                "kv_blocks": self._kv_store.statistics() if self._kv_store is not None else None}
+                "kv_blocks": self._kv_store.statistics() if self._kv_store is not None else None,
+                "experts": self._experts.statistics() if self._experts is not None else None,
+                "prefix_cache": self._prefix.cache.statistics() if self._prefix is not None else None}
 
     def stats(self) -> EngineStats:
         reader = self._reader.statistics()
         stream = self._stream.statistics() if self._stream else None
         modes = set(reader.modes.values())
         n = max(1, self._decode_sweeps)
+        experts = self._experts.statistics() if self._experts is not None else None
         device = self.plan.memory[DEVICE]
         return EngineStats(
             bytes_read_from_disk=reader.bytes_read, bytes_streamed=stream.bytes_read if stream else 0,
@@ -469,4 +537,7 @@ class Engine:
             units_streamed=len(self.plan.streamed), resident_bytes=device.weights, staging_bytes=device.staging,
             decode_sweeps=self._decode_sweeps,
             predicted_decode=StageTimes(*(x / n for x in self._predicted)),
-            measured_decode=StageTimes(*(x / n for x in self._measured)))
+            measured_decode=StageTimes(*(x / n for x in self._measured)),
+            prompt_tokens_cached=self._prompt_tokens_cached,
+            expert_requests=experts.requests if experts else 0, expert_hits=experts.hits if experts else 0,
+            expert_bytes_read=experts.bytes_read if experts else 0)

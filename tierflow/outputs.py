@@ -13,6 +13,7 @@ class Completion:
     prompt_token_ids: tuple[int, ...]
     first_token_s: float                 # time from submission to the first generated token
     total_s: float
+    cached_tokens: int = 0               # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,3 +55,11 @@ class EngineStats:
     decode_sweeps: int = 0               # sweeps in which every sequence decoded one token
     predicted_decode: StageTimes = StageTimes()   # per decode sweep, from the plan's cost model
     measured_decode: StageTimes = StageTimes()    # per decode sweep, measured
+    prompt_tokens_cached: int = 0        # prompt tokens reused from the prefix cache (not in prompt_tokens)
+    expert_requests: int = 0             # MoE: routed experts asked for (each layer, each sweep)
+    expert_hits: int = 0                 # of those, found in the expert cache (or already being read)
+    expert_bytes_read: int = 0           # MoE: bytes of routed experts read from disk (in bytes_read_from_disk)
+
+    @property
+    def expert_hit_rate(self) -> float:
+        return self.expert_hits / self.expert_requests if self.expert_requests else 0.0

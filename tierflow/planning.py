@@ -35,8 +35,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 def index_costs(index: CheckpointIndex, dtype: torch.dtype) -> ModelCosts:
     """Costs of a checkpoint at hand: its real read sizes, and whether any tensor needs a cast."""
     cast = any(t.dtype != dtype and t.dtype.is_floating_point for u in index.units for t in u.tensors)
+    experts = max((e.buffer_bytes for e in index.experts.values()), default=None)
     return costs_from_spec(index.spec, index.adapter, DTYPE_NAMES[dtype], [u.buffer_bytes for u in index.units],
-                           name=index.directory.name, cast=cast)
+                           name=index.directory.name, cast=cast, expert_stream_bytes=experts)
 
 
 def config_spec(model: str | Path) -> tuple[ModelSpec, Any, Path]:
@@ -97,6 +98,9 @@ def layer_benchmark(spec: ModelSpec, adapter: Any, device: torch.device, dtype: 
     weights come from memory as in a real sweep, not from a cache that one small layer would
     fit in. The weights are made on first use: building the function costs nothing."""
     state: dict[str, Any] = {}
+    if spec.num_experts:   # a dense layer as wide as a token's routed and shared experts: the same work per token
+        spec = replace(spec, moe_layers=(), intermediate_size=spec.moe_intermediate_size * spec.experts_per_token
+                       + spec.shared_expert_intermediate_size)
 
     def setup() -> None:
         gen = torch.Generator().manual_seed(0)

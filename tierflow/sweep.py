@@ -9,13 +9,15 @@ stream stays aligned with the next sweep.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from tierflow.adapters import Adapter, ModelSpec, UnitWeights
 from tierflow.pipeline.executor import ComputeWorker
+from tierflow.stages.experts import ExpertStage
 from tierflow.stages.weights import WeightStream, cast_weights
 
 
@@ -32,10 +34,12 @@ class SweepBatch:
 class SweepRunner:
     def __init__(self, spec: ModelSpec, adapter: Adapter, resident: dict[int, UnitWeights],
                  stream: WeightStream | None, worker: ComputeWorker, dtype: torch.dtype, *,
-                 mlp_chunk_tokens: int | None = None) -> None:
+                 mlp_chunk_tokens: int | None = None, experts: ExpertStage | None = None) -> None:
         self.spec, self.adapter, self.resident = spec, adapter, resident
         self.stream, self.worker, self.dtype = stream, worker, dtype
-        self.mlp_chunk_tokens = mlp_chunk_tokens
+        self.mlp_chunk_tokens, self.experts = mlp_chunk_tokens, experts
+        self._moe_units = {layer + 1 for layer in spec.moe_layers} if experts is not None else set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.last_failures: dict[int, BaseException] = {}    # sequence index → its error, last sweep
         self.num_sweeps = 0
 
@@ -43,6 +47,7 @@ class SweepRunner:
         """Logits [len(batch.logit_rows), vocab] in float32."""
         self.num_sweeps += 1
         self.last_failures = {}
+        self._loop = asyncio.get_running_loop()
         hidden: Any = batch
         unit = 0
         try:
@@ -54,21 +59,36 @@ class SweepRunner:
         return hidden
 
     async def _unit(self, unit: int, hidden: Any, batch: SweepBatch) -> Any:
-        if unit in self.resident:
-            return await self.worker.run(self._compute, unit, self.resident[unit], hidden, batch)
-        assert self.stream is not None
-        loaded = await self.stream.next(unit)
+        if unit in self._moe_units:
+            assert self.experts is not None
+            self.experts.layer_started(unit - 1)
         try:
-            return await self.worker.run(self._compute, unit, loaded.weights, hidden, batch)
+            if unit in self.resident:
+                return await self.worker.run(self._compute, unit, self.resident[unit], hidden, batch)
+            assert self.stream is not None
+            loaded = await self.stream.next(unit)
+            try:
+                return await self.worker.run(self._compute, unit, loaded.weights, hidden, batch)
+            finally:
+                # CPU compute has finished when the worker returns; the CUDA path releases on an event.
+                self.stream.release(loaded)
         finally:
-            # CPU compute has finished when the worker returns; the CUDA path releases on an event.
-            self.stream.release(loaded)
+            if unit in self._moe_units:
+                assert self.experts is not None
+                self.experts.release(unit - 1)
+
+    def _fetch_experts(self, layer: int, experts: Sequence[int]) -> Mapping[int, UnitWeights]:
+        """Runs in the compute worker (a MoE layer's router has spoken): the expert stage
+        works on the event loop, the layer waits for its experts."""
+        assert self.experts is not None and self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self.experts.get(layer, experts), self._loop).result()
 
     def _compute(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch) -> Any:
         if unit == 0:
             ctx = self.adapter.make_context(self.spec, batch.positions, batch.seq_slices, batch.seq_starts,
                                             batch.kv, batch.logit_rows, self.dtype)
-            self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens)
+            self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens,
+                                experts=self._fetch_experts if self.experts is not None else None)
             self.last_failures = self._ctx.failures
             hidden = batch.token_ids
         weights = cast_weights(dict(weights), self.dtype)

@@ -35,6 +35,57 @@ def build_random_llama(path: str | Path, *, hidden_size: int = 64, num_layers: i
     return path
 
 
+# family -> (transformers config class, model class) for ``build_random_checkpoint``
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+}
+
+
+def build_random_checkpoint(path: str | Path, family: str, *, hidden_size: int = 64, num_layers: int = 3,
+                            num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
+                            vocab_size: int = 512, dtype: str = "float32", max_shard_bytes: int | None = None,
+                            max_position_embeddings: int = 4096, initializer_range: float = 0.1, seed: int = 0,
+                            **config: Any) -> Path:
+    """Write a random checkpoint of ``family`` (a key of ``FAMILY_CLASSES``) with its
+    transformers classes: config.json + safetensors, sharded with an index json when
+    ``max_shard_bytes`` is given. ``config`` goes to the family's config class as is (window,
+    soft-caps, rope parameters, ...). Norm weights and biases, which transformers initialises
+    to constants, get random values too, so a wrong norm formula or a dropped bias shows in
+    the logits; the larger-than-default initializer range makes greedy tokens meaningful."""
+    import transformers
+
+    if family not in FAMILY_CLASSES:
+        raise ValueError(f"family must be one of {sorted(FAMILY_CLASSES)}, got {family!r}")
+    config_name, model_name = FAMILY_CLASSES[family]
+    path = Path(path)
+    cfg = getattr(transformers, config_name)(
+        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None, **config)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    model = model.to(getattr(torch, dtype))
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_bytes is not None:
+        kwargs["max_shard_size"] = max_shard_bytes
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
 def oracle_logits(path: str | Path, token_ids: list[int], dtype: str = "float32") -> torch.Tensor:
     """Float32 logits [len(token_ids), vocab] from transformers, fully in memory."""
     from transformers import AutoModelForCausalLM

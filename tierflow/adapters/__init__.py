@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from tierflow.adapters.base import Adapter, ModelSpec, SweepContext, UnitWeights
+from tierflow.adapters.gemma import Gemma2Adapter, Gemma3Adapter
 from tierflow.adapters.llama import LlamaAdapter
+from tierflow.adapters.mistral import MistralAdapter
+from tierflow.adapters.moe import MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
+from tierflow.adapters.phi3 import Phi3Adapter
+from tierflow.adapters.qwen import Qwen2Adapter, Qwen3Adapter
 from tierflow.errors import UnsupportedModelError
 
-ADAPTERS: Mapping[str, type] = {arch: LlamaAdapter for arch in LlamaAdapter.architectures}
+FAMILIES: tuple[type, ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma2Adapter, Gemma3Adapter,
+                              Phi3Adapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter)
+ADAPTERS: Mapping[str, type] = {arch: family for family in FAMILIES for arch in family.architectures}
 
 
 def supported_architectures() -> tuple[str, ...]:

@@ -1,11 +1,21 @@
-"""Attention over KV blocks with an online softmax.
+"""Causal attention of one sequence's new queries over its KV, in the two forms the KV comes in.
 
-When a layer's KV lives in blocks (some on the device, some still arriving from host memory
-or disk), attention cannot see the whole key matrix at once. ``attend_blocks`` takes the
-blocks one at a time and keeps, per query and head, the running maximum score ``m``, the
+``attend`` takes the whole KV as contiguous tensors and makes one fused SDPA call. When the
+model soft-caps its attention scores (Gemma 2), SDPA cannot apply the cap, so the keys go
+through ``attend_blocks`` in tiles of ``KEY_TILE_TOKENS`` instead: the memory stays
+O(queries × tile) rather than the whole score matrix.
+
+``attend_blocks`` is for KV that lives in blocks (some on the device, some still arriving
+from host memory or disk), where attention cannot see the whole key matrix at once. It takes
+the blocks one at a time and keeps, per query and head, the running maximum score ``m``, the
 running sum of exponentials ``l`` and the running weighted sum of values ``acc``; each block
 rescales them by ``exp(m_old - m_new)`` (the log-sum-exp merge). Memory is O(queries × block
 tokens) whatever the context length, and the result equals softmax attention over all keys.
+
+Both take the same options: ``scale`` (of q·k; default head_dim ** -0.5), ``window`` (a
+sliding window: the query at position p sees keys p - window + 1 .. p) and ``softcap``
+(scores become softcap * tanh(scores / softcap) before masking and softmax). A block
+wholly outside every query's window is skipped without computing its scores.
 """
 
 from __future__ import annotations
@@ -14,18 +24,54 @@ import math
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
+
+KEY_TILE_TOKENS = 512     # keys per tile when contiguous KV goes through the online softmax
 
 
-def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor, int]],
-                  start: int) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, *, scale: float | None = None,
+           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of ``q`` [n, H, D] (positions start..start+n-1) over ``keys`` /
+    ``values`` [KVH, start+n, D]; returns [n, H*D]."""
+    n, num_heads, d = q.shape
+    first = 0 if window is None else max(0, start - window + 1)     # the earliest key any query sees
+    keys, values = keys[:, first:], values[:, first:]
+    if softcap is not None:
+        blocks = [(keys[:, s:s + KEY_TILE_TOKENS], values[:, s:s + KEY_TILE_TOKENS], first + s)
+                  for s in range(0, keys.shape[1], KEY_TILE_TOKENS)]
+        return attend_blocks(q, blocks, start, scale=scale, window=window, softcap=softcap)
+    query = q.transpose(0, 1)[None]
+    gqa = num_heads != keys.shape[0]
+    if n == 1 or (start == 0 and (window is None or window >= n)):
+        out = F.scaled_dot_product_attention(query, keys[None], values[None], is_causal=n > 1, scale=scale,
+                                             enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(query, keys[None], values[None], enable_gqa=gqa, scale=scale,
+                                             attn_mask=_visible(start, n, first, keys.shape[1], window, q.device))
+    return out[0].transpose(0, 1).reshape(n, num_heads * d)
+
+
+def _visible(start: int, n: int, first: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[n, t] bool: which of the keys at first..first+t-1 each query at start..start+n-1 sees."""
+    q_pos = torch.arange(start, start + n, device=device)[:, None]
+    k_pos = torch.arange(first, first + t, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    return visible
+
+
+def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor, int]], start: int, *,
+                  scale: float | None = None, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [n, H, D] (the queries at positions start..start+n-1) over
     ``blocks``: (keys [KVH, t, D], values [KVH, t, D], position of the block's first key), in
-    any order, together covering keys 0..start+n-1 (keys past a query are masked). H must be
-    a multiple of KVH (grouped-query attention). Accumulates in float32; returns [n, H*D] in
-    ``q``'s dtype."""
+    any order, together covering keys 0..start+n-1 (keys past a query, or outside its
+    window, are masked). H must be a multiple of KVH (grouped-query attention). Accumulates
+    in float32; returns [n, H*D] in ``q``'s dtype."""
     n, num_heads, d = q.shape
-    query = q.transpose(0, 1).float() * (1.0 / math.sqrt(d))            # [H, n, D]
-    q_pos = torch.arange(start, start + n, device=q.device)[:, None]    # [n, 1]
+    last = start + n - 1
+    query = (q.transpose(0, 1).float() * (1.0 / math.sqrt(d) if scale is None else scale)).contiguous()  # [H, n, D]
     m = torch.full((num_heads, n, 1), -math.inf, device=q.device)
     l = torch.zeros((num_heads, n, 1), device=q.device)
     acc = torch.zeros((num_heads, n, d), device=q.device)
@@ -33,22 +79,31 @@ def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Te
         kv_heads, t = keys.shape[0], keys.shape[1]
         if num_heads % kv_heads:
             raise ValueError(f"{num_heads} query heads cannot share {kv_heads} KV heads")
-        if first > start + n - 1:          # every key of the block is after every query
+        if first > last:                   # every key of the block is after every query
             continue
+        if window is not None and first + t - 1 <= start - window:     # before every query's window
+            continue
+        # Grouped-query attention without copying keys per head: the G query heads that share
+        # a KV head are rows of one matmul, [KVH, G*n, D] @ [KVH, D, t].
         group = num_heads // kv_heads
-        k = keys.float().repeat_interleave(group, dim=0)                 # [H, t, D]
-        v = values.float().repeat_interleave(group, dim=0)
-        scores = query @ k.transpose(1, 2)                               # [H, n, t]
-        if first + t - 1 > start:          # some keys are after some queries: mask them
-            visible = torch.arange(first, first + t, device=q.device)[None, :] <= q_pos    # [n, t]
-            scores = scores.masked_fill(~visible, -math.inf)
-        m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)   # rows with no visible key yet
+        q_g = query.view(kv_heads, group * n, d)
+        m_g, l_g, acc_g = m.view(kv_heads, group * n, 1), l.view(kv_heads, group * n, 1), acc.view(kv_heads, group * n, d)
+        scores = q_g @ keys.float().transpose(1, 2)                      # [KVH, G*n, t]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        # some keys are after some queries, or before the window of the last query: mask them
+        masked = first + t - 1 > start or (window is not None and first <= last - window)
+        if masked:
+            hidden = ~_visible(start, n, first, t, window, q.device)    # [n, t]
+            scores = scores.view(kv_heads, group, n, t).masked_fill(hidden, -math.inf).view(kv_heads, group * n, t)
+        m_new = torch.maximum(m_g, scores.amax(dim=-1, keepdim=True))
+        # a row with no visible key yet has m = -inf (only possible where something was masked)
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new) if masked else m_new
         p = torch.exp(scores - safe)
-        alpha = torch.exp(m - safe)
-        l = l * alpha + p.sum(dim=-1, keepdim=True)
-        acc = acc * alpha + p @ v
-        m = m_new
+        alpha = torch.exp(m_g - safe)
+        l_g.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+        acc_g.mul_(alpha).add_(p @ values.float())
+        m_g.copy_(m_new)
     if bool((l == 0).any()):
         raise ValueError("a query saw no key: the blocks must cover every position up to the query's")
     out = acc / l

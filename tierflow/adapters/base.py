@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ UnitWeights = Mapping[str, torch.Tensor]
 EMBED = "embed"
 LAYER = "layer"
 HEAD = "head"
+EXPERT = "expert"          # a routed expert of a mixture-of-experts layer: read only when picked
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,23 @@ class ModelSpec:
     checkpoint_dtype: str
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Optional features of some families; the defaults describe a plain Llama-style decoder.
+    layer_types: tuple[str, ...] = ()            # per layer: FULL_ATTENTION or SLIDING_ATTENTION; () = all full
+    sliding_window: int | None = None            # keys a sliding layer's query sees, itself included
+    attention_scale: float | None = None         # softmax scale of q·k; None = head_dim ** -0.5
+    attn_logit_softcap: float | None = None      # scores -> cap * tanh(scores / cap) before the softmax
+    final_logit_softcap: float | None = None     # the same on the LM head's logits
+    partial_rotary_factor: float = 1.0           # fraction of each head's dims that rotary rotates
+    rope_local_theta: float | None = None        # rope base of sliding layers when it differs (Gemma 3)
+    hidden_act: str = "silu"                     # the MLP's gate activation
+    # Mixture of experts: the MoE layers' MLP is a router over ``num_experts`` experts (each its
+    # own unit in the checkpoint index, not part of the sweep) plus an optional shared expert.
+    num_experts: int = 0                         # routed experts per MoE layer; 0: a dense model
+    experts_per_token: int = 0                   # experts each token is routed to (top-k)
+    moe_intermediate_size: int = 0               # one expert's MLP width
+    shared_expert_intermediate_size: int = 0     # the shared expert's width; 0: none
+    norm_topk_prob: bool = False                 # renormalise the top-k routing weights to sum to 1
+    moe_layers: tuple[int, ...] = ()             # the layers (0-based) whose MLP is a mixture of experts
 
     @property
     def num_units(self) -> int:
@@ -60,12 +80,22 @@ class ModelSpec:
         kind = self.unit_kind(unit)
         return f"layer.{unit - 1}" if kind == LAYER else kind
 
+    def expert_name(self, layer: int, expert: int) -> str:
+        return f"layer.{layer}.expert.{expert}"
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of decoder layer ``layer`` (0-based), or None if it sees all keys."""
+        if self.sliding_window is None or not self.layer_types:
+            return None
+        return self.sliding_window if self.layer_types[layer] == SLIDING_ATTENTION else None
+
 
 @dataclass(frozen=True, slots=True)
 class NameRule:
     """Maps checkpoint names matching ``pattern`` to (unit, local name).
 
-    ``unit`` is "embed", "layer" (the first regex group is the layer index) or "head".
+    ``unit`` is "embed", "layer" (the first regex group is the layer index), "head" or
+    "expert" (groups: layer index, expert index; see ``match_expert``).
     """
 
     pattern: str
@@ -82,6 +112,11 @@ class NameRule:
             return num_layers + 1, self.local
         return 1 + int(m.group(1)), self.local
 
+    def match_expert(self, name: str) -> tuple[int, int, str] | None:
+        """(layer, expert, local name) of a routed expert's tensor, for an "expert" rule."""
+        m = re.fullmatch(self.pattern, name)
+        return None if m is None else (int(m.group(1)), int(m.group(2)), self.local)
+
 
 @dataclass(frozen=True, slots=True)
 class SweepContext:
@@ -92,11 +127,15 @@ class SweepContext:
     seq_slices: tuple[slice, ...]                # the tokens of each sequence in the packed batch
     seq_starts: tuple[int, ...]                  # position of each sequence's first token in this sweep
     kv: tuple[Any, ...]                          # one SequenceKV per sequence
-    rope: tuple[torch.Tensor, torch.Tensor]      # cos, sin: [num_tokens, head_dim]
+    rope: tuple[torch.Tensor, torch.Tensor]      # cos, sin: [num_tokens, rotary dims]
     logit_rows: torch.Tensor                     # rows of the packed batch whose logits are wanted
     mlp_chunk_tokens: int | None = None          # MLP intermediates this many tokens at a time (None: all)
-    failures: dict[int, BaseException] = field(default_factory=dict)   # sequence index → its KV error
+    failures: dict[int, BaseException] = field(default_factory=dict)   # sequence index → why it fails
     extras: dict[str, Any] = field(default_factory=dict)
+    rope_local: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin of sliding layers, when they differ
+    # MoE: ``experts(layer, expert_ids)`` returns those experts' weights ({id: weights}); the
+    # expert stage reads or finds them, the adapter only asks for the ones its router picked.
+    experts: Callable[[int, Sequence[int]], Mapping[int, UnitWeights]] | None = None
 
 
 class Adapter(Protocol):
@@ -109,6 +148,10 @@ class Adapter(Protocol):
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec: ...
 
     def expected_shapes(self, spec: ModelSpec, unit: int) -> dict[str, tuple[int, ...]]: ...
+
+    def expected_expert_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        """One routed expert's tensors (mixture-of-experts families only)."""
+        ...
 
     def make_context(self, spec: ModelSpec, positions: torch.Tensor, seq_slices: tuple[slice, ...],
                      seq_starts: tuple[int, ...], kv: tuple[Any, ...], logit_rows: torch.Tensor,

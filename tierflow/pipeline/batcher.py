@@ -94,11 +94,30 @@ class Batcher:
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def schedule(self) -> SweepPlan | None:
+    def admit(self) -> list[int]:
+        """Move waiting sequences to running while they fit, first-come first-served; return
+        the ones admitted now. ``schedule`` admits too: a caller that must prepare a sequence
+        before its first sweep (a prefix-cache hit) calls this first."""
+        admitted = []
         while self._waiting and len(self._running) < self.max_num_seqs and self._fits(self._waiting[0]):
             seq = self._waiting.popleft()
             self._running[seq.seq_id] = seq
             self._reserved += seq.reserved
+            admitted.append(seq.seq_id)
+        return admitted
+
+    def mark_computed(self, seq_id: int, num_tokens: int) -> None:
+        """The KV of a running sequence's first ``num_tokens`` tokens exists already (reused
+        from the prefix cache): its prefill starts after them. At least one prompt token is
+        left to compute, since its logits are what the first new token is sampled from."""
+        seq = self._running[seq_id]
+        if not 0 <= num_tokens < seq.num_tokens:
+            raise ValueError(f"sequence {seq_id} has {seq.num_tokens} tokens; {num_tokens} cannot be marked "
+                             "computed (at least one must be left to compute)")
+        seq.num_computed = max(seq.num_computed, num_tokens)
+
+    def schedule(self) -> SweepPlan | None:
+        self.admit()
         decode = [s for s in self._running.values() if s.num_tokens - s.num_computed == 1]
         prefill = [s for s in self._running.values() if s.num_tokens - s.num_computed > 1]
         budget = self.max_sweep_tokens

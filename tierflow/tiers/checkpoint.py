@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from tierflow.adapters import Adapter, ModelSpec, adapter_for
+from tierflow.adapters.base import EXPERT
 from tierflow.errors import CheckpointError, ShapeMismatchError
 from tierflow.tiers.safetensors import TensorEntry, read_header
 
@@ -116,6 +117,7 @@ class CheckpointIndex:
     units: tuple[UnitLayout, ...]
     head_without_tied: UnitLayout | None
     files: tuple[str, ...]
+    experts: Mapping[tuple[int, int], UnitLayout] = field(default_factory=dict)   # (layer, expert) → its unit
 
     @classmethod
     def open(cls, path_or_hub_id: str | Path) -> "CheckpointIndex":
@@ -127,18 +129,20 @@ class CheckpointIndex:
         entries: dict[str, TensorEntry] = {}
         for f in files:
             entries.update(read_header(f))
-        grouped = _group_units(adapter, spec, entries)
+        grouped, routed = _group_units(adapter, spec, entries)
         units = tuple(build_layout(u, spec.unit_name(u), grouped[u]) for u in range(spec.num_units))
+        experts = {key: build_layout(spec.num_units + key[0] * spec.num_experts + key[1], spec.expert_name(*key),
+                                     tensors) for key, tensors in sorted(routed.items())}
         head_without = None
         if spec.tie_word_embeddings:
             head = spec.num_units - 1
             head_without = build_layout(head, spec.unit_name(head), [t for t in grouped[head] if t[0] != "lm_head"])
-        return cls(directory, config, adapter, spec, units, head_without, tuple(str(f) for f in files))
+        return cls(directory, config, adapter, spec, units, head_without, tuple(str(f) for f in files), experts)
 
     @property
     def total_bytes(self) -> int:
         tied = self.units[0].payload_bytes if self.spec.tie_word_embeddings else 0
-        return sum(u.payload_bytes for u in self.units) - tied
+        return sum(u.payload_bytes for u in self.units) - tied + sum(e.payload_bytes for e in self.experts.values())
 
 
 def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
@@ -195,13 +199,23 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 
 def _group_units(adapter: Adapter, spec: ModelSpec, entries: dict[str, TensorEntry]
-                 ) -> list[list[tuple[str, TensorEntry]]]:
+                 ) -> tuple[list[list[tuple[str, TensorEntry]]], dict[tuple[int, int], list[tuple[str, TensorEntry]]]]:
+    """Tensors per unit, and per routed expert ((layer, expert) → tensors)."""
     grouped: list[list[tuple[str, TensorEntry]]] = [[] for _ in range(spec.num_units)]
+    routed: dict[tuple[int, int], list[tuple[str, TensorEntry]]] = {}
     for name, entry in entries.items():
         if spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        rule, placed = next(((r, m) for r in adapter.name_rules if (m := r.match(name, spec.num_layers))),
-                            (None, None))
+        expert = next((m for r in adapter.name_rules if r.unit == EXPERT and (m := r.match_expert(name))), None)
+        if expert is not None:
+            layer, index, local = expert
+            if layer not in spec.moe_layers or not 0 <= index < spec.num_experts:
+                raise ShapeMismatchError(f"tensor {name!r} names expert {index} of layer {layer}, which config.json "
+                                         f"does not have ({spec.num_experts} experts in layers {list(spec.moe_layers)})")
+            routed.setdefault((layer, index), []).append((local, entry))
+            continue
+        rule, placed = next(((r, m) for r in adapter.name_rules
+                             if r.unit != EXPERT and (m := r.match(name, spec.num_layers))), (None, None))
         if placed is None:
             if any(re.fullmatch(p, name) for p in adapter.ignored_names):
                 continue
@@ -215,15 +229,24 @@ def _group_units(adapter: Adapter, spec: ModelSpec, entries: dict[str, TensorEnt
         grouped[-1] += [("lm_head", e) for local, e in grouped[0] if local == "embed"]
     for unit, tensors in enumerate(grouped):
         _check_shapes(adapter, spec, unit, tensors)
-    return grouped
+    if spec.num_experts:
+        expected = adapter.expected_expert_shapes(spec)
+        for layer in spec.moe_layers:
+            for index in range(spec.num_experts):
+                _check_tensors(spec.expert_name(layer, index), expected, routed.get((layer, index), []))
+    return grouped, routed
 
 
 def _check_shapes(adapter: Adapter, spec: ModelSpec, unit: int, tensors: list[tuple[str, TensorEntry]]) -> None:
-    expected = adapter.expected_shapes(spec, unit)
+    _check_tensors(spec.unit_name(unit), adapter.expected_shapes(spec, unit), tensors)
+
+
+def _check_tensors(unit_name: str, expected: Mapping[str, tuple[int, ...]],
+                   tensors: list[tuple[str, TensorEntry]]) -> None:
     found = {local: entry for local, entry in tensors}
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise CheckpointError(f"unit {spec.unit_name(unit)} lacks tensor(s) {missing}; the checkpoint is "
+        raise CheckpointError(f"unit {unit_name} lacks tensor(s) {missing}; the checkpoint is "
                               "incomplete or does not match its config.json")
     for local, entry in found.items():
         if local not in expected:

@@ -37,6 +37,29 @@ class UnitCost:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpertCosts:
+    """The routed experts of a mixture-of-experts model: not units of the sweep, but read (or
+    found in the expert cache) when the router picks them."""
+
+    moe_layers: int          # layers with routed experts
+    num_experts: int         # routed experts per MoE layer
+    per_token: int           # experts each token is routed to
+    stream_bytes: int        # one expert's read (checkpoint dtype, aligned)
+    resident_bytes: int      # what one cached expert holds (in the compute dtype)
+    matmul_params: int       # one expert's weights
+
+    @property
+    def all_resident_bytes(self) -> int:
+        return self.moe_layers * self.num_experts * self.resident_bytes
+
+    def distinct(self, tokens: int) -> float:
+        """Expected distinct experts of one layer that ``tokens`` tokens are routed to, when
+        routing is uniform: E·(1 − (1 − k/E)^tokens)."""
+        e, k = self.num_experts, self.per_token
+        return e * (1.0 - (1.0 - k / e) ** max(0, tokens))
+
+
+@dataclass(frozen=True, slots=True)
 class ModelCosts:
     name: str
     units: tuple[UnitCost, ...]
@@ -49,11 +72,14 @@ class ModelCosts:
     kv_bytes_per_token_layer: int      # K and V of one token in one layer, in the compute dtype
     dtype_bytes: int                   # compute dtype
     tied: bool                         # the head multiplies by the embedding tensor
+    experts: ExpertCosts | None = None   # routed experts (mixture-of-experts models)
 
     @property
     def checkpoint_bytes(self) -> int:
         tied = self.units[0].stream_bytes if self.tied else 0
-        return sum(u.stream_bytes for u in self.units) - tied
+        e = self.experts
+        routed = e.moe_layers * e.num_experts * e.stream_bytes if e is not None else 0
+        return sum(u.stream_bytes for u in self.units) - tied + routed
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -77,7 +103,8 @@ class ModelCosts:
 def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]]], unit_kinds: Sequence[str],
                 num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 intermediate_size: int, vocab_size: int, tied: bool, checkpoint_dtype_bytes: int,
-                dtype_bytes: int, stream_bytes: Sequence[int] | None = None, cast: bool | None = None) -> ModelCosts:
+                dtype_bytes: int, stream_bytes: Sequence[int] | None = None, cast: bool | None = None,
+                experts: ExpertCosts | None = None) -> ModelCosts:
     """Costs from the tensor shapes a family's adapter expects for each unit.
 
     ``stream_bytes`` are the real reads of a checkpoint's units when it is at hand; from a
@@ -98,7 +125,7 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
         units.append(UnitCost(unit_name, kind, read, resident,
                               resident if cast else 0, matmul))
     return ModelCosts(name, tuple(units), num_layers, hidden_size, num_heads, head_dim, intermediate_size,
-                      vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied)
+                      vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied, experts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,13 +193,31 @@ def attention_compute_s(model: ModelCosts, hw: HardwareProfile, queries: int, ke
     return max(_gbps(kv_bytes, hw.decode_gbps), flops / (hw.prefill_tflops * 1e12))
 
 
+def expert_times(model: ModelCosts, hw: HardwareProfile, tokens: int, cache_bytes: int) -> tuple[float, float]:
+    """(read bytes, compute seconds) of the routed experts in one sweep of ``tokens`` tokens:
+    every MoE layer reads the distinct experts its tokens pick that the expert cache (of
+    ``cache_bytes``) misses — a cached expert is hit as often as the cache is a share of all
+    experts, under uniform routing — and multiplies each token by its experts."""
+    e = model.experts
+    if e is None or tokens == 0:
+        return 0.0, 0.0
+    distinct = e.distinct(tokens)
+    hit = min(1.0, cache_bytes / e.all_resident_bytes) if e.all_resident_bytes else 1.0
+    read = e.moe_layers * distinct * (1.0 - hit) * e.stream_bytes
+    compute = e.moe_layers * max(_gbps(distinct * e.resident_bytes, hw.decode_gbps),
+                                 2 * e.matmul_params * e.per_token * tokens / (hw.prefill_tflops * 1e12))
+    return read, compute
+
+
 def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv_tier_bytes: Mapping[str, int],
                 *, tokens: int, logit_rows: int, queries: int, keys: int, sequences: int,
-                kv_read_fraction: float = 1.0) -> SweepTimes:
+                kv_read_fraction: float = 1.0, expert_cache_bytes: int = 0) -> SweepTimes:
     """Predicted seconds of one sweep per resource. Units on disk are read whole; on CUDA every
     unit not on the device is copied to it (an embedding kept on the host is looked up there
-    and only the rows move); KV outside the device is read back by every sweep."""
-    disk = sum(u.stream_bytes for u, t in zip(model.units, tiers) if t == DISK)
+    and only the rows move); KV outside the device is read back by every sweep; routed
+    experts the expert cache misses are read from disk (and copied, on CUDA)."""
+    expert_read, expert_compute = expert_times(model, hw, tokens, expert_cache_bytes)
+    disk = sum(u.stream_bytes for u, t in zip(model.units, tiers) if t == DISK) + expert_read
     disk_s = _gbps(disk, hw.disk_read_gbps) + _gbps(kv_tier_bytes.get(DISK, 0) * kv_read_fraction, hw.kv_read_gbps)
     pcie_s = 0.0
     if not hw.is_cpu:
@@ -180,8 +225,9 @@ def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv
                      for u, t in zip(model.units, tiers) if t != DEVICE and u.kind != EMBED)
         off_device_kv = (kv_tier_bytes.get(HOST, 0) + kv_tier_bytes.get(DISK, 0)) * kv_read_fraction
         new_kv = sequences * queries * model.kv_bytes_per_token if kv_tier_bytes.get(DEVICE, 0) == 0 else 0
-        pcie_s = _gbps(upload + off_device_kv, hw.h2d_gbps) + _gbps(new_kv, hw.d2h_gbps)
+        pcie_s = _gbps(upload + expert_read + off_device_kv, hw.h2d_gbps) + _gbps(new_kv, hw.d2h_gbps)
     compute_s = sum(unit_compute_s(model, hw, u, logit_rows if u.kind == HEAD else tokens) for u in model.units)
+    compute_s += expert_compute
     compute_s += attention_compute_s(model, hw, queries, keys, sequences)
     return SweepTimes(disk_s, pcie_s, compute_s)
 
@@ -189,15 +235,33 @@ def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def expert_costs(spec: Any, adapter: Any, checkpoint_dtype_bytes: int, dtype_bytes: int,
+                 stream_bytes: int | None = None) -> ExpertCosts | None:
+    """Costs of one routed expert from the shapes its family expects (None for a dense model)."""
+    if not getattr(spec, "num_experts", 0):
+        return None
+    shapes = adapter.expected_expert_shapes(spec)
+    numels = [math.prod(shape) for shape in shapes.values()]
+    payload = sum(-(-n * checkpoint_dtype_bytes // ALIGN) * ALIGN for n in numels)
+    read = payload if stream_bytes is None else stream_bytes
+    # a cached expert keeps its read buffer, or its weights cast to the compute dtype
+    held = read if checkpoint_dtype_bytes == dtype_bytes else sum(numels) * dtype_bytes
+    return ExpertCosts(len(spec.moe_layers), spec.num_experts, spec.experts_per_token, read, held,
+                       sum(n for n, shape in zip(numels, shapes.values()) if len(shape) == 2))
+
+
 def costs_from_spec(spec: Any, adapter: Any, dtype: str, stream_bytes: Sequence[int] | None = None,
-                    name: str | None = None, cast: bool | None = None) -> ModelCosts:
+                    name: str | None = None, cast: bool | None = None,
+                    expert_stream_bytes: int | None = None) -> ModelCosts:
     """``ModelCosts`` of a ``ModelSpec`` through its family adapter's expected tensor shapes."""
     units = range(spec.num_units)
+    checkpoint_bytes = DTYPE_BYTES.get(spec.checkpoint_dtype, 4)
     return model_costs(
         name or f"{spec.architecture} {spec.num_layers}L h{spec.hidden_size}",
         unit_shapes=[adapter.expected_shapes(spec, u) for u in units], unit_kinds=[spec.unit_kind(u) for u in units],
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, intermediate_size=spec.intermediate_size,
         vocab_size=spec.vocab_size, tied=spec.tie_word_embeddings,
-        checkpoint_dtype_bytes=DTYPE_BYTES.get(spec.checkpoint_dtype, 4), dtype_bytes=DTYPE_BYTES[dtype],
-        stream_bytes=stream_bytes, cast=spec.checkpoint_dtype != dtype if cast is None else cast)
+        checkpoint_dtype_bytes=checkpoint_bytes, dtype_bytes=DTYPE_BYTES[dtype],
+        stream_bytes=stream_bytes, cast=spec.checkpoint_dtype != dtype if cast is None else cast,
+        experts=expert_costs(spec, adapter, checkpoint_bytes, DTYPE_BYTES[dtype], expert_stream_bytes))

@@ -60,6 +60,12 @@ class SequenceKV:
         new[:, :used] = old[:, :used]
         return new
 
+    def read(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Keys and values of tokens start..end-1 of ``layer``: [2, kv_heads, end - start, head_dim]."""
+        if not 0 <= start <= end <= self._lengths[layer]:
+            raise ValueError(f"tokens {start}..{end} of layer {layer}: only {self._lengths[layer]} are stored")
+        return torch.stack((self._keys[layer][:, start:end], self._values[layer][:, start:end]))
+
     def truncate(self, num_tokens: int) -> None:
         """Forget everything past ``num_tokens`` (a sweep that failed half-way)."""
         self._lengths = [min(n, num_tokens) for n in self._lengths]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +28,8 @@ from tierflow.tiers.plan import TierPlan
 from tierflow.tiers.spill import SpillFile
 
 _ids = itertools.count()
+READ_WINDOW = 8      # disk blocks in flight or in use per reader of the store
+READ_THREADS = 4
 
 
 def block_bytes(num_kv_heads: int, head_dim: int, block_tokens: int, dtype: torch.dtype) -> int:
@@ -54,10 +58,12 @@ class KVStore:
             directory.mkdir(parents=True, exist_ok=True)
             self.spill = SpillFile(directory / f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill", self.block_bytes,
                                    disk_blocks)
-        # Two buffers: while attention uses one disk block, the next is read into the other.
-        self._scratch = [torch.empty(self.block_shape, dtype=dtype) for _ in range(2)]
-        self._bounces = [self.spill.bounce_buffer() for _ in range(2)] if self.spill is not None else []
-        self._reads = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv") if self.spill is not None else None
+        # A window of read buffers: while attention uses one disk block, the next ones are read
+        # into the others by several threads (one 256 KiB read at a time leaves an SSD idle).
+        self._window = [self.spill.bounce_buffer() for _ in range(READ_WINDOW)] if self.spill is not None else []
+        self._replacing = threading.Lock()
+        self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv") \
+            if self.spill is not None else None
 
     @classmethod
     def for_engine(cls, config: EngineConfig, plan: TierPlan, spec: Any, dtype: torch.dtype,
@@ -105,37 +111,47 @@ class KVStore:
             self._pools[ref.tier][ref.slot].copy_(block)
 
     def blocks(self, refs: tuple[BlockRef, ...]) -> Iterator[torch.Tensor]:
-        """Each block's [2, kv_heads, block_tokens, head_dim], in order. Disk blocks are read one
-        ahead on a reader thread into two alternating buffers, so a block's read overlaps the
-        attention over the one before; a yielded disk block is valid until the next is taken."""
-        pending: Future[torch.Tensor] | None = None
-        disk = [i for i, ref in enumerate(refs) if ref.tier == "disk"]
-        ahead = {index: n for n, index in enumerate(disk)}
+        """Each block's [2, kv_heads, block_tokens, head_dim], in order. Disk blocks are read
+        ahead, up to READ_WINDOW - 1 past the one attention is using, on READ_THREADS threads
+        into a window of buffers; a yielded disk block is valid until the next is taken."""
+        disk = [ref for ref in refs if ref.tier == "disk"]
+        pending: deque[Future[torch.Tensor]] = deque()
+        submitted = taken = 0
+
+        def submit() -> None:
+            nonlocal submitted
+            assert self._reads is not None
+            pending.append(self._reads.submit(self._read_disk, disk[submitted], submitted % READ_WINDOW))
+            submitted += 1
+
         try:
-            for i, ref in enumerate(refs):
+            for ref in refs:
                 if ref.tier != "disk":
                     yield self._pools[ref.tier][ref.slot].to(self.device)
                     continue
-                n = ahead[i]
-                block = pending.result() if pending is not None else self._read_disk(ref, n % 2)
-                pending = None
-                if n + 1 < len(disk):
-                    assert self._reads is not None
-                    pending = self._reads.submit(self._read_disk, refs[disk[n + 1]], (n + 1) % 2)
+                # the buffer of the block before this one is free again: keep the window full
+                while submitted < len(disk) and submitted < taken + READ_WINDOW:
+                    submit()
+                block = pending.popleft().result()
+                taken += 1
                 yield block.to(self.device)
         finally:
-            if pending is not None:     # never leave a read writing into a buffer someone may reuse
+            for future in pending:      # never leave a read writing into a buffer someone may reuse
                 try:
-                    pending.result()
+                    future.result()
                 except Exception:       # noqa: BLE001 - the consumer stopped; this block is not used
                     pass
 
     def _read_disk(self, ref: BlockRef, buffer: int) -> torch.Tensor:
-        return self._disk().read(ref.slot, self._scratch[buffer], self._bounces[buffer])
+        return self._disk().read_view(ref.slot, self._window[buffer]).view(self.dtype).view(self.block_shape)
 
     def _disk(self) -> SpillFile:
         """The spill file. One deleted under the engine is replaced by a fresh, empty one (so
         later requests work) and the request that needed it fails with a clear error."""
+        with self._replacing:           # reader threads may find the deletion together
+            return self._live_spill()
+
+    def _live_spill(self) -> SpillFile:
         spill = self.spill
         assert spill is not None
         if spill.deleted:
@@ -184,6 +200,20 @@ class PagedSequenceKV:
             if fill + take == bt:       # the tail is full: commit it to a pool slot
                 store.write(store.tables.append_block(self.seq_id, layer), tail)
         return self._blocks(layer)
+
+    def read(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Keys and values of tokens start..end-1 of ``layer`` ([2, kv_heads, end - start,
+        head_dim], a copy); the range must cover whole committed blocks."""
+        bt = self.store.block_tokens
+        committed = self.store.tables.table(self.seq_id, layer)
+        if start % bt or end % bt or not 0 <= start <= end <= len(committed) * bt:
+            raise ValueError(f"tokens {start}..{end} of layer {layer}: paged KV reads whole committed blocks of "
+                             f"{bt} tokens ({len(committed)} committed)")
+        out = torch.empty((2, self.store.block_shape[1], end - start, self.store.block_shape[3]),
+                          dtype=self.store.dtype, device=self.store.device)
+        for i, block in enumerate(self.store.blocks(committed[start // bt:end // bt])):
+            out[:, :, i * bt:(i + 1) * bt] = block      # a disk block's buffer is reused by the next read
+        return out
 
     def _blocks(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         bt = self.store.block_tokens

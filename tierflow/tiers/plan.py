@@ -58,6 +58,7 @@ class TierPlan:
     memory: Mapping[str, TierMemory]    # "device", "host"
     predicted: Prediction
     margin: float = DEFAULT_MARGIN
+    expert_cache_bytes: int = 0         # device memory for routed experts (mixture-of-experts models)
 
     def units_in(self, tier: str) -> tuple[int, ...]:
         return tuple(u for u, t in enumerate(self.tiers) if t == tier)
@@ -79,6 +80,7 @@ class TierPlan:
             "convert_bytes": self.convert_bytes, "prefill_chunk_tokens": self.prefill_chunk_tokens,
             "mlp_chunk_tokens": self.mlp_chunk_tokens, "io_threads": self.io_threads,
             "io_block_bytes": self.io_block_bytes, "safety_margin": self.margin,
+            "expert_cache_bytes": self.expert_cache_bytes,
             "memory": {tier: {"budget": m.budget, "weights": m.weights, "staging": m.staging, "kv": m.kv,
                               "workspace": m.workspace, "total": m.total} for tier, m in self.memory.items()},
             "predicted": {"decode_s_per_token": p.decode_s_per_token, "tokens_per_s": p.tokens_per_s,

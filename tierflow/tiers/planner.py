@@ -107,9 +107,11 @@ class _State:
         self.kv = {DEVICE: 0, HOST: 0, DISK: s.kv_blocks}
         self.mlp_chunk = _mlp_chunk(s.model, chunk, s.overrides.mlp_chunk_tokens)
         work, model = s.work, s.model
+        # a MoE layer holds the experts its tokens were routed to while it computes, cached or not
+        experts = math.ceil(model.experts.distinct(chunk)) * model.experts.resident_bytes if model.experts else 0
         self.workspace = (model.activation_bytes(chunk, self.mlp_chunk)
                           + model.attention_bytes(min(chunk, work.prompt_tokens), work.context_tokens)
-                          + max(1, work.concurrency) * model.vocab_size * 4)
+                          + max(1, work.concurrency) * model.vocab_size * 4 + experts)
 
     def weights(self, tier: str) -> int:
         units = self.s.model.units
@@ -227,18 +229,31 @@ def _kv_fits(s: _Search, st: _State) -> bool:
     return s.hw.disk_free_bytes is None or spilled * s.kv_block_bytes <= s.hw.disk_free_bytes
 
 
+def _expert_cache(s: _Search, memory: dict[str, TierMemory]) -> int:
+    """Routed experts get the device memory the rest of the plan leaves (up to all of them):
+    per byte, a resident layer saves a read on every sweep, a cached expert only when the
+    router picks it, so experts come last."""
+    if s.model.experts is None:
+        return 0
+    device = memory[DEVICE]
+    return max(0, min(s.model.experts.all_resident_bytes, device.budget - device.total))
+
+
 def _predict(s: _Search, st: _State) -> tuple[Prediction, dict[str, TierMemory]]:
     model, hw, work = s.model, s.hw, s.work
     memory = st.memory()
+    cache = _expert_cache(s, memory)
+    memory[DEVICE] = replace(memory[DEVICE], weights=memory[DEVICE].weights + cache)
     kv_bytes = {tier: n * s.kv_block_bytes for tier, n in st.kv.items()}
     k = work.concurrency
     decode = sweep_times(model, hw, st.tiers, kv_bytes, tokens=k, logit_rows=k, queries=1,
-                         keys=work.context_tokens, sequences=k)
+                         keys=work.context_tokens, sequences=k, expert_cache_bytes=cache)
     prefill_tokens = k * work.prompt_tokens
     chunk = min(st.chunk, prefill_tokens)
     sweeps = math.ceil(prefill_tokens / chunk)
     per_sweep = sweep_times(model, hw, st.tiers, kv_bytes, tokens=chunk, logit_rows=1, queries=chunk,
-                            keys=max(1, work.prompt_tokens // 2), sequences=1, kv_read_fraction=0.5)
+                            keys=max(1, work.prompt_tokens // 2), sequences=1, kv_read_fraction=0.5,
+                            expert_cache_bytes=cache)
     spill_s = kv_bytes[DISK] / (hw.kv_write_gbps * 1e9)
     prediction = Prediction(
         decode.total_s, k / decode.total_s if decode.total_s else math.inf, sweeps * per_sweep.total_s + spill_s,
@@ -297,7 +312,7 @@ def plan(model: ModelCosts, hw: HardwareProfile, work: Workload | None = None,
                     dict(st.kv), KV_BLOCK_TOKENS, st.depth, st.depth + 1 if streams else 0,
                     device_slot if streams else 0, host_slot, convert, st.chunk, st.mlp_chunk,
                     threads, overrides.io_block_bytes or io_block_for(largest_read(model), threads),
-                    memory, prediction, s.margin)
+                    memory, prediction, s.margin, _expert_cache(s, st.memory()))
 
 
 def _least_state(s: _Search, depth: int, chunk: int, cap: float) -> _State:

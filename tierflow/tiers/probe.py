@@ -194,6 +194,9 @@ def measure_compute(model: ModelCosts, device: torch.device, dtype: torch.dtype,
     layer's matmuls alone are timed (shrunk to fit when a layer is very large)."""
     unit = next(u for u in model.units if u.kind == "layer")
     nbytes, params = unit.resident_bytes, unit.matmul_params
+    if model.experts is not None:      # a token also runs through its routed experts
+        nbytes += model.experts.per_token * model.experts.resident_bytes
+        params += model.experts.per_token * model.experts.matmul_params
     if layer is None:
         shapes = _layer_shapes(model)
         room = max(64 * 2**20, psutil.virtual_memory().available // 8)

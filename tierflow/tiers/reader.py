@@ -129,17 +129,30 @@ class DiskReader:
             raise TransferError(f"buffer of {buffer.numel()} bytes at {buffer.data_ptr():#x} cannot take unit "
                                 f"{layout.name} ({layout.buffer_bytes} bytes, 4 KiB aligned)")
         view = memoryview(buffer.numpy())
-        loop = asyncio.get_running_loop()
-        futures = [loop.run_in_executor(self._pool, self._read_block, self._files[r.path], view,
-                                        r.buffer_offset + start, r.file_offset + start,
-                                        min(self._block_bytes, r.nbytes - start))
-                   for r in layout.ranges for start in range(0, r.nbytes, self._block_bytes)]
+        blocks = [(r, start) for r in layout.ranges for start in range(0, r.nbytes, self._block_bytes)]
+        threads = [self._pool.submit(self._read_block, self._files[r.path], view, r.buffer_offset + start,
+                                     r.file_offset + start, min(self._block_bytes, r.nbytes - start))
+                   for r, start in blocks]
         try:
-            sizes = await asyncio.gather(*futures)
+            sizes = await asyncio.gather(*(asyncio.wrap_future(t) for t in threads))
         except BaseException:
             # The threads write into the caller's buffer: it must not be reused before they stop.
-            await asyncio.wait(futures)
+            for t in threads:
+                t.cancel()                  # those not started yet never will
+            running = [asyncio.wrap_future(t) for t in threads if not t.done()]
+            if running:
+                await asyncio.shield(asyncio.wait(running))
             raise
+        got: dict[int, int] = {}
+        for (r, _), size in zip(blocks, sizes):
+            got[r.buffer_offset] = got.get(r.buffer_offset, 0) + size
+        for r in layout.ranges:             # a range may run past the end of the file only by its padding
+            need = max((t.buffer_offset + t.nbytes for t in layout.tensors
+                        if r.buffer_offset <= t.buffer_offset < r.buffer_offset + r.nbytes),
+                       default=r.buffer_offset) - r.buffer_offset
+            if got[r.buffer_offset] < need:
+                raise TransferError(f"{r.path}: read {got[r.buffer_offset]} bytes at offset {r.file_offset} where "
+                                    f"unit {layout.name} needs {need}; was the file truncated?")
         return sum(sizes)
 
     def _read_block(self, f: _File, view: memoryview, buffer_offset: int, file_offset: int, nbytes: int) -> int:

@@ -102,24 +102,30 @@ class SpillFile:
     def read(self, slot: int, out: torch.Tensor, bounce: torch.Tensor | None = None) -> torch.Tensor:
         """Fill ``out`` (contiguous, the size that was written) from ``slot``; checks the CRC.
         Concurrent reads each pass their own ``bounce`` buffer."""
+        data = out.view(torch.uint8).reshape(-1)
+        data.copy_(self.read_view(slot, self._bounce if bounce is None else bounce, data.numel()))
+        return out
+
+    def read_view(self, slot: int, buffer: torch.Tensor, nbytes: int | None = None) -> torch.Tensor:
+        """Read ``slot`` into ``buffer`` (from ``bounce_buffer()``) and return its first ``nbytes``
+        (default: a whole block) as a uint8 view, after checking the CRC — no copy."""
         self._check(slot)
-        bounce = self._bounce if bounce is None else bounce
+        nbytes = self.block_bytes if nbytes is None else nbytes
         expected = self._crc[slot]
         if expected is None:
             raise KVCorruptionError(f"slot {slot} of {self.path} holds no complete block")
-        data = out.view(torch.uint8).reshape(-1)
         try:
-            got = os.preadv(self._fd, [memoryview(bounce.numpy())], slot * self.stride)
+            got = os.preadv(self._fd, [memoryview(buffer.numpy())[:self.stride]], slot * self.stride)
         except OSError as exc:
             raise TransferError(f"reading a KV block from {self.path} failed: {exc.strerror}") from exc
-        if got < data.numel():
-            raise TransferError(f"short read of a KV block from {self.path}: {got} of {data.numel()} bytes "
+        if got < nbytes:
+            raise TransferError(f"short read of a KV block from {self.path}: {got} of {nbytes} bytes "
                                 "(was the file truncated?)")
-        data.copy_(bounce[:data.numel()])
+        data = buffer[:nbytes]
         if zlib.crc32(memoryview(data.numpy())) != expected:
             raise KVCorruptionError(f"KV block in slot {slot} of {self.path} fails its checksum: the file was "
                                     "modified or the disk returned bad data; the block will not be used")
-        return out
+        return data
 
     def free(self, slot: int) -> None:
         self._crc[slot] = None

@@ -1,0 +1,171 @@
+"""Mixture-of-experts families: Mixtral, Qwen2-MoE, Qwen3-MoE.
+
+Attention, norms and the layer skeleton are the dense decoder's; what changes is the MLP of
+the MoE layers. Its router is part of the layer unit (with the shared expert, where there is
+one), while every routed expert is a unit of its own in the checkpoint index, with names
+mapped by ``expert_rules``. ``feed_forward`` runs the router, asks the sweep's expert
+provider (``SweepContext.experts``) for exactly the experts its tokens picked — the stage
+behind it reads only those — and combines their outputs as transformers does: softmax in
+float32, top-k, optional renormalisation, experts in ascending order, each token's outputs
+added with its routing weight.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from tierflow.adapters.base import EXPERT, LAYER, SLIDING_ATTENTION, ModelSpec, NameRule, SweepContext, UnitWeights
+from tierflow.adapters.decoder import ACTIVATIONS, DecoderAdapter, DecoderStyle, decoder_name_rules
+from tierflow.adapters.qwen import qwen_layers
+from tierflow.adapters.rope import ROPE_TYPES
+from tierflow.adapters.spec import read_spec
+from tierflow.errors import UnsupportedModelError
+
+_ROPE_TYPES = tuple(t for t in ROPE_TYPES if t != "longrope")
+_EXPERT_TENSORS = ("gate_proj", "up_proj", "down_proj")
+
+
+def moe_rules(style: DecoderStyle, block: str, expert_names: Mapping[str, str], shared: bool) -> tuple[NameRule, ...]:
+    """The dense decoder's names, plus the router (``{block}.gate``), the routed experts
+    (``{block}.experts.E.<name>``, local names gate_proj / up_proj / down_proj) and the shared
+    expert (``{block}.shared_expert.*`` as shared_*, and its gate)."""
+    layer = rf"model\.layers\.(\d+)\.{re.escape(block)}"
+    rules = [*decoder_name_rules(style), NameRule(rf"{layer}\.gate\.weight", LAYER, "router")]
+    rules += [NameRule(rf"{layer}\.experts\.(\d+)\.{re.escape(name)}\.weight", EXPERT, local)
+              for name, local in expert_names.items()]
+    if shared:
+        rules += [NameRule(rf"{layer}\.shared_expert\.{local}\.weight", LAYER, f"shared_{local}")
+                  for local in _EXPERT_TENSORS]
+        rules.append(NameRule(rf"{layer}\.shared_expert_gate\.weight", LAYER, "shared_expert_gate"))
+    return tuple(rules)
+
+
+def sparse_layers(config: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Qwen-MoE's MoE layers: every ``decoder_sparse_step``-th, except ``mlp_only_layers``."""
+    step = int(config.get("decoder_sparse_step") or 1)
+    dense = set(config.get("mlp_only_layers") or ())
+    return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+
+
+class MoEAdapter(DecoderAdapter):
+    """A decoder whose MoE layers route each token to ``experts_per_token`` of ``num_experts``."""
+
+    routing_in_float32 = True     # Mixtral weighs expert outputs in float32; Qwen casts to the activations'
+
+    def feed_forward_shapes(self, spec: ModelSpec, layer: int) -> dict[str, tuple[int, ...]]:
+        if layer not in spec.moe_layers:
+            return super().feed_forward_shapes(spec, layer)
+        h, s = spec.hidden_size, spec.shared_expert_intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {"router": (spec.num_experts, h)}
+        if s:
+            shapes |= {"shared_gate_proj": (s, h), "shared_up_proj": (s, h), "shared_down_proj": (h, s),
+                       "shared_expert_gate": (1, h)}
+        return shapes
+
+    def expected_expert_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        h, i = spec.hidden_size, spec.moe_intermediate_size
+        return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+    def feed_forward(self, spec: ModelSpec, layer: int, w: UnitWeights, h: torch.Tensor,
+                     ctx: SweepContext) -> torch.Tensor:
+        if layer not in spec.moe_layers:
+            return super().feed_forward(spec, layer, w, h, ctx)
+        if ctx.experts is None:
+            raise RuntimeError("a mixture-of-experts layer ran without an expert provider in its sweep context")
+        logits = F.linear(h, w["router"])                                  # [n, E]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        top_w, top_i = torch.topk(probs, spec.experts_per_token, dim=-1)  # [n, k]
+        if spec.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if not self.routing_in_float32:
+            top_w = top_w.to(logits.dtype)
+        picked = sorted(set(top_i.flatten().tolist()))
+        experts = ctx.experts(layer, picked)
+        act = ACTIVATIONS[spec.hidden_act]
+        out = torch.zeros_like(h)
+        for expert in picked:
+            tokens, slot = torch.where(top_i == expert)
+            e = experts[expert]
+            y = F.linear(act(F.linear(h[tokens], e["gate_proj"])) * F.linear(h[tokens], e["up_proj"]), e["down_proj"])
+            out.index_add_(0, tokens, (y * top_w[tokens, slot, None]).to(out.dtype))
+        if spec.shared_expert_intermediate_size:
+            shared = F.linear(act(F.linear(h, w["shared_gate_proj"])) * F.linear(h, w["shared_up_proj"]),
+                              w["shared_down_proj"])
+            out = out + torch.sigmoid(F.linear(h, w["shared_expert_gate"])) * shared
+        return out
+
+
+def _check_moe(spec: ModelSpec) -> ModelSpec:
+    if not 0 < spec.experts_per_token <= spec.num_experts:
+        raise UnsupportedModelError(f"{spec.architecture}: num_experts_per_tok={spec.experts_per_token} must be "
+                                    f"between 1 and the number of experts ({spec.num_experts})")
+    return spec
+
+
+def _every_layer_slides(window: int | None, layers: int) -> dict[str, Any]:
+    return {} if not window else {"sliding_window": int(window), "layer_types": (SLIDING_ATTENTION,) * layers}
+
+
+def _experts(config: Mapping[str, Any], *keys: str) -> int:
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    raise UnsupportedModelError(f"config.json has none of {list(keys)}: the number of experts is unknown")
+
+
+class MixtralAdapter(MoEAdapter):
+    architectures = ("MixtralForCausalLM",)
+    style = DecoderStyle()
+    name_rules = moe_rules(style, "block_sparse_moe", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"},
+                           shared=False)
+
+    def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
+        layers = int(config.get("num_hidden_layers", 0))
+        return _check_moe(read_spec(
+            config, "Mixtral", rope_types=_ROPE_TYPES, attention_bias=False, mlp_bias=False,
+            hidden_act=config.get("hidden_act", "silu"), num_experts=_experts(config, "num_local_experts"),
+            experts_per_token=int(config.get("num_experts_per_tok", 2)),
+            moe_intermediate_size=int(config["intermediate_size"]), norm_topk_prob=True,
+            moe_layers=tuple(range(layers)), **_every_layer_slides(config.get("sliding_window"), layers)))
+
+
+class Qwen2MoeAdapter(MoEAdapter):
+    architectures = ("Qwen2MoeForCausalLM",)
+    style = DecoderStyle(qkv_bias=True)
+    name_rules = moe_rules(style, "mlp", {name: name for name in _EXPERT_TENSORS}, shared=True)
+    routing_in_float32 = False
+
+    def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
+        layers = int(config.get("num_hidden_layers", 0))
+        if config.get("qkv_bias") is False:
+            raise UnsupportedModelError("Qwen2-MoE without q/k/v biases (qkv_bias: false) is not supported")
+        return _check_moe(read_spec(
+            config, "Qwen2-MoE", rope_types=_ROPE_TYPES, attention_bias=False, mlp_bias=False,
+            hidden_act=config.get("hidden_act", "silu"), num_experts=_experts(config, "num_experts", "num_local_experts"),
+            experts_per_token=int(config.get("num_experts_per_tok", 4)),
+            moe_intermediate_size=int(config["moe_intermediate_size"]),
+            shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
+            norm_topk_prob=bool(config.get("norm_topk_prob", False)), moe_layers=sparse_layers(config, layers),
+            **qwen_layers(config, layers)))
+
+
+class Qwen3MoeAdapter(MoEAdapter):
+    architectures = ("Qwen3MoeForCausalLM",)
+    style = DecoderStyle(qk_norm=True)
+    name_rules = moe_rules(style, "mlp", {name: name for name in _EXPERT_TENSORS}, shared=False)
+    routing_in_float32 = False
+
+    def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
+        layers = int(config.get("num_hidden_layers", 0))
+        return _check_moe(read_spec(
+            config, "Qwen3-MoE", rope_types=_ROPE_TYPES, mlp_bias=False,
+            hidden_act=config.get("hidden_act", "silu"), num_experts=_experts(config, "num_experts", "num_local_experts"),
+            experts_per_token=int(config.get("num_experts_per_tok", 8)),
+            moe_intermediate_size=int(config["moe_intermediate_size"]),
+            norm_topk_prob=bool(config.get("norm_topk_prob", False)), moe_layers=sparse_layers(config, layers),
+            **_every_layer_slides(config.get("sliding_window") if config.get("use_sliding_window") else None,
+                                  layers)))

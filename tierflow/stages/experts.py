@@ -1,0 +1,210 @@
+"""The expert stage of a mixture-of-experts model: read only the experts the router picks.
+
+Each expert of each MoE layer is its own unit in the checkpoint index. A MoE layer's router
+runs inside the layer unit; the adapter then asks this stage (through
+``SweepContext.experts``) for exactly the experts its tokens were routed to, and the stage
+brings them — from its cache, or with a read of their byte ranges. A decode token therefore
+reads the dense part of the model plus its routed experts, never the others.
+
+The cache (``capacity_bytes``, which the planner sizes from the memory the dense placement
+leaves free) is split between the MoE layers in whole experts, as evenly as it goes, each
+part kept by least recent use.
+A sweep visits the layers in a cycle, so one shared LRU smaller than a sweep's working set
+would always evict exactly the experts the next sweep needs first; per-layer parts keep
+each layer's most recent experts whatever the other layers do. Consecutive tokens often
+route alike, so when the sweep reaches layer l the stage starts reading the experts layer
+l+1 used last time that its part does not hold, while layer l computes. Experts a layer is
+using, or that were read ahead for it, are held beyond its part until the layer is done; a
+read-ahead expert the router then does not pick is the first to go. Reading ahead is a bet
+(a miss costs a read the router did not ask for; ``statistics()`` counts both), so it is
+done only when there is an expert cache: with ``capacity_bytes=0`` exactly the routed
+experts are read, each when picked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from tierflow.stages.weights import cast_weights, unit_views
+from tierflow.tiers.checkpoint import UnitLayout
+from tierflow.tiers.reader import DiskReader, aligned_empty
+
+Key = tuple[int, int]      # (layer, expert)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertStats:
+    requests: int            # experts asked for (per layer per sweep, each routed expert once)
+    hits: int                # found in the cache, or already being read ahead
+    misses: int              # read on demand, after the router picked them
+    prefetched: int          # reads started ahead of the router
+    prefetch_used: int       # of those, experts the router then picked
+    bytes_read: int
+    read_s: float
+    stall_s: float           # time compute waited for experts
+    cached: int              # experts held now
+    cached_bytes: int
+    capacity_bytes: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
+class ExpertStage:
+    def __init__(self, layouts: Mapping[Key, UnitLayout], reader: DiskReader, dtype: torch.dtype,
+                 capacity_bytes: int, *, prefetch: bool = True, read_all: bool = False) -> None:
+        self._layouts, self._reader, self._dtype = layouts, reader, dtype
+        self.capacity_bytes, self.read_all = capacity_bytes, read_all
+        # reading ahead keeps experts between layers: only with an expert cache to keep them in
+        self.prefetch_enabled = prefetch and not read_all and capacity_bytes > 0
+        self._experts: dict[int, list[int]] = {}
+        for layer, expert in sorted(layouts):
+            self._experts.setdefault(layer, []).append(expert)
+        self._layers = sorted(self._experts)
+        self._next = dict(zip(self._layers, self._layers[1:] + self._layers[:1]))
+        # each MoE layer's share of the cache, in whole experts (the first layers get the remainder)
+        largest = max((max(layout.buffer_bytes, layout.compute_bytes(dtype)) for layout in layouts.values()), default=1)
+        fit, n = capacity_bytes // largest, max(1, len(self._layers))
+        self._part = {layer: (fit // n + (i < fit % n)) * largest for i, layer in enumerate(self._layers)}
+        self._cache: dict[int, OrderedDict[int, dict[str, torch.Tensor]]] = {l: OrderedDict() for l in self._layers}
+        self._sizes: dict[Key, int] = {}
+        self._reads: dict[Key, asyncio.Task[dict[str, torch.Tensor]]] = {}
+        self._ahead: set[Key] = set()            # read ahead and not yet asked for
+        self._last: dict[int, tuple[int, ...]] = {}
+        self._held: set[Key] = set()
+        self._cached_bytes = 0
+        self._requests = self._hits = self._misses = self._num_prefetched = self._prefetch_used = 0
+        self._bytes_read = 0
+        self._read_s = self._stall_s = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(layout.buffer_bytes for layout in self._layouts.values())
+
+    def statistics(self) -> ExpertStats:
+        return ExpertStats(self._requests, self._hits, self._misses, self._num_prefetched, self._prefetch_used,
+                           self._bytes_read, self._read_s, self._stall_s, sum(map(len, self._cache.values())),
+                           self._cached_bytes, self.capacity_bytes)
+
+    async def preload(self) -> None:
+        """Read every expert now (when the cache holds them all, nothing is read later)."""
+        await asyncio.gather(*(self._start(key) for key in self._layouts if not self._has(key)))
+
+    def layer_started(self, layer: int) -> None:
+        """Layer ``layer`` of a sweep is about to compute: read ahead what the next MoE layer
+        used last time and does not hold."""
+        if not self.prefetch_enabled or layer not in self._next:
+            return
+        following = self._next[layer]
+        for expert in self._last.get(following, ()):
+            key = (following, expert)
+            if self._has(key) or key in self._reads:
+                continue
+            self._start(key).add_done_callback(_retrieve)    # a failed read-ahead is reported to its user
+            self._ahead.add(key)
+            self._held.add(key)
+            self._num_prefetched += 1
+
+    async def get(self, layer: int, experts: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """The weights of ``experts`` of ``layer``; call ``release(layer)`` when the layer is done."""
+        started = time.perf_counter()
+        self._last[layer] = tuple(experts)
+        wanted = self._experts[layer] if self.read_all else experts   # "all": as offloaders that ignore routing
+        waiting = []
+        for expert in wanted:
+            key = (layer, expert)
+            self._requests += 1
+            self._held.add(key)
+            if key in self._ahead:
+                self._prefetch_used += 1
+                self._ahead.discard(key)
+            if self._has(key):
+                self._hits += 1
+                self._cache[layer].move_to_end(expert)
+                continue
+            if key in self._reads:
+                self._hits += 1
+            else:
+                self._misses += 1
+                self._start(key)
+            waiting.append(self._reads[key])
+        try:
+            await asyncio.gather(*waiting)
+        finally:
+            self._stall_s += time.perf_counter() - started
+        for expert in experts:
+            self._cache[layer].move_to_end(expert)
+        return {expert: self._cache[layer][expert] for expert in experts}
+
+    def release(self, layer: int) -> None:
+        """Layer ``layer`` is done with its experts (those read ahead for it, picked or not)."""
+        self._held = {key for key in self._held if key[0] != layer}
+        self._ahead = {key for key in self._ahead if key[0] != layer}
+        self._evict(layer)
+
+    def _has(self, key: Key) -> bool:
+        return key[1] in self._cache[key[0]]
+
+    def _start(self, key: Key) -> asyncio.Task[dict[str, torch.Tensor]]:
+        task = asyncio.create_task(self._read(key), name=f"tierflow-expert-{key[0]}.{key[1]}")
+        self._reads[key] = task
+        return task
+
+    async def _read(self, key: Key) -> dict[str, torch.Tensor]:
+        layout = self._layouts[key]
+        started = time.perf_counter()
+        try:
+            buffer = aligned_empty(layout.buffer_bytes)
+            nbytes = await self._reader.read(layout, buffer)
+            views = unit_views(layout, buffer)
+            weights = views if all(v.dtype == self._dtype for v in views.values()) else \
+                await asyncio.to_thread(cast_weights, views, self._dtype)
+        finally:
+            self._reads.pop(key, None)
+        self._bytes_read += nbytes
+        self._read_s += time.perf_counter() - started
+        layer, expert = key
+        self._sizes[key] = layout.buffer_bytes if weights is views else layout.compute_bytes(self._dtype)
+        self._cached_bytes += self._sizes[key]
+        self._cache[layer][expert] = weights
+        if key in self._ahead:      # read ahead, not picked yet: the first to leave if it is not
+            self._cache[layer].move_to_end(expert, last=False)
+        self._evict(layer)
+        return weights
+
+    def _evict(self, layer: int) -> None:
+        """Bring ``layer``'s part within its share, least recently used first, never what is held."""
+        part = self._cache[layer]
+        used = sum(self._sizes[(layer, e)] for e in part)
+        for expert in list(part):
+            if used <= self._part[layer]:
+                return
+            key = (layer, expert)
+            if key in self._held:
+                continue
+            del part[expert]
+            size = self._sizes.pop(key)
+            used -= size
+            self._cached_bytes -= size
+
+    async def close(self) -> None:
+        tasks = list(self._reads.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for part in self._cache.values():
+            part.clear()
+        self._sizes.clear()
+        self._cached_bytes = 0
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()

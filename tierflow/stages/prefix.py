@@ -1,0 +1,50 @@
+"""Prefix reuse between a sequence's KV and the prefix cache.
+
+``attach`` runs when a sequence is admitted: it copies the cached blocks of the longest
+cached prefix of its prompt into the sequence's KV (contiguous or paged, through the same
+``append`` attention uses), so prefill starts after them. At least one prompt token is
+always left to compute, since the first new token is sampled from its logits. ``remember``
+runs when a prompt's prefill completes and when a sequence ends: it copies each full block
+the cache lacks out of the sequence's KV into the cache, so a later request over the same
+document — or the next turn of a conversation — finds it. Both run in the compute worker,
+between sweeps, so they never race a sweep over the same KV storage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from tierflow.tiers.prefixcache import PrefixCache
+
+
+class PrefixReuse:
+    def __init__(self, cache: PrefixCache, num_layers: int) -> None:
+        self.cache, self.num_layers = cache, num_layers
+        self.block_tokens = cache.block_tokens
+
+    def attach(self, kv: Any, prompt_ids: Sequence[int]) -> int:
+        """Fill ``kv`` (empty) with the cached prefix of ``prompt_ids``; returns its tokens."""
+        keys = self.cache.keys(prompt_ids[:len(prompt_ids) - 1])
+        blocks = self.cache.load(keys[:self.cache.match(keys)])
+        for block in blocks:
+            for layer in range(self.num_layers):
+                kv.append(layer, block[layer, 0].transpose(0, 1), block[layer, 1].transpose(0, 1))
+        return len(blocks) * self.block_tokens
+
+    def remember(self, kv: Any, token_ids: Sequence[int], done_blocks: int) -> int:
+        """Store the full blocks of ``kv`` from block ``done_blocks`` on that the cache lacks;
+        ``token_ids`` are the sequence's tokens (at least those whose KV exists). Returns the
+        number of full blocks now covered."""
+        bt = self.block_tokens
+        full = min(kv.num_tokens, len(token_ids)) // bt
+        if full <= done_blocks:
+            return done_blocks
+        keys = self.cache.keys(token_ids[:full * bt])
+        for j in range(done_blocks, full):
+            if self.cache.contains(keys[j]):
+                continue
+            block = torch.stack([kv.read(layer, j * bt, (j + 1) * bt) for layer in range(self.num_layers)])
+            self.cache.store(keys[j], block)
+        return full
