@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator
 
 import torch
 
+from tierflow.adapters.rope import rope_kind
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.errors import (ConfigError, EngineClosedError, PromptError, RequestError, RequestTimeoutError,
                              TierCapacityError, TierflowError)
@@ -208,6 +209,10 @@ class Engine:
 
     async def _open_prefix_cache(self) -> None:
         spec, config = self.spec, self.config
+        if rope_kind(spec.rope_scaling) == "longrope":
+            raise ConfigError("the prefix cache cannot serve a longrope model: a token's keys depend on whether its "
+                              "whole sequence ever passes original_max_position_embeddings, which a cached prefix "
+                              "cannot know; open the engine without prefix_cache_bytes / prefix_cache_dir")
         fingerprint = await asyncio.to_thread(model_fingerprint, self.index.config, self.index.files, self.dtype)
         shape = (spec.num_layers, 2, spec.num_kv_heads, self.plan.kv_block_tokens, spec.head_dim)
         cache = await asyncio.to_thread(PrefixCache, fingerprint, shape, self.dtype,

@@ -242,7 +242,7 @@ class DecoderAdapter:
                 attn[rows] = 0
                 continue
             try:
-                stored = kv.append(layer, k[rows], v[rows])
+                stored = kv.append(layer, k[rows], v[rows], window=window)
                 if isinstance(stored, tuple):       # the whole KV, contiguous: one fused SDPA call
                     attn[rows] = attend(q[rows], *stored, start, **options)
                 else:                               # KV blocks (paged, possibly on disk): online softmax

@@ -107,7 +107,7 @@ class ExpertStage:
             key = (following, expert)
             if self._has(key) or key in self._reads:
                 continue
-            self._start(key).add_done_callback(_retrieve)    # a failed read-ahead is reported to its user
+            self._start(key)
             self._ahead.add(key)
             self._held.add(key)
             self._num_prefetched += 1
@@ -122,15 +122,17 @@ class ExpertStage:
             key = (layer, expert)
             self._requests += 1
             self._held.add(key)
-            if key in self._ahead:
-                self._prefetch_used += 1
-                self._ahead.discard(key)
+            # a read-ahead serves if it is cached or still in flight (one that failed is read again)
+            ahead = key in self._ahead
+            self._ahead.discard(key)
             if self._has(key):
                 self._hits += 1
+                self._prefetch_used += ahead
                 self._cache[layer].move_to_end(expert)
                 continue
             if key in self._reads:
                 self._hits += 1
+                self._prefetch_used += ahead
             else:
                 self._misses += 1
                 self._start(key)
@@ -155,6 +157,9 @@ class ExpertStage:
     def _start(self, key: Key) -> asyncio.Task[dict[str, torch.Tensor]]:
         task = asyncio.create_task(self._read(key), name=f"tierflow-expert-{key[0]}.{key[1]}")
         self._reads[key] = task
+        # a failure reaches whoever awaits the read; one nobody awaits (a read-ahead the router did
+        # not pick, or a second failure in one get) must not be logged as never retrieved
+        task.add_done_callback(_retrieve)
         return task
 
     async def _read(self, key: Key) -> dict[str, torch.Tensor]:
@@ -174,15 +179,19 @@ class ExpertStage:
         self._sizes[key] = layout.buffer_bytes if weights is views else layout.compute_bytes(self._dtype)
         self._cached_bytes += self._sizes[key]
         self._cache[layer][expert] = weights
-        if key in self._ahead:      # read ahead, not picked yet: the first to leave if it is not
+        # read ahead and not picked yet, or no longer wanted (its layer was released while it was
+        # read): the first to leave
+        if key in self._ahead or key not in self._held:
             self._cache[layer].move_to_end(expert, last=False)
         self._evict(layer)
         return weights
 
     def _evict(self, layer: int) -> None:
-        """Bring ``layer``'s part within its share, least recently used first, never what is held."""
+        """Bring ``layer``'s part within its share, least recently used first, never what is held.
+        Experts read ahead and not yet asked for are held beyond the share: they must not push out
+        the experts the layer used last time, which they are read to complement."""
         part = self._cache[layer]
-        used = sum(self._sizes[(layer, e)] for e in part)
+        used = sum(self._sizes[(layer, e)] for e in part if (layer, e) not in self._ahead)
         for expert in list(part):
             if used <= self._part[layer]:
                 return

@@ -40,8 +40,10 @@ class SequenceKV:
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` [n, kv_heads, head_dim]; return keys/values [kv_heads, length, head_dim]."""
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` [n, kv_heads, head_dim]; return keys/values [kv_heads, length, head_dim]
+        (all of them: attention slices a sliding ``window`` out of the views for free)."""
         start, n = self._lengths[layer], k.shape[0]
         end = start + n
         if end > self._keys[layer].shape[1]:

@@ -28,7 +28,8 @@ from tierflow.tiers.plan import TierPlan
 from tierflow.tiers.spill import SpillFile
 
 _ids = itertools.count()
-READ_WINDOW = 8      # disk blocks in flight or in use per reader of the store
+READ_WINDOW = 16     # disk blocks in flight or in use per reader of the store
+READ_RUN = 4         # the most blocks one read request moves
 READ_THREADS = 4
 
 
@@ -112,16 +113,28 @@ class KVStore:
 
     def blocks(self, refs: tuple[BlockRef, ...]) -> Iterator[torch.Tensor]:
         """Each block's [2, kv_heads, block_tokens, head_dim], in order. Disk blocks are read
-        ahead, up to READ_WINDOW - 1 past the one attention is using, on READ_THREADS threads
-        into a window of buffers; a yielded disk block is valid until the next is taken."""
+        ahead on READ_THREADS threads into a window of READ_WINDOW buffers, blocks in
+        consecutive slots (up to READ_RUN) with one request; a yielded disk block is valid
+        until the next is taken."""
         disk = [ref for ref in refs if ref.tier == "disk"]
-        pending: deque[Future[torch.Tensor]] = deque()
-        submitted = taken = 0
+        runs: list[tuple[int, int]] = []            # (first index into disk, length)
+        i = 0
+        while i < len(disk):
+            j = i + 1
+            while j < len(disk) and j - i < READ_RUN and disk[j].slot == disk[j - 1].slot + 1:
+                j += 1
+            runs.append((i, j - i))
+            i = j
+        pending: deque[Future[list[torch.Tensor]]] = deque()
+        ready: deque[torch.Tensor] = deque()
+        submitted = taken = 0                       # runs submitted; disk blocks taken
 
         def submit() -> None:
             nonlocal submitted
+            first, length = runs[submitted]
             assert self._reads is not None
-            pending.append(self._reads.submit(self._read_disk, disk[submitted], submitted % READ_WINDOW))
+            pending.append(self._reads.submit(self._read_run, disk[first].slot,
+                                              [(first + k) % READ_WINDOW for k in range(length)]))
             submitted += 1
 
         try:
@@ -129,21 +142,23 @@ class KVStore:
                 if ref.tier != "disk":
                     yield self._pools[ref.tier][ref.slot].to(self.device)
                     continue
-                # the buffer of the block before this one is free again: keep the window full
-                while submitted < len(disk) and submitted < taken + READ_WINDOW:
+                # the buffers of the blocks before this one are free again: keep the window full
+                while submitted < len(runs) and sum(runs[submitted]) <= taken + READ_WINDOW:
                     submit()
-                block = pending.popleft().result()
+                if not ready:
+                    ready.extend(pending.popleft().result())
                 taken += 1
-                yield block.to(self.device)
+                yield ready.popleft().to(self.device)
         finally:
             for future in pending:      # never leave a read writing into a buffer someone may reuse
                 try:
                     future.result()
-                except Exception:       # noqa: BLE001 - the consumer stopped; this block is not used
+                except Exception:       # noqa: BLE001 - the consumer stopped; these blocks are not used
                     pass
 
-    def _read_disk(self, ref: BlockRef, buffer: int) -> torch.Tensor:
-        return self._disk().read_view(ref.slot, self._window[buffer]).view(self.dtype).view(self.block_shape)
+    def _read_run(self, first_slot: int, buffers: list[int]) -> list[torch.Tensor]:
+        views = self._disk().read_run(first_slot, [self._window[b] for b in buffers])
+        return [view.view(self.dtype).view(self.block_shape) for view in views]
 
     def _disk(self) -> SpillFile:
         """The spill file. One deleted under the engine is replaced by a fresh, empty one (so
@@ -183,9 +198,12 @@ class PagedSequenceKV:
     def num_tokens(self) -> int:
         return min(self._lengths)
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Store ``k``/``v`` [n, kv_heads, head_dim]; return the layer's KV as blocks."""
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Store ``k``/``v`` [n, kv_heads, head_dim]; return the layer's KV as blocks. With a
+        sliding ``window``, blocks wholly before every new token's window are not read."""
         bt, store = self.store.block_tokens, self.store
+        first_visible = 0 if window is None else max(0, self._lengths[layer] - window + 1)
         tail = self._tails[layer]
         if tail is None:
             tail = self._tails[layer] = torch.empty(store.block_shape, dtype=store.dtype, device=store.device)
@@ -199,7 +217,7 @@ class PagedSequenceKV:
             done += take
             if fill + take == bt:       # the tail is full: commit it to a pool slot
                 store.write(store.tables.append_block(self.seq_id, layer), tail)
-        return self._blocks(layer)
+        return self._blocks(layer, first_visible // bt)
 
     def read(self, layer: int, start: int, end: int) -> torch.Tensor:
         """Keys and values of tokens start..end-1 of ``layer`` ([2, kv_heads, end - start,
@@ -215,10 +233,10 @@ class PagedSequenceKV:
             out[:, :, i * bt:(i + 1) * bt] = block      # a disk block's buffer is reused by the next read
         return out
 
-    def _blocks(self, layer: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def _blocks(self, layer: int, first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         bt = self.store.block_tokens
         committed = self.store.tables.table(self.seq_id, layer)
-        for i, block in enumerate(self.store.blocks(committed)):
+        for i, block in enumerate(self.store.blocks(committed[first:]), start=first):
             yield block[0], block[1], i * bt
         fill = self._lengths[layer] - len(committed) * bt
         if fill:

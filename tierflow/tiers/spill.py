@@ -109,23 +109,35 @@ class SpillFile:
     def read_view(self, slot: int, buffer: torch.Tensor, nbytes: int | None = None) -> torch.Tensor:
         """Read ``slot`` into ``buffer`` (from ``bounce_buffer()``) and return its first ``nbytes``
         (default: a whole block) as a uint8 view, after checking the CRC — no copy."""
-        self._check(slot)
+        return self.read_run(slot, [buffer], nbytes)[0]
+
+    def read_run(self, first: int, buffers: list[torch.Tensor], nbytes: int | None = None) -> list[torch.Tensor]:
+        """Read the consecutive slots ``first``, ``first + 1``, ... into ``buffers`` (one each,
+        from ``bounce_buffer()``) with one request, and return each block's first ``nbytes``
+        (default: a whole block) as a uint8 view, each after checking its CRC."""
+        count = len(buffers)
+        for slot in (first, first + count - 1):
+            self._check(slot)
         nbytes = self.block_bytes if nbytes is None else nbytes
-        expected = self._crc[slot]
-        if expected is None:
+        expected = self._crc[first:first + count]
+        if None in expected:
+            slot = first + expected.index(None)
             raise KVCorruptionError(f"slot {slot} of {self.path} holds no complete block")
         try:
-            got = os.preadv(self._fd, [memoryview(buffer.numpy())[:self.stride]], slot * self.stride)
+            got = os.preadv(self._fd, [memoryview(b.numpy())[:self.stride] for b in buffers], first * self.stride)
         except OSError as exc:
             raise TransferError(f"reading a KV block from {self.path} failed: {exc.strerror}") from exc
-        if got < nbytes:
-            raise TransferError(f"short read of a KV block from {self.path}: {got} of {nbytes} bytes "
-                                "(was the file truncated?)")
-        data = buffer[:nbytes]
-        if zlib.crc32(memoryview(data.numpy())) != expected:
-            raise KVCorruptionError(f"KV block in slot {slot} of {self.path} fails its checksum: the file was "
-                                    "modified or the disk returned bad data; the block will not be used")
-        return data
+        if got < (count - 1) * self.stride + nbytes:
+            raise TransferError(f"short read of KV blocks from {self.path}: {got} of "
+                                f"{(count - 1) * self.stride + nbytes} bytes (was the file truncated?)")
+        views = []
+        for i, buffer in enumerate(buffers):
+            data = buffer[:nbytes]
+            if zlib.crc32(memoryview(data.numpy())) != expected[i]:
+                raise KVCorruptionError(f"KV block in slot {first + i} of {self.path} fails its checksum: the file "
+                                        "was modified or the disk returned bad data; the block will not be used")
+            views.append(data)
+        return views
 
     def free(self, slot: int) -> None:
         self._crc[slot] = None
