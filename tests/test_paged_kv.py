@@ -185,3 +185,39 @@ def test_a_conversation_turn_after_turn_gives_the_tokens_of_a_fresh_full_context
         context += message
         assert asyncio.run(fresh(context)) == answer == oracle_greedy(tiny_model, context, 12)
         context += answer
+
+
+def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_before_it(tmp_path, monkeypatch):
+    """Blocks in consecutive spill slots are read with one request each run (up to READ_RUN),
+    in order and intact; with a sliding window, blocks wholly before every new token's window
+    are not read at all."""
+    import torch
+
+    from tierflow.tiers import pagedkv
+    from tierflow.tiers.pagedkv import KVStore
+    from tierflow.tiers.spill import SpillFile
+
+    store = KVStore(num_layers=1, num_kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"),
+                    block_tokens=16, device_blocks=0, host_blocks=0, disk_blocks=12, spill_dir=tmp_path)
+    requests: list[int] = []
+    read_run = SpillFile.read_run
+    monkeypatch.setattr(SpillFile, "read_run", lambda self, first, buffers, nbytes=None:
+                        requests.append(len(buffers)) or read_run(self, first, buffers, nbytes))
+    try:
+        kv = store.sequence(0)
+        keys, values = torch.randn(160, 2, 8), torch.randn(160, 2, 8)
+        blocks = list(kv.append(0, keys, values))          # 10 full blocks on disk, no tail
+        assert requests == [pagedkv.READ_RUN, pagedkv.READ_RUN, 10 - 2 * pagedkv.READ_RUN]
+        assert [first for _, _, first in blocks] == list(range(0, 160, 16))
+        got = torch.cat([k for k, _, _ in blocks], dim=1)
+        assert torch.equal(got, keys.transpose(0, 1))     # 10 blocks < READ_WINDOW buffers: none was reused
+
+        requests.clear()
+        more_k, more_v = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+        window = 40                                         # the new token (position 160) sees 121..160
+        firsts = [first for _, _, first in kv.append(0, more_k, more_v, window=window)]
+        assert firsts == [112, 128, 144, 160]               # blocks 0..6 end before position 121: not read
+        assert sum(requests) == 3
+    finally:
+        store.close()
+

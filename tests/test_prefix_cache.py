@@ -377,3 +377,20 @@ def test_a_request_arriving_while_another_attaches_its_prefix_still_reuses_its_o
     assert first.cached_tokens == SHARED and list(first.token_ids) == cold(B)
     assert list(second.token_ids) == cold(C)
     assert second.cached_tokens == SHARED
+
+
+def test_the_prefix_cache_refuses_a_longrope_model(tmp_path):
+    from tierflow.testing import build_random_checkpoint
+
+    short = 32
+    path = build_random_checkpoint(
+        tmp_path / "phi3", "phi3", max_position_embeddings=4 * short, original_max_position_embeddings=short,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                         "long_factor": [2.0] * 8, "original_max_position_embeddings": short}, num_heads=4,
+        hidden_size=64)
+
+    async def main():
+        await Engine.open(path, EngineConfig(device="cpu", prefix_cache_bytes=2**20))
+
+    with pytest.raises(ConfigError, match="prefix cache cannot serve a longrope model"):
+        asyncio.run(main())
