@@ -7,6 +7,7 @@ cache's reuse between tokens, checkpoint errors, and the planner's expert cache.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tierflow import Engine, EngineConfig, SamplingParams
 from tierflow.errors import CheckpointError, ShapeMismatchError
 from tierflow.planning import index_costs
-from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits, streaming_budget
+from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits
 from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.costmodel import Workload
 from tierflow.tiers.planner import minimum_device_bytes, plan
@@ -152,9 +153,10 @@ async def _run(path, config, record: bool = False):
 def _config(path: Path, name: str, placement: str) -> EngineConfig:
     if placement == "resident":
         return _small(name)
-    if placement == "streamed":
-        config = _small(name, expert_cache_bytes=0)
-        return _small(name, expert_cache_bytes=0, device_memory_bytes=streaming_budget(path, config))
+    if placement == "streamed":     # every decoder layer pinned to disk, no expert kept between layers
+        layers = CheckpointIndex.open(path).spec.num_layers
+        streamed = {**HARDWARE, "overrides": {"tiers": {f"layers.0-{layers - 1}": "disk"}}}
+        return dataclasses.replace(_small(name, expert_cache_bytes=0), profile=streamed)
     assert placement == "small-cache"
     return _small(name, expert_cache_bytes=3 * _expert_size(CheckpointIndex.open(path)))
 

@@ -101,8 +101,10 @@ def test_gqa_kv_bytes_count_the_kv_heads():
 
 
 # ----------------------------------------------------------------------------- CPU: the device tier is RAM
-@pytest.mark.parametrize("cap", [None, 4 * MiB, 2 * MiB, 1_500_000])
+@pytest.mark.parametrize("cap", [None, 4 * MiB, 2 * MiB, "least"])
 def test_cpu_has_no_host_tier(cap):
+    if cap == "least":
+        cap = minimum_device_bytes(SMALL, CPU, SMALL_WORK)
     p = plan(SMALL, CPU, SMALL_WORK, Overrides(device_memory_bytes=cap))
     assert "host" not in p.tiers
     assert p.kv_blocks["host"] == 0 and p.memory["host"].total == 0 and p.predicted.peak_host_bytes == 0

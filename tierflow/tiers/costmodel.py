@@ -24,6 +24,15 @@ EMBED, LAYER, HEAD = "embed", "layer", "head"
 DEVICE, HOST, DISK = "device", "host", "disk"
 ALIGN = 4096
 ATTENTION_KEY_TILE = 512
+KV_READ_WINDOW_BYTES = 16 * 2**20   # buffers that KV blocks read back from disk land in (read-ahead)
+KV_READ_RUN = 4                     # the most consecutive KV blocks one read request moves
+
+
+def kv_read_window(disk_blocks: int, block_bytes: int) -> int:
+    """Buffers (4 KiB-aligned block slots) for KV blocks read back from disk: about
+    KV_READ_WINDOW_BYTES, at least two runs, never more than there are blocks on disk."""
+    stride = -(-block_bytes // ALIGN) * ALIGN
+    return min(disk_blocks, max(2 * KV_READ_RUN, KV_READ_WINDOW_BYTES // stride))
 
 
 @dataclass(frozen=True, slots=True)

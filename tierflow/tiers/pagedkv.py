@@ -16,26 +16,55 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from tierflow.config import EngineConfig
 from tierflow.errors import ConfigError, TransferError
+from tierflow.tiers.costmodel import KV_READ_RUN, kv_read_window
 from tierflow.tiers.kvblocks import BlockRef, KVBlockTables, PoolStats
 from tierflow.tiers.plan import TierPlan
+from tierflow.tiers.reader import aligned_empty
 from tierflow.tiers.spill import SpillFile
 
 _ids = itertools.count()
-READ_WINDOW = 16     # disk blocks in flight or in use per reader of the store
-READ_RUN = 4         # the most blocks one read request moves
 READ_THREADS = 4
 
 
 def block_bytes(num_kv_heads: int, head_dim: int, block_tokens: int, dtype: torch.dtype) -> int:
     """Bytes of one block: keys and values of ``block_tokens`` tokens of one layer."""
     return 2 * num_kv_heads * block_tokens * head_dim * dtype.itemsize
+
+
+@dataclass(slots=True)
+class _ReadAhead:
+    key: tuple[int, int]                    # the reader it was started for
+    slots: list[int]                        # first slot of each run read
+    futures: list[Future[list[torch.Tensor]]]
+
+
+def _runs(disk: list[BlockRef], window: int) -> list[tuple[int, int]]:
+    """(first index, length) of runs of blocks in consecutive slots, each within KV_READ_RUN
+    blocks and not wrapping round the window (a run lands in consecutive buffers)."""
+    runs, i = [], 0
+    while i < len(disk):
+        j = i + 1
+        while j < len(disk) and j - i < KV_READ_RUN and disk[j].slot == disk[j - 1].slot + 1 and j % window:
+            j += 1
+        runs.append((i, j - i))
+        i = j
+    return runs
+
+
+def _settle(futures: Iterable[Future[Any]]) -> None:
+    for future in futures:
+        try:
+            future.result()
+        except Exception:       # noqa: BLE001 - nobody uses these blocks; only their reads must be over
+            pass
 
 
 class KVStore:
@@ -61,8 +90,14 @@ class KVStore:
                                    disk_blocks)
         # A window of read buffers: while attention uses one disk block, the next ones are read
         # into the others by several threads (one 256 KiB read at a time leaves an SSD idle).
-        self._window = [self.spill.bounce_buffer() for _ in range(READ_WINDOW)] if self.spill is not None else []
+        # One allocation (huge-page backed when large enough), so a run of blocks lands in
+        # physically contiguous memory and its O_DIRECT read is not split into small requests.
+        self.window_blocks = kv_read_window(disk_blocks, self.block_bytes) if self.spill is not None else 0
+        self._window = aligned_empty(self.window_blocks * self.spill.stride) if self.spill is not None else None
         self._replacing = threading.Lock()
+        self._successor: dict[tuple[int, int], tuple[int, int]] = {}    # reader → the one that came next
+        self._last_reader: tuple[int, int] | None = None
+        self._ahead: _ReadAhead | None = None
         self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv") \
             if self.spill is not None else None
 
@@ -111,30 +146,36 @@ class KVStore:
         else:
             self._pools[ref.tier][ref.slot].copy_(block)
 
-    def blocks(self, refs: tuple[BlockRef, ...]) -> Iterator[torch.Tensor]:
+    def blocks(self, refs: tuple[BlockRef, ...], key: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
         """Each block's [2, kv_heads, block_tokens, head_dim], in order. Disk blocks are read
-        ahead on READ_THREADS threads into a window of READ_WINDOW buffers, blocks in
-        consecutive slots (up to READ_RUN) with one request; a yielded disk block is valid
-        until the next is taken."""
+        ahead on READ_THREADS threads into a window of ``window_blocks`` buffers, blocks in
+        consecutive slots (up to KV_READ_RUN) with one request; a yielded disk block is valid
+        until the next is taken.
+
+        ``key`` = (sequence, layer) names the reader. The store learns which reader follows
+        which (a sweep visits them in the same order every time), and when one has taken its
+        last block it starts reading the first blocks of the next — layer i+1's while layer
+        i finishes computing — which that reader then takes over."""
+        if key is not None:
+            if self._last_reader is not None:
+                self._successor[self._last_reader] = key
+            self._last_reader = key
         disk = [ref for ref in refs if ref.tier == "disk"]
-        runs: list[tuple[int, int]] = []            # (first index into disk, length)
-        i = 0
-        while i < len(disk):
-            j = i + 1
-            while j < len(disk) and j - i < READ_RUN and disk[j].slot == disk[j - 1].slot + 1:
-                j += 1
-            runs.append((i, j - i))
-            i = j
+        runs = _runs(disk, self.window_blocks)
         pending: deque[Future[list[torch.Tensor]]] = deque()
         ready: deque[torch.Tensor] = deque()
         submitted = taken = 0                       # runs submitted; disk blocks taken
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            if key is not None and ahead.key == key and ahead.slots == [disk[f].slot for f, _ in runs[:len(ahead.slots)]]:
+                pending.extend(ahead.futures)       # read for us while the previous reader finished
+                submitted = len(ahead.futures)
+            else:
+                _settle(ahead.futures)              # a wrong guess: its reads must stop before the buffers are reused
 
         def submit() -> None:
             nonlocal submitted
-            first, length = runs[submitted]
-            assert self._reads is not None
-            pending.append(self._reads.submit(self._read_run, disk[first].slot,
-                                              [(first + k) % READ_WINDOW for k in range(length)]))
+            pending.append(self._submit_run(disk, runs[submitted]))
             submitted += 1
 
         try:
@@ -143,21 +184,35 @@ class KVStore:
                     yield self._pools[ref.tier][ref.slot].to(self.device)
                     continue
                 # the buffers of the blocks before this one are free again: keep the window full
-                while submitted < len(runs) and sum(runs[submitted]) <= taken + READ_WINDOW:
+                while submitted < len(runs) and sum(runs[submitted]) <= taken + self.window_blocks:
                     submit()
                 if not ready:
                     ready.extend(pending.popleft().result())
                 taken += 1
                 yield ready.popleft().to(self.device)
         finally:
-            for future in pending:      # never leave a read writing into a buffer someone may reuse
-                try:
-                    future.result()
-                except Exception:       # noqa: BLE001 - the consumer stopped; these blocks are not used
-                    pass
+            _settle(pending)            # never leave a read writing into a buffer someone may reuse
+        if key is not None:             # every block taken (and used): read ahead for the next reader
+            self._read_ahead(self._successor.get(key))
 
-    def _read_run(self, first_slot: int, buffers: list[int]) -> list[torch.Tensor]:
-        views = self._disk().read_run(first_slot, [self._window[b] for b in buffers])
+    def _read_ahead(self, reader: tuple[int, int] | None) -> None:
+        if reader is None or self.spill is None or reader[0] not in self.tables.sequences():
+            return
+        disk = [ref for ref in self.tables.table(*reader) if ref.tier == "disk"]
+        runs = [run for run in _runs(disk, self.window_blocks) if sum(run) <= self.window_blocks]
+        if runs:
+            self._ahead = _ReadAhead(reader, [disk[f].slot for f, _ in runs],
+                                     [self._submit_run(disk, run) for run in runs])
+
+    def _submit_run(self, disk: list[BlockRef], run: tuple[int, int]) -> Future[list[torch.Tensor]]:
+        first, length = run
+        assert self._reads is not None
+        return self._reads.submit(self._read_run, disk[first].slot, length, first % self.window_blocks)
+
+    def _read_run(self, first_slot: int, count: int, buffer: int) -> list[torch.Tensor]:
+        assert self._window is not None and self.spill is not None
+        stride = self.spill.stride
+        views = self._disk().read_run(first_slot, count, self._window[buffer * stride:(buffer + count) * stride])
         return [view.view(self.dtype).view(self.block_shape) for view in views]
 
     def _disk(self) -> SpillFile:
@@ -180,7 +235,16 @@ class KVStore:
     def sequence(self, seq_id: int) -> "PagedSequenceKV":
         return PagedSequenceKV(self, seq_id)
 
+    def forget(self, seq_id: int) -> None:
+        """A sequence is gone: drop what the store learnt about its readers."""
+        self._successor = {k: v for k, v in self._successor.items() if k[0] != seq_id and v[0] != seq_id}
+        if self._last_reader is not None and self._last_reader[0] == seq_id:
+            self._last_reader = None
+
     def close(self) -> None:
+        if self._ahead is not None:
+            _settle(self._ahead.futures)
+            self._ahead = None
         if self._reads is not None:
             self._reads.shutdown(wait=True)
         if self.spill is not None:
@@ -236,7 +300,7 @@ class PagedSequenceKV:
     def _blocks(self, layer: int, first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         bt = self.store.block_tokens
         committed = self.store.tables.table(self.seq_id, layer)
-        for i, block in enumerate(self.store.blocks(committed[first:]), start=first):
+        for i, block in enumerate(self.store.blocks(committed[first:], key=(self.seq_id, layer)), start=first):
             yield block[0], block[1], i * bt
         fill = self._lengths[layer] - len(committed) * bt
         if fill:
@@ -246,4 +310,5 @@ class PagedSequenceKV:
 
     def free(self) -> None:
         self.store.tables.free_sequence(self.seq_id)
+        self.store.forget(self.seq_id)
         self._tails = [None] * self.num_layers

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 from tierflow.errors import ProfileError, TierCapacityError
-from tierflow.tiers.costmodel import (DEVICE, DISK, EMBED, HOST, LAYER, ModelCosts, UnitCost, Workload, io_block_for,
-                                      sweep_times)
+from tierflow.tiers.costmodel import (DEVICE, DISK, EMBED, HOST, LAYER, ModelCosts, UnitCost,
+                                      Workload, io_block_for, kv_read_window, sweep_times)
 from tierflow.tiers.plan import DEFAULT_MARGIN, Prediction, TierMemory, TierPlan
 from tierflow.tiers.profile import HardwareProfile, Overrides, parse_selector
 
@@ -138,9 +138,14 @@ class _State:
         s = self.s
         device_slot, host_slot, convert = self.staging()
         slots = self.depth + 1
+        # buffers spilled KV blocks are read back into (none where KV may not spill: the search
+        # starts with all KV on disk and moves it, and must not be charged for that)
+        spills = self.kv[DISK] if s.kv_caps.get(DISK) != 0 else 0
+        kv_reads = kv_read_window(spills, s.kv_block_bytes) * -(-s.kv_block_bytes // 4096) * 4096
         device = TierMemory(s.device_budget, self.weights(DEVICE), slots * device_slot + convert,
-                            self.kv[DEVICE] * s.kv_block_bytes, self.workspace)
-        host = TierMemory(s.host_budget, self.weights(HOST), slots * host_slot, self.kv[HOST] * s.kv_block_bytes)
+                            self.kv[DEVICE] * s.kv_block_bytes, self.workspace + (kv_reads if s.hw.is_cpu else 0))
+        host = TierMemory(s.host_budget, self.weights(HOST), slots * host_slot + (0 if s.hw.is_cpu else kv_reads),
+                          self.kv[HOST] * s.kv_block_bytes)
         return {DEVICE: device, HOST: host}
 
     def fits(self) -> bool:

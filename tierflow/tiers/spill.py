@@ -109,30 +109,29 @@ class SpillFile:
     def read_view(self, slot: int, buffer: torch.Tensor, nbytes: int | None = None) -> torch.Tensor:
         """Read ``slot`` into ``buffer`` (from ``bounce_buffer()``) and return its first ``nbytes``
         (default: a whole block) as a uint8 view, after checking the CRC — no copy."""
-        return self.read_run(slot, [buffer], nbytes)[0]
+        return self.read_run(slot, 1, buffer, nbytes)[0]
 
-    def read_run(self, first: int, buffers: list[torch.Tensor], nbytes: int | None = None) -> list[torch.Tensor]:
-        """Read the consecutive slots ``first``, ``first + 1``, ... into ``buffers`` (one each,
-        from ``bounce_buffer()``) with one request, and return each block's first ``nbytes``
-        (default: a whole block) as a uint8 view, each after checking its CRC."""
-        count = len(buffers)
+    def read_run(self, first: int, count: int, buffer: torch.Tensor, nbytes: int | None = None) -> list[torch.Tensor]:
+        """Read the ``count`` consecutive slots from ``first`` with one request into ``buffer``
+        (4 KiB aligned, at least ``count * stride`` bytes; one allocation, so the read is not
+        split over scattered pages) and return each block's first ``nbytes`` (default: a whole
+        block) as a uint8 view, each after checking its CRC."""
         for slot in (first, first + count - 1):
             self._check(slot)
         nbytes = self.block_bytes if nbytes is None else nbytes
         expected = self._crc[first:first + count]
         if None in expected:
-            slot = first + expected.index(None)
-            raise KVCorruptionError(f"slot {slot} of {self.path} holds no complete block")
+            raise KVCorruptionError(f"slot {first + expected.index(None)} of {self.path} holds no complete block")
         try:
-            got = os.preadv(self._fd, [memoryview(b.numpy())[:self.stride] for b in buffers], first * self.stride)
+            got = os.preadv(self._fd, [memoryview(buffer.numpy())[:count * self.stride]], first * self.stride)
         except OSError as exc:
             raise TransferError(f"reading a KV block from {self.path} failed: {exc.strerror}") from exc
         if got < (count - 1) * self.stride + nbytes:
             raise TransferError(f"short read of KV blocks from {self.path}: {got} of "
                                 f"{(count - 1) * self.stride + nbytes} bytes (was the file truncated?)")
         views = []
-        for i, buffer in enumerate(buffers):
-            data = buffer[:nbytes]
+        for i in range(count):
+            data = buffer[i * self.stride:i * self.stride + nbytes]
             if zlib.crc32(memoryview(data.numpy())) != expected[i]:
                 raise KVCorruptionError(f"KV block in slot {first + i} of {self.path} fails its checksum: the file "
                                         "was modified or the disk returned bad data; the block will not be used")
