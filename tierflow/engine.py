@@ -41,9 +41,10 @@ from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
 from tierflow.tiers.pagedkv import KVStore
 from tierflow.tiers.prefixcache import PrefixCache, model_fingerprint
-from tierflow.tiers.reader import DiskReader, aligned_empty
+from tierflow.tiers.reader import DiskReader, aligned_empty, trim_heap
 
 log = logging.getLogger(__name__)
+TRIM_AFTER_TOKENS = 256     # sweeps of at least this many tokens return their freed heap memory to the OS
 
 
 @dataclass(eq=False)
@@ -393,6 +394,8 @@ class Engine:
                 self._finish(reqs[index], error=error)
             if decode:
                 self._account_decode(plan, before)
+            elif plan.num_tokens >= TRIM_AFTER_TOKENS:     # a prefill chunk: hand its activations back
+                await self._worker.run(trim_heap)
             self._batcher.update(plan, self._apply(plan, reqs, tokens))
             for item, req in zip(plan.seqs, reqs):   # a prompt's prefill just completed: offer its blocks
                 if item.sample and item.start + item.num_tokens == len(req.prompt_ids) and not req.done:

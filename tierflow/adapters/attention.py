@@ -75,6 +75,7 @@ def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Te
     m = torch.full((num_heads, n, 1), -math.inf, device=q.device)
     l = torch.zeros((num_heads, n, 1), device=q.device)
     acc = torch.zeros((num_heads, n, d), device=q.device)
+    workspace: torch.Tensor | None = None      # the scores of one block, reused: no allocation per block
     for keys, values, first in blocks:
         kv_heads, t = keys.shape[0], keys.shape[1]
         if num_heads % kv_heads:
@@ -86,23 +87,27 @@ def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Te
         # Grouped-query attention without copying keys per head: the G query heads that share
         # a KV head are rows of one matmul, [KVH, G*n, D] @ [KVH, D, t].
         group = num_heads // kv_heads
-        q_g = query.view(kv_heads, group * n, d)
-        m_g, l_g, acc_g = m.view(kv_heads, group * n, 1), l.view(kv_heads, group * n, 1), acc.view(kv_heads, group * n, d)
-        scores = q_g @ keys.float().transpose(1, 2)                      # [KVH, G*n, t]
+        rows = group * n
+        q_g = query.view(kv_heads, rows, d)
+        m_g, l_g, acc_g = m.view(kv_heads, rows, 1), l.view(kv_heads, rows, 1), acc.view(kv_heads, rows, d)
+        if workspace is None or workspace.numel() < kv_heads * rows * t:
+            workspace = torch.empty(kv_heads * rows * t, device=q.device)
+        scores = workspace[:kv_heads * rows * t].view(kv_heads, rows, t)
+        torch.bmm(q_g, keys.float().transpose(1, 2), out=scores)
         if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+            scores.div_(softcap).tanh_().mul_(softcap)
         # some keys are after some queries, or before the window of the last query: mask them
         masked = first + t - 1 > start or (window is not None and first <= last - window)
         if masked:
             hidden = ~_visible(start, n, first, t, window, q.device)    # [n, t]
-            scores = scores.view(kv_heads, group, n, t).masked_fill(hidden, -math.inf).view(kv_heads, group * n, t)
+            scores.view(kv_heads, group, n, t).masked_fill_(hidden, -math.inf)
         m_new = torch.maximum(m_g, scores.amax(dim=-1, keepdim=True))
         # a row with no visible key yet has m = -inf (only possible where something was masked)
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new) if masked else m_new
-        p = torch.exp(scores - safe)
+        p = scores.sub_(safe).exp_()                                     # in place: the probabilities
         alpha = torch.exp(m_g - safe)
         l_g.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-        acc_g.mul_(alpha).add_(p @ values.float())
+        acc_g.mul_(alpha).baddbmm_(p, values.float())
         m_g.copy_(m_new)
     if bool((l == 0).any()):
         raise ValueError("a query saw no key: the blocks must cover every position up to the query's")

@@ -50,6 +50,24 @@ def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
     return raw[skip:skip + nbytes]
 
 
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the OS (glibc ``malloc_trim``; elsewhere a no-op).
+    A long prefill frees large activations sweep after sweep; glibc keeps such memory in the
+    heap, so without this the process's footprint would grow with the prompt's length."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _advise_huge_pages(address: int, nbytes: int) -> None:
     try:
         import ctypes
