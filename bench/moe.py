@@ -13,8 +13,10 @@ One run:
                                          as offloaders that ignore the router do;
   3. prints per decode token: bytes read, the bytes expected from the router's picks (dense
      streamed part + experts picked and missed by the cache ÷ all experts × all experts'
-     bytes), experts picked and read per layer, time, the expert-cache hit rate, and the
-     ratios against reading every expert; checks the tokens agree; writes DIR/moe.json.
+     bytes + experts read ahead of the router), experts picked and read per
+     layer, experts read ahead (and of those unused) per token, time, the expert-cache hit
+     rate, and the ratios against reading every expert; checks the tokens agree; writes
+     DIR/moe.json.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ async def decode(path: Path, config: EngineConfig, new_tokens: int) -> dict:
             stamps += [time.perf_counter()] * len(chunk.token_ids)
             tokens += chunk.token_ids
             if first is None:
-                first = engine.stats()
-        last = engine.stats()
+                first, stage_first = engine.stats(), engine.pipeline_statistics()["experts"]
+        last, stage_last = engine.stats(), engine.pipeline_statistics()["experts"]
         n = len(tokens) - 1
         experts = engine.index.experts
         spec = engine.spec
@@ -72,6 +74,9 @@ async def decode(path: Path, config: EngineConfig, new_tokens: int) -> dict:
             / max(e.buffer_bytes for e in experts.values()) / len(spec.moe_layers),
             "experts_routed_per_layer": (last.expert_requests - first.expert_requests) / n / len(spec.moe_layers),
             "hit_rate": (last.expert_hits - first.expert_hits) / max(1, last.expert_requests - first.expert_requests),
+            "read_ahead_per_token": (stage_last.prefetched - stage_first.prefetched) / n,
+            "read_ahead_unused_per_token": ((stage_last.prefetched - stage_first.prefetched)
+                                            - (stage_last.prefetch_used - stage_first.prefetch_used)) / n,
             "all_expert_bytes": sum(e.buffer_bytes for e in experts.values()),
             "expert_cache_bytes": engine.pipeline_statistics()["experts"].capacity_bytes,
             "units_resident": last.units_resident, "units_streamed": last.units_streamed,
@@ -102,19 +107,23 @@ def main() -> None:
           f"{spec.experts_per_token}, {len(spec.moe_layers)} MoE layers; all experts {all_experts / 1e9:.2f} GB; "
           f"{args.new_tokens} greedy tokens")
     head = (f"{'run':<34}{'read/token':>12}{'expected':>11}{'picked/layer':>13}{'read/layer':>12}"
-            f"{'time/token':>12}{'hit rate':>10}{'bytes vs all':>14}{'time vs all':>13}")
+            f"{'ahead/unused':>14}{'time/token':>12}{'hit rate':>10}{'bytes vs all':>14}{'time vs all':>13}")
     print(head)
     print("-" * len(head))
     for name, r in results.items():
         # from the router's picks, not the reads: dense part streamed + (experts picked and not
-        # found in the cache ÷ all experts) × all experts' bytes
+        # found in the cache ÷ all experts) × all experts' bytes, + the experts read ahead (a
+        # read-ahead expert the router then picks counts as a hit, but it was read)
+        expert = r["all_expert_bytes"] / (spec.num_experts * len(spec.moe_layers))
         r["expected_bytes_per_token"] = r["dense_streamed_per_token"] + (
-            r["experts_routed_per_layer"] * (1 - r["hit_rate"]) / spec.num_experts) * r["all_expert_bytes"]
+            r["experts_routed_per_layer"] * (1 - r["hit_rate"]) / spec.num_experts) * r["all_expert_bytes"] + (
+            r["read_ahead_per_token"] * expert)
         r["bytes_vs_all"] = r["bytes_per_token"] / every["bytes_per_token"]
         r["time_vs_all"] = r["s_per_token"] / every["s_per_token"]
         r["tokens_equal_all"] = r["tokens"] == every["tokens"]
         print(f"{name:<34}{r['bytes_per_token'] / 1e6:>9.1f} MB{r['expected_bytes_per_token'] / 1e6:>8.1f} MB"
               f"{r['experts_routed_per_layer']:>13.2f}{r['experts_read_per_layer']:>7.2f} of {spec.num_experts}"
+              f"{r['read_ahead_per_token']:>8.2f}/{r['read_ahead_unused_per_token']:<5.2f}"
               f"{r['s_per_token'] * 1e3:>9.1f} ms"
               f"{r['hit_rate']:>10.2f}{r['bytes_vs_all']:>14.3f}{r['time_vs_all']:>13.3f}")
     same = all(r["tokens_equal_all"] for r in results.values())
