@@ -110,7 +110,7 @@ def _memory_table(plan: TierPlan) -> Table:
     return t
 
 
-def _prediction_table(plan: TierPlan) -> Table:
+def _prediction_table(plan: TierPlan, model: ModelCosts) -> Table:
     p, w = plan.predicted, plan.workload
     t = Table(title=f"predicted for {w.concurrency} x {w.context_tokens} tokens of context", show_header=False,
               box=None, title_justify="left")
@@ -126,6 +126,12 @@ def _prediction_table(plan: TierPlan) -> Table:
               + ("" if plan.device == "cpu" else f", host {format_bytes(p.peak_host_bytes)}"))
     t.add_row("disk space", f"{format_bytes(p.disk_bytes)} (the checkpoint plus spilled KV)")
     t.add_row("KV cache", format_bytes(p.kv_bytes))
+    e = model.experts
+    if e is not None:
+        held = min(e.moe_layers * e.num_experts, plan.expert_cache_bytes // max(1, e.resident_bytes))
+        t.add_row("experts", f"{e.moe_layers} MoE layers of {e.num_experts} experts, {e.per_token} per token; cache "
+                             f"{format_bytes(plan.expert_cache_bytes)} ({held} of {e.moe_layers * e.num_experts} "
+                             f"experts, in the device weights above); a miss reads {format_bytes(e.stream_bytes)}")
     return t
 
 
@@ -140,7 +146,7 @@ def render_plan(console: Console, plan: TierPlan, hw: HardwareProfile, model: Mo
     if not improvements:
         helps.add_row("nothing single", "no one change predicts 5% faster decoding")
     console.print(Group(title, _hardware_table(hw, hardware_source), _placement_table(plan, model),
-                        _memory_table(plan), _prediction_table(plan), helps))
+                        _memory_table(plan), _prediction_table(plan, model), helps))
 
 
 def render_plan_vs_actual(console: Console, stats: EngineStats) -> None:
