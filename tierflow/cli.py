@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat message")
     run.add_argument("--profile", help="profile JSON: hardware to plan for and overrides (see the README)")
     run.add_argument("--report", action="store_true", help="print the plan and, after the run, plan vs actual")
+    run.add_argument("--trace", metavar="PATH", help="write a Chrome-trace / Perfetto JSON timeline of the run's stages")
     from tierflow.cli_plan import add_plan_commands
     add_plan_commands(sub, parse_size)
     return parser
@@ -79,7 +80,7 @@ async def _run(args: argparse.Namespace, console: Console) -> None:
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           device_memory_bytes=None if args.no_cap else args.device_memory,
                           kv_reserve_tokens=args.kv_reserve_tokens, prefetch_depth=args.prefetch_depth,
-                          profile=args.profile)
+                          profile=args.profile, trace_path=args.trace)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     async with await Engine.open(model, config) as engine:
@@ -101,6 +102,8 @@ async def _run(args: argparse.Namespace, console: Console) -> None:
         _summary(console, engine, n, elapsed, (first or started) - started)
         if args.report:
             render_plan_vs_actual(console, engine.stats())
+    if args.trace:
+        console.print(f"timeline written to {args.trace} (open it in ui.perfetto.dev or chrome://tracing)")
 
 
 def _summary(console: Console, engine: Engine, tokens: int, elapsed_s: float, first_s: float) -> None:

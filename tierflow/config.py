@@ -73,6 +73,9 @@ class EngineConfig:
     expert_cache_bytes: mixture-of-experts models: memory for routed experts kept between
         sweeps (least recently used leave first); None: what the plan leaves free on the device.
         Only the experts the router picks are read, cached or not.
+    trace_path: write a Chrome-trace / Perfetto JSON timeline of every pipeline stage (weight
+        reads, compute per unit, KV block reads, expert reads, sweeps) to this file when the
+        engine closes; open it in ui.perfetto.dev to see what overlapped.
     expert_reads: "routed" (the default) reads the experts a layer's tokens were routed to;
         "all" reads every expert of a MoE layer on every sweep, as offloaders that ignore the
         router do (for comparison).
@@ -100,6 +103,7 @@ class EngineConfig:
     prefix_cache_disk_bytes: int | None = None
     expert_cache_bytes: int | None = None
     expert_reads: str = "routed"
+    trace_path: str | os.PathLike[str] | None = None
 
     @property
     def prefix_cache(self) -> bool:
@@ -137,6 +141,8 @@ class EngineConfig:
         _check_positive("EngineConfig", "expert_cache_bytes", self.expert_cache_bytes, allow_none=True, minimum=0)
         if self.expert_reads not in EXPERT_READS:
             raise ConfigError(f"EngineConfig.expert_reads must be one of {EXPERT_READS}, got {self.expert_reads!r}")
+        if self.trace_path is not None and not isinstance(self.trace_path, (str, os.PathLike)):
+            raise ConfigError(f"EngineConfig.trace_path must be a path, got {type(self.trace_path).__name__}")
         if self.prefix_cache_dir is not None and not isinstance(self.prefix_cache_dir, (str, os.PathLike)):
             raise ConfigError(f"EngineConfig.prefix_cache_dir must be a path, got "
                               f"{type(self.prefix_cache_dir).__name__}")

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from tierflow.outputs import Completion, EngineStats, StageTimes, StreamChunk
 from tierflow.pipeline.batcher import Batcher, KVCapacityError, SweepPlan
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
+from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.prompts import Detokenizer, Prompt, encode_prompt
 from tierflow.sampling import make_generator, sample
 from tierflow.stages.experts import ExpertStage
@@ -132,6 +134,7 @@ class Engine:
         self.max_context_tokens = min(config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
         self._kv_store: KVStore | None = None        # made in _start when the KV cache is paged
         self._prefix: PrefixReuse | None = None      # made in _start when the prefix cache is on
+        self._tracer = Tracer() if config.trace_path is not None else NULL_TRACER
         kv_tokens = self.plan.kv_blocks[DEVICE] // max(1, self.spec.num_layers) * self.plan.kv_block_tokens
         self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=self.plan.prefill_chunk_tokens,
                                 kv_capacity_tokens=kv_tokens)
@@ -153,6 +156,11 @@ class Engine:
     @classmethod
     async def open(cls, model: str | Path, config: EngineConfig | None = None) -> "Engine":
         config = config or EngineConfig()
+        if config.trace_path is not None:
+            parent = Path(config.trace_path).expanduser().absolute().parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise ConfigError(f"EngineConfig.trace_path {str(config.trace_path)!r}: the directory {parent} does "
+                                  "not exist or is not writable")
         index = await asyncio.to_thread(CheckpointIndex.open, model)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, device)
@@ -174,7 +182,8 @@ class Engine:
 
     async def _start(self) -> None:
         if self.config.paged_kv:
-            self._kv_store = KVStore.for_engine(self.config, self.plan, self.spec, self.dtype, self.device)
+            self._kv_store = KVStore.for_engine(self.config, self.plan, self.spec, self.dtype, self.device,
+                                                self._tracer)
             self._batcher.kv_capacity_tokens = self._kv_store.capacity_tokens
         if self.config.prefix_cache:
             await self._open_prefix_cache()
@@ -195,17 +204,18 @@ class Engine:
         streamed = [self.index.units[u] for u in self.plan.streamed]
         if streamed:
             ring = SlotRing([aligned_empty(self.plan.device_slot_bytes) for _ in range(self.plan.num_slots)])
-            self._stream = WeightStream(streamed, self._reader, ring, SameDevice())
+            self._stream = WeightStream(streamed, self._reader, ring, SameDevice(), self._tracer)
             self._stream.start()
         if self.index.experts:
             capacity = self.config.expert_cache_bytes
             self._experts = ExpertStage(self.index.experts, self._reader, self.dtype,
                                         self.plan.expert_cache_bytes if capacity is None else capacity,
-                                        read_all=self.config.expert_reads == "all")
+                                        read_all=self.config.expert_reads == "all", tracer=self._tracer)
             if self._experts.capacity_bytes >= self._experts.total_bytes:   # every expert fits: keep them all
                 await self._experts.preload()
         self._runner = SweepRunner(self.spec, self.index.adapter, resident, self._stream, self._worker, self.dtype,
-                                   mlp_chunk_tokens=self.plan.mlp_chunk_tokens, experts=self._experts)
+                                   mlp_chunk_tokens=self.plan.mlp_chunk_tokens, experts=self._experts,
+                                   tracer=self._tracer)
         self._driver = asyncio.create_task(self._drive(), name="tierflow-driver")
 
     async def _open_prefix_cache(self) -> None:
@@ -240,6 +250,11 @@ class Engine:
         if self._prefix is not None:
             await asyncio.to_thread(self._prefix.cache.close)
         self._reader.close()
+        if self.config.trace_path is not None:
+            try:
+                await asyncio.to_thread(self._tracer.write, self.config.trace_path)
+            except OSError as exc:
+                log.error("could not write the trace to %s: %s", self.config.trace_path, exc)
 
     async def __aenter__(self) -> "Engine":
         return self
@@ -407,6 +422,7 @@ class Engine:
         """Reuse the longest cached prefix of a just-admitted request's prompt."""
         if self._prefix is None or req.score:
             return
+        started = time.perf_counter()
         try:
             req.cached_tokens = await self._worker.run(self._prefix.attach, req.kv, req.prompt_ids)
         except Exception as exc:     # the KV it was copied into failed (a spill fault): only this request fails
@@ -414,6 +430,8 @@ class Engine:
             self._finish(req, error=exc if isinstance(exc, TierflowError) else
                          RequestError(f"reusing the cached prefix failed: {exc!r}"))
             return
+        self._tracer.span("prefix cache", "reuse", started, time.perf_counter(), request=req.id,
+                          tokens=req.cached_tokens)
         if req.cached_tokens:
             self._batcher.mark_computed(req.id, req.cached_tokens)
             self._prompt_tokens_cached += req.cached_tokens

@@ -16,7 +16,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from tierflow.adapters import Adapter, ModelSpec, UnitWeights
+import time
+
 from tierflow.pipeline.executor import ComputeWorker
+from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.experts import ExpertStage
 from tierflow.stages.weights import WeightStream, cast_weights
 
@@ -34,10 +37,11 @@ class SweepBatch:
 class SweepRunner:
     def __init__(self, spec: ModelSpec, adapter: Adapter, resident: dict[int, UnitWeights],
                  stream: WeightStream | None, worker: ComputeWorker, dtype: torch.dtype, *,
-                 mlp_chunk_tokens: int | None = None, experts: ExpertStage | None = None) -> None:
+                 mlp_chunk_tokens: int | None = None, experts: ExpertStage | None = None,
+                 tracer: Tracer = NULL_TRACER) -> None:
         self.spec, self.adapter, self.resident = spec, adapter, resident
         self.stream, self.worker, self.dtype = stream, worker, dtype
-        self.mlp_chunk_tokens, self.experts = mlp_chunk_tokens, experts
+        self.mlp_chunk_tokens, self.experts, self.tracer = mlp_chunk_tokens, experts, tracer
         self._moe_units = {layer + 1 for layer in spec.moe_layers} if experts is not None else set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.last_failures: dict[int, BaseException] = {}    # sequence index → its error, last sweep
@@ -50,12 +54,16 @@ class SweepRunner:
         self._loop = asyncio.get_running_loop()
         hidden: Any = batch
         unit = 0
+        started = time.perf_counter()
         try:
             for unit in range(self.spec.num_units):
                 hidden = await self._unit(unit, hidden, batch)
         except Exception:
             await self._skip_rest(unit + 1)
             raise
+        finally:
+            self.tracer.span("sweeps", f"sweep {self.num_sweeps}", started, time.perf_counter(),
+                             tokens=len(batch.token_ids), sequences=len(batch.seq_slices))
         return hidden
 
     async def _unit(self, unit: int, hidden: Any, batch: SweepBatch) -> Any:
@@ -84,6 +92,13 @@ class SweepRunner:
         return asyncio.run_coroutine_threadsafe(self.experts.get(layer, experts), self._loop).result()
 
     def _compute(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._forward(unit, weights, hidden, batch)
+        finally:
+            self.tracer.span("compute", self.spec.unit_name(unit), started, time.perf_counter())
+
+    def _forward(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch) -> Any:
         if unit == 0:
             ctx = self.adapter.make_context(self.spec, batch.positions, batch.seq_slices, batch.seq_starts,
                                             batch.kv, batch.logit_rows, self.dtype)

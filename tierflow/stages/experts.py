@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.weights import cast_weights, unit_views
 from tierflow.tiers.checkpoint import UnitLayout
 from tierflow.tiers.reader import DiskReader, aligned_empty
@@ -59,8 +60,9 @@ class ExpertStats:
 
 class ExpertStage:
     def __init__(self, layouts: Mapping[Key, UnitLayout], reader: DiskReader, dtype: torch.dtype,
-                 capacity_bytes: int, *, prefetch: bool = True, read_all: bool = False) -> None:
-        self._layouts, self._reader, self._dtype = layouts, reader, dtype
+                 capacity_bytes: int, *, prefetch: bool = True, read_all: bool = False,
+                 tracer: Tracer = NULL_TRACER) -> None:
+        self._layouts, self._reader, self._dtype, self._tracer = layouts, reader, dtype, tracer
         self.capacity_bytes, self.read_all = capacity_bytes, read_all
         # reading ahead keeps experts between layers: only with an expert cache to keep them in
         self.prefetch_enabled = prefetch and not read_all and capacity_bytes > 0
@@ -175,6 +177,8 @@ class ExpertStage:
             self._reads.pop(key, None)
         self._bytes_read += nbytes
         self._read_s += time.perf_counter() - started
+        self._tracer.span("disk: experts", layout.name, started, time.perf_counter(), bytes=nbytes,
+                          ahead=key in self._ahead)
         layer, expert = key
         self._sizes[key] = layout.buffer_bytes if weights is views else layout.compute_bytes(self._dtype)
         self._cached_bytes += self._sizes[key]

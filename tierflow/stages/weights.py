@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tierflow.pipeline.ring import Channel, ChannelStats, RingStats, SlotRing
+from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.upload import Uploader
 from tierflow.tiers.checkpoint import UnitLayout
 from tierflow.tiers.reader import DiskReader
@@ -59,8 +60,9 @@ class StreamStats:
 
 class WeightStream:
     def __init__(self, layouts: list[UnitLayout], reader: DiskReader, ring: SlotRing[torch.Tensor],
-                 uploader: Uploader) -> None:
+                 uploader: Uploader, tracer: Tracer = NULL_TRACER) -> None:
         self._layouts, self._reader, self._ring, self._uploader = layouts, reader, ring, uploader
+        self._tracer = tracer
         self._channel: Channel[tuple[int, int, asyncio.Task[dict[str, torch.Tensor]]]] = Channel(len(ring.slots))
         self._task: asyncio.Task[None] | None = None
         self._units_read = self._units_consumed = self._bytes_read = 0
@@ -105,6 +107,7 @@ class WeightStream:
             read_done = time.perf_counter()
             if self._in_flight == 0:
                 self._busy_s += read_done - self._busy_since
+        self._tracer.span("disk: weights", layout.name, started, read_done, bytes=nbytes, slot=slot)
         device_buffer = await self._uploader.upload(self._ring.slots[slot], slot)
         self._bytes_read += nbytes
         self._read_s += read_done - started

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 
 from tierflow.config import EngineConfig
 from tierflow.errors import ConfigError, TransferError
+from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.tiers.costmodel import KV_READ_RUN, kv_read_window
 from tierflow.tiers.kvblocks import BlockRef, KVBlockTables, PoolStats
 from tierflow.tiers.plan import TierPlan
@@ -72,7 +74,8 @@ class KVStore:
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, block_tokens: int, device_blocks: int, host_blocks: int, disk_blocks: int,
-                 spill_dir: str | os.PathLike[str] | None) -> None:
+                 spill_dir: str | os.PathLike[str] | None, tracer: Tracer = NULL_TRACER) -> None:
+        self.tracer = tracer
         self.num_layers, self.block_tokens, self.dtype, self.device = num_layers, block_tokens, dtype, device
         self.block_shape = (2, num_kv_heads, block_tokens, head_dim)
         self.block_bytes = block_bytes(num_kv_heads, head_dim, block_tokens, dtype)
@@ -96,6 +99,7 @@ class KVStore:
         self._window = aligned_empty(self.window_blocks * self.spill.stride) if self.spill is not None else None
         self._replacing = threading.Lock()
         self._successor: dict[tuple[int, int], tuple[int, int]] = {}    # reader → the one that came next
+        self._skipped: dict[tuple[int, int], int] = {}                   # reader → leading blocks it skipped
         self._last_reader: tuple[int, int] | None = None
         self._ahead: _ReadAhead | None = None
         self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv") \
@@ -103,7 +107,7 @@ class KVStore:
 
     @classmethod
     def for_engine(cls, config: EngineConfig, plan: TierPlan, spec: Any, dtype: torch.dtype,
-                   device: torch.device) -> "KVStore":
+                   device: torch.device, tracer: Tracer = NULL_TRACER) -> "KVStore":
         """Pools for an engine's paged KV cache of ``kv_reserve_tokens`` tokens: the device share
         from ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
         plan's), the rest on disk in ``kv_cache_dir``."""
@@ -123,7 +127,8 @@ class KVStore:
                               "disk, or raise kv_device_bytes / kv_host_bytes")
         return cls(num_layers=layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                    device=device, block_tokens=bt, device_blocks=device_share * layers,
-                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir)
+                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir,
+                   tracer=tracer)
 
     @property
     def capacity_tokens(self) -> int:
@@ -160,6 +165,8 @@ class KVStore:
             if self._last_reader is not None:
                 self._successor[self._last_reader] = key
             self._last_reader = key
+            # blocks a sliding window let the reader skip (its refs are the end of its table)
+            self._skipped[key] = max(0, len(self.tables.table(*key)) - len(refs))
         disk = [ref for ref in refs if ref.tier == "disk"]
         runs = _runs(disk, self.window_blocks)
         pending: deque[Future[list[torch.Tensor]]] = deque()
@@ -198,7 +205,8 @@ class KVStore:
     def _read_ahead(self, reader: tuple[int, int] | None) -> None:
         if reader is None or self.spill is None or reader[0] not in self.tables.sequences():
             return
-        disk = [ref for ref in self.tables.table(*reader) if ref.tier == "disk"]
+        table = self.tables.table(*reader)[self._skipped.get(reader, 0):]
+        disk = [ref for ref in table if ref.tier == "disk"]
         runs = [run for run in _runs(disk, self.window_blocks) if sum(run) <= self.window_blocks]
         if runs:
             self._ahead = _ReadAhead(reader, [disk[f].slot for f, _ in runs],
@@ -211,8 +219,9 @@ class KVStore:
 
     def _read_run(self, first_slot: int, count: int, buffer: int) -> list[torch.Tensor]:
         assert self._window is not None and self.spill is not None
-        stride = self.spill.stride
+        stride, started = self.spill.stride, time.perf_counter()
         views = self._disk().read_run(first_slot, count, self._window[buffer * stride:(buffer + count) * stride])
+        self.tracer.span("disk: KV blocks", f"{count} blocks", started, time.perf_counter(), first_slot=first_slot)
         return [view.view(self.dtype).view(self.block_shape) for view in views]
 
     def _disk(self) -> SpillFile:
@@ -238,6 +247,7 @@ class KVStore:
     def forget(self, seq_id: int) -> None:
         """A sequence is gone: drop what the store learnt about its readers."""
         self._successor = {k: v for k, v in self._successor.items() if k[0] != seq_id and v[0] != seq_id}
+        self._skipped = {k: n for k, n in self._skipped.items() if k[0] != seq_id}
         if self._last_reader is not None and self._last_reader[0] == seq_id:
             self._last_reader = None
 
