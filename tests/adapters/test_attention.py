@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -61,24 +62,33 @@ def test_missing_keys_are_an_error():
         attend_blocks(torch.randn(2, 5, 16), [(torch.randn(2, 2, 16), torch.randn(2, 2, 16), 0)], 0)
 
 
-def test_memory_is_bounded_by_the_block_not_the_context():
-    """The score matrix held at once is [heads, queries, block tokens], whatever the context:
-    the largest one seen is the same at 512 and 4096 tokens of context."""
+@contextlib.contextmanager
+def _score_sizes():
+    """The sizes of the score matrices attention makes (each is a ``torch.bmm`` output)."""
     seen: list[int] = []
     original = torch.bmm
 
-    def spy(a, b, *, out=None):      # every score matrix is a bmm's output
+    def spy(a, b, *, out=None):
         result = original(a, b, out=out)
         seen.append(result.numel())
         return result
 
+    torch.bmm = spy
+    try:
+        yield seen
+    finally:
+        torch.bmm = original
+
+
+def test_memory_is_bounded_by_the_block_not_the_context():
+    """The score matrix held at once is [heads, queries, block tokens], whatever the context:
+    the largest one seen is the same at 512 and 4096 tokens of context."""
+    seen: list[int] = []
     for context in (512, 4096):
         q, keys, values = _case(4, context - 4, 8, 2)
-        torch.bmm = spy
-        try:
+        with _score_sizes() as sizes:
             attend_blocks(q, split_blocks(keys, values, 128), context - 4)
-        finally:
-            torch.bmm = original
+        seen += sizes
     assert max(seen) == 8 * 4 * 128
 
 
@@ -138,18 +148,7 @@ def test_softcap_memory_is_bounded_by_the_tile():
     score matrix is [heads, queries, KEY_TILE_TOKENS], not the whole context."""
     from tierflow.adapters.attention import KEY_TILE_TOKENS
 
-    seen: list[int] = []
-    original = torch.bmm
-
-    def spy(a, b, *, out=None):      # every score matrix is a bmm's output
-        result = original(a, b, out=out)
-        seen.append(result.numel())
-        return result
-
     q, keys, values = _case(4, 4092, 8, 2)
-    torch.bmm = spy
-    try:
+    with _score_sizes() as seen:
         attend(q, keys, values, 4092, softcap=30.0)
-    finally:
-        torch.bmm = original
     assert max(seen) == 8 * 4 * KEY_TILE_TOKENS

@@ -133,6 +133,17 @@ class MixtralAdapter(MoEAdapter):
             moe_layers=tuple(range(layers)), **_every_layer_slides(config.get("sliding_window"), layers)))
 
 
+def _qwen_moe_spec(config: Mapping[str, Any], family: str, **features: Any) -> ModelSpec:
+    """The fields Qwen2-MoE and Qwen3-MoE read alike: experts, the sparse layers, top-k."""
+    layers = int(config.get("num_hidden_layers", 0))
+    return _check_moe(read_spec(
+        config, family, rope_types=_ROPE_TYPES, mlp_bias=False, hidden_act=config.get("hidden_act", "silu"),
+        num_experts=_experts(config, "num_experts", "num_local_experts"),
+        moe_intermediate_size=int(config["moe_intermediate_size"]),
+        norm_topk_prob=bool(config.get("norm_topk_prob", False)), moe_layers=sparse_layers(config, layers),
+        **features))
+
+
 class Qwen2MoeAdapter(MoEAdapter):
     architectures = ("Qwen2MoeForCausalLM",)
     style = DecoderStyle(qkv_bias=True)
@@ -140,17 +151,12 @@ class Qwen2MoeAdapter(MoEAdapter):
     routing_in_float32 = False
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
-        layers = int(config.get("num_hidden_layers", 0))
         if config.get("qkv_bias") is False:
             raise UnsupportedModelError("Qwen2-MoE without q/k/v biases (qkv_bias: false) is not supported")
-        return _check_moe(read_spec(
-            config, "Qwen2-MoE", rope_types=_ROPE_TYPES, attention_bias=False, mlp_bias=False,
-            hidden_act=config.get("hidden_act", "silu"), num_experts=_experts(config, "num_experts", "num_local_experts"),
-            experts_per_token=int(config.get("num_experts_per_tok", 4)),
-            moe_intermediate_size=int(config["moe_intermediate_size"]),
+        return _qwen_moe_spec(
+            config, "Qwen2-MoE", attention_bias=False, experts_per_token=int(config.get("num_experts_per_tok", 4)),
             shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
-            norm_topk_prob=bool(config.get("norm_topk_prob", False)), moe_layers=sparse_layers(config, layers),
-            **qwen_layers(config, layers)))
+            **qwen_layers(config, int(config.get("num_hidden_layers", 0))))
 
 
 class Qwen3MoeAdapter(MoEAdapter):
@@ -160,12 +166,6 @@ class Qwen3MoeAdapter(MoEAdapter):
     routing_in_float32 = False
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
-        layers = int(config.get("num_hidden_layers", 0))
-        return _check_moe(read_spec(
-            config, "Qwen3-MoE", rope_types=_ROPE_TYPES, mlp_bias=False,
-            hidden_act=config.get("hidden_act", "silu"), num_experts=_experts(config, "num_experts", "num_local_experts"),
-            experts_per_token=int(config.get("num_experts_per_tok", 8)),
-            moe_intermediate_size=int(config["moe_intermediate_size"]),
-            norm_topk_prob=bool(config.get("norm_topk_prob", False)), moe_layers=sparse_layers(config, layers),
-            **_every_layer_slides(config.get("sliding_window") if config.get("use_sliding_window") else None,
-                                  layers)))
+        window = config.get("sliding_window") if config.get("use_sliding_window") else None
+        return _qwen_moe_spec(config, "Qwen3-MoE", experts_per_token=int(config.get("num_experts_per_tok", 8)),
+                              **_every_layer_slides(window, int(config.get("num_hidden_layers", 0))))
