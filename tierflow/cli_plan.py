@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tierflow.adapters import adapter_for
-from tierflow.engine import resolve_dtype
+from tierflow.loading import resolve_dtype
 from tierflow.errors import CheckpointError, ConfigError
 from tierflow.planning import (DTYPE_NAMES, config_spec, engine_overrides, engine_workload, index_costs,
                                layer_benchmark, load_engine_profile)

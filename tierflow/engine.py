@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import torch
 
-from tierflow.adapters.rope import rope_kind
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.errors import (ConfigError, EngineClosedError, PromptError, RequestError, RequestTimeoutError,
                              TierCapacityError, TierflowError)
@@ -30,94 +27,24 @@ from tierflow.pipeline.batcher import Batcher, KVCapacityError, SweepPlan
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
+from tierflow.loading import eos_ids, load_tokenizer, resolve_device, resolve_dtype
 from tierflow.prompts import Detokenizer, Prompt, encode_prompt
+from tierflow.request import Request, deadline_after
 from tierflow.sampling import make_generator, sample
 from tierflow.stages.experts import ExpertStage
 from tierflow.stages.prefix import PrefixReuse
 from tierflow.stages.upload import SameDevice
 from tierflow.stages.weights import WeightStream, cast_weights, unit_views
 from tierflow.sweep import SweepBatch, SweepRunner
-from tierflow.planning import DTYPES, EnginePlan, plan_engine
+from tierflow.planning import EnginePlan, plan_engine
 from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
 from tierflow.tiers.pagedkv import KVStore
-from tierflow.tiers.prefixcache import PrefixCache, model_fingerprint
 from tierflow.tiers.reader import DiskReader, aligned_empty, trim_heap
 
 log = logging.getLogger(__name__)
 TRIM_AFTER_TOKENS = 256     # sweeps of at least this many tokens return their freed heap memory to the OS
-
-
-@dataclass(eq=False)
-class _Request:
-    id: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    kv: Any                                   # SequenceKV, or PagedSequenceKV with a paged KV cache
-    detok: Detokenizer
-    generator: torch.Generator | None
-    score: bool = False                       # return prompt logits instead of generating
-    output_ids: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: BaseException | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    submitted_s: float = field(default_factory=time.perf_counter)
-    first_token_s: float = 0.0
-    finished_s: float = 0.0
-    cached_tokens: int = 0                    # prompt tokens whose KV came from the prefix cache
-    remembered_blocks: int = 0                # full KV blocks offered to the prefix cache so far
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-    def token(self, position: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
-
-
-def _deadline(timeout_s: float | None) -> float | None:
-    if timeout_s is None:
-        return None
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-        raise ConfigError(f"timeout_s must be a number of seconds > 0 or None, got {timeout_s!r}")
-    return asyncio.get_running_loop().time() + timeout_s
-
-
-def resolve_device(device: str) -> torch.device:
-    if device in ("auto", "cpu"):
-        return torch.device("cpu")
-    raise TierflowError(f"device {device!r}: the CUDA path is not available in this version of tierflow; "
-                        "use device='cpu' (or 'auto')")
-
-
-def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        return DTYPES[dtype]
-    resolved = DTYPES.get(checkpoint_dtype, torch.float32)
-    if resolved == torch.float16 and device.type == "cpu":
-        return torch.float32     # fp16 matmuls are very slow on most CPUs
-    return resolved
-
-
-def _load_tokenizer(directory: Path) -> Any:
-    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def _eos_ids(index: CheckpointIndex, tokenizer: Any) -> frozenset[int]:
-    ids = set(index.spec.eos_token_ids)
-    gen = index.directory / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
 
 
 class Engine:
@@ -130,7 +57,7 @@ class Engine:
         self.plan, self.hardware, self.costs = planned.plan, planned.hardware, planned.costs
         self.hardware_source = planned.provenance
         self._reader, self._worker = reader, worker
-        self._eos_ids = _eos_ids(index, tokenizer)
+        self._eos_ids = eos_ids(index, tokenizer)
         self.max_context_tokens = min(config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
         self._kv_store: KVStore | None = None        # made in _start when the KV cache is paged
         self._prefix: PrefixReuse | None = None      # made in _start when the prefix cache is on
@@ -138,7 +65,7 @@ class Engine:
         kv_tokens = self.plan.kv_blocks[DEVICE] // max(1, self.spec.num_layers) * self.plan.kv_block_tokens
         self._batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=self.plan.prefill_chunk_tokens,
                                 kv_capacity_tokens=kv_tokens)
-        self._requests: dict[int, _Request] = {}
+        self._requests: dict[int, Request] = {}
         self._to_remove: set[int] = set()
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -165,7 +92,7 @@ class Engine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, device)
         planned = await plan_engine(index, config, device, dtype)
-        tokenizer = await asyncio.to_thread(_load_tokenizer, index.directory)
+        tokenizer = await asyncio.to_thread(load_tokenizer, index.directory)
         reader = DiskReader(index.files, io_threads=planned.plan.io_threads, block_bytes=planned.plan.io_block_bytes,
                             direct_io=config.direct_io)
         engine = cls(index, config, device, dtype, tokenizer, planned, reader, ComputeWorker())
@@ -186,7 +113,8 @@ class Engine:
                                                 self._tracer)
             self._batcher.kv_capacity_tokens = self._kv_store.capacity_tokens
         if self.config.prefix_cache:
-            await self._open_prefix_cache()
+            self._prefix = await asyncio.to_thread(PrefixReuse.open, self.index, self.config, self.dtype,
+                                                   self.plan.kv_block_tokens)
         resident: dict[int, dict[str, torch.Tensor]] = {}
         for unit, tier in enumerate(self.plan.tiers):
             if tier != DEVICE:
@@ -217,19 +145,6 @@ class Engine:
                                    mlp_chunk_tokens=self.plan.mlp_chunk_tokens, experts=self._experts,
                                    tracer=self._tracer)
         self._driver = asyncio.create_task(self._drive(), name="tierflow-driver")
-
-    async def _open_prefix_cache(self) -> None:
-        spec, config = self.spec, self.config
-        if rope_kind(spec.rope_scaling) == "longrope":
-            raise ConfigError("the prefix cache cannot serve a longrope model: a token's keys depend on whether its "
-                              "whole sequence ever passes original_max_position_embeddings, which a cached prefix "
-                              "cannot know; open the engine without prefix_cache_bytes / prefix_cache_dir")
-        fingerprint = await asyncio.to_thread(model_fingerprint, self.index.config, self.index.files, self.dtype)
-        shape = (spec.num_layers, 2, spec.num_kv_heads, self.plan.kv_block_tokens, spec.head_dim)
-        cache = await asyncio.to_thread(PrefixCache, fingerprint, shape, self.dtype,
-                                        memory_bytes=config.prefix_cache_bytes, directory=config.prefix_cache_dir,
-                                        disk_bytes=config.prefix_cache_disk_bytes)
-        self._prefix = PrefixReuse(cache, spec.num_layers)
 
     async def close(self) -> None:
         if self._closed:
@@ -272,7 +187,7 @@ class Engine:
         """Generate a completion. ``timeout_s`` bounds the whole request (queueing included):
         past it the request is cancelled and ``RequestTimeoutError`` raised."""
         req = self._submit(prompt, params or SamplingParams())
-        await self._wait(req, _deadline(timeout_s))
+        await self._wait(req, deadline_after(timeout_s))
         return Completion(req.detok.text, tuple(req.output_ids),
                           req.finish_reason or "stop", tuple(req.prompt_ids),
                           req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s,
@@ -282,7 +197,7 @@ class Engine:
                      timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
         """Stream a completion chunk by chunk; leaving the loop early cancels the request."""
         req = self._submit(prompt, params or SamplingParams())
-        deadline = _deadline(timeout_s)
+        deadline = deadline_after(timeout_s)
         sent = 0
         try:
             while True:
@@ -307,7 +222,7 @@ class Engine:
         await self._wait(req, None)
         return torch.cat(req.logits)
 
-    async def _changed(self, req: _Request, deadline: float | None) -> None:
+    async def _changed(self, req: Request, deadline: float | None) -> None:
         """Wait for news of ``req``; past ``deadline`` (loop time) cancel it and raise."""
         if deadline is None:
             await req.changed.wait()
@@ -320,7 +235,7 @@ class Engine:
                                           f"({len(req.output_ids)} tokens generated); it was cancelled") from None
         req.changed.clear()
 
-    async def _wait(self, req: _Request, deadline: float | None) -> None:
+    async def _wait(self, req: Request, deadline: float | None) -> None:
         """Wait for ``req`` to finish; cancelling the waiter cancels the request."""
         try:
             while not req.done:
@@ -331,7 +246,7 @@ class Engine:
         if req.error is not None:
             raise req.error
 
-    def _submit(self, prompt: Prompt, params: SamplingParams, score: bool = False) -> _Request:
+    def _submit(self, prompt: Prompt, params: SamplingParams, score: bool = False) -> Request:
         if self._closed:
             raise EngineClosedError("the engine is closed; open a new one with Engine.open()")
         if not isinstance(params, SamplingParams):
@@ -353,19 +268,19 @@ class Engine:
         kv: Any = self._kv_store.sequence(seq_id) if self._kv_store is not None else \
             SequenceKV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, dtype=self.dtype,
                        device=self.device, max_tokens=most)
-        req = _Request(seq_id, ids, params, kv, Detokenizer(self.tokenizer, params.stop),
+        req = Request(seq_id, ids, params, kv, Detokenizer(self.tokenizer, params.stop),
                        make_generator(params), score=score)
         self._requests[req.id] = req
         self._wake.set()
         return req
 
-    def _cancel(self, req: _Request) -> None:
+    def _cancel(self, req: Request) -> None:
         if not req.done:
             req.finish_reason = "cancelled"
         self._to_remove.add(req.id)
         self._wake.set()
 
-    def _finish(self, req: _Request, reason: str | None = None, error: BaseException | None = None) -> None:
+    def _finish(self, req: Request, reason: str | None = None, error: BaseException | None = None) -> None:
         if not req.done:
             req.finish_reason, req.error = reason, error
             req.finished_s = time.perf_counter()
@@ -418,7 +333,7 @@ class Engine:
             for req in reqs:
                 req.changed.set()
 
-    async def _attach_prefix(self, req: _Request) -> None:
+    async def _attach_prefix(self, req: Request) -> None:
         """Reuse the longest cached prefix of a just-admitted request's prompt."""
         if self._prefix is None or req.score:
             return
@@ -436,7 +351,7 @@ class Engine:
             self._batcher.mark_computed(req.id, req.cached_tokens)
             self._prompt_tokens_cached += req.cached_tokens
 
-    async def _remember(self, req: _Request) -> None:
+    async def _remember(self, req: Request) -> None:
         """Offer a request's full KV blocks to the prefix cache (never fails the request)."""
         if self._prefix is None or req.score:
             return
@@ -446,7 +361,7 @@ class Engine:
         except Exception as exc:     # noqa: BLE001 - the cache only misses these blocks
             log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)
 
-    def _batch(self, plan: SweepPlan, reqs: list[_Request]) -> SweepBatch:
+    def _batch(self, plan: SweepPlan, reqs: list[Request]) -> SweepBatch:
         ids, positions, slices, rows = [], [], [], []
         offset = 0
         for item, req in zip(plan.seqs, reqs):
@@ -464,7 +379,7 @@ class Engine:
                           tuple(slices), tuple(s.start for s in plan.seqs), tuple(r.kv for r in reqs),
                           torch.tensor(rows, dtype=torch.long, device=self.device))
 
-    def _sample(self, plan: SweepPlan, reqs: list[_Request], logits: torch.Tensor) -> list[int | None]:
+    def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor) -> list[int | None]:
         """Runs in the compute worker: one sampled token per sequence (None: nothing sampled)."""
         tokens: list[int | None] = []
         row = 0
@@ -481,7 +396,7 @@ class Engine:
                 tokens.append(None)
         return tokens
 
-    def _apply(self, plan: SweepPlan, reqs: list[_Request], tokens: list[int | None]) -> set[int]:
+    def _apply(self, plan: SweepPlan, reqs: list[Request], tokens: list[int | None]) -> set[int]:
         appended: set[int] = set()
         for item, req, token in zip(plan.seqs, reqs, tokens):
             if req.done:         # cancelled while the sweep ran
@@ -493,7 +408,7 @@ class Engine:
                 appended.add(req.id)
         return appended
 
-    def _append(self, req: _Request, token: int) -> None:
+    def _append(self, req: Request, token: int) -> None:
         if not req.output_ids:
             req.first_token_s = time.perf_counter()
         req.output_ids.append(token)

@@ -114,7 +114,7 @@ def streaming_budget(path: str | Path, config: Any = None) -> int:
     from dataclasses import replace
 
     from tierflow.config import EngineConfig
-    from tierflow.engine import resolve_device, resolve_dtype
+    from tierflow.loading import resolve_device, resolve_dtype
     from tierflow.planning import engine_overrides, engine_workload, index_costs, load_engine_profile
     from tierflow.tiers.checkpoint import CheckpointIndex
     from tierflow.tiers.planner import minimum_device_bytes

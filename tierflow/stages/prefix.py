@@ -16,13 +16,31 @@ from typing import Any, Sequence
 
 import torch
 
-from tierflow.tiers.prefixcache import PrefixCache
+from tierflow.adapters.rope import rope_kind
+from tierflow.config import EngineConfig
+from tierflow.errors import ConfigError
+from tierflow.tiers.checkpoint import CheckpointIndex
+from tierflow.tiers.prefixcache import PrefixCache, model_fingerprint
 
 
 class PrefixReuse:
     def __init__(self, cache: PrefixCache, num_layers: int) -> None:
         self.cache, self.num_layers = cache, num_layers
         self.block_tokens = cache.block_tokens
+
+    @classmethod
+    def open(cls, index: CheckpointIndex, config: EngineConfig, dtype: torch.dtype, block_tokens: int) -> "PrefixReuse":
+        """The prefix cache of an engine's model, as its config asks (blocking: hashes weight files)."""
+        spec = index.spec
+        if rope_kind(spec.rope_scaling) == "longrope":
+            raise ConfigError("the prefix cache cannot serve a longrope model: a token's keys depend on whether its "
+                              "whole sequence ever passes original_max_position_embeddings, which a cached prefix "
+                              "cannot know; open the engine without prefix_cache_bytes / prefix_cache_dir")
+        shape = (spec.num_layers, 2, spec.num_kv_heads, block_tokens, spec.head_dim)
+        cache = PrefixCache(model_fingerprint(index.config, index.files, dtype), shape, dtype,
+                            memory_bytes=config.prefix_cache_bytes, directory=config.prefix_cache_dir,
+                            disk_bytes=config.prefix_cache_disk_bytes)
+        return cls(cache, spec.num_layers)
 
     def attach(self, kv: Any, prompt_ids: Sequence[int]) -> int:
         """Fill ``kv`` (empty) with the cached prefix of ``prompt_ids``; returns its tokens."""

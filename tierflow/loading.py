@@ -1,0 +1,48 @@
+"""Resolving what an engine runs with: the device, the compute dtype, the tokenizer and the
+tokens that end a sequence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tierflow.errors import TierflowError
+from tierflow.planning import DTYPES
+from tierflow.tiers.checkpoint import CheckpointIndex
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("auto", "cpu"):
+        return torch.device("cpu")
+    raise TierflowError(f"device {device!r}: the CUDA path is not available in this version of tierflow; "
+                        "use device='cpu' (or 'auto')")
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    resolved = DTYPES.get(checkpoint_dtype, torch.float32)
+    if resolved == torch.float16 and device.type == "cpu":
+        return torch.float32     # fp16 matmuls are very slow on most CPUs
+    return resolved
+
+
+def load_tokenizer(directory: Path) -> Any:
+    if not any((directory / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def eos_ids(index: CheckpointIndex, tokenizer: Any) -> frozenset[int]:
+    ids = set(index.spec.eos_token_ids)
+    gen = index.directory / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
