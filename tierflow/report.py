@@ -75,7 +75,11 @@ def _hardware_table(hw: HardwareProfile, source: str) -> Table:
     if not cpu:
         t.add_row("host memory", format_bytes(hw.host_memory_bytes) + " available"
                   + (f", {format_bytes(hw.pinned_memory_bytes)} pinnable" if hw.pinned_memory_bytes else ""))
-        t.add_row("PCIe", f"{hw.h2d_gbps:.1f} GB/s to the device, {hw.d2h_gbps:.1f} GB/s back")
+        link = ""
+        if hw.pcie_link:
+            most = f", {hw.pcie_link_gbps:.1f} GB/s each way at most" if hw.pcie_link_gbps else ""
+            link = f" (link {hw.pcie_link}{most})"
+        t.add_row("PCIe", f"{hw.h2d_gbps:.1f} GB/s to the device, {hw.d2h_gbps:.1f} GB/s back{link}")
     t.add_row("disk (checkpoint)", f"{hw.disk_read_gbps:.2f} GB/s O_DIRECT reads")
     if hw.kv_disk_read_gbps and hw.kv_disk_read_gbps != hw.disk_read_gbps:
         t.add_row("disk (KV spill)", f"{hw.kv_disk_read_gbps:.2f} GB/s reads")

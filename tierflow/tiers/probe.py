@@ -34,6 +34,7 @@ from tierflow.errors import TierflowError
 from tierflow.tiers.checkpoint import ALIGN_BYTES, ByteRange, UnitLayout
 from tierflow.tiers.costmodel import ModelCosts, io_block_for
 from tierflow.tiers.planner import largest_read
+from tierflow.tiers.nvml import device_figures
 from tierflow.tiers.profile import HardwareProfile
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
@@ -62,13 +63,22 @@ def machine_key() -> str:
 
 
 # ----------------------------------------------------------------------------- memory
+def nvml_figures(index: int) -> dict[str, Any]:
+    """NVML's PCIe link and clocks of GPU ``index`` (empty without nvidia-ml-py or a driver)."""
+    figures = device_figures(index)
+    if figures is None:
+        return {}
+    return {"pcie_link": figures.pcie_link, "pcie_link_gbps": figures.pcie_max_gbps,
+            "sm_clock_mhz": figures.sm_clock_mhz, "max_sm_clock_mhz": figures.max_sm_clock_mhz}
+
+
 def memory_figures(device: torch.device) -> dict[str, Any]:
     vm = psutil.virtual_memory()
     out: dict[str, Any] = {"host_memory_bytes": int(vm.available), "host_total_bytes": int(vm.total)}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         out |= {"device_memory_bytes": int(free), "device_total_bytes": int(total),
-                "device_name": torch.cuda.get_device_name(device),
+                "device_name": torch.cuda.get_device_name(device), **nvml_figures(device.index or 0),
                 # cudaHostAlloc is not bound by RLIMIT_MEMLOCK; pinning more than the RAM that is
                 # available starves the rest of the system, so that is the limit.
                 "pinned_memory_bytes": int(vm.available)}
@@ -356,6 +366,7 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
         device=device.type, device_memory_bytes=mem["device_memory_bytes"], host_memory_bytes=mem["host_memory_bytes"],
         disk_read_gbps=disk["read_gbps"], decode_gbps=flops["decode_gbps"], prefill_tflops=flops["prefill_tflops"],
         h2d_gbps=h2d, d2h_gbps=d2h, device_name=mem["device_name"], device_total_bytes=mem["device_total_bytes"],
+        pcie_link=mem.get("pcie_link", ""), pcie_link_gbps=mem.get("pcie_link_gbps"),
         pinned_memory_bytes=mem.get("pinned_memory_bytes"), kv_disk_read_gbps=kv_disk["read_gbps"], kv_disk_write_gbps=kv_disk["write_gbps"],
         disk_free_bytes=psutil.disk_usage(str(spill)).free, compute_dtype=str(dtype).removeprefix("torch."))
     return hw, provenance

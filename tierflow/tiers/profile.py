@@ -53,6 +53,8 @@ class HardwareProfile:
     kv_disk_write_gbps: float | None = None
     disk_free_bytes: int | None = None       # free space in the KV spill directory
     compute_dtype: str = "bfloat16"          # the dtype the compute figures were measured in
+    pcie_link: str = ""                      # the GPU's PCIe link as NVML reports it, e.g. "gen4 x16"
+    pcie_link_gbps: float | None = None      # what that link could carry one way, before overheads
 
     @property
     def is_cpu(self) -> bool:
@@ -114,6 +116,7 @@ _HARDWARE_TYPES = {
     "decode_gbps": _FLOAT, "prefill_tflops": _FLOAT, "h2d_gbps": _FLOAT, "d2h_gbps": _FLOAT,
     "device_name": _STR, "device_total_bytes": _INT, "pinned_memory_bytes": _INT,
     "kv_disk_read_gbps": _FLOAT, "kv_disk_write_gbps": _FLOAT, "disk_free_bytes": _INT, "compute_dtype": _STR,
+    "pcie_link": _STR, "pcie_link_gbps": _FLOAT,
 }
 _HARDWARE_REQUIRED = ("device", "device_memory_bytes", "host_memory_bytes", "disk_read_gbps", "decode_gbps",
                       "prefill_tflops")
