@@ -37,6 +37,7 @@ class ByteRange:
     file_offset: int      # 4 KiB aligned
     nbytes: int           # a multiple of 4 KiB (may run past the end of the file)
     buffer_offset: int    # where the range lands in the unit's buffer
+    needed: int = 0       # bytes from the range's start to the end of its last tensor: what a read must deliver
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,7 @@ def build_layout(unit: int, name: str, tensors: list[tuple[str, TensorEntry]]) -
         def flush() -> None:
             nonlocal buffer_end
             aligned_start, aligned_end = _round_down(start), _round_up(end)
-            ranges.append(ByteRange(path, aligned_start, aligned_end - aligned_start, buffer_end))
+            ranges.append(ByteRange(path, aligned_start, aligned_end - aligned_start, buffer_end, end - aligned_start))
             for local, e in members:
                 slices.append(TensorSlice(local, e.dtype, e.shape, buffer_end + e.file_offset - aligned_start, e.nbytes))
             buffer_end += aligned_end - aligned_start

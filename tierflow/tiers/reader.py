@@ -165,12 +165,9 @@ class DiskReader:
         for (r, _), size in zip(blocks, sizes):
             got[r.buffer_offset] = got.get(r.buffer_offset, 0) + size
         for r in layout.ranges:             # a range may run past the end of the file only by its padding
-            need = max((t.buffer_offset + t.nbytes for t in layout.tensors
-                        if r.buffer_offset <= t.buffer_offset < r.buffer_offset + r.nbytes),
-                       default=r.buffer_offset) - r.buffer_offset
-            if got[r.buffer_offset] < need:
+            if got[r.buffer_offset] < r.needed:
                 raise TransferError(f"{r.path}: read {got[r.buffer_offset]} bytes at offset {r.file_offset} where "
-                                    f"unit {layout.name} needs {need}; was the file truncated?")
+                                    f"unit {layout.name} needs {r.needed}; was the file truncated?")
         return sum(sizes)
 
     def _read_block(self, f: _File, view: memoryview, buffer_offset: int, file_offset: int, nbytes: int) -> int:

@@ -95,21 +95,13 @@ class SpillFile:
             raise TransferError(f"short write of a KV block to {self.path}: {written} of {self.stride} bytes")
         self._crc[slot] = zlib.crc32(view)
 
-    def bounce_buffer(self) -> torch.Tensor:
-        """An aligned buffer for ``read(..., bounce=)``: one per concurrent reader."""
-        return aligned_empty(self.stride)
-
-    def read(self, slot: int, out: torch.Tensor, bounce: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, slot: int, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (contiguous, the size that was written) from ``slot``; checks the CRC.
-        Concurrent reads each pass their own ``bounce`` buffer."""
+        Not for concurrent use (it reads through the file's own aligned buffer): concurrent
+        readers call ``read_run`` with buffers of their own."""
         data = out.view(torch.uint8).reshape(-1)
-        data.copy_(self.read_view(slot, self._bounce if bounce is None else bounce, data.numel()))
+        data.copy_(self.read_run(slot, 1, self._bounce, data.numel())[0])
         return out
-
-    def read_view(self, slot: int, buffer: torch.Tensor, nbytes: int | None = None) -> torch.Tensor:
-        """Read ``slot`` into ``buffer`` (from ``bounce_buffer()``) and return its first ``nbytes``
-        (default: a whole block) as a uint8 view, after checking the CRC — no copy."""
-        return self.read_run(slot, 1, buffer, nbytes)[0]
 
     def read_run(self, first: int, count: int, buffer: torch.Tensor, nbytes: int | None = None) -> list[torch.Tensor]:
         """Read the ``count`` consecutive slots from ``first`` with one request into ``buffer``
