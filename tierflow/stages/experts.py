@@ -72,7 +72,7 @@ class ExpertStage:
         self._layers = sorted(self._experts)
         self._next = dict(zip(self._layers, self._layers[1:] + self._layers[:1]))
         # each MoE layer's share of the cache, in whole experts (the first layers get the remainder)
-        largest = max((max(layout.buffer_bytes, layout.compute_bytes(dtype)) for layout in layouts.values()), default=1)
+        largest = max((self._held_bytes(layout) for layout in layouts.values()), default=1)
         fit, n = capacity_bytes // largest, max(1, len(self._layers))
         self._part = {layer: (fit // n + (i < fit % n)) * largest for i, layer in enumerate(self._layers)}
         self._cache: dict[int, OrderedDict[int, dict[str, torch.Tensor]]] = {l: OrderedDict() for l in self._layers}
@@ -88,7 +88,12 @@ class ExpertStage:
 
     @property
     def total_bytes(self) -> int:
-        return sum(layout.buffer_bytes for layout in self._layouts.values())
+        return sum(self._held_bytes(layout) for layout in self._layouts.values())
+
+    def _held_bytes(self, layout: UnitLayout) -> int:
+        """What a cached expert holds: its read buffer, or its weights cast to the compute dtype."""
+        cast = any(t.dtype != self._dtype and t.dtype.is_floating_point for t in layout.tensors)
+        return layout.compute_bytes(self._dtype) if cast else layout.buffer_bytes
 
     def statistics(self) -> ExpertStats:
         return ExpertStats(self._requests, self._hits, self._misses, self._num_prefetched, self._prefetch_used,
@@ -180,7 +185,7 @@ class ExpertStage:
         self._tracer.span("disk: experts", layout.name, started, time.perf_counter(), bytes=nbytes,
                           ahead=key in self._ahead)
         layer, expert = key
-        self._sizes[key] = layout.buffer_bytes if weights is views else layout.compute_bytes(self._dtype)
+        self._sizes[key] = self._held_bytes(layout)
         self._cached_bytes += self._sizes[key]
         self._cache[layer][expert] = weights
         # read ahead and not picked yet, or no longer wanted (its layer was released while it was
