@@ -5,6 +5,11 @@ sample; batcher.update(plan, appended)``. Requests only talk to the driver throu
 own record and an event, so a failing request (or a failing sweep) is reported to the
 requests it concerns and the engine goes on serving the others. Finished or cancelled
 sequences are removed, and their KV freed, at the next sweep boundary.
+
+On CUDA the engine also owns the device path: a compute stream and a copy stream, the
+pinned host arena (host-resident units and the read buffers of streamed ones), a staging
+slot in device memory per read buffer, and the event bridge through which slots return to
+the ring when the device has finished with them (see ``stages.upload`` and ``sweep``).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from tierflow.errors import (ConfigError, EngineClosedError, PromptError, Reques
                              TierCapacityError, TierflowError)
 from tierflow.outputs import Completion, EngineStats, StageTimes, StreamChunk
 from tierflow.pipeline.batcher import Batcher, KVCapacityError, SweepPlan
+from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, EventBridge, StreamPool, TorchCuda
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
@@ -33,14 +39,16 @@ from tierflow.request import Request, deadline_after
 from tierflow.sampling import make_generator, sample
 from tierflow.stages.experts import ExpertStage
 from tierflow.stages.prefix import PrefixReuse
-from tierflow.stages.upload import SameDevice
-from tierflow.stages.weights import WeightStream, cast_weights, unit_views
-from tierflow.sweep import SweepBatch, SweepRunner
+from tierflow.stages.resident import home_bytes, load_units
+from tierflow.stages.upload import SameDevice, StreamUploader, packed_bytes
+from tierflow.stages.weights import WeightStream
+from tierflow.sweep import DevicePath, SweepBatch, SweepRunner
 from tierflow.planning import EnginePlan, plan_engine
 from tierflow.tiers.checkpoint import CheckpointIndex
-from tierflow.tiers.costmodel import DEVICE, sweep_times
+from tierflow.tiers.costmodel import DEVICE, HOST, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
 from tierflow.tiers.pagedkv import KVStore
+from tierflow.tiers.pinned import PinnedArena, aligned
 from tierflow.tiers.reader import DiskReader, aligned_empty, trim_heap
 
 log = logging.getLogger(__name__)
@@ -51,8 +59,13 @@ class Engine:
     """Use ``await Engine.open(model, EngineConfig(...))``; then ``generate`` / ``stream``."""
 
     def __init__(self, index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 tokenizer: Any, planned: EnginePlan, reader: DiskReader, worker: ComputeWorker) -> None:
+                 tokenizer: Any, planned: EnginePlan, reader: DiskReader, worker: ComputeWorker,
+                 ops: DeviceOps | None = None) -> None:
         self.index, self.config, self.device, self.dtype = index, config, device, dtype
+        self._ops = ops                              # the device path (CUDA); None on CPU
+        self._device_path: DevicePath | None = None
+        self._bridge: EventBridge | None = None
+        self._arena: PinnedArena | None = None
         self.spec, self.tokenizer = index.spec, tokenizer
         self.plan, self.hardware, self.costs = planned.plan, planned.hardware, planned.costs
         self.hardware_source = planned.provenance
@@ -81,7 +94,11 @@ class Engine:
 
     # ----------------------------------------------------------------------------- lifecycle
     @classmethod
-    async def open(cls, model: str | Path, config: EngineConfig | None = None) -> "Engine":
+    async def open(cls, model: str | Path, config: EngineConfig | None = None, *,
+                   device_ops: DeviceOps | None = None) -> "Engine":
+        """Open ``model`` (a local directory, a GGUF file or a hub id in the local cache).
+        ``device_ops`` replaces the CUDA device's streams and memory (for other backends, or
+        ``tierflow.testing.SimulatedCuda`` in tests); by default ``config.device`` decides."""
         config = config or EngineConfig()
         if config.trace_path is not None:
             parent = Path(config.trace_path).expanduser().absolute().parent
@@ -89,13 +106,17 @@ class Engine:
                 raise ConfigError(f"EngineConfig.trace_path {str(config.trace_path)!r}: the directory {parent} does "
                                   "not exist or is not writable")
         index = await asyncio.to_thread(CheckpointIndex.open, model)
-        device = resolve_device(config.device)
+        ops = device_ops
+        if ops is None:
+            device = resolve_device(config.device)
+            ops = TorchCuda(device) if device.type == "cuda" else None
+        device = ops.device if ops is not None else torch.device("cpu")
         dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, device)
-        planned = await plan_engine(index, config, device, dtype)
+        planned = await plan_engine(index, config, device, dtype, kind=ops.kind if ops is not None else "cpu")
         tokenizer = await asyncio.to_thread(load_tokenizer, index.directory)
         reader = DiskReader(index.files, io_threads=planned.plan.io_threads, block_bytes=planned.plan.io_block_bytes,
                             direct_io=config.direct_io)
-        engine = cls(index, config, device, dtype, tokenizer, planned, reader, ComputeWorker())
+        engine = cls(index, config, device, dtype, tokenizer, planned, reader, ComputeWorker(), ops)
         try:
             await engine._start()
         except BaseException:
@@ -115,36 +136,65 @@ class Engine:
         if self.config.prefix_cache:
             self._prefix = await asyncio.to_thread(PrefixReuse.open, self.index, self.config, self.dtype,
                                                    self.plan.kv_block_tokens)
-        resident: dict[int, dict[str, torch.Tensor]] = {}
-        for unit, tier in enumerate(self.plan.tiers):
-            if tier != DEVICE:
-                continue
-            layout = self.index.units[unit]
-            shared = unit == self.spec.num_units - 1 and self.index.head_without_tied is not None
-            if shared:
-                layout = self.index.head_without_tied
-            buffer = aligned_empty(layout.buffer_bytes)
-            await self._reader.read(layout, buffer)
-            weights = await self._worker.run(cast_weights, unit_views(layout, buffer), self.dtype)
-            if shared:
-                weights["lm_head"] = resident[0]["embed"]
-            resident[unit] = weights
-        streamed = [self.index.units[u] for u in self.plan.streamed]
-        if streamed:
-            ring = SlotRing([aligned_empty(self.plan.device_slot_bytes) for _ in range(self.plan.num_slots)])
-            self._stream = WeightStream(streamed, self._reader, ring, SameDevice(), self._tracer)
+        if self._ops is None:
+            resident, _ = await load_units(self.index, self.plan.tiers, self._reader, self._worker, self.dtype)
+            streamed = [self.index.units[u] for u in self.plan.streamed]
+            if streamed:
+                ring = SlotRing([aligned_empty(self.plan.device_slot_bytes) for _ in range(self.plan.num_slots)])
+                self._stream = WeightStream(streamed, self._reader, ring, SameDevice(), self._tracer)
+        else:
+            resident = await self._start_device()
+        if self._stream is not None:
             self._stream.start()
         if self.index.experts:
             capacity = self.config.expert_cache_bytes
             self._experts = ExpertStage(self.index.experts, self._reader, self.dtype,
                                         self.plan.expert_cache_bytes if capacity is None else capacity,
-                                        read_all=self.config.expert_reads == "all", tracer=self._tracer)
+                                        read_all=self.config.expert_reads == "all", tracer=self._tracer,
+                                        device=self.device)
             if self._experts.capacity_bytes >= self._experts.total_bytes:   # every expert fits: keep them all
                 await self._experts.preload()
         self._runner = SweepRunner(self.spec, self.index.adapter, resident, self._stream, self._worker, self.dtype,
                                    mlp_chunk_tokens=self.plan.mlp_chunk_tokens, experts=self._experts,
-                                   tracer=self._tracer)
+                                   tracer=self._tracer, device=self._device_path)
         self._driver = asyncio.create_task(self._drive(), name="tierflow-driver")
+
+    async def _start_device(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The CUDA path: streams, the pinned arena, resident and host-resident units, staging
+        slots in device memory, and the weight stream over disk and host units."""
+        ops, plan, index = self._ops, self.plan, self.index
+        assert ops is not None
+        streams = StreamPool(ops.stream)
+        timeline = DeviceTimeline(ops, streams.compute)
+        host_units = [u for u, tier in enumerate(plan.tiers) if tier == HOST]
+        on_disk = [index.units[u] for u in plan.streamed]
+        read_slot = aligned(max((layout.buffer_bytes for layout in on_disk), default=0))
+        slots = plan.num_slots if on_disk or any(u != 0 for u in host_units) else 0
+        pinned = sum(home_bytes(index, u, plan.tiers, self.dtype) for u in host_units) + slots * read_slot
+        self._arena = PinnedArena(pinned, ops.pin, ops.unpin)
+
+        def to_device(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # synchronous (done when it returns), and a copy even where the device is the host
+            return {k: v.to(ops.device, copy=True) for k, v in weights.items()}
+
+        resident, homes = await load_units(index, plan.tiers, self._reader, self._worker, self.dtype,
+                                           to_device=to_device, arena=self._arena)
+        uploader = None
+        streamed_units = sorted(set(plan.streamed) | (set(host_units) - {0}))   # a host embedding is looked up there
+        if streamed_units:
+            device_slot = max([plan.device_slot_bytes, read_slot] +
+                              [packed_bytes(homes[u]) for u in streamed_units if u in homes])
+            uploader = StreamUploader(ops, streams, [ops.empty(device_slot) for _ in range(slots)], timeline,
+                                      self._tracer)
+            self._bridge = EventBridge()
+            ring = SlotRing([self._arena.take(read_slot) for _ in range(slots)])
+            self._stream = WeightStream([index.units[u] for u in streamed_units], self._reader, ring, uploader,
+                                        self._tracer, homes={u: homes[u] for u in streamed_units if u in homes},
+                                        bridge=self._bridge)
+        self._device_path = DevicePath(ops, streams.compute, timeline, uploader,
+                                       host_units={0: homes[0]} if 0 in homes else {})
+        ops.synchronize()
+        return resident
 
     async def close(self) -> None:
         if self._closed:
@@ -160,6 +210,12 @@ class Engine:
         if self._experts is not None:
             await self._experts.close()
         self._worker.close()
+        if self._ops is not None:
+            self._ops.synchronize()
+        if self._bridge is not None:
+            self._bridge.close()
+        if self._arena is not None:
+            self._arena.close()
         if self._kv_store is not None:
             self._kv_store.close()
         if self._prefix is not None:
@@ -375,9 +431,9 @@ class Engine:
                 rows.append(offset + item.num_tokens - 1)
             offset += item.num_tokens
             self._prompt_tokens += sum(1 for p in span if p < len(req.prompt_ids))
-        return SweepBatch(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                          tuple(slices), tuple(s.start for s in plan.seqs), tuple(r.kv for r in reqs),
-                          torch.tensor(rows, dtype=torch.long, device=self.device))
+        # on the host: the sweep moves what the device needs there (a host embedding reads the ids here)
+        return SweepBatch(torch.tensor(ids), torch.tensor(positions), tuple(slices), tuple(s.start for s in plan.seqs),
+                          tuple(r.kv for r in reqs), torch.tensor(rows, dtype=torch.long))
 
     def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor) -> list[int | None]:
         """Runs in the compute worker: one sampled token per sequence (None: nothing sampled)."""
@@ -427,8 +483,8 @@ class Engine:
     def _stage_clock(self) -> tuple[float, float, float, float]:
         """Cumulative (disk busy, upload, compute busy, wall) seconds."""
         stream = self._stream.statistics() if self._stream else None
-        return (stream.busy_s if stream else 0.0, stream.upload_s if stream else 0.0,
-                self._worker.statistics().busy_s, time.perf_counter())
+        compute = self._device_path.gpu_busy_s if self._device_path else self._worker.statistics().busy_s
+        return (stream.busy_s if stream else 0.0, stream.upload_s if stream else 0.0, compute, time.perf_counter())
 
     def _account_decode(self, plan: SweepPlan, before: tuple[float, float, float, float]) -> None:
         """Add one decode sweep's measured stage seconds, and the cost model's prediction for
@@ -458,7 +514,9 @@ class Engine:
                 "worker": self._worker.statistics(),
                 "kv_blocks": self._kv_store.statistics() if self._kv_store is not None else None,
                 "experts": self._experts.statistics() if self._experts is not None else None,
-                "prefix_cache": self._prefix.cache.statistics() if self._prefix is not None else None}
+                "prefix_cache": self._prefix.cache.statistics() if self._prefix is not None else None,
+                "pinned": self._arena.statistics() if self._arena is not None else None,
+                "events": self._bridge.statistics() if self._bridge is not None else None}
 
     def stats(self) -> EngineStats:
         reader = self._reader.statistics()
@@ -472,7 +530,7 @@ class Engine:
             tokens_generated=self._tokens_generated, prompt_tokens=self._prompt_tokens,
             sweeps=self._runner.num_sweeps if self._runner else 0,
             read_s=stream.read_s if stream else 0.0, upload_s=stream.upload_s if stream else 0.0,
-            compute_s=self._worker.statistics().busy_s, stall_s=stream.stall_s if stream else 0.0,
+            compute_s=self._stage_clock()[2], stall_s=stream.stall_s if stream else 0.0,
             io_mode=modes.pop() if len(modes) == 1 else "mixed",
             units_resident=len(self.plan.tiers) - len(self.plan.streamed),
             units_streamed=len(self.plan.streamed), resident_bytes=device.weights, staging_bytes=device.staging,
@@ -481,4 +539,6 @@ class Engine:
             measured_decode=StageTimes(*(x / n for x in self._measured)),
             prompt_tokens_cached=self._prompt_tokens_cached,
             expert_requests=experts.requests if experts else 0, expert_hits=experts.hits if experts else 0,
-            expert_bytes_read=experts.bytes_read if experts else 0)
+            expert_bytes_read=experts.bytes_read if experts else 0,
+            gpu_busy_s=self._device_path.gpu_busy_s if self._device_path else None,
+            gpu_span_s=self._device_path.gpu_span_s if self._device_path else None)

@@ -9,16 +9,24 @@ from typing import Any
 
 import torch
 
-from tierflow.errors import TierflowError
+from tierflow.errors import ConfigError
 from tierflow.planning import DTYPES
 from tierflow.tiers.checkpoint import CheckpointIndex
 
 
 def resolve_device(device: str) -> torch.device:
-    if device in ("auto", "cpu"):
+    """"cpu", "cuda", "cuda:N", or "auto" (the current CUDA device when one is visible)."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    raise TierflowError(f"device {device!r}: the CUDA path is not available in this version of tierflow; "
-                        "use device='cpu' (or 'auto')")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"EngineConfig.device={device!r} but no CUDA device is visible (torch "
+                          f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}); use device='cpu' "
+                          "or 'auto'")
+    resolved = torch.device("cuda", torch.cuda.current_device()) if device in ("auto", "cuda") else torch.device(device)
+    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"EngineConfig.device={device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), numbered from 0")
+    return resolved
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:

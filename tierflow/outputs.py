@@ -59,6 +59,15 @@ class EngineStats:
     expert_requests: int = 0             # MoE: routed experts asked for (each layer, each sweep)
     expert_hits: int = 0                 # of those, found in the expert cache (or already being read)
     expert_bytes_read: int = 0           # MoE: bytes of routed experts read from disk (in bytes_read_from_disk)
+    gpu_busy_s: float | None = None      # CUDA: device time inside the units' kernels (None on CPU)
+    gpu_span_s: float | None = None      # CUDA: device time from each sweep's first kernel to its last
+
+    @property
+    def gpu_idle_fraction(self) -> float | None:
+        """CUDA: the fraction of the sweeps' device time the GPU waited (for weights, mostly)."""
+        if self.gpu_busy_s is None or not self.gpu_span_s:
+            return None
+        return max(0.0, 1.0 - self.gpu_busy_s / self.gpu_span_s)
 
     @property
     def expert_hit_rate(self) -> float:

@@ -138,16 +138,18 @@ class EnginePlan:
 
 
 async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                      *, cache: ProbeCache | None = None,
-                      progress: Callable[[str], None] | None = None) -> EnginePlan:
-    """The plan the engine runs: hardware from the profile, else measured (cached per machine)."""
+                      *, cache: ProbeCache | None = None, progress: Callable[[str], None] | None = None,
+                      kind: str | None = None) -> EnginePlan:
+    """The plan the engine runs: hardware from the profile, else measured (cached per machine).
+    ``kind``: the profile's device kind the engine runs as (default ``device.type``)."""
+    kind = kind or device.type
     profile = load_engine_profile(config)
     costs = index_costs(index, dtype)
     overrides = engine_overrides(config, profile, costs.kv_bytes_per_token)
     if profile is not None and profile.hardware is not None:
-        if profile.hardware.device != device.type:
+        if profile.hardware.device != kind:
             raise ConfigError(f"the profile's hardware describes a {profile.hardware.device!r} machine but the engine "
-                              f"runs on {device.type!r}; plan for that machine with `tierflow plan --profile`, or "
+                              f"runs on {kind!r}; plan for that machine with `tierflow plan --profile`, or "
                               "give the engine a profile of this one (`tierflow probe --out`)")
         hardware, provenance = profile.hardware, {"source": "profile", **dict(profile.measured)}
     else:

@@ -128,3 +128,138 @@ def streaming_budget(path: str | Path, config: Any = None) -> int:
                                 decode_gbps=1.0, prefill_tflops=1.0)
     overrides = replace(engine_overrides(config, load_engine_profile(config)), device_memory_bytes=None)
     return minimum_device_bytes(index_costs(index, dtype), unlimited, engine_workload(config), overrides)
+
+
+class SimulatedEvent:
+    """An event of ``SimulatedCuda``: completes when its stream reaches it; knows when."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._done = threading.Event()
+        self.at = 0.0
+
+    def complete(self) -> None:
+        import time
+
+        self.at = time.perf_counter()
+        self._done.set()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
+
+    def elapsed_time(self, end: "SimulatedEvent") -> float:
+        if not (self.query() and end.query()):
+            raise RuntimeError("elapsed_time of an event that has not completed")
+        return (end.at - self.at) * 1e3
+
+
+class SimulatedStream:
+    """A stream of ``SimulatedCuda``: work enqueued from a thread that is not *using* it runs in
+    order on the stream's own thread; work from a thread using it (``with ops.using(s)``) runs
+    at once in that thread, as if the kernels had been enqueued and completed."""
+
+    def __init__(self, name: str) -> None:
+        import queue
+        import threading
+
+        self._queue: Any = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (work := self._queue.get()) is not None:
+            work()
+
+    def submit(self, work: Any) -> None:
+        self._queue.put(work)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+class SimulatedCuda:
+    """The device path's ``DeviceOps`` on the CPU, for tests of the CUDA scheduling without a GPU.
+
+    Device tensors are CPU tensors in buffers of their own; copies on a copy stream run on that
+    stream's thread after ``copy_delay_s`` (so a compute that does not wait for its upload's
+    event reads stale bytes); waits, records and copies follow CUDA's stream order. Events
+    carry completion times, so the device timeline and the GPU idle fraction can be checked."""
+
+    kind = "cuda"
+
+    def __init__(self, copy_delay_s: float = 0.0) -> None:
+        import threading
+
+        self.device = torch.device("cpu")
+        self.copy_delay_s = copy_delay_s
+        self._local = threading.local()
+        self._streams: list[SimulatedStream] = []
+        self.pinned: list[int] = []              # data pointers of the buffers pinned, then unpinned
+        self.unpinned: list[int] = []
+        self.copies = 0
+
+    def _inline(self, stream: SimulatedStream) -> bool:
+        return getattr(self._local, "stream", None) is stream
+
+    def _run(self, stream: SimulatedStream, work: Any) -> None:
+        if self._inline(stream):
+            work()
+        else:
+            stream.submit(work)
+
+    def stream(self) -> SimulatedStream:
+        stream = SimulatedStream(f"simulated-stream-{len(self._streams)}")
+        self._streams.append(stream)
+        return stream
+
+    def record(self, stream: SimulatedStream) -> SimulatedEvent:
+        event = SimulatedEvent()
+        self._run(stream, event.complete)
+        return event
+
+    def wait(self, stream: SimulatedStream, event: SimulatedEvent) -> None:
+        self._run(stream, event.synchronize)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: SimulatedStream) -> None:
+        import time
+
+        def work() -> None:
+            if self.copy_delay_s:
+                time.sleep(self.copy_delay_s)
+            dst.copy_(src)
+            self.copies += 1
+
+        self._run(stream, work)
+
+    def using(self, stream: SimulatedStream) -> Any:
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope() -> Any:
+            before = getattr(self._local, "stream", None)
+            self._local.stream = stream
+            try:
+                yield stream
+            finally:
+                self._local.stream = before
+
+        return scope()
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        return torch.full((nbytes,), 0xAB, dtype=torch.uint8)     # not zeros: stale bytes must show
+
+    def pin(self, buffer: torch.Tensor) -> None:
+        self.pinned.append(buffer.data_ptr())
+
+    def unpin(self, buffer: torch.Tensor) -> None:
+        self.unpinned.append(buffer.data_ptr())
+
+    def synchronize(self) -> None:
+        for stream in self._streams:
+            done = SimulatedEvent()
+            stream.submit(done.complete)
+            done.synchronize()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tierflow.stages.weights import unit_views
+from tierflow.stages.upload import unit_views
 from tierflow.tiers.checkpoint import ALIGN_BYTES, CheckpointIndex
 from tierflow.tiers.reader import DiskReader, aligned_empty
 

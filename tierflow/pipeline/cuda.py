@@ -15,8 +15,14 @@ in the order given (a stream's events complete in order anyway), by ``threads`` 
 ``StreamOrderedRing`` wraps a ``SlotRing``: ``release_after(slot, event)`` gives a staging
 slot back only once ``event`` (recorded on the compute stream after the compute that read
 the slot) has completed, so a copy into that slot can never overtake the kernels still
-reading it. Nothing here imports CUDA: streams and events come from a factory (torch's on
-a GPU; fakes with the same methods in the tests).
+reading it. Nothing here imports CUDA at module level: streams and events come from a
+``DeviceOps`` (``TorchCuda`` on a GPU; ``tierflow.testing.SimulatedCuda``, which runs copy
+streams on threads, in the tests).
+
+``DeviceTimeline`` maps device events onto the host clock: one anchor event is recorded and
+waited for when the engine starts, and every later event's time is the anchor's host time
+plus the device's own elapsed time between the two. Spans of uploads and compute measured
+on the device then sit on the same axis as the host's reads in the trace.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ import asyncio
 import queue
 import threading
 from dataclasses import dataclass
+import time
+from contextlib import AbstractContextManager
 from typing import Any, Callable, Protocol
+
+import torch
 
 from tierflow.pipeline.ring import SlotRing
 
@@ -34,6 +44,98 @@ class Event(Protocol):
     def query(self) -> bool: ...
 
     def synchronize(self) -> None: ...
+
+    def elapsed_time(self, end: Any) -> float: ...     # milliseconds from this event to ``end``
+
+
+class DeviceOps(Protocol):
+    """What the engine's device path needs from a device: streams, events recorded on them,
+    waits between them, asynchronous host → device copies, and memory."""
+
+    kind: str                       # the hardware profile's device kind ("cuda")
+    device: torch.device            # where device tensors live
+
+    def stream(self) -> Any: ...
+
+    def record(self, stream: Any) -> Event: ...
+
+    def wait(self, stream: Any, event: Event) -> None: ...
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: Any) -> None: ...
+
+    def using(self, stream: Any) -> AbstractContextManager[Any]: ...
+
+    def empty(self, nbytes: int) -> torch.Tensor: ...
+
+    def pin(self, buffer: torch.Tensor) -> None: ...
+
+    def unpin(self, buffer: torch.Tensor) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+class TorchCuda:
+    """``DeviceOps`` of one CUDA device through torch. Events are made ``blocking`` (a thread
+    waiting on one sleeps in the driver) and with timing, for the device timeline. Host
+    memory is pinned by registering it (``cudaHostRegister``): the buffer keeps its own
+    alignment and size, where torch's pinned allocator would round a 13 GB request up to 16."""
+
+    kind = "cuda"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def stream(self) -> torch.cuda.Stream:
+        return torch.cuda.Stream(self.device)
+
+    def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True, blocking=True)
+        event.record(stream)
+        return event
+
+    def wait(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
+        stream.wait_event(event)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+
+    def using(self, stream: torch.cuda.Stream) -> AbstractContextManager[Any]:
+        return torch.cuda.stream(stream)
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def pin(self, buffer: torch.Tensor) -> None:
+        if buffer.numel():
+            _check_cuda(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0), "register")
+
+    def unpin(self, buffer: torch.Tensor) -> None:
+        if buffer.numel():
+            _check_cuda(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()), "unregister")
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+def _check_cuda(status: Any, what: str) -> None:
+    code = getattr(status, "value", status)
+    if code:
+        raise RuntimeError(f"cudaHost{what.capitalize()} failed with CUDA error {code}: pinning host memory "
+                           "needs the RAM to be available (see `ulimit -l` in containers)")
+
+
+class DeviceTimeline:
+    """Device events on the host's ``time.perf_counter()`` axis."""
+
+    def __init__(self, ops: DeviceOps, stream: Any) -> None:
+        self._anchor = ops.record(stream)
+        self._anchor.synchronize()
+        self._anchor_s = time.perf_counter()
+
+    def time_of(self, event: Event) -> float:
+        """Host time at which ``event`` (complete) completed on the device."""
+        return self._anchor_s + self._anchor.elapsed_time(event) / 1e3
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,9 @@ Every stage records complete spans ("ph": "X") on a track of its own — the wei
 compute worker, the KV block reads, the expert reads, one span per sweep — so loading the
 file in ui.perfetto.dev or chrome://tracing shows whether the reads of unit i+1 overlapped
 the compute of unit i. Recording is a list append of a tuple (thread-safe in CPython); the
-file is written once, at the end, to a temporary name and renamed. ``NULL_TRACER`` records
+file is written once, at the end, to a temporary name and renamed. On CUDA, "compute" is
+the host enqueueing kernels; "upload" (the copy stream) and "gpu compute" (the compute
+stream) are the device's own times, from events, on the same clock. ``NULL_TRACER`` records
 nothing and is what every stage gets when tracing is off.
 """
 
@@ -17,7 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-TRACKS = ("sweeps", "disk: weights", "compute", "disk: KV blocks", "disk: experts", "prefix cache")
+TRACKS = ("sweeps", "disk: weights", "upload", "compute", "gpu compute", "disk: KV blocks", "disk: experts",
+          "prefix cache")
 MAX_EVENTS = 2_000_000      # beyond this the oldest half is dropped (the file says so)
 
 

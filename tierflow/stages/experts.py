@@ -32,7 +32,8 @@ from typing import Mapping, Sequence
 import torch
 
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.stages.weights import cast_weights, unit_views
+from tierflow.stages.upload import unit_views
+from tierflow.stages.weights import cast_weights
 from tierflow.tiers.checkpoint import UnitLayout
 from tierflow.tiers.reader import DiskReader, aligned_empty
 
@@ -61,8 +62,9 @@ class ExpertStats:
 class ExpertStage:
     def __init__(self, layouts: Mapping[Key, UnitLayout], reader: DiskReader, dtype: torch.dtype,
                  capacity_bytes: int, *, prefetch: bool = True, read_all: bool = False,
-                 tracer: Tracer = NULL_TRACER) -> None:
+                 tracer: Tracer = NULL_TRACER, device: torch.device | None = None) -> None:
         self._layouts, self._reader, self._dtype, self._tracer = layouts, reader, dtype, tracer
+        self._device = device if device is not None and device.type != "cpu" else None
         self.capacity_bytes, self.read_all = capacity_bytes, read_all
         # reading ahead keeps experts between layers: only with an expert cache to keep them in
         self.prefetch_enabled = prefetch and not read_all and capacity_bytes > 0
@@ -178,6 +180,8 @@ class ExpertStage:
             views = unit_views(layout, buffer)
             weights = views if all(v.dtype == self._dtype for v in views.values()) else \
                 await asyncio.to_thread(cast_weights, views, self._dtype)
+            if self._device is not None:    # a synchronous copy: complete when it returns
+                weights = await asyncio.to_thread(lambda: {k: v.to(self._device) for k, v in weights.items()})
         finally:
             self._reads.pop(key, None)
         self._bytes_read += nbytes

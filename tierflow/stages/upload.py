@@ -1,30 +1,153 @@
-"""The upload stage: host staging buffer → device staging slot.
+"""The upload stage: host buffer → device staging slot.
 
 On CPU the device *is* the host, so the upload is the identity and the compute reads the
-staging buffer in place. The CUDA uploader (copy stream, pinned slots, events bridged to
-asyncio) implements the same two calls.
+staging buffer in place (``SameDevice``).
+
+On CUDA (``StreamUploader``) every staging slot has a buffer in device memory. An upload
+enqueues the copy of a unit's bytes — a disk unit's pinned read buffer, or a host-resident
+unit's pinned tensors — into the slot on a copy stream, records an event after it, and
+returns at once: the host never waits for the copy. The compute stream waits on that event
+(``stream.wait_event``) before the unit's kernels, so layer i+1's copy runs while layer i
+computes. The slot (and its pinned read buffer) is reused only after the compute that read
+it has finished on the device, which ``pipeline.cuda.StreamOrderedRing`` ensures.
+
+Each upload's copy is bracketed by two events; once they have completed, ``collect`` turns
+them into the upload's device time, for the statistics and the trace.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol
 
 import torch
 
+from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, Event, StreamPool
+from tierflow.pipeline.trace import NULL_TRACER, Tracer
+from tierflow.tiers.checkpoint import UnitLayout
+
+TENSOR_ALIGN = 256          # bytes: where each host-resident tensor starts in a device slot
+
+
+def unit_views(layout: UnitLayout, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The unit's tensors as views into ``buffer`` (no copies, except a misaligned tensor)."""
+    views = {}
+    for t in layout.tensors:
+        raw = buffer[t.buffer_offset:t.buffer_offset + t.nbytes]
+        if raw.data_ptr() % t.dtype.itemsize:
+            raw = raw.clone()   # safetensors does not promise element alignment; rare, explicit
+        views[t.local] = raw.view(t.dtype).view(t.shape)
+    return views
+
 
 class Uploader(Protocol):
-    async def upload(self, host_buffer: torch.Tensor, slot: int) -> torch.Tensor:
-        """Make ``host_buffer`` available on the device; returns the device-side buffer."""
+    def upload(self, host_buffer: torch.Tensor, slot: int, layout: UnitLayout
+               ) -> tuple[dict[str, torch.Tensor], Event | None]:
+        """Start making the unit read into ``host_buffer`` available on the device; returns its
+        tensors there and the event the compute must wait for (None: ready now)."""
+        ...
+
+    def upload_tensors(self, tensors: Mapping[str, torch.Tensor], slot: int, name: str = ""
+                       ) -> tuple[dict[str, torch.Tensor], Event | None]:
+        """The same for a host-resident unit's tensors; returns their device views."""
         ...
 
     def statistics(self) -> dict[str, float]: ...
 
 
 class SameDevice:
-    """CPU mode: nothing to move."""
+    """CPU mode, or reads that already landed in device memory: nothing to move."""
 
-    async def upload(self, host_buffer: torch.Tensor, slot: int) -> torch.Tensor:
-        return host_buffer
+    def upload(self, host_buffer: torch.Tensor, slot: int, layout: UnitLayout
+               ) -> tuple[dict[str, torch.Tensor], Event | None]:
+        return unit_views(layout, host_buffer), None
+
+    def upload_tensors(self, tensors: Mapping[str, torch.Tensor], slot: int, name: str = ""
+                       ) -> tuple[dict[str, torch.Tensor], Event | None]:
+        return dict(tensors), None
 
     def statistics(self) -> dict[str, float]:
         return {"upload_bytes": 0.0, "upload_s": 0.0}
+
+
+def packed_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes a unit's tensors take in a device slot, each starting ``TENSOR_ALIGN`` aligned."""
+    end = 0
+    for t in tensors.values():
+        end = -(-end // TENSOR_ALIGN) * TENSOR_ALIGN + t.numel() * t.element_size()
+    return end
+
+
+@dataclass(slots=True)
+class _Copy:
+    name: str
+    nbytes: int
+    start: Event
+    end: Event
+
+
+class StreamUploader:
+    """Uploads into ``slots`` (device buffers, one per staging slot) on the pool's copy streams."""
+
+    def __init__(self, ops: DeviceOps, streams: StreamPool, slots: list[torch.Tensor],
+                 timeline: DeviceTimeline | None = None, tracer: Tracer = NULL_TRACER) -> None:
+        self._ops, self._streams, self.slots = ops, streams, slots
+        self._timeline, self._tracer = timeline, tracer
+        self._pending: list[_Copy] = []
+        self._bytes = 0
+        self._seconds = 0.0
+        self._copies = 0
+
+    def upload(self, host_buffer: torch.Tensor, slot: int, layout: UnitLayout
+               ) -> tuple[dict[str, torch.Tensor], Event | None]:
+        target = self.slots[slot]
+        if host_buffer.data_ptr() == target.data_ptr():     # the read landed in device memory already
+            return unit_views(layout, target), None
+        stream = self._streams.copy_stream()
+        start = self._ops.record(stream)
+        nbytes = layout.buffer_bytes
+        self._ops.copy(target[:nbytes], host_buffer[:nbytes], stream)
+        with self._ops.using(stream):      # a misaligned tensor's copy is ordered after the upload
+            views = unit_views(layout, target)
+        return views, self._done(stream, start, layout.name, nbytes)
+
+    def upload_tensors(self, tensors: Mapping[str, torch.Tensor], slot: int, name: str = ""
+                       ) -> tuple[dict[str, torch.Tensor], Event | None]:
+        target = self.slots[slot]
+        if packed_bytes(tensors) > target.numel():
+            raise ValueError(f"{name}: {packed_bytes(tensors)} bytes do not fit a staging slot of {target.numel()}")
+        stream = self._streams.copy_stream()
+        start = self._ops.record(stream)
+        views: dict[str, torch.Tensor] = {}
+        offset = 0
+        for key, t in tensors.items():
+            offset = -(-offset // TENSOR_ALIGN) * TENSOR_ALIGN
+            size = t.numel() * t.element_size()
+            view = target[offset:offset + size].view(t.dtype).view(t.shape)
+            self._ops.copy(view, t, stream)
+            views[key] = view
+            offset += size
+        return views, self._done(stream, start, name, offset)
+
+    def _done(self, stream: Any, start: Event, name: str, nbytes: int) -> Event:
+        end = self._ops.record(stream)
+        self._pending.append(_Copy(name, nbytes, start, end))
+        self._copies += 1
+        return end
+
+    def collect(self) -> None:
+        """Account the uploads whose copies have completed (their device times, their spans)."""
+        still = []
+        for c in self._pending:
+            if not c.end.query():
+                still.append(c)
+                continue
+            self._bytes += c.nbytes
+            self._seconds += c.start.elapsed_time(c.end) / 1e3
+            if self._timeline is not None and self._tracer.enabled:
+                self._tracer.span("upload", c.name, self._timeline.time_of(c.start), self._timeline.time_of(c.end),
+                                  bytes=c.nbytes)
+        self._pending = still
+
+    def statistics(self) -> dict[str, float]:
+        return {"upload_bytes": float(self._bytes), "upload_s": self._seconds, "uploads": float(self._copies)}

@@ -7,6 +7,11 @@ starting the unit's read (and upload) as a task, and handing it to the consumer 
 bounded channel. The consumer (the sweep runner) takes units in the same order; the time it
 waits for a read that has not finished is the *stall*. A failed read is delivered to the
 consumer of that unit only; the stream stays aligned and goes on with the next.
+
+On CUDA the stream also carries the host-resident units (``homes``: their weights, kept in
+pinned memory, need no read, only an upload), each unit comes with the event its upload
+records (the compute stream waits on it), and a slot goes back to the ring once the event
+recorded after its compute has completed (``release(loaded, after=event)``).
 """
 
 from __future__ import annotations
@@ -14,25 +19,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
+from tierflow.pipeline.cuda import Event, EventBridge, StreamOrderedRing
 from tierflow.pipeline.ring import Channel, ChannelStats, RingStats, SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.upload import Uploader
 from tierflow.tiers.checkpoint import UnitLayout
 from tierflow.tiers.reader import DiskReader
-
-
-def unit_views(layout: UnitLayout, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The unit's tensors as views into ``buffer`` (no copies, except a misaligned tensor)."""
-    views = {}
-    for t in layout.tensors:
-        raw = buffer[t.buffer_offset:t.buffer_offset + t.nbytes]
-        if raw.data_ptr() % t.dtype.itemsize:
-            raw = raw.clone()   # safetensors does not promise element alignment; rare, explicit
-        views[t.local] = raw.view(t.dtype).view(t.shape)
-    return views
 
 
 def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -45,6 +41,7 @@ class LoadedUnit:
     unit: int
     weights: dict[str, torch.Tensor]
     slot: int
+    ready: Event | None = None          # the upload's event (CUDA): compute waits for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +57,14 @@ class StreamStats:
 
 class WeightStream:
     def __init__(self, layouts: list[UnitLayout], reader: DiskReader, ring: SlotRing[torch.Tensor],
-                 uploader: Uploader, tracer: Tracer = NULL_TRACER) -> None:
+                 uploader: Uploader, tracer: Tracer = NULL_TRACER, *,
+                 homes: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+                 bridge: EventBridge | None = None) -> None:
         self._layouts, self._reader, self._ring, self._uploader = layouts, reader, ring, uploader
-        self._tracer = tracer
-        self._channel: Channel[tuple[int, int, asyncio.Task[dict[str, torch.Tensor]]]] = Channel(len(ring.slots))
+        self._tracer, self._homes = tracer, dict(homes or {})
+        self._ordered = StreamOrderedRing(ring, bridge) if bridge is not None else None
+        self._channel: Channel[tuple[int, int, asyncio.Task[tuple[dict[str, torch.Tensor], Event | None]]]] = \
+            Channel(len(ring.slots))
         self._task: asyncio.Task[None] | None = None
         self._units_read = self._units_consumed = self._bytes_read = 0
         self._read_s = self._upload_s = self._stall_s = 0.0
@@ -71,7 +72,8 @@ class WeightStream:
 
     def statistics(self) -> StreamStats:
         busy = self._busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
-        return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s, self._upload_s,
+        upload_s = self._uploader.statistics()["upload_s"] or self._upload_s
+        return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s, upload_s,
                            self._stall_s, busy)
 
     def ring_statistics(self) -> RingStats:
@@ -95,7 +97,13 @@ class WeightStream:
                 task = asyncio.create_task(self._load(layout, slot), name=f"tierflow-read-{layout.name}")
                 await self._channel.put((layout.unit, slot, task))
 
-    async def _load(self, layout: UnitLayout, slot: int) -> dict[str, torch.Tensor]:
+    async def _load(self, layout: UnitLayout, slot: int) -> tuple[dict[str, torch.Tensor], Event | None]:
+        home = self._homes.get(layout.unit)
+        if home is not None:                 # host-resident: already in pinned memory, only uploaded
+            started = time.perf_counter()
+            weights, ready = self._uploader.upload_tensors(home, slot, layout.name)
+            self._upload_s += time.perf_counter() - started
+            return weights, ready
         started = time.perf_counter()
         if self._in_flight == 0:
             self._busy_since = started
@@ -108,12 +116,12 @@ class WeightStream:
             if self._in_flight == 0:
                 self._busy_s += read_done - self._busy_since
         self._tracer.span("disk: weights", layout.name, started, read_done, bytes=nbytes, slot=slot)
-        device_buffer = await self._uploader.upload(self._ring.slots[slot], slot)
+        weights, ready = self._uploader.upload(self._ring.slots[slot], slot, layout)
         self._bytes_read += nbytes
         self._read_s += read_done - started
         self._upload_s += time.perf_counter() - read_done
         self._units_read += 1
-        return unit_views(layout, device_buffer)
+        return weights, ready
 
     async def next(self, unit: int) -> LoadedUnit:
         """The weights of ``unit``, which must be the next streamed unit in sweep order."""
@@ -123,17 +131,22 @@ class WeightStream:
         if got != unit:
             raise RuntimeError(f"weight stream out of order: expected unit {unit}, the stream holds {got}")
         try:
-            weights = await task
+            weights, ready = await task
         except BaseException:
             self._ring.release(slot)
             raise
         finally:
             self._stall_s += time.perf_counter() - started
         self._units_consumed += 1
-        return LoadedUnit(unit, weights, slot)
+        return LoadedUnit(unit, weights, slot, ready)
 
-    def release(self, loaded: LoadedUnit) -> None:
-        self._ring.release(loaded.slot)
+    def release(self, loaded: LoadedUnit, after: Event | None = None) -> None:
+        """Give the unit's slot back: now, or once ``after`` (recorded after its compute on
+        the device) has completed."""
+        if after is None or self._ordered is None:
+            self._ring.release(loaded.slot)
+        else:
+            self._ordered.release_after(loaded.slot, after)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -145,3 +158,5 @@ class WeightStream:
         await asyncio.gather(*(task for _, _, task in pending), return_exceptions=True)
         for _, slot, _ in pending:
             self._ring.release(slot)
+        if self._ordered is not None:
+            await self._ordered.drain()
