@@ -104,6 +104,25 @@ def test_compute_that_skips_the_upload_event_reads_stale_weights(tiny_models, tm
     assert not torch.allclose(logits, expected, rtol=1e-3, atol=1e-3)
 
 
+def _check_overlap(doc: dict, layers: int) -> None:
+    """Every compute of a layer follows an upload of it that had finished (the compute stream
+    waited for its event), and uploads of later layers run while earlier layers compute."""
+    names = {e["args"]["name"]: e["tid"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    uploads = [e for e in spans if e["tid"] == names["upload"]]
+    computes = [e for e in spans if e["tid"] == names["gpu compute"]]
+    order = {f"layer.{i}": i for i in range(layers)}
+    assert {e["name"] for e in uploads} == set(order)
+    for c in (e for e in computes if e["name"] in order):
+        before = [u for u in uploads if u["name"] == c["name"] and u["ts"] + u["dur"] <= c["ts"] + 1.0]
+        assert before, f"{c['name']} computed at {c['ts']} before any upload of it had finished"
+    overlapped = any(u["ts"] < c["ts"] + c["dur"] and u["ts"] + u["dur"] > c["ts"] and order[u["name"]] > order[c["name"]]
+                     for c in computes if c["name"] in order for u in uploads)
+    started_early = any(u["ts"] < c["ts"] and order[u["name"]] > order[c["name"]]
+                        for c in computes if c["name"] in order for u in uploads)
+    assert overlapped or started_early
+
+
 def test_trace_shows_uploads_before_their_compute_and_overlapping_the_previous(tiny_models, tmp_path):
     path = tiny_models["sharded-fp32"]       # 4 decoder layers
     trace = tmp_path / "trace.json"
@@ -114,26 +133,7 @@ def test_trace_shows_uploads_before_their_compute_and_overlapping_the_previous(t
     engine, logits, out, stats, pipeline = asyncio.run(_run(path, config, ops, new_tokens=4))
     _check(path, "float32", logits, out.token_ids, new_tokens=4)
 
-    doc = json.loads(trace.read_text())
-    names = {e["args"]["name"]: e["tid"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
-    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    uploads = [e for e in spans if e["tid"] == names["upload"]]
-    computes = [e for e in spans if e["tid"] == names["gpu compute"]]
-    layer_names = {f"layer.{i}" for i in range(4)}
-    assert {e["name"] for e in uploads} == layer_names
-    # one upload per layer per sweep: every sweep's compute of a layer follows an upload of it
-    # that ended before the compute began (the compute stream waited for its event)
-    for c in (e for e in computes if e["name"] in layer_names):
-        before = [u for u in uploads if u["name"] == c["name"] and u["ts"] + u["dur"] <= c["ts"] + 1.0]
-        assert before, f"{c['name']} computed at {c['ts']} before any upload of it had finished"
-    # uploads run ahead: some upload of a later unit started before the compute of an earlier one ended
-    order = {f"layer.{i}": i for i in range(4)}
-    overlapped = any(u["ts"] < c["ts"] + c["dur"] and order[u["name"]] > order[c["name"]]
-                     and u["ts"] + u["dur"] > c["ts"]
-                     for c in computes if c["name"] in order for u in uploads)
-    started_early = any(u["ts"] < c["ts"] and order[u["name"]] > order[c["name"]]
-                        for c in computes if c["name"] in order for u in uploads)
-    assert overlapped or started_early
+    _check_overlap(json.loads(trace.read_text()), 4)
     # the copies are slow here (9 tensors x 10 ms per layer), so the device mostly waited
     assert stats.gpu_idle_fraction > 0.5
     assert stats.upload_s >= 0.01 * 9 * 4
@@ -162,6 +162,27 @@ def test_concurrent_requests_on_the_device_path(tiny_models, tmp_path):
     tokens, pipeline = asyncio.run(main())
     assert tokens == [oracle_greedy(path, p, 6, "float32") for p in prompts]
     assert pipeline["ring"].acquired_total > 0 and pipeline["events"] is not None
+
+
+def test_paged_kv_over_device_host_and_disk_on_the_device_path(tiny_models, tmp_path):
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(1000)]
+    per_token = 2 * 3 * 2 * 16 * 4      # K and V, 3 layers, 2 KV heads, head_dim 16, fp32
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["mixed"]), kv_reserve_tokens=1024,
+                          prefill_chunk_tokens=256, kv_cache_dir=str(tmp_path / "kv"),
+                          kv_device_bytes=per_token * 256, kv_host_bytes=per_token * 256)
+
+    async def main():
+        async with await Engine.open(path, config, device_ops=SimulatedCuda(copy_delay_s=0.001)) as engine:
+            logits = await engine.logits(prompt)
+            out = await engine.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+            return logits, list(out.token_ids), engine.pipeline_statistics()["kv_blocks"]
+
+    logits, tokens, kv = asyncio.run(main())
+    assert kv["disk"].capacity > 0 and kv["host"].capacity > 0 and kv["device"].capacity > 0
+    expected = oracle_logits(path, prompt, "float32")
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    assert tokens == oracle_greedy(path, prompt, 8, "float32")
 
 
 def test_mixture_of_experts_on_the_device_path(tmp_path):
@@ -213,3 +234,18 @@ def test_matches_transformers_on_cuda(tiny_models, tmp_path, name, placement):
     assert rel <= (1e-3 if dtype == "float32" else 3e-2), f"relative logit error {rel:.2e}"
     assert list(out.token_ids) == oracle_greedy(path, PROMPT, 16, dtype)
     assert stats.gpu_busy_s > 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_trace_and_idle_fraction_on_cuda(tiny_models, tmp_path):
+    path = tiny_models["sharded-fp32"]
+    trace = tmp_path / "trace.json"
+    hardware = {**GPU_HARDWARE, "device_memory_bytes": torch.cuda.mem_get_info()[0]}
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"version": 1, "hardware": hardware, "overrides": {
+        "tiers": {"layers.0-3": "disk", "embed": "device", "head": "device"}, "prefetch_depth": 2}}))
+    config = EngineConfig(device="cuda", profile=str(profile), trace_path=str(trace), **SMALL)
+    engine, logits, out, stats, _ = asyncio.run(_run(path, config, None, new_tokens=8))
+    _check_overlap(json.loads(trace.read_text()), 4)
+    assert stats.gpu_busy_s > 0 and 0.0 <= stats.gpu_idle_fraction < 1.0

@@ -58,10 +58,13 @@ def config_spec(model: str | Path) -> tuple[ModelSpec, Any, Path]:
     return adapter.spec_from_config(config), adapter, directory
 
 
-def engine_overrides(config: EngineConfig, profile: Profile | None, kv_bytes_per_token: int = 0) -> Overrides:
+def engine_overrides(config: EngineConfig, profile: Profile | None, kv_bytes_per_token: int = 0,
+                     kind: str | None = None) -> Overrides:
     """The profile's overrides with the EngineConfig's explicit fields on top. Without a paged
     KV cache the engine holds all KV in device memory, so the plan keeps every block there;
-    with one, KV budgets per tier come from the config and the rest may spill to disk."""
+    with one, KV budgets per tier come from the config and the rest may spill to disk. ``kind``: the
+    device the engine runs on, "cpu" or "cuda" (default: as ``config.device`` says)."""
+    on_cpu = (kind or ("cuda" if config.device.startswith("cuda") else "cpu")) == "cpu"
     base = profile.overrides if profile is not None else Overrides()
     explicit = {name: getattr(config, name) for name in
                 ("device_memory_bytes", "host_memory_bytes", "prefetch_depth", "io_threads", "io_block_bytes",
@@ -73,7 +76,7 @@ def engine_overrides(config: EngineConfig, profile: Profile | None, kv_bytes_per
         kv.pop("disk", None)
         per_token = max(1, kv_bytes_per_token)
         if config.kv_device_bytes is not None:   # on CPU the host pool is RAM too: it counts as device memory
-            device = config.kv_device_bytes + (config.kv_host_bytes or 0) * (not config.device.startswith("cuda"))
+            device = config.kv_device_bytes + (config.kv_host_bytes or 0) * on_cpu
             kv["device"] = device // per_token
         kv["host"] = 0 if config.kv_host_bytes is None else config.kv_host_bytes // per_token
     return replace(base, **explicit, kv_budget_tokens=kv)
@@ -145,7 +148,7 @@ async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torc
     kind = kind or device.type
     profile = load_engine_profile(config)
     costs = index_costs(index, dtype)
-    overrides = engine_overrides(config, profile, costs.kv_bytes_per_token)
+    overrides = engine_overrides(config, profile, costs.kv_bytes_per_token, kind)
     if profile is not None and profile.hardware is not None:
         if profile.hardware.device != kind:
             raise ConfigError(f"the profile's hardware describes a {profile.hardware.device!r} machine but the engine "

@@ -3,7 +3,10 @@
 ``attend`` takes the whole KV as contiguous tensors and makes one fused SDPA call. When the
 model soft-caps its attention scores (Gemma 2), SDPA cannot apply the cap, so the keys go
 through ``attend_blocks`` in tiles of ``KEY_TILE_TOKENS`` instead: the memory stays
-O(queries × tile) rather than the whole score matrix.
+O(queries × tile) rather than the whole score matrix. On a CUDA device, when the ``flash-attn``
+package is importable and takes the call (fp16/bf16, head_dim <= 256; see ``flash``), ``attend``
+hands it to ``flash_attend`` instead, which applies the window and the softcap inside the
+kernel; ``attention_backend`` says which of these a device and dtype get.
 
 ``attend_blocks`` is for KV that lives in blocks (some on the device, some still arriving
 from host memory or disk), where attention cannot see the whole key matrix at once. It takes
@@ -26,6 +29,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from tierflow.adapters.flash import flash_attend, flash_device_supported, flash_head_dim_supported, flash_supported
+
 KEY_TILE_TOKENS = 512     # keys per tile when contiguous KV goes through the online softmax
 
 
@@ -33,6 +38,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
            window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [n, H, D] (positions start..start+n-1) over ``keys`` /
     ``values`` [KVH, start+n, D]; returns [n, H*D]."""
+    if flash_supported(q, keys, softcap, window):
+        return flash_attend(q, keys, values, start, scale=scale, window=window, softcap=softcap)
     n, num_heads, d = q.shape
     first = 0 if window is None else max(0, start - window + 1)     # the earliest key any query sees
     keys, values = keys[:, first:], values[:, first:]
@@ -49,6 +56,16 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
         out = F.scaled_dot_product_attention(query, keys[None], values[None], enable_gqa=gqa, scale=scale,
                                              attn_mask=_visible(start, n, first, keys.shape[1], window, q.device))
     return out[0].transpose(0, 1).reshape(n, num_heads * d)
+
+
+def attention_backend(device: torch.device | str, dtype: torch.dtype, *, head_dim: int | None = None) -> str:
+    """Which kernel ``attend`` uses for queries on ``device`` in ``dtype`` (and ``head_dim``, if
+    given): "flash-attn", "sdpa" (CUDA without flash-attn) or "sdpa-<device type>" ("sdpa-cpu").
+    Soft-capped attention takes the online softmax instead of SDPA."""
+    device = torch.device(device)
+    if (head_dim is None or flash_head_dim_supported(head_dim)) and flash_device_supported(device, dtype):
+        return "flash-attn"
+    return "sdpa" if device.type == "cuda" else f"sdpa-{device.type}"
 
 
 def _visible(start: int, n: int, first: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
