@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,29 @@ def test_trace_and_idle_fraction_on_cuda(tiny_models, tmp_path):
     engine, logits, out, stats, _ = asyncio.run(_run(path, config, None, new_tokens=8))
     _check_overlap(json.loads(trace.read_text()), 4)
     assert stats.gpu_busy_s > 0 and 0.0 <= stats.gpu_idle_fraction < 1.0
+
+
+# ----------------------------------------------------------------------------- kvikio
+def test_kvikio_reads_land_in_the_device_slots(tiny_models, tmp_path, monkeypatch):
+    """``"reader": "kvikio"`` in the profile: streamed units are read straight into the staging
+    slots in device memory (a stand-in kvikio module here), with no pinned read buffers."""
+    from tests.tiers.test_kvikio import FakeKvikio
+
+    fake = FakeKvikio()
+    monkeypatch.setitem(sys.modules, "kvikio", fake.module)
+    path = tiny_models["gqa-untied-fp32"]
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["disk"], reader="kvikio"), **SMALL)
+    ops = SimulatedCuda(copy_delay_s=0.002)
+    engine, logits, out, stats, pipeline = asyncio.run(_run(path, config, ops))
+    _check(path, "float32", logits, out.token_ids)
+    assert fake.preads and stats.io_mode.endswith("+kvikio-compat")
+    assert ops.copies == 0                   # nothing went through the copy stream
+    assert pipeline["pinned"].capacity_bytes == 0
+    assert stats.bytes_read_from_disk >= stats.bytes_streamed > 0
+
+
+def test_kvikio_asked_for_but_absent_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", None)
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["disk"], reader="kvikio"), **SMALL)
+    with pytest.raises(ConfigError, match="kvikio"):
+        asyncio.run(Engine.open(tiny_model, config, device_ops=SimulatedCuda()))

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 
 import torch
 
+from tierflow.adapters.attention import attention_backend
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.errors import (ConfigError, EngineClosedError, PromptError, RequestError, RequestTimeoutError,
                              TierCapacityError, TierflowError)
@@ -43,10 +44,11 @@ from tierflow.stages.resident import home_bytes, load_units
 from tierflow.stages.upload import SameDevice, StreamUploader, packed_bytes
 from tierflow.stages.weights import WeightStream
 from tierflow.sweep import DevicePath, SweepBatch, SweepRunner
-from tierflow.planning import EnginePlan, plan_engine
+from tierflow.planning import EnginePlan, load_engine_profile, plan_engine
 from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.costmodel import DEVICE, HOST, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
+from tierflow.tiers.kvikio import KvikioReader, choose_reader
 from tierflow.tiers.pagedkv import KVStore
 from tierflow.tiers.pinned import PinnedArena, aligned
 from tierflow.tiers.reader import DiskReader, aligned_empty, trim_heap
@@ -66,6 +68,7 @@ class Engine:
         self._device_path: DevicePath | None = None
         self._bridge: EventBridge | None = None
         self._arena: PinnedArena | None = None
+        self._kvikio: KvikioReader | None = None     # streamed units read straight into device memory
         self.spec, self.tokenizer = index.spec, tokenizer
         self.plan, self.hardware, self.costs = planned.plan, planned.hardware, planned.costs
         self.hardware_source = planned.provenance
@@ -118,14 +121,19 @@ class Engine:
                             direct_io=config.direct_io)
         engine = cls(index, config, device, dtype, tokenizer, planned, reader, ComputeWorker(), ops)
         try:
+            profile = load_engine_profile(config)
+            if ops is not None and choose_reader(profile.overrides.reader if profile else None, ops.kind) == "kvikio":
+                engine._kvikio = KvikioReader(index.files, threads=planned.plan.io_threads,
+                                              task_bytes=planned.plan.io_block_bytes)
             await engine._start()
         except BaseException:
             await engine.close()
             raise
         plan = planned.plan
-        log.info("opened %s: %d units resident, %d streamed, dtype %s; predicted %.4f s per token (%s bound)",
-                 index.directory, len(index.units) - len(plan.streamed), len(plan.streamed), dtype,
-                 plan.predicted.decode_s_per_token, plan.predicted.bottleneck)
+        log.info("opened %s on %s: %d units resident, %d streamed, dtype %s, attention %s; predicted %.4f s per "
+                 "token (%s bound)", index.directory, device, len(index.units) - len(plan.streamed),
+                 len(plan.streamed), dtype, engine.attention_backend, plan.predicted.decode_s_per_token,
+                 plan.predicted.bottleneck)
         return engine
 
     async def _start(self) -> None:
@@ -170,7 +178,9 @@ class Engine:
         on_disk = [index.units[u] for u in plan.streamed]
         read_slot = aligned(max((layout.buffer_bytes for layout in on_disk), default=0))
         slots = plan.num_slots if on_disk or any(u != 0 for u in host_units) else 0
-        pinned = sum(home_bytes(index, u, plan.tiers, self.dtype) for u in host_units) + slots * read_slot
+        direct = self._kvikio is not None        # disk reads land in the device slots: no pinned read buffers
+        pinned = sum(home_bytes(index, u, plan.tiers, self.dtype) for u in host_units) + \
+            (0 if direct else slots * read_slot)
         self._arena = PinnedArena(pinned, ops.pin, ops.unpin)
 
         def to_device(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -184,11 +194,12 @@ class Engine:
         if streamed_units:
             device_slot = max([plan.device_slot_bytes, read_slot] +
                               [packed_bytes(homes[u]) for u in streamed_units if u in homes])
-            uploader = StreamUploader(ops, streams, [ops.empty(device_slot) for _ in range(slots)], timeline,
-                                      self._tracer)
+            device_slots = [ops.empty(device_slot) for _ in range(slots)]
+            uploader = StreamUploader(ops, streams, device_slots, timeline, self._tracer)
             self._bridge = EventBridge()
-            ring = SlotRing([self._arena.take(read_slot) for _ in range(slots)])
-            self._stream = WeightStream([index.units[u] for u in streamed_units], self._reader, ring, uploader,
+            ring = SlotRing(device_slots if direct else [self._arena.take(read_slot) for _ in range(slots)])
+            reader = self._kvikio if self._kvikio is not None else self._reader
+            self._stream = WeightStream([index.units[u] for u in streamed_units], reader, ring, uploader,
                                         self._tracer, homes={u: homes[u] for u in streamed_units if u in homes},
                                         bridge=self._bridge)
         self._device_path = DevicePath(ops, streams.compute, timeline, uploader,
@@ -221,6 +232,8 @@ class Engine:
         if self._prefix is not None:
             await asyncio.to_thread(self._prefix.cache.close)
         self._reader.close()
+        if self._kvikio is not None:
+            self._kvikio.close()
         if self.config.trace_path is not None:
             try:
                 await asyncio.to_thread(self._tracer.write, self.config.trace_path)
@@ -232,6 +245,11 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention kernels this engine's sequences use: "flash-attn", "sdpa" or "sdpa-cpu"."""
+        return attention_backend(self.device, self.dtype, head_dim=self.spec.head_dim)
 
     @property
     def closed(self) -> bool:
@@ -522,16 +540,20 @@ class Engine:
         reader = self._reader.statistics()
         stream = self._stream.statistics() if self._stream else None
         modes = set(reader.modes.values())
+        kvikio = self._kvikio.statistics() if self._kvikio is not None else None
+        io_mode = modes.pop() if len(modes) == 1 else "mixed"
+        if kvikio is not None:      # streamed units through kvikio, the rest through the O_DIRECT reader
+            io_mode += f"+kvikio-{kvikio.mode}"
         n = max(1, self._decode_sweeps)
         experts = self._experts.statistics() if self._experts is not None else None
         device = self.plan.memory[DEVICE]
         return EngineStats(
-            bytes_read_from_disk=reader.bytes_read, bytes_streamed=stream.bytes_read if stream else 0,
+            bytes_read_from_disk=reader.bytes_read + (kvikio.bytes_read if kvikio else 0), bytes_streamed=stream.bytes_read if stream else 0,
             tokens_generated=self._tokens_generated, prompt_tokens=self._prompt_tokens,
             sweeps=self._runner.num_sweeps if self._runner else 0,
             read_s=stream.read_s if stream else 0.0, upload_s=stream.upload_s if stream else 0.0,
             compute_s=self._stage_clock()[2], stall_s=stream.stall_s if stream else 0.0,
-            io_mode=modes.pop() if len(modes) == 1 else "mixed",
+            io_mode=io_mode,
             units_resident=len(self.plan.tiers) - len(self.plan.streamed),
             units_streamed=len(self.plan.streamed), resident_bytes=device.weights, staging_bytes=device.staging,
             decode_sweeps=self._decode_sweeps,

@@ -47,7 +47,7 @@ class EngineStats:
     upload_s: float
     compute_s: float                     # time the compute worker was busy
     stall_s: float                       # time compute waited for weights
-    io_mode: str                         # "direct" | "buffered" | "mixed"
+    io_mode: str                         # "direct" | "buffered" | "mixed", then "+kvikio-gds" / "+kvikio-compat"
     units_resident: int
     units_streamed: int
     resident_bytes: int

@@ -41,7 +41,7 @@ def full_profile():
         tiers={"embed": "host", "layers.0-7": "device", "layers.8": "disk", "head": "device"},
         device_memory_bytes=6 * GiB, host_memory_bytes=20 * GiB, prefetch_depth=3, io_threads=8,
         io_block_bytes=16 * 2**20, kv_budget_tokens={"device": 0, "host": 65536}, prefill_chunk_tokens=512,
-        mlp_chunk_tokens=128, safety_margin=0.0)
+        mlp_chunk_tokens=128, safety_margin=0.0, reader="kvikio")
     return Profile(hardware, overrides, {"probe": "tierflow probe", "samples": [1.0, 2.5]})
 
 
@@ -116,6 +116,9 @@ BAD = {
     "safety margin 1.0": (with_("overrides.safety_margin", 1.0), r"overrides\.safety_margin must be in \[0, 1\)"),
     "negative safety margin": (with_("overrides.safety_margin", -0.1), r"overrides\.safety_margin"),
     "nan safety margin": (with_("overrides.safety_margin", math.nan), r"overrides\.safety_margin"),
+    "unknown reader": (with_("overrides.reader", "gds"),
+                       r"overrides\.reader must be one of \('auto', 'direct', 'kvikio'\), got 'gds'"),
+    "reader not a string": (with_("overrides.reader", 1), r"overrides\.reader must be a string"),
 }
 
 
@@ -163,6 +166,18 @@ def test_good_values_at_the_edges_are_accepted():
     overrides = load_profile(doc).overrides
     assert overrides.safety_margin == 0.0 and overrides.io_block_bytes == 4096
     assert overrides.kv_budget_tokens == {"host": 0} and overrides.tiers["layers.3-3"] == "device"
+
+
+@pytest.mark.parametrize("reader", ["auto", "direct", "kvikio"])
+def test_every_reader_round_trips(tmp_path, reader):
+    profile = load_profile(with_("overrides.reader", reader))
+    assert profile.overrides.reader == reader and profile.to_json()["overrides"] == {"reader": reader}
+    assert load_profile(save_profile(profile, tmp_path / "p.json")) == profile
+
+
+def test_no_reader_means_the_engine_chooses():
+    profile = load_profile(DOC)
+    assert profile.overrides.reader is None and "reader" not in profile.to_json()["overrides"]
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -28,7 +28,7 @@ from tierflow.pipeline.ring import Channel, ChannelStats, RingStats, SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.upload import Uploader
 from tierflow.tiers.checkpoint import UnitLayout
-from tierflow.tiers.reader import DiskReader
+from tierflow.tiers.reader import UnitReader
 
 
 def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ class StreamStats:
 
 
 class WeightStream:
-    def __init__(self, layouts: list[UnitLayout], reader: DiskReader, ring: SlotRing[torch.Tensor],
+    def __init__(self, layouts: list[UnitLayout], reader: UnitReader, ring: SlotRing[torch.Tensor],
                  uploader: Uploader, tracer: Tracer = NULL_TRACER, *,
                  homes: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
                  bridge: EventBridge | None = None) -> None:

@@ -27,6 +27,7 @@ from tierflow.errors import ProfileError
 VERSION = 1
 TIERS = ("device", "host", "disk")
 DEVICE_KINDS = ("cpu", "cuda")
+READERS = ("auto", "direct", "kvikio")   # how weights reach the device; see tierflow.tiers.kvikio.choose_reader
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,7 @@ class Overrides:
     prefill_chunk_tokens: int | None = None
     mlp_chunk_tokens: int | None = None
     safety_margin: float | None = None                                  # fraction of each budget kept free
+    reader: str | None = None       # "auto" | "direct" (O_DIRECT into pinned host) | "kvikio" (disk → GPU)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()
@@ -197,6 +199,11 @@ def parse_overrides(doc: Any, where: str = "overrides") -> Overrides:
         if not 0 <= margin < 1:
             raise ProfileError(f"{where}.safety_margin must be in [0, 1), got {margin}")
         values["safety_margin"] = margin
+    if doc.get("reader") is not None:
+        reader = _typed(f"{where}.reader", doc["reader"], _STR)
+        if reader not in READERS:
+            raise ProfileError(f"{where}.reader must be one of {READERS}, got {reader!r}")
+        values["reader"] = reader
     tiers = _object(f"{where}.tiers", doc.get("tiers", {}), None)
     for selector, tier in tiers.items():
         parse_selector(selector)

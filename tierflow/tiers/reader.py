@@ -21,6 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -28,6 +29,12 @@ from tierflow.errors import ConfigError, TransferError
 from tierflow.tiers.checkpoint import ALIGN_BYTES, UnitLayout
 
 log = logging.getLogger(__name__)
+
+
+class UnitReader(Protocol):
+    """What the stages need of a reader: ``DiskReader`` here, ``tiers.kvikio.KvikioReader`` on CUDA."""
+
+    async def read(self, layout: UnitLayout, buffer: torch.Tensor) -> int: ...
 
 
 HUGE_PAGE_BYTES = 2 * 2**20
