@@ -356,3 +356,151 @@ def streamed_profile(path: Path) -> dict[str, Any]:
     layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
     return {"version": 1, "overrides": {"tiers": {f"layers.0-{layers - 1}": "disk", "embed": "device",
                                                   "head": "device"}, "prefetch_depth": 2}}
+
+
+# --------------------------------------------------------------------------- large checkpoints
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def checkpoint_tensors(shape: ModelShape) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(name, shape, random) of every tensor of a ``shape`` Llama, in file order: embedding,
+    head, final norm, then each layer's tensors together, so every unit is one byte range.
+    ``random`` False: a norm weight (ones)."""
+    h, i, d = shape.hidden, shape.intermediate, shape.head_dim
+    q, kv = shape.heads * d, shape.kv_heads * d
+    out = [("model.embed_tokens.weight", (shape.vocab, h), True), ("lm_head.weight", (shape.vocab, h), True),
+           ("model.norm.weight", (h,), False)]
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
+        out += [(p + "self_attn.q_proj.weight", (q, h), True), (p + "self_attn.k_proj.weight", (kv, h), True),
+                (p + "self_attn.v_proj.weight", (kv, h), True), (p + "self_attn.o_proj.weight", (h, q), True),
+                (p + "mlp.gate_proj.weight", (i, h), True), (p + "mlp.up_proj.weight", (i, h), True),
+                (p + "mlp.down_proj.weight", (h, i), True), (p + "input_layernorm.weight", (h,), False),
+                (p + "post_attention_layernorm.weight", (h,), False)]
+    return out
+
+
+def build_checkpoint_on(directory: Path, shape: ModelShape, *, device: str = "cpu",
+                        config: dict[str, Any] | None = None, seed: int = 0,
+                        std: float = 0.02) -> tuple[Path, bool]:
+    """Like ``build_checkpoint`` (a random Llama in ``directory``, reused when it is there),
+    for checkpoints of many GB: the normal tensors are drawn on ``device`` (a GPU draws 8
+    billion in seconds, the CPU takes minutes), model.safetensors is written one tensor at a
+    time (peak memory: one tensor, where ``save_file`` holds the model twice), and
+    ``config`` entries are merged into config.json (e.g. rope_theta). The values depend on
+    the device's generator, so the device type is part of what must match for a reuse.
+    The file is fsynced and then dropped from the page cache: later reads come from the disk.
+    Returns (dir, reused)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path, weights, config_path = directory / "bench_meta.json", directory / "model.safetensors", \
+        directory / "config.json"
+    on = torch.device(device)
+    full_config = llama_config(shape) | (config or {})
+    meta = {"shape": asdict(shape), "seed": seed, "std": std, "device": on.type, "config": full_config,
+            "writer": "build_checkpoint_on"}
+    if meta_path.exists() and weights.exists() and config_path.exists():
+        try:
+            if json.loads(meta_path.read_text()) == meta:
+                return directory, True
+        except ValueError:
+            pass
+    meta_path.unlink(missing_ok=True)
+    dtype = DTYPES[shape.dtype]
+    itemsize = dtype.itemsize
+    tensors = checkpoint_tensors(shape)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims, _ in tensors:
+        nbytes = math.prod(dims) * itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(dims), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)          # the data starts 8-byte aligned, as save_file writes it
+    gen = torch.Generator(device=on).manual_seed(seed)
+    with open(weights, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, dims, random in tensors:
+            if random:
+                t = torch.empty(dims, dtype=torch.float32, device=on)
+                t.normal_(0.0, std, generator=gen)
+                t = t.to(dtype)
+            else:
+                t = torch.ones(dims, dtype=dtype, device=on)
+            f.write(t.cpu().contiguous().view(torch.uint8).numpy().data)
+            del t
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    config_path.write_text(json.dumps(full_config, indent=2))
+    meta_path.write_text(json.dumps(meta))
+    return directory, False
+
+
+def drop_page_cache(path: Path) -> None:
+    """Ask the kernel to drop ``path``'s clean pages from the page cache (no root needed), so
+    that the next buffered read of it comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- GPU memory
+class VramMonitor:
+    """GPU memory in use as nvidia-smi reports it (the whole GPU: CUDA contexts and other
+    processes included), sampled by a background thread every ``interval_s`` (plus the time
+    nvidia-smi itself takes) from ``start()`` to ``stop()``. ``net`` figures subtract the
+    reading taken at ``start()``. Without nvidia-smi every figure is None and ``error`` says why."""
+
+    def __init__(self, interval_s: float = 0.05, gpu: int = 0) -> None:
+        import threading
+
+        self.interval_s, self.gpu = interval_s, gpu
+        self.samples_mib: list[float] = []
+        self.baseline_mib: float | None = None
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vram-monitor", daemon=True)
+        self._started = self._stopped = 0.0
+
+    def read_mib(self) -> float | None:
+        import subprocess
+
+        try:
+            out = subprocess.run(["nvidia-smi", "-i", str(self.gpu), "--query-gpu=memory.used",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10,
+                                 check=True).stdout
+            return float(out.split()[0])
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+            self.error = f"nvidia-smi: {type(exc).__name__}: {exc}"
+            return None
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            value = self.read_mib()
+            if value is None:
+                return
+            self.samples_mib.append(value)
+            self._done.wait(self.interval_s)
+
+    def start(self) -> "VramMonitor":
+        self.baseline_mib = self.read_mib()
+        self._started = time.perf_counter()
+        if self.baseline_mib is not None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._stopped = time.perf_counter()
+        peak = max(self.samples_mib, default=None)
+        net = None if peak is None or self.baseline_mib is None else peak - self.baseline_mib
+        return {"baseline_bytes": None if self.baseline_mib is None else int(self.baseline_mib * 2**20),
+                "peak_bytes": None if peak is None else int(peak * 2**20),
+                "net_peak_bytes": None if net is None else int(net * 2**20),
+                "samples": len(self.samples_mib),
+                "mean_interval_s": (self._stopped - self._started) / len(self.samples_mib) if self.samples_mib else None,
+                "error": self.error}
