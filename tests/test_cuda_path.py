@@ -173,14 +173,18 @@ def test_paged_kv_over_device_host_and_disk_on_the_device_path(tiny_models, tmp_
                           prefill_chunk_tokens=256, kv_cache_dir=str(tmp_path / "kv"),
                           kv_device_bytes=per_token * 256, kv_host_bytes=per_token * 256)
 
+    ops = SimulatedCuda(copy_delay_s=0.001)
+
     async def main():
-        async with await Engine.open(path, config, device_ops=SimulatedCuda(copy_delay_s=0.001)) as engine:
+        async with await Engine.open(path, config, device_ops=ops) as engine:
             logits = await engine.logits(prompt)
             out = await engine.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
             return logits, list(out.token_ids), engine.pipeline_statistics()["kv_blocks"]
 
     logits, tokens, kv = asyncio.run(main())
     assert kv["disk"].capacity > 0 and kv["host"].capacity > 0 and kv["device"].capacity > 0
+    # the weight arena, the KV host pool and the KV read window were pinned, and unpinned at close
+    assert len(ops.pinned) == 3 and sorted(ops.pinned) == sorted(ops.unpinned)
     expected = oracle_logits(path, prompt, "float32")
     assert ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     assert tokens == oracle_greedy(path, prompt, 8, "float32")

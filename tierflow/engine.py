@@ -140,6 +140,8 @@ class Engine:
         if self.config.paged_kv:
             self._kv_store = KVStore.for_engine(self.config, self.plan, self.spec, self.dtype, self.device,
                                                 self._tracer)
+            if self._ops is not None:
+                self._kv_store.pin_host_memory(self._ops.pin, self._ops.unpin)
             self._batcher.kv_capacity_tokens = self._kv_store.capacity_tokens
         if self.config.prefix_cache:
             self._prefix = await asyncio.to_thread(PrefixReuse.open, self.index, self.config, self.dtype,

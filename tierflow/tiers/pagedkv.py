@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -104,6 +104,7 @@ class KVStore:
         self._ahead: _ReadAhead | None = None
         self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv") \
             if self.spill is not None else None
+        self._pinned: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
 
     @classmethod
     def for_engine(cls, config: EngineConfig, plan: TierPlan, spec: Any, dtype: torch.dtype,
@@ -129,6 +130,14 @@ class KVStore:
                    device=device, block_tokens=bt, device_blocks=device_share * layers,
                    host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir,
                    tracer=tracer)
+
+    def pin_host_memory(self, pin: Callable[[torch.Tensor], None], unpin: Callable[[torch.Tensor], None]) -> None:
+        """On CUDA: page-lock the host pool and the disk read window, so their copies to the
+        device go by DMA straight from them; ``close`` unlocks them."""
+        for buffer in (self._pools["host"], self._window):
+            if buffer is not None and buffer.numel():
+                pin(buffer)
+                self._pinned.append((buffer, unpin))
 
     @property
     def capacity_tokens(self) -> int:
@@ -259,6 +268,9 @@ class KVStore:
             self._reads.shutdown(wait=True)
         if self.spill is not None:
             self.spill.close()
+        while self._pinned:
+            buffer, unpin = self._pinned.pop()
+            unpin(buffer)
 
 
 class PagedSequenceKV:
