@@ -17,6 +17,7 @@ them into the upload's device time, for the statistics and the trace.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -93,7 +94,8 @@ class StreamUploader:
                  timeline: DeviceTimeline | None = None, tracer: Tracer = NULL_TRACER) -> None:
         self._ops, self._streams, self.slots = ops, streams, slots
         self._timeline, self._tracer = timeline, tracer
-        self._pending: list[_Copy] = []
+        self._pending: list[_Copy] = []          # appended on the loop, collected by the compute worker
+        self._lock = threading.Lock()
         self._bytes = 0
         self._seconds = 0.0
         self._copies = 0
@@ -131,14 +133,17 @@ class StreamUploader:
 
     def _done(self, stream: Any, start: Event, name: str, nbytes: int) -> Event:
         end = self._ops.record(stream)
-        self._pending.append(_Copy(name, nbytes, start, end))
-        self._copies += 1
+        with self._lock:
+            self._pending.append(_Copy(name, nbytes, start, end))
+            self._copies += 1
         return end
 
     def collect(self) -> None:
         """Account the uploads whose copies have completed (their device times, their spans)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
         still = []
-        for c in self._pending:
+        for c in pending:
             if not c.end.query():
                 still.append(c)
                 continue
@@ -147,7 +152,8 @@ class StreamUploader:
             if self._timeline is not None and self._tracer.enabled:
                 self._tracer.span("upload", c.name, self._timeline.time_of(c.start), self._timeline.time_of(c.end),
                                   bytes=c.nbytes)
-        self._pending = still
+        with self._lock:
+            self._pending[:0] = still
 
     def statistics(self) -> dict[str, float]:
         return {"upload_bytes": float(self._bytes), "upload_s": self._seconds, "uploads": float(self._copies)}
