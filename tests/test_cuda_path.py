@@ -140,6 +140,17 @@ def test_trace_shows_uploads_before_their_compute_and_overlapping_the_previous(t
     assert stats.upload_s >= 0.01 * 9 * 4
 
 
+def test_slots_come_back_through_the_event_bridge_when_the_device_lags(tiny_models, tmp_path):
+    """The device finishes each unit's kernels after the host has enqueued them: the slots are
+    released by the bridge's waiter once the compute events complete, and nothing is lost."""
+    path = tiny_models["gqa-untied-fp32"]
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["disk"]), **SMALL)
+    ops = SimulatedCuda(copy_delay_s=0.001, compute_lag_s=0.005)
+    engine, logits, out, stats, pipeline = asyncio.run(_run(path, config, ops))
+    _check(path, "float32", logits, out.token_ids)
+    assert pipeline["events"].waited > 0 and pipeline["events"].pending == 0
+
+
 def test_idle_fraction_is_low_when_nothing_streams(tiny_models, tmp_path):
     path = tiny_models["gqa-untied-fp32"]
     config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["host"]), **SMALL)

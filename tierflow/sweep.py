@@ -100,8 +100,10 @@ class SweepRunner:
     def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits on the host; then the device timing of the sweep, which is complete."""
         assert self.device is not None
-        with self.device.ops.using(self.device.compute):
+        ops, compute = self.device.ops, self.device.compute
+        with ops.using(compute):
             logits = logits.to("cpu")
+            ops.record(compute).synchronize()      # the copy waited for the sweep; this says so explicitly
         d, events = self.device, self._events
         if events:
             busy = sum(before.elapsed_time(after) for _, before, after in events) / 1e3

@@ -187,17 +187,21 @@ class SimulatedCuda:
     Device tensors are CPU tensors in buffers of their own; copies on a copy stream run on that
     stream's thread after ``copy_delay_s`` (so a compute that does not wait for its upload's
     event reads stale bytes); waits, records and copies follow CUDA's stream order. Events
-    carry completion times, so the device timeline and the GPU idle fraction can be checked."""
+    carry completion times, so the device timeline and the GPU idle fraction can be checked.
+    With ``compute_lag_s`` an event recorded by a thread using a stream completes that much
+    later, as the device finishes kernels after the host has enqueued them: a staging slot is
+    then given back through the event bridge, not at once."""
 
     kind = "cuda"
 
-    def __init__(self, copy_delay_s: float = 0.0) -> None:
+    def __init__(self, copy_delay_s: float = 0.0, compute_lag_s: float = 0.0) -> None:
         import threading
 
         self.device = torch.device("cpu")
-        self.copy_delay_s = copy_delay_s
+        self.copy_delay_s, self.compute_lag_s = copy_delay_s, compute_lag_s
         self._local = threading.local()
         self._streams: list[SimulatedStream] = []
+        self._lag = self.stream() if compute_lag_s else None      # completes lagging events, in order
         self.pinned: list[int] = []              # data pointers of the buffers pinned, then unpinned
         self.unpinned: list[int] = []
         self.copies = 0
@@ -217,8 +221,19 @@ class SimulatedCuda:
         return stream
 
     def record(self, stream: SimulatedStream) -> SimulatedEvent:
+        import time
+
         event = SimulatedEvent()
-        self._run(stream, event.complete)
+        if self._lag is not None and self._inline(stream):
+            due = time.perf_counter() + self.compute_lag_s
+
+            def complete_when_due() -> None:
+                time.sleep(max(0.0, due - time.perf_counter()))
+                event.complete()
+
+            self._lag.submit(complete_when_due)
+        else:
+            self._run(stream, event.complete)
         return event
 
     def wait(self, stream: SimulatedStream, event: SimulatedEvent) -> None:
