@@ -504,3 +504,29 @@ class VramMonitor:
                 "samples": len(self.samples_mib),
                 "mean_interval_s": (self._stopped - self._started) / len(self.samples_mib) if self.samples_mib else None,
                 "error": self.error}
+
+
+# --------------------------------------------------------------------------- host memory
+def peak_rss(reset: bool = False) -> dict[str, Any]:
+    """This process's RSS now and its peak (the kernel's high-water mark, VmHWM: no sampling to miss a
+    spike); ``reset`` first sets the peak to the RSS now (Linux 4.0+; where refused, "reset_error" says
+    why and the peak is the whole process's)."""
+    import re
+
+    if reset:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError as exc:
+            return peak_rss() | {"reset_error": f"{type(exc).__name__}: {exc}"}
+    status = Path("/proc/self/status").read_text()
+    kib = {k: int(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) for k in ("VmRSS", "VmHWM")}
+    return {"rss_bytes": kib["VmRSS"] * 1024, "peak_bytes": kib["VmHWM"] * 1024}
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """``rows`` (the first one the heading) as left-aligned columns, a rule under the heading."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))

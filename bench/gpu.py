@@ -2,7 +2,7 @@
 and from pinned host RAM, against its rooflines and against accelerate's disk offload.
 
     python bench/gpu.py [--out DIR] [--sections build,disk,...] [--resume] [--new-tokens N] [--rounds R]
-                        [--budget-gib G] [--tiny]
+                        [--budget-gib G] [--host-gib G] [--tiny]
 
 One run does these sections in this order (``--sections`` picks some; each one's result, or its
 error, goes into --out/gpu.json as soon as it ends, and a failing section does not stop the others):
@@ -90,6 +90,7 @@ class Bench:
     shape: ModelShape
     device: str                  # "cuda" or "cpu"
     budget_bytes: int
+    host_bytes: int              # pinned host memory in the streamed section
     new_tokens: int
     rounds: int
     command: str
@@ -188,7 +189,12 @@ def section_pcie(b: Bench) -> dict[str, Any]:
 
 
 def section_streamed(b: Bench) -> dict[str, Any]:
+    """Pinned host memory is capped (``--host-gib``, default 4): room for the pinned read buffers
+    and the embedding (looked up on the host), so the layers that miss the GPU budget stream from disk, not from RAM (on a
+    machine with RAM to spare the planner would otherwise keep them all in pinned host memory,
+    which is the ``pinned`` section)."""
     config = EngineConfig(device=b.device, dtype="bfloat16", device_memory_bytes=b.budget_bytes,
+                          host_memory_bytes=b.host_bytes if b.cuda else None,
                           trace_path=str(b.out / "trace-streamed.json"))
     return asyncio.run(engine_section(b, config, probe_disk=True)) | {"trace": config.trace_path}
 
@@ -592,6 +598,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=1, help="timed decodes per section (medians shown)")
     p.add_argument("--budget-gib", type=float, default=None, help="GPU memory budget (default 8; --tiny: 6 MiB)")
+    p.add_argument("--host-gib", type=float, default=4.0,
+                   help="pinned host memory in the streamed section (default 4: the read buffers, the embedding, little more)")
     p.add_argument("--tiny", action="store_true", help="a small model, for checking the script end to end")
     args = p.parse_args()
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -642,7 +650,8 @@ def main() -> None:
     if results and results.get("shape") != dataclasses.asdict(shape):
         print(f"note: {json_path} is for another model; starting afresh", flush=True)
         results = {}
-    b = Bench(out=out, shape=shape, device="cuda" if cuda else "cpu", budget_bytes=budget, new_tokens=args.new_tokens,
+    b = Bench(out=out, shape=shape, device="cuda" if cuda else "cpu", budget_bytes=budget,
+              host_bytes=int(args.host_gib * 2**30), new_tokens=args.new_tokens,
               rounds=args.rounds, command="python " + shlex.join(sys.argv))
     results |= {"command": b.command, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(),
                 "shape": dataclasses.asdict(shape), "cuda": cuda, "device": b.device, "budget_bytes": budget,
