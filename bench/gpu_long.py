@@ -348,7 +348,7 @@ def main() -> None:
     os.environ.setdefault("TIERFLOW_CACHE_DIR", str(out / "probe-cache"))    # bench/gpu.py's probe, reused
     json_path, cuda = out / "gpu_long.json", torch.cuda.is_available()
     b = LongBench(out=out, shape=TINY if args.tiny else LLAMA31_8B, device="cuda" if cuda else "cpu",
-                  budget_bytes=int(args.budget_gib * 2**30), new_tokens=args.new_tokens, rounds=1,
+                  budget_bytes=int(args.budget_gib * 2**30), host_bytes=0, new_tokens=args.new_tokens, rounds=1,
                   command="python " + shlex.join(sys.argv), context=args.context,
                   prefill_chunk_tokens=args.prefill_chunk or None, kv_device_bytes=int(args.kv_device_gib * 2**30),
                   kv_host_bytes=24 * 2**(20 if args.tiny else 30))
