@@ -117,8 +117,15 @@ def _summary(console: Console, engine: Engine, tokens: int, elapsed_s: float, fi
                                f"({format_bytes(stats.resident_bytes)})")
     table.add_row("streamed", f"{unit_ranges(plan.unit_names, plan.streamed)} through {plan.num_slots} staging slots "
                               f"of {format_bytes(plan.device_slot_bytes)}")
+    host = plan.units_in("host")
+    if host:
+        table.add_row("in pinned host memory", unit_ranges(plan.unit_names, host))
     table.add_row("time", f"read {stats.read_s:.2f} s · compute {stats.compute_s:.2f} s · "
                           f"waited for weights {stats.stall_s:.2f} s")
+    if stats.gpu_idle_fraction is not None:
+        table.add_row("GPU", f"busy {stats.gpu_busy_s:.2f} s of {stats.gpu_span_s:.2f} s of sweeps "
+                             f"(idle {stats.gpu_idle_fraction:.0%}) · uploads {stats.upload_s:.2f} s")
+    table.add_row("attention", engine.attention_backend)
     console.print(table)
 
 
