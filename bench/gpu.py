@@ -190,9 +190,9 @@ def section_pcie(b: Bench) -> dict[str, Any]:
 
 def section_streamed(b: Bench) -> dict[str, Any]:
     """Pinned host memory is capped (``--host-gib``, default 4): room for the pinned read buffers
-    and the embedding (looked up on the host), so the layers that miss the GPU budget stream from disk, not from RAM (on a
-    machine with RAM to spare the planner would otherwise keep them all in pinned host memory,
-    which is the ``pinned`` section)."""
+    and the embedding (looked up on the host), so the layers that miss the GPU budget stream
+    from disk, not from RAM (on a machine with RAM to spare the planner would otherwise keep
+    them all in pinned host memory, which is the ``pinned`` section)."""
     config = EngineConfig(device=b.device, dtype="bfloat16", device_memory_bytes=b.budget_bytes,
                           host_memory_bytes=b.host_bytes if b.cuda else None,
                           trace_path=str(b.out / "trace-streamed.json"))

@@ -550,7 +550,8 @@ class Engine:
         experts = self._experts.statistics() if self._experts is not None else None
         device = self.plan.memory[DEVICE]
         return EngineStats(
-            bytes_read_from_disk=reader.bytes_read + (kvikio.bytes_read if kvikio else 0), bytes_streamed=stream.bytes_read if stream else 0,
+            bytes_read_from_disk=reader.bytes_read + (kvikio.bytes_read if kvikio else 0),
+            bytes_streamed=stream.bytes_read if stream else 0,
             tokens_generated=self._tokens_generated, prompt_tokens=self._prompt_tokens,
             sweeps=self._runner.num_sweeps if self._runner else 0,
             read_s=stream.read_s if stream else 0.0, upload_s=stream.upload_s if stream else 0.0,
