@@ -75,6 +75,19 @@ def llama_config(shape: ModelShape) -> dict[str, Any]:
     }
 
 
+def _reusable(directory: Path, meta: dict[str, Any]) -> bool:
+    """Whether ``directory`` holds a checkpoint built with ``meta``; if not, its stale record goes."""
+    meta_path = directory / "bench_meta.json"
+    if meta_path.exists() and (directory / "model.safetensors").exists() and (directory / "config.json").exists():
+        try:
+            if json.loads(meta_path.read_text()) == meta:
+                return True
+        except ValueError:
+            pass
+    meta_path.unlink(missing_ok=True)
+    return False
+
+
 def build_checkpoint(directory: Path, shape: ModelShape, *, seed: int = 0, std: float = 0.02) -> tuple[Path, bool]:
     """Write (or reuse) ``directory``/model.safetensors + config.json. Returns (dir, reused)."""
     from safetensors.torch import save_file
@@ -83,13 +96,8 @@ def build_checkpoint(directory: Path, shape: ModelShape, *, seed: int = 0, std: 
     meta_path = directory / "bench_meta.json"
     weights = directory / "model.safetensors"
     meta = {"shape": asdict(shape), "seed": seed, "std": std}
-    if meta_path.exists() and weights.exists() and (directory / "config.json").exists():
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                return directory, True
-        except ValueError:
-            pass
-    meta_path.unlink(missing_ok=True)
+    if _reusable(directory, meta):
+        return directory, True
     dtype = DTYPES[shape.dtype]
     gen = torch.Generator().manual_seed(seed)
     h, i, d = shape.hidden, shape.intermediate, shape.head_dim
@@ -398,13 +406,8 @@ def build_checkpoint_on(directory: Path, shape: ModelShape, *, device: str = "cp
     full_config = llama_config(shape) | (config or {})
     meta = {"shape": asdict(shape), "seed": seed, "std": std, "device": on.type, "config": full_config,
             "writer": "build_checkpoint_on"}
-    if meta_path.exists() and weights.exists() and config_path.exists():
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                return directory, True
-        except ValueError:
-            pass
-    meta_path.unlink(missing_ok=True)
+    if _reusable(directory, meta):
+        return directory, True
     dtype = DTYPES[shape.dtype]
     itemsize = dtype.itemsize
     tensors = checkpoint_tensors(shape)

@@ -589,6 +589,36 @@ RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "pinned": section_pinned, "resident": section_resident, "accelerate": section_accelerate}
 
 
+def run_sections(b: Bench, todo: list[str], runners: dict[str, Callable[[Bench], dict[str, Any]]],
+                 results: dict[str, Any], json_path: Path, resume: bool,
+                 save: Callable[[dict[str, Any]], None]) -> None:
+    """Run ``todo`` in order, each section's result (or error, or reason to skip) into
+    ``results`` and saved at once; with ``resume`` a section that already succeeded is kept."""
+    for k, name in enumerate(todo, 1):
+        if resume and ok(results.get(name)):
+            print(f"[{k}/{len(todo)}] {name}: kept from {json_path}", flush=True)
+            continue
+        print(f"[{k}/{len(todo)}] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            got = runners[name](b)
+        except Skipped as exc:
+            got = {"skipped": str(exc)}
+        except Exception as exc:     # one section's failure is recorded and the others still run
+            got = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            print(got["traceback"], file=sys.stderr, flush=True)
+        try:
+            free_device_memory(b)
+        except RuntimeError as exc:     # e.g. a sticky CUDA error: record it, later sections will say more
+            got["cleanup_error"] = f"{type(exc).__name__}: {exc}"
+        got |= {"elapsed_s": time.perf_counter() - t0, "command": b.command,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        results[name] = got
+        state = "skipped" if "skipped" in got else "FAILED" if "error" in got else "done"
+        print(f"[{k}/{len(todo)}] {name} {state} in {got['elapsed_s']:.1f} s", flush=True)
+        save(results)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/out/gpu", help="directory for the model, gpu.json and the trace")
@@ -658,32 +688,13 @@ def main() -> None:
                 "new_tokens": args.new_tokens, "rounds": args.rounds, "prompt": b.prompt, "json": str(json_path),
                 "targets": TARGETS}
     started = time.perf_counter()
-    todo = [s for s in SECTIONS if s in args.sections]
-    for k, name in enumerate(todo, 1):
-        if args.resume and ok(results.get(name)):
-            print(f"[{k}/{len(todo)}] {name}: kept from {json_path}", flush=True)
-            continue
-        print(f"[{k}/{len(todo)}] {name} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            got = RUNNERS[name](b)
-        except Skipped as exc:
-            got = {"skipped": str(exc)}
-        except Exception as exc:     # one section's failure is recorded and the others still run
-            got = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-            print(got["traceback"], file=sys.stderr, flush=True)
-        try:
-            free_device_memory(b)
-        except RuntimeError as exc:     # e.g. a sticky CUDA error: record it, later sections will say more
-            got["cleanup_error"] = f"{type(exc).__name__}: {exc}"
-        got |= {"elapsed_s": time.perf_counter() - t0, "command": b.command,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        results[name] = got
-        state = "skipped" if "skipped" in got else "FAILED" if "error" in got else "done"
-        print(f"[{k}/{len(todo)}] {name} {state} in {got['elapsed_s']:.1f} s", flush=True)
+
+    def save(results: dict[str, Any]) -> None:
         results.pop("summary", None)
         results["summary"] = summarize(results)
         json_path.write_text(json.dumps(results, indent=2, default=str))
+
+    run_sections(b, [s for s in SECTIONS if s in args.sections], RUNNERS, results, json_path, args.resume, save)
     results.pop("summary", None)
     results["summary"] = summarize(results)
     results["total_s"] = time.perf_counter() - started

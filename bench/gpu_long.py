@@ -52,7 +52,6 @@ import shlex
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))     # tierflow from this checkout when not installed
 from _common import GB, PROMPT, peak_rss, per_token, print_table, quiesce  # noqa: E402
 from gpu import (LLAMA31_8B, TINY, Bench, Skipped, config_record, ensure_model, environment, fmt_gb,  # noqa: E402
-                 fmt_s, free_device_memory, memory_record, ok, roofline, say, seconds, section_disk,
+                 fmt_s, memory_record, ok, roofline, run_sections, say, seconds, section_disk,
                  section_pcie, start_memory_tracking, stats_record, warm_probe)
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
@@ -360,30 +359,8 @@ def main() -> None:
                                         "cuda": cuda, "json": str(json_path), "ollm_published": OLLM}
     runners = {"build": ensure_model, "bandwidth": section_bandwidth,
                **{v: functools.partial(section_variant, variant=v) for v in VARIANTS}}
-    todo = [s for s in SECTIONS if s in args.sections]
-    for k, name in enumerate(todo, 1):
-        if args.resume and ok(results.get(name)):
-            print(f"[{k}/{len(todo)}] {name}: kept from {json_path}", flush=True)
-            continue
-        print(f"[{k}/{len(todo)}] {name} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            got = runners[name](b)
-        except Skipped as exc:
-            got = {"skipped": str(exc)}
-        except Exception as exc:     # one section's failure is recorded and the others still run
-            got = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-            print(got["traceback"], file=sys.stderr, flush=True)
-        try:
-            free_device_memory(b)
-        except RuntimeError as exc:     # e.g. a sticky CUDA error: record it, later sections will say more
-            got["cleanup_error"] = f"{type(exc).__name__}: {exc}"
-        got |= {"elapsed_s": time.perf_counter() - t0, "command": b.command,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        results[name] = got
-        state = "skipped" if "skipped" in got else "FAILED" if "error" in got else "done"
-        print(f"[{k}/{len(todo)}] {name} {state} in {got['elapsed_s']:.1f} s", flush=True)
-        save(results, json_path)
+    run_sections(b, [s for s in SECTIONS if s in args.sections], runners, results, json_path, args.resume,
+                 lambda r: save(r, json_path))
     save(results, json_path)
     report(results)
 
