@@ -18,6 +18,7 @@ import torch
 import tierflow.adapters.attention as attention
 from tierflow.adapters.attention import attend, attention_backend
 from tierflow.adapters.flash import FlashAttnUnavailableError, flash_attend, flash_module, flash_supported
+from tests.adapters.test_attention import _case
 
 
 def _reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -76,14 +77,6 @@ def fake_flash(monkeypatch):
 def sm90(monkeypatch):
     """Makes a "cuda" device report an H100's compute capability (the CPU build has no CUDA)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-
-
-def _case(n, start, heads, kv_heads, d=16, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, heads, d, generator=gen).to(dtype)
-    keys = torch.randn(kv_heads, start + n, d, generator=gen).to(dtype)
-    values = torch.randn(kv_heads, start + n, d, generator=gen).to(dtype)
-    return q, keys, values
 
 
 def _assert_matches(got, expected):
