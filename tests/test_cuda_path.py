@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tierflow import Engine, EngineConfig, SamplingParams
-from tierflow.errors import ConfigError
+from tierflow.errors import ConfigError, TierCapacityError
 from tierflow.testing import SimulatedCuda, build_random_checkpoint, oracle_greedy, oracle_logits
 from tests.conftest import TINY_MODELS
 
@@ -209,6 +209,20 @@ def test_mixture_of_experts_on_the_device_path(tmp_path):
     engine, logits, out, stats, _ = asyncio.run(_run(path, config, SimulatedCuda(copy_delay_s=0.001), new_tokens=8))
     _check(path, "float32", logits, out.token_ids, new_tokens=8)
     assert stats.expert_bytes_read > 0
+
+
+class _OutOfMemory(SimulatedCuda):
+    def empty(self, nbytes: int) -> torch.Tensor:
+        raise torch.OutOfMemoryError("simulated: no device memory for a staging slot")
+
+
+def test_a_failed_start_gives_the_pinned_memory_back(tiny_models, tmp_path):
+    path = tiny_models["gqa-untied-fp32"]
+    ops = _OutOfMemory()
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["mixed"]), **SMALL)
+    with pytest.raises(TierCapacityError, match="ran out of memory.*lower device_memory_bytes"):
+        asyncio.run(Engine.open(path, config, device_ops=ops))
+    assert len(ops.pinned) == 1 and ops.pinned == ops.unpinned
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_model):

@@ -30,7 +30,7 @@ from tierflow.errors import (ConfigError, EngineClosedError, PromptError, Reques
                              TierCapacityError, TierflowError)
 from tierflow.outputs import Completion, EngineStats, StageTimes, StreamChunk
 from tierflow.pipeline.batcher import Batcher, KVCapacityError, SweepPlan
-from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, EventBridge, StreamPool, TorchCuda
+from tierflow.pipeline.cuda import DeviceOps, EventBridge, TorchCuda
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
@@ -40,17 +40,18 @@ from tierflow.request import Request, deadline_after
 from tierflow.sampling import make_generator, sample
 from tierflow.stages.experts import ExpertStage
 from tierflow.stages.prefix import PrefixReuse
-from tierflow.stages.resident import home_bytes, load_units
-from tierflow.stages.upload import SameDevice, StreamUploader, packed_bytes
+from tierflow.stages.device import start_device
+from tierflow.stages.resident import load_units
+from tierflow.stages.upload import SameDevice
 from tierflow.stages.weights import WeightStream
 from tierflow.sweep import DevicePath, SweepBatch, SweepRunner
 from tierflow.planning import EnginePlan, load_engine_profile, plan_engine
 from tierflow.tiers.checkpoint import CheckpointIndex
-from tierflow.tiers.costmodel import DEVICE, HOST, sweep_times
+from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
 from tierflow.tiers.kvikio import KvikioReader, choose_reader
 from tierflow.tiers.pagedkv import KVStore
-from tierflow.tiers.pinned import PinnedArena, aligned
+from tierflow.tiers.pinned import PinnedArena
 from tierflow.tiers.reader import DiskReader, aligned_empty, trim_heap
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,10 @@ class Engine:
                 ring = SlotRing([aligned_empty(self.plan.device_slot_bytes) for _ in range(self.plan.num_slots)])
                 self._stream = WeightStream(streamed, self._reader, ring, SameDevice(), self._tracer)
         else:
-            resident = await self._start_device()
+            started = await start_device(self._ops, self.index, self.plan, self.dtype, self._reader, self._worker,
+                                         direct_reader=self._kvikio, tracer=self._tracer)
+            resident, self._stream, self._device_path = started.resident, started.stream, started.path
+            self._arena, self._bridge = started.arena, started.bridge
         if self._stream is not None:
             self._stream.start()
         if self.index.experts:
@@ -168,46 +172,6 @@ class Engine:
                                    mlp_chunk_tokens=self.plan.mlp_chunk_tokens, experts=self._experts,
                                    tracer=self._tracer, device=self._device_path)
         self._driver = asyncio.create_task(self._drive(), name="tierflow-driver")
-
-    async def _start_device(self) -> dict[int, dict[str, torch.Tensor]]:
-        """The CUDA path: streams, the pinned arena, resident and host-resident units, staging
-        slots in device memory, and the weight stream over disk and host units."""
-        ops, plan, index = self._ops, self.plan, self.index
-        assert ops is not None
-        streams = StreamPool(ops.stream)
-        timeline = DeviceTimeline(ops, streams.compute)
-        host_units = [u for u, tier in enumerate(plan.tiers) if tier == HOST]
-        on_disk = [index.units[u] for u in plan.streamed]
-        read_slot = aligned(max((layout.buffer_bytes for layout in on_disk), default=0))
-        slots = plan.num_slots if on_disk or any(u != 0 for u in host_units) else 0
-        direct = self._kvikio is not None        # disk reads land in the device slots: no pinned read buffers
-        pinned = sum(home_bytes(index, u, plan.tiers, self.dtype) for u in host_units) + \
-            (0 if direct else slots * read_slot)
-        self._arena = PinnedArena(pinned, ops.pin, ops.unpin)
-
-        def to_device(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            # synchronous (done when it returns), and a copy even where the device is the host
-            return {k: v.to(ops.device, copy=True) for k, v in weights.items()}
-
-        resident, homes = await load_units(index, plan.tiers, self._reader, self._worker, self.dtype,
-                                           to_device=to_device, arena=self._arena)
-        uploader = None
-        streamed_units = sorted(set(plan.streamed) | (set(host_units) - {0}))   # a host embedding is looked up there
-        if streamed_units:
-            device_slot = max([plan.device_slot_bytes, read_slot] +
-                              [packed_bytes(homes[u]) for u in streamed_units if u in homes])
-            device_slots = [ops.empty(device_slot) for _ in range(slots)]
-            uploader = StreamUploader(ops, streams, device_slots, timeline, self._tracer)
-            self._bridge = EventBridge()
-            ring = SlotRing(device_slots if direct else [self._arena.take(read_slot) for _ in range(slots)])
-            reader = self._kvikio if self._kvikio is not None else self._reader
-            self._stream = WeightStream([index.units[u] for u in streamed_units], reader, ring, uploader,
-                                        self._tracer, homes={u: homes[u] for u in streamed_units if u in homes},
-                                        bridge=self._bridge)
-        self._device_path = DevicePath(ops, streams.compute, timeline, uploader,
-                                       host_units={0: homes[0]} if 0 in homes else {})
-        ops.synchronize()
-        return resident
 
     async def close(self) -> None:
         if self._closed:
