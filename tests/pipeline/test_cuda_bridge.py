@@ -188,3 +188,12 @@ def test_real_cuda_events_through_the_bridge():
         bridge.close()
 
     asyncio.run(main())
+
+
+def test_a_cuda_error_from_pinning_is_a_clear_error():
+    from tierflow.pipeline.cuda import _check_cuda
+
+    _check_cuda(0, "register")
+    _check_cuda((0,), "register")
+    with pytest.raises(RuntimeError, match="cudaHostRegister failed with CUDA error 2"):
+        _check_cuda(2, "register")

@@ -108,18 +108,22 @@ class TorchCuda:
 
     def pin(self, buffer: torch.Tensor) -> None:
         if buffer.numel():
-            _check_cuda(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0), "register")
+            with torch.cuda.device(self.device):      # registered for this device's context
+                _check_cuda(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0), "register")
 
     def unpin(self, buffer: torch.Tensor) -> None:
         if buffer.numel():
-            _check_cuda(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()), "unregister")
+            with torch.cuda.device(self.device):
+                _check_cuda(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()), "unregister")
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
 
 def _check_cuda(status: Any, what: str) -> None:
-    code = getattr(status, "value", status)
+    if isinstance(status, tuple):        # some bindings return (error, ...)
+        status = status[0]
+    code = int(getattr(status, "value", status))
     if code:
         raise RuntimeError(f"cudaHost{what.capitalize()} failed with CUDA error {code}: pinning host memory "
                            "needs the RAM to be available (see `ulimit -l` in containers)")
