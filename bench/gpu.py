@@ -67,7 +67,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))     # tierflow from this checkout when not installed
 from _common import (GB, PROMPT, DiskProbe, ModelShape, TimingStreamer, VramMonitor,  # noqa: E402
-                     build_checkpoint_on, drop_page_cache, per_token, quiesce, timed_stream)
+                     build_checkpoint_on, drop_page_cache, per_token, print_table, quiesce, timed_stream)
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
 from tierflow.tiers.checkpoint import ALIGN_BYTES, CheckpointIndex  # noqa: E402
@@ -551,12 +551,7 @@ def report(r: dict[str, Any]) -> None:
     print(f"model {r['shape']}; prompt {len(r['prompt'])} token ids, {r['new_tokens']} new tokens greedy, "
           f"{r['rounds']} round(s), medians; decode time excludes the first token; budget {fmt_gb(r['budget_bytes'])}")
     head = ["section", "s/token", "roofline", "ratio", "target", "peak torch alloc / reserved", "peak nvidia-smi net"]
-    rows = [head] + table_rows(r)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    for k, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table([head] + table_rows(r))
     for name in SECTIONS:
         sec = r.get(name) or {}
         if "skipped" in sec or "error" in sec:

@@ -24,6 +24,7 @@ from tierflow.testing import build_random_checkpoint
 from tierflow.tiers import kvikio as kv
 from tierflow.tiers.checkpoint import CheckpointIndex, UnitLayout
 from tierflow.tiers.reader import DiskReader, aligned_empty
+from tests.tiers.test_reader_faults import ending, until_set
 
 
 class _Future:
@@ -254,14 +255,6 @@ def test_a_truncated_file_is_a_transfer_error_naming_it(checkpoint, install, tmp
 
 
 # ----------------------------------------------------------------------------- concurrency
-async def _until(event: threading.Event) -> None:
-    for _ in range(2000):
-        if event.is_set():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("no pread started")
-
-
 @pytest.mark.parametrize("inline", [False, True], ids=["background", "inside-pread"])
 def test_the_loop_keeps_running_while_a_read_is_in_flight(checkpoint, install, inline):
     fake = install(inline=inline)
@@ -272,7 +265,7 @@ def test_the_loop_keeps_running_while_a_read_is_in_flight(checkpoint, install, i
     async def main():
         loop_thread = threading.get_ident()
         task = asyncio.create_task(reader.read(layout, torch.empty(layout.buffer_bytes, dtype=torch.uint8)))
-        await _until(fake.started)
+        await until_set(fake.started, tries=2000)
         ticks, until = 0, time.perf_counter() + 0.1
         while time.perf_counter() < until:
             await asyncio.sleep(0.001)
@@ -295,18 +288,11 @@ def _interrupted(reader, fake: FakeKvikio, layout, *, cancel: bool):
     Returns (outcome, when the read returned)."""
     async def main():
         task = asyncio.create_task(reader.read(layout, torch.empty(layout.buffer_bytes, dtype=torch.uint8)))
-        await _until(fake.started)
+        await until_set(fake.started, tries=2000)
         asyncio.get_running_loop().call_later(0.2, fake.gate.set)
         if cancel:
             task.cancel()
-        try:
-            await task
-            outcome = "returned"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-        except TransferError as exc:
-            outcome = str(exc)
-        return outcome, time.perf_counter()
+        return await ending(task), time.perf_counter()
 
     return asyncio.run(main())
 

@@ -74,6 +74,26 @@ class _SlowPreadv:
                 self.calls.append((start, time.perf_counter()))
 
 
+async def until_set(event: threading.Event, tries: int) -> None:
+    """Wait (polling every millisecond, ``tries`` times at most) until a reader thread sets ``event``."""
+    for _ in range(tries):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("no read started")
+
+
+async def ending(task: asyncio.Task) -> str:
+    """How a read ended: "returned", "cancelled", or its TransferError's message."""
+    try:
+        await task
+        return "returned"
+    except asyncio.CancelledError:
+        return "cancelled"
+    except TransferError as exc:
+        return str(exc)
+
+
 def _interrupted_read(path: str, layout, slow: _SlowPreadv, cancel: bool):
     """Start a read, cancel it once a thread is reading (or let the failing call end it).
     Returns (outcome, when the read returned, the calls then, the calls a while later, blocks)."""
@@ -82,20 +102,10 @@ def _interrupted_read(path: str, layout, slow: _SlowPreadv, cancel: bool):
         try:
             buffer = aligned_empty(layout.buffer_bytes)
             task = asyncio.create_task(reader.read(layout, buffer))
-            for _ in range(1000):
-                if slow.started.is_set():
-                    break
-                await asyncio.sleep(0.001)
-            assert slow.started.is_set()
+            await until_set(slow.started, tries=1000)
             if cancel:
                 task.cancel()
-            try:
-                await task
-                outcome = "returned"
-            except asyncio.CancelledError:
-                outcome = "cancelled"
-            except TransferError as exc:
-                outcome = str(exc)
+            outcome = await ending(task)
             returned = time.perf_counter()
             with slow.lock:
                 then = list(slow.calls)
