@@ -122,11 +122,11 @@ class SweepRunner:
             assert self.experts is not None
             self.experts.layer_started(unit - 1)
         try:
-            if unit in self.resident:
-                return (await self.worker.run(self._compute, unit, self.resident[unit], hidden, batch, None))[0]
-            if self.device is not None and unit in self.device.host_units:
-                weights = self.device.host_units[unit]
-                return (await self.worker.run(self._compute, unit, weights, hidden, batch, None))[0]
+            at_hand = self.resident.get(unit)
+            if at_hand is None and self.device is not None:
+                at_hand = self.device.host_units.get(unit)
+            if at_hand is not None:
+                return (await self.worker.run(self._compute, unit, at_hand, hidden, batch, None))[0]
             assert self.stream is not None
             loaded = await self.stream.next(unit)
             done: Event | None = None

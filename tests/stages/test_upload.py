@@ -11,7 +11,7 @@ import torch
 from tierflow.errors import TierCapacityError
 from tierflow.pipeline.cuda import DeviceTimeline, StreamPool
 from tierflow.pipeline.trace import Tracer
-from tierflow.stages.upload import TENSOR_ALIGN, StreamUploader, packed_bytes
+from tierflow.stages.upload import TENSOR_ALIGN, StreamUploader, packed
 from tierflow.testing import SimulatedCuda
 from tierflow.tiers.checkpoint import ALIGN_BYTES, TensorSlice, UnitLayout
 from tierflow.tiers.pinned import PinnedArena
@@ -35,7 +35,7 @@ def test_tensors_land_aligned_in_the_slot_once_the_event_completes():
     for key, t in tensors.items():
         assert torch.equal(views[key], t) and views[key].dtype == t.dtype
         assert (views[key].data_ptr() - uploader.slots[1].data_ptr()) % TENSOR_ALIGN == 0
-    assert packed_bytes(tensors) == TENSOR_ALIGN + 30
+    assert packed(tensors) == ([0, TENSOR_ALIGN], TENSOR_ALIGN + 30)
 
 
 def test_a_read_buffer_is_uploaded_whole_and_viewed_per_tensor():

@@ -19,7 +19,7 @@ from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.resident import UnitTensors, home_bytes, load_units
-from tierflow.stages.upload import StreamUploader, packed_bytes
+from tierflow.stages.upload import StreamUploader, packed
 from tierflow.stages.weights import WeightStream
 from tierflow.sweep import DevicePath
 from tierflow.tiers.checkpoint import CheckpointIndex
@@ -65,7 +65,7 @@ async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, d
         uploader = stream = None
         if streamed:
             device_slot = max([plan.device_slot_bytes, read_slot] +
-                              [packed_bytes(homes[u]) for u in streamed if u in homes])
+                              [packed(homes[u])[1] for u in streamed if u in homes])
             device_slots = [ops.empty(device_slot) for _ in range(slots)]
             uploader = StreamUploader(ops, streams, device_slots, timeline, tracer)
             bridge = EventBridge()

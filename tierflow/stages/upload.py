@@ -71,12 +71,14 @@ class SameDevice:
         return {"upload_bytes": 0.0, "upload_s": 0.0}
 
 
-def packed_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes a unit's tensors take in a device slot, each starting ``TENSOR_ALIGN`` aligned."""
-    end = 0
+def packed(tensors: Mapping[str, torch.Tensor]) -> tuple[list[int], int]:
+    """Where each of a unit's tensors starts in a device slot (``TENSOR_ALIGN`` aligned), and
+    the bytes they take together."""
+    offsets, end = [], 0
     for t in tensors.values():
-        end = -(-end // TENSOR_ALIGN) * TENSOR_ALIGN + t.numel() * t.element_size()
-    return end
+        offsets.append(-(-end // TENSOR_ALIGN) * TENSOR_ALIGN)
+        end = offsets[-1] + t.numel() * t.element_size()
+    return offsets, end
 
 
 @dataclass(slots=True)
@@ -116,20 +118,17 @@ class StreamUploader:
     def upload_tensors(self, tensors: Mapping[str, torch.Tensor], slot: int, name: str = ""
                        ) -> tuple[dict[str, torch.Tensor], Event | None]:
         target = self.slots[slot]
-        if packed_bytes(tensors) > target.numel():
-            raise ValueError(f"{name}: {packed_bytes(tensors)} bytes do not fit a staging slot of {target.numel()}")
+        offsets, nbytes = packed(tensors)
+        if nbytes > target.numel():
+            raise ValueError(f"{name}: {nbytes} bytes do not fit a staging slot of {target.numel()}")
         stream = self._streams.copy_stream()
         start = self._ops.record(stream)
         views: dict[str, torch.Tensor] = {}
-        offset = 0
-        for key, t in tensors.items():
-            offset = -(-offset // TENSOR_ALIGN) * TENSOR_ALIGN
-            size = t.numel() * t.element_size()
-            view = target[offset:offset + size].view(t.dtype).view(t.shape)
+        for (key, t), offset in zip(tensors.items(), offsets):
+            view = target[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
             self._ops.copy(view, t, stream)
             views[key] = view
-            offset += size
-        return views, self._done(stream, start, name, offset)
+        return views, self._done(stream, start, name, nbytes)
 
     def _done(self, stream: Any, start: Event, name: str, nbytes: int) -> Event:
         end = self._ops.record(stream)

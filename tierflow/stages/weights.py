@@ -67,13 +67,13 @@ class WeightStream:
             Channel(len(ring.slots))
         self._task: asyncio.Task[None] | None = None
         self._units_read = self._units_consumed = self._bytes_read = 0
-        self._read_s = self._upload_s = self._stall_s = 0.0
+        self._read_s = self._stall_s = 0.0
         self._in_flight, self._busy_since, self._busy_s = 0, 0.0, 0.0
 
     def statistics(self) -> StreamStats:
         busy = self._busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
-        upload_s = self._uploader.statistics()["upload_s"] or self._upload_s
-        return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s, upload_s,
+        return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s,
+                           self._uploader.statistics()["upload_s"],
                            self._stall_s, busy)
 
     def ring_statistics(self) -> RingStats:
@@ -100,10 +100,7 @@ class WeightStream:
     async def _load(self, layout: UnitLayout, slot: int) -> tuple[dict[str, torch.Tensor], Event | None]:
         home = self._homes.get(layout.unit)
         if home is not None:                 # host-resident: already in pinned memory, only uploaded
-            started = time.perf_counter()
-            weights, ready = self._uploader.upload_tensors(home, slot, layout.name)
-            self._upload_s += time.perf_counter() - started
-            return weights, ready
+            return self._uploader.upload_tensors(home, slot, layout.name)
         started = time.perf_counter()
         if self._in_flight == 0:
             self._busy_since = started
@@ -119,7 +116,6 @@ class WeightStream:
         weights, ready = self._uploader.upload(self._ring.slots[slot], slot, layout)
         self._bytes_read += nbytes
         self._read_s += read_done - started
-        self._upload_s += time.perf_counter() - read_done
         self._units_read += 1
         return weights, ready
 
