@@ -17,8 +17,7 @@ from rich.table import Table
 from tierflow.adapters import adapter_for
 from tierflow.loading import resolve_dtype
 from tierflow.errors import CheckpointError, ConfigError
-from tierflow.planning import (DTYPE_NAMES, config_spec, engine_overrides, engine_workload, index_costs,
-                               layer_benchmark, load_engine_profile)
+from tierflow.planning import DTYPE_NAMES, config_spec, engine_workload, index_costs, layer_benchmark
 from tierflow.report import format_bytes, plan_document, render_plan
 from tierflow.tiers.advice import improvements
 from tierflow.tiers.checkpoint import CheckpointIndex
@@ -147,8 +146,7 @@ async def _probe_command(args: argparse.Namespace, console: Console) -> None:
 
 def render_engine_plan(console: Console, engine: Any) -> None:
     """The plan an open engine runs, as `tierflow plan` shows it."""
-    profile = load_engine_profile(engine.config)
-    overrides, work = engine_overrides(engine.config, profile), engine_workload(engine.config)
+    overrides, work = engine.overrides, engine_workload(engine.config)
     source = engine.hardware_source.get("source", "measured")
     source = "from the profile" if source == "profile" else "measured on this machine"
     render_plan(console, engine.plan, engine.hardware, engine.costs, source,

@@ -45,7 +45,7 @@ from tierflow.stages.resident import load_units
 from tierflow.stages.upload import SameDevice
 from tierflow.stages.weights import WeightStream
 from tierflow.sweep import DevicePath, SweepBatch, SweepRunner
-from tierflow.planning import EnginePlan, load_engine_profile, plan_engine
+from tierflow.planning import EnginePlan, plan_engine
 from tierflow.tiers.checkpoint import CheckpointIndex
 from tierflow.tiers.costmodel import DEVICE, sweep_times
 from tierflow.tiers.kvcache import SequenceKV
@@ -72,6 +72,7 @@ class Engine:
         self._kvikio: KvikioReader | None = None     # streamed units read straight into device memory
         self.spec, self.tokenizer = index.spec, tokenizer
         self.plan, self.hardware, self.costs = planned.plan, planned.hardware, planned.costs
+        self.overrides = planned.overrides
         self.hardware_source = planned.provenance
         self._reader, self._worker = reader, worker
         self._eos_ids = eos_ids(index, tokenizer)
@@ -122,8 +123,7 @@ class Engine:
                             direct_io=config.direct_io)
         engine = cls(index, config, device, dtype, tokenizer, planned, reader, ComputeWorker(), ops)
         try:
-            profile = load_engine_profile(config)
-            if ops is not None and choose_reader(profile.overrides.reader if profile else None, ops.kind) == "kvikio":
+            if ops is not None and choose_reader(planned.overrides.reader, ops.kind) == "kvikio":
                 engine._kvikio = KvikioReader(index.files, threads=planned.plan.io_threads,
                                               task_bytes=planned.plan.io_block_bytes)
             await engine._start()

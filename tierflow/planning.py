@@ -138,6 +138,7 @@ class EnginePlan:
     hardware: HardwareProfile
     costs: ModelCosts
     provenance: dict[str, Any]
+    overrides: Overrides                 # the profile's, with the EngineConfig's fields on top
 
 
 async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
@@ -160,4 +161,5 @@ async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torc
                                            io_threads=overrides.io_threads or 4, block_bytes=overrides.io_block_bytes,
                                            cache=cache or default_cache(), progress=progress,
                                            layer=layer_benchmark(index.spec, index.adapter, device, dtype))
-    return EnginePlan(plan(costs, hardware, engine_workload(config), overrides), hardware, costs, provenance)
+    return EnginePlan(plan(costs, hardware, engine_workload(config), overrides), hardware, costs, provenance,
+                      overrides)
