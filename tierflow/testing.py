@@ -3,8 +3,12 @@ transformers (nothing is downloaded), and a run of the transformers oracle on th
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -134,14 +138,10 @@ class SimulatedEvent:
     """An event of ``SimulatedCuda``: completes when its stream reaches it; knows when."""
 
     def __init__(self) -> None:
-        import threading
-
         self._done = threading.Event()
         self.at = 0.0
 
     def complete(self) -> None:
-        import time
-
         self.at = time.perf_counter()
         self._done.set()
 
@@ -163,22 +163,16 @@ class SimulatedStream:
     at once in that thread, as if the kernels had been enqueued and completed."""
 
     def __init__(self, name: str) -> None:
-        import queue
-        import threading
-
         self._queue: Any = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while (work := self._queue.get()) is not None:
-            work()
+        while True:       # a daemon thread: it ends with the process
+            self._queue.get()()
 
     def submit(self, work: Any) -> None:
         self._queue.put(work)
-
-    def close(self) -> None:
-        self._queue.put(None)
 
 
 class SimulatedCuda:
@@ -195,8 +189,6 @@ class SimulatedCuda:
     kind = "cuda"
 
     def __init__(self, copy_delay_s: float = 0.0, compute_lag_s: float = 0.0) -> None:
-        import threading
-
         self.device = torch.device("cpu")
         self.copy_delay_s, self.compute_lag_s = copy_delay_s, compute_lag_s
         self._local = threading.local()
@@ -221,8 +213,6 @@ class SimulatedCuda:
         return stream
 
     def record(self, stream: SimulatedStream) -> SimulatedEvent:
-        import time
-
         event = SimulatedEvent()
         if self._lag is not None and self._inline(stream):
             due = time.perf_counter() + self.compute_lag_s
@@ -240,8 +230,6 @@ class SimulatedCuda:
         self._run(stream, event.synchronize)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: SimulatedStream) -> None:
-        import time
-
         def work() -> None:
             if self.copy_delay_s:
                 time.sleep(self.copy_delay_s)
@@ -250,19 +238,14 @@ class SimulatedCuda:
 
         self._run(stream, work)
 
-    def using(self, stream: SimulatedStream) -> Any:
-        from contextlib import contextmanager
-
-        @contextmanager
-        def scope() -> Any:
-            before = getattr(self._local, "stream", None)
-            self._local.stream = stream
-            try:
-                yield stream
-            finally:
-                self._local.stream = before
-
-        return scope()
+    @contextmanager
+    def using(self, stream: SimulatedStream) -> Iterator[SimulatedStream]:
+        before = getattr(self._local, "stream", None)
+        self._local.stream = stream
+        try:
+            yield stream
+        finally:
+            self._local.stream = before
 
     def empty(self, nbytes: int) -> torch.Tensor:
         return torch.full((nbytes,), 0xAB, dtype=torch.uint8)     # not zeros: stale bytes must show
