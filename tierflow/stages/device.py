@@ -9,6 +9,7 @@ host. Everything made here is given back if a later step fails.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.resident import UnitTensors, home_bytes, load_units
-from tierflow.stages.upload import StreamUploader, packed
+from tierflow.stages.upload import StreamUploader, packed, to_device
 from tierflow.stages.weights import WeightStream
 from tierflow.sweep import DevicePath
 from tierflow.tiers.checkpoint import CheckpointIndex
@@ -55,13 +56,9 @@ async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, d
                         (0 if direct else slots * read_slot), ops.pin, ops.unpin)
     bridge = None
 
-    def to_device(weights: UnitTensors) -> UnitTensors:
-        # synchronous (done when it returns), and a copy even where the device is the host
-        return {k: v.to(ops.device, copy=True) for k, v in weights.items()}
-
     try:
-        resident, homes = await load_units(index, plan.tiers, reader, worker, dtype, to_device=to_device,
-                                           arena=arena)
+        resident, homes = await load_units(index, plan.tiers, reader, worker, dtype,
+                                           to_device=functools.partial(to_device, device=ops.device), arena=arena)
         uploader = stream = None
         if streamed:
             device_slot = max([plan.device_slot_bytes, read_slot] +

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import torch
 
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.stages.upload import unit_views
+from tierflow.stages.upload import to_device, unit_views
 from tierflow.stages.weights import cast_weights
 from tierflow.tiers.checkpoint import UnitLayout
 from tierflow.tiers.reader import DiskReader, aligned_empty
@@ -180,8 +180,8 @@ class ExpertStage:
             views = unit_views(layout, buffer)
             weights = views if all(v.dtype == self._dtype for v in views.values()) else \
                 await asyncio.to_thread(cast_weights, views, self._dtype)
-            if self._device is not None:    # a synchronous copy: complete when it returns
-                weights = await asyncio.to_thread(lambda: {k: v.to(self._device) for k, v in weights.items()})
+            if self._device is not None:
+                weights = await asyncio.to_thread(to_device, weights, self._device)
         finally:
             self._reads.pop(key, None)
         self._bytes_read += nbytes

@@ -41,6 +41,13 @@ def unit_views(layout: UnitLayout, buffer: torch.Tensor) -> dict[str, torch.Tens
     return views
 
 
+def to_device(weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copies of ``weights`` on ``device``: synchronous (complete when this returns, so the
+    source may be reused and any stream may read them), and copies even where the device is
+    the host."""
+    return {k: v.to(device, copy=True) for k, v in weights.items()}
+
+
 class Uploader(Protocol):
     def upload(self, host_buffer: torch.Tensor, slot: int, layout: UnitLayout
                ) -> tuple[dict[str, torch.Tensor], Event | None]:
