@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from tierflow import SamplingParams
-from tierflow.tiers.checkpoint import ALIGN_BYTES, ByteRange, UnitLayout
-from tierflow.tiers.probe import read_pass
-from tierflow.tiers.reader import DiskReader, aligned_empty
+from tierflow.tiers.checkpoint.index import ALIGN_BYTES, ByteRange, UnitLayout
+from tierflow.tiers.probe.probe import read_pass
+from tierflow.tiers.io.reader import DiskReader, aligned_empty
 
 GB = 1e9
 PROMPT = [1, 415, 2936, 9060, 17354, 8309, 23517, 975, 278, 17366, 11203, 29889]   # 12 token ids

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CpuMonitor, ModelShape, build_checkpoint, quiesce, streamed_profile  # noqa: E402
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
-from tierflow.loop import run as run_loop  # noqa: E402
+from tierflow.engine.loop import run as run_loop  # noqa: E402
 
 TARGET_SPEEDUP_AT_16 = 10.0
 TARGET_LAG_P99_S = 0.050

@@ -42,7 +42,7 @@ from _common import (DTYPES, GB, PROMPT, CpuMonitor, DiskProbe, ModelShape, Timi
                      max_segments, per_token, physical_runs, quiesce, streamed_profile, timed_stream)
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
-from tierflow.tiers.costmodel import DISK  # noqa: E402
+from tierflow.tiers.plan.costmodel import DISK  # noqa: E402
 
 TARGET_STREAMED = 1.25
 TARGET_RESIDENT = 1.15

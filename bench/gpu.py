@@ -70,7 +70,7 @@ from _common import (GB, PROMPT, DiskProbe, ModelShape, TimingStreamer, VramMoni
                      build_checkpoint_on, drop_page_cache, per_token, print_table, quiesce, timed_stream)
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
-from tierflow.tiers.checkpoint import ALIGN_BYTES, CheckpointIndex  # noqa: E402
+from tierflow.tiers.checkpoint.index import ALIGN_BYTES, CheckpointIndex  # noqa: E402
 
 SECTIONS = ("build", "disk", "pcie", "streamed", "pinned", "resident", "accelerate")
 TARGETS = {"streamed": 0.80, "pinned": 0.85}      # roofline / measured, at least
@@ -228,7 +228,7 @@ async def warm_probe(b: Bench) -> dict[str, Any] | None:
     the probe's own GPU buffers are not the engine's memory."""
     if b.probe_warmed:
         return None
-    from tierflow.planning import plan_engine
+    from tierflow.engine.planning import plan_engine
 
     started = time.perf_counter()
     say("the engine's hardware probe (cached in TIERFLOW_CACHE_DIR after the first time)")

@@ -65,8 +65,8 @@ from gpu import (LLAMA31_8B, TINY, Bench, Skipped, config_record, ensure_model, 
                  section_pcie, start_memory_tracking, stats_record, warm_probe)
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
-from tierflow.tiers.checkpoint import CheckpointIndex  # noqa: E402
-from tierflow.tiers.planner import KV_BLOCK_TOKENS  # noqa: E402
+from tierflow.tiers.checkpoint.index import CheckpointIndex  # noqa: E402
+from tierflow.tiers.plan.planner import KV_BLOCK_TOKENS  # noqa: E402
 
 SECTIONS = ("build", "bandwidth", "host", "disk", "resident")
 VARIANTS = ("host", "disk", "resident")

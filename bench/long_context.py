@@ -84,7 +84,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def disk_gbps(directory: Path) -> float:
-    from tierflow.tiers.probe import measure_disk
+    from tierflow.tiers.probe.probe import measure_disk
     return asyncio.run(measure_disk(directory, chunk_bytes=4 * 2**20, in_flight=1, file_bytes=64 * 2**20)).read_gbps
 
 

@@ -87,7 +87,7 @@ def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     path = model(args.out / "model")
-    from tierflow.tiers.checkpoint import CheckpointIndex
+    from tierflow.tiers.checkpoint.index import CheckpointIndex
     index = CheckpointIndex.open(path)
     all_experts = sum(e.buffer_bytes for e in index.experts.values())
     base = dict(device="cpu", dtype="float32", kv_reserve_tokens=512)

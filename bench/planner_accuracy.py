@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CpuMonitor, ModelShape, build_checkpoint, quiesce, timed_stream  # noqa: E402
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
-from tierflow.planning import engine_overrides, engine_workload, index_costs, load_engine_profile  # noqa: E402
+from tierflow.engine.planning import engine_overrides, engine_workload, index_costs, load_engine_profile  # noqa: E402
 from tierflow.testing import streaming_budget  # noqa: E402
-from tierflow.tiers.checkpoint import CheckpointIndex  # noqa: E402
-from tierflow.tiers.planner import plan  # noqa: E402
-from tierflow.tiers.probe import ProbeCache, measure_disk, probe  # noqa: E402
+from tierflow.tiers.checkpoint.index import CheckpointIndex  # noqa: E402
+from tierflow.tiers.plan.planner import plan  # noqa: E402
+from tierflow.tiers.probe.probe import ProbeCache, measure_disk, probe  # noqa: E402
 
 TOLERANCE = 0.25
 KV_TOKENS = 256

@@ -156,7 +156,7 @@ def test_read_failure_fails_the_request_not_the_engine(tiny_model, tmp_path, mon
     """A disk read that fails mid-sweep fails the requests of that sweep with TransferError;
     the next request is served normally."""
     from tierflow.errors import TransferError
-    from tierflow.tiers import reader as reader_mod
+    from tierflow.tiers.io import reader as reader_mod
     from tierflow.testing import streaming_budget
 
     config = EngineConfig(device="cpu", kv_reserve_tokens=64, prefill_chunk_tokens=64)

@@ -193,9 +193,9 @@ def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_
     are not read at all."""
     import torch
 
-    from tierflow.tiers.costmodel import KV_READ_RUN
-    from tierflow.tiers.pagedkv import KVStore
-    from tierflow.tiers.spill import SpillFile
+    from tierflow.tiers.plan.costmodel import KV_READ_RUN
+    from tierflow.tiers.kv.paged import KVStore
+    from tierflow.tiers.io.spill import SpillFile
 
     store = KVStore(num_layers=1, num_kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"),
                     block_tokens=16, device_blocks=0, host_blocks=0, disk_blocks=12, spill_dir=tmp_path)

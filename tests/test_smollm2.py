@@ -28,7 +28,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tierflow.demo import demo_model_dir
+    from tierflow.convert.demo import demo_model_dir
     return demo_model_dir(progress=False)
 
 

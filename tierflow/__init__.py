@@ -4,12 +4,12 @@ through an asyncio pipeline that overlaps every transfer with compute."""
 from __future__ import annotations
 
 from tierflow.config import EngineConfig, SamplingParams
-from tierflow.engine import Engine
+from tierflow.engine.api import Engine
 from tierflow.errors import (CheckpointError, ConfigError, DemoModelMissingError, EngineClosedError, KVCorruptionError,
                              ProfileError, PromptError, RequestError, RequestTimeoutError, SamplingError,
                              ShapeMismatchError, TierCapacityError, TierflowError, TransferError, UnsupportedModelError)
 from tierflow.outputs import Completion, EngineStats, StreamChunk
-from tierflow.sync import SyncEngine
+from tierflow.engine.sync import SyncEngine
 
 __version__ = "0.1.0"
 

@@ -118,11 +118,11 @@ def streaming_budget(path: str | Path, config: Any = None) -> int:
     from dataclasses import replace
 
     from tierflow.config import EngineConfig
-    from tierflow.loading import resolve_device, resolve_dtype
-    from tierflow.planning import engine_overrides, engine_workload, index_costs, load_engine_profile
-    from tierflow.tiers.checkpoint import CheckpointIndex
-    from tierflow.tiers.planner import minimum_device_bytes
-    from tierflow.tiers.profile import HardwareProfile
+    from tierflow.engine.loading import resolve_device, resolve_dtype
+    from tierflow.engine.planning import engine_overrides, engine_workload, index_costs, load_engine_profile
+    from tierflow.tiers.checkpoint.index import CheckpointIndex
+    from tierflow.tiers.plan.planner import minimum_device_bytes
+    from tierflow.tiers.plan.hardware import HardwareProfile
 
     config = config or EngineConfig(device="cpu")
     index = CheckpointIndex.open(path)

@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from tierflow import Engine, EngineConfig, SamplingParams
 from tierflow.errors import CheckpointError, ShapeMismatchError
-from tierflow.planning import index_costs
+from tierflow.engine.planning import index_costs
 from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits
-from tierflow.tiers.checkpoint import CheckpointIndex
-from tierflow.tiers.costmodel import Workload
-from tierflow.tiers.planner import minimum_device_bytes, plan
-from tierflow.tiers.profile import HardwareProfile, Overrides
+from tierflow.tiers.checkpoint.index import CheckpointIndex
+from tierflow.tiers.plan.costmodel import Workload
+from tierflow.tiers.plan.planner import minimum_device_bytes, plan
+from tierflow.tiers.plan.hardware import HardwareProfile, Overrides
 
 # name -> (family, builder kwargs)
 FAMILIES = {

@@ -95,7 +95,7 @@ def test_a_trace_path_in_a_missing_directory_fails_at_open(tiny_model, tmp_path)
 
 
 def test_the_cli_writes_a_trace(tmp_path, capsys):
-    from tierflow.cli import main
+    from tierflow.cli.main import main
 
     path = tmp_path / "cli.json"      # the demo model (it has a tokenizer)
     assert main(["run", "Hello", "--max-new-tokens", "3", "--device", "cpu", "--trace", str(path)]) == 0

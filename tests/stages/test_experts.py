@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from tierflow.errors import TransferError
 from tierflow.stages.experts import ExpertStage
 from tierflow.testing import build_random_checkpoint
-from tierflow.tiers.checkpoint import CheckpointIndex
-from tierflow.tiers.reader import DiskReader
+from tierflow.tiers.checkpoint.index import CheckpointIndex
+from tierflow.tiers.io.reader import DiskReader
 
 LAYERS, EXPERTS = 3, 4
 LOCAL = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}

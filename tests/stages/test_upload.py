@@ -13,8 +13,8 @@ from tierflow.pipeline.cuda import DeviceTimeline, StreamPool
 from tierflow.pipeline.trace import Tracer
 from tierflow.stages.upload import TENSOR_ALIGN, StreamUploader, packed
 from tierflow.testing import SimulatedCuda
-from tierflow.tiers.checkpoint import ALIGN_BYTES, TensorSlice, UnitLayout
-from tierflow.tiers.pinned import PinnedArena
+from tierflow.tiers.checkpoint.index import ALIGN_BYTES, TensorSlice, UnitLayout
+from tierflow.tiers.io.pinned import PinnedArena
 
 
 def _uploader(delay: float = 0.0, slot_bytes: int = 1 << 16, tracer: Tracer | None = None):

@@ -33,9 +33,9 @@ import torch
 
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.upload import to_device, unit_views
-from tierflow.stages.weights import cast_weights
-from tierflow.tiers.checkpoint import UnitLayout
-from tierflow.tiers.reader import DiskReader, aligned_empty
+from tierflow.stages.read import cast_weights
+from tierflow.tiers.checkpoint.index import UnitLayout
+from tierflow.tiers.io.reader import DiskReader, aligned_empty
 
 Key = tuple[int, int]      # (layer, expert)
 

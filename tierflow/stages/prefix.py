@@ -19,8 +19,8 @@ import torch
 from tierflow.adapters.rope import rope_kind
 from tierflow.config import EngineConfig
 from tierflow.errors import ConfigError
-from tierflow.tiers.checkpoint import CheckpointIndex
-from tierflow.tiers.prefixcache import PrefixCache, model_fingerprint
+from tierflow.tiers.checkpoint.index import CheckpointIndex
+from tierflow.tiers.kv.prefix import PrefixCache, model_fingerprint
 
 
 class PrefixReuse:

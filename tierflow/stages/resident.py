@@ -18,11 +18,11 @@ import torch
 
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.stages.upload import unit_views
-from tierflow.stages.weights import cast_weights
-from tierflow.tiers.checkpoint import CheckpointIndex, UnitLayout
-from tierflow.tiers.costmodel import DEVICE, HOST
-from tierflow.tiers.pinned import PinnedArena, aligned
-from tierflow.tiers.reader import DiskReader, aligned_empty
+from tierflow.stages.read import cast_weights
+from tierflow.tiers.checkpoint.index import CheckpointIndex, UnitLayout
+from tierflow.tiers.plan.costmodel import DEVICE, HOST
+from tierflow.tiers.io.pinned import PinnedArena, aligned
+from tierflow.tiers.io.reader import DiskReader, aligned_empty
 
 UnitTensors = dict[str, torch.Tensor]
 

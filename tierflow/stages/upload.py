@@ -25,7 +25,7 @@ import torch
 
 from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, Event, StreamPool
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.tiers.checkpoint import UnitLayout
+from tierflow.tiers.checkpoint.index import UnitLayout
 
 TENSOR_ALIGN = 256          # bytes: where each host-resident tensor starts in a device slot
 

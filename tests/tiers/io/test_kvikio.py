@@ -1,0 +1,386 @@
+"""KvikioReader against a stand-in kvikio module (CPU tensors, reads through os.preadv): it reads
+what DiskReader reads, turns short reads into TransferErrors naming the file, returns from a
+cancelled or failed read only after every pread it issued completed, and never blocks the event
+loop. Plus ``choose_reader`` and ``kvikio_available`` with kvikio present and absent."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import os
+import re
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from tierflow.errors import ConfigError, TransferError
+from tierflow.testing import build_random_checkpoint
+from tierflow.tiers.io import kvikio as kv
+from tierflow.tiers.checkpoint.index import CheckpointIndex, UnitLayout
+from tierflow.tiers.io.reader import DiskReader, aligned_empty
+from tests.tiers.io.test_reader_faults import ending, until_set
+
+
+class _Future:
+    def __init__(self, thread: threading.Thread | None, box: dict) -> None:
+        self.thread, self.box = thread, box
+
+    def get(self) -> int:
+        if self.thread is not None:
+            self.thread.join()
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box["nbytes"]
+
+
+class _CuFile:
+    def __init__(self, fake: "FakeKvikio", path: str, flags: str = "r") -> None:
+        assert flags == "r"
+        self.fake, self.path, self.fd = fake, str(path), os.open(path, os.O_RDONLY)
+        fake.opened.append(self.path)
+
+    def pread(self, buf, size=None, file_offset=0, task_size=None) -> _Future:
+        assert buf.dtype == torch.uint8 and buf.numel() == size
+        with self.fake.lock:
+            self.fake.preads.append((self.path, file_offset, size, task_size, threading.get_ident()))
+        box: dict = {}
+        if self.fake.inline:         # as kvikio serves reads under its GDS threshold: inside pread
+            self._read(buf, size, file_offset, box)
+            return _Future(None, box)
+        thread = threading.Thread(target=self._read, args=(buf, size, file_offset, box))
+        thread.start()
+        return _Future(thread, box)
+
+    def _read(self, buf, size, file_offset, box) -> None:
+        fake = self.fake
+        fake.started.set()
+        try:
+            if (self.path, file_offset) == fake.fail_at:
+                raise RuntimeError("POSIX error on pread: Input/output error")
+            if not fake.gate.wait(5):    # the read blocked the loop that would have opened it
+                raise RuntimeError("the gate never opened")
+            view, done = memoryview(buf.numpy()), 0
+            while done < size:
+                got = os.preadv(self.fd, [view[done:size]], file_offset + done)
+                if got == 0:             # kvikio treats end of file as an error
+                    raise RuntimeError("POSIX error on pread: EOF")
+                done += got
+            box["nbytes"] = done
+        except RuntimeError as exc:
+            box["error"] = exc
+        finally:
+            with fake.lock:
+                fake.finished.append(time.perf_counter())
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.fake.closed.append(self.path)
+
+
+class FakeKvikio:
+    """A stand-in for the kvikio module. Reads wait for ``gate``; the one at ``fail_at`` (path,
+    offset) fails at once; ``inline`` reads inside ``pread`` itself."""
+
+    def __init__(self, *, compat: bool = True, inline: bool = False, fail_at: tuple[str, int] | None = None) -> None:
+        self.inline, self.fail_at = inline, fail_at
+        self.gate, self.started, self.lock = threading.Event(), threading.Event(), threading.Lock()
+        self.gate.set()
+        self.preads: list[tuple[str, int, int, int, int]] = []   # path, offset, size, task size, thread
+        self.finished: list[float] = []
+        self.opened: list[str] = []
+        self.closed: list[str] = []
+        self.settings: dict[str, int] = {}
+        self.module = types.ModuleType("kvikio")
+        self.module.CuFile = functools.partial(_CuFile, self)
+        self.module.defaults = types.SimpleNamespace(is_compat_mode_preferred=lambda: compat,
+                                                     set=self.settings.__setitem__)
+
+
+@pytest.fixture
+def install(monkeypatch):
+    def install(**kwargs) -> FakeKvikio:
+        fake = FakeKvikio(**kwargs)
+        monkeypatch.setitem(sys.modules, "kvikio", fake.module)
+        return fake
+    return install
+
+
+@pytest.fixture
+def no_kvikio(monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", None)      # makes `import kvikio` fail
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointIndex:
+    path = build_random_checkpoint(tmp_path_factory.mktemp("kvikio") / "llama", "llama", num_layers=2,
+                                   max_shard_bytes=200_000)
+    index = CheckpointIndex.open(path)
+    assert len(index.files) > 1
+    return index
+
+
+def _two_range_layout(index: CheckpointIndex) -> UnitLayout:
+    """One layout made of two units' ranges: a read with more than one pread in flight."""
+    first, second = index.units[1].ranges[0], index.units[2].ranges[0]
+    second = dataclasses.replace(second, buffer_offset=first.nbytes)
+    return UnitLayout(0, "two", (first, second), (), first.nbytes + second.nbytes, 0)
+
+
+def _clipped(r) -> int:
+    """The bytes of range ``r`` its file holds (a range may run past the end by its padding)."""
+    return min(r.nbytes, os.path.getsize(r.path) - r.file_offset)
+
+
+def _read_with(reader, layout, buffer) -> int:
+    async def main():
+        return await reader.read(layout, buffer)
+    return asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- reading
+def test_reads_every_unit_as_the_disk_reader_does(checkpoint, install):
+    fake = install()
+    disk = DiskReader(checkpoint.files, io_threads=2, block_bytes=64 * 2**10)
+    reader = kv.KvikioReader(checkpoint.files, threads=3, task_bytes=2 * 2**20)
+    try:
+        total = 0
+        for layout in checkpoint.units:
+            expected = aligned_empty(layout.buffer_bytes)
+            expected.zero_()
+            got = torch.full((layout.buffer_bytes + 4096,), 0xAB, dtype=torch.uint8)
+            got[:layout.buffer_bytes] = 0
+            nbytes = _read_with(reader, layout, got)
+            assert nbytes == _read_with(disk, layout, expected)
+            assert torch.equal(got[:layout.buffer_bytes], expected), layout.name
+            assert bool((got[layout.buffer_bytes:] == 0xAB).all())     # nothing written past the unit
+            total += nbytes
+        stats = reader.statistics()
+    finally:
+        reader.close()
+        disk.close()
+    assert stats == kv.KvikioStats(total, sum(len(u.ranges) for u in checkpoint.units), stats.busy_s, 3,
+                                   2 * 2**20, "compat")
+    assert stats.busy_s > 0
+    assert sorted(fake.opened) == sorted(checkpoint.files) and sorted(fake.closed) == sorted(checkpoint.files)
+    assert fake.settings == {"num_threads": 3}
+    assert {task for _, _, _, task, _ in fake.preads} == {2 * 2**20}
+
+
+def test_mode_is_gds_when_kvikio_prefers_it(checkpoint, install):
+    install(compat=False)
+    reader = kv.KvikioReader(checkpoint.files)
+    try:
+        assert reader.statistics().mode == "gds"
+    finally:
+        reader.close()
+
+
+def test_close_is_idempotent_and_a_closed_reader_refuses_reads(checkpoint, install):
+    fake = install()
+    reader = kv.KvikioReader(checkpoint.files)
+    reader.close()
+    reader.close()
+    assert len(fake.closed) == len(checkpoint.files)
+    layout = checkpoint.units[0]
+    with pytest.raises(TransferError, match="closed"):
+        _read_with(reader, layout, torch.empty(layout.buffer_bytes, dtype=torch.uint8))
+
+
+def test_a_buffer_too_small_or_not_bytes_is_refused(checkpoint, install):
+    install()
+    reader = kv.KvikioReader(checkpoint.files)
+    layout = checkpoint.units[1]
+    try:
+        for buffer in (torch.empty(layout.buffer_bytes - 1, dtype=torch.uint8),
+                       torch.empty(layout.buffer_bytes, dtype=torch.float32)):
+            with pytest.raises(TransferError, match=re.escape(layout.name)):
+                _read_with(reader, layout, buffer)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("kwargs", [dict(threads=0), dict(task_bytes=6000), dict(task_bytes=0)])
+def test_bad_settings_are_config_errors(checkpoint, install, kwargs):
+    install()
+    with pytest.raises(ConfigError, match=next(iter(kwargs))):
+        kv.KvikioReader(checkpoint.files, **kwargs)
+
+
+# ----------------------------------------------------------------------------- short reads
+def _cut_copy(index: CheckpointIndex, tmp_path: Path):
+    """A copy of the file holding the head, the head re-pointed at it, and where its last tensor ends."""
+    head = index.units[-1]
+    assert len({r.path for r in head.ranges}) == 1
+    copy = str(tmp_path / "cut.safetensors")
+    Path(copy).write_bytes(Path(head.ranges[0].path).read_bytes())
+    head = dataclasses.replace(head, ranges=tuple(dataclasses.replace(r, path=copy) for r in head.ranges))
+    last = head.ranges[-1]
+    return copy, head, last.file_offset + last.needed
+
+
+def test_the_last_unit_reads_although_its_range_runs_past_the_end(checkpoint, install, tmp_path):
+    install()
+    copy, head, end = _cut_copy(checkpoint, tmp_path)
+    reader = kv.KvikioReader([copy])
+    try:
+        nbytes = _read_with(reader, head, torch.empty(head.buffer_bytes, dtype=torch.uint8))
+    finally:
+        reader.close()
+    assert end == os.path.getsize(copy) and nbytes < head.buffer_bytes
+
+
+@pytest.mark.parametrize("when", ["before the reader opened it", "after the reader opened it"])
+def test_a_truncated_file_is_a_transfer_error_naming_it(checkpoint, install, tmp_path, when):
+    install()
+    copy, head, end = _cut_copy(checkpoint, tmp_path)
+    if when.startswith("before"):
+        os.truncate(copy, end - 1)
+        message = rf"{re.escape(copy)}: read .* where unit {re.escape(head.name)} needs .*truncated"
+    else:
+        message = rf"{re.escape(copy)}: kvikio read of .* failed \(POSIX error on pread: EOF\)"
+    reader = kv.KvikioReader([copy])
+    try:
+        if not when.startswith("before"):
+            os.truncate(copy, end - 1)
+        with pytest.raises(TransferError, match=message):
+            _read_with(reader, head, torch.empty(head.buffer_bytes, dtype=torch.uint8))
+    finally:
+        reader.close()
+
+
+# ----------------------------------------------------------------------------- concurrency
+@pytest.mark.parametrize("inline", [False, True], ids=["background", "inside-pread"])
+def test_the_loop_keeps_running_while_a_read_is_in_flight(checkpoint, install, inline):
+    fake = install(inline=inline)
+    fake.gate.clear()
+    layout = _two_range_layout(checkpoint)
+    reader = kv.KvikioReader(checkpoint.files)
+
+    async def main():
+        loop_thread = threading.get_ident()
+        task = asyncio.create_task(reader.read(layout, torch.empty(layout.buffer_bytes, dtype=torch.uint8)))
+        await until_set(fake.started, tries=2000)
+        ticks, until = 0, time.perf_counter() + 0.1
+        while time.perf_counter() < until:
+            await asyncio.sleep(0.001)
+            ticks += 1
+        assert not task.done()
+        fake.gate.set()
+        return ticks, await task, loop_thread
+
+    try:
+        ticks, nbytes, loop_thread = asyncio.run(main())
+    finally:
+        reader.close()
+    assert ticks >= 20
+    assert nbytes == sum(_clipped(r) for r in layout.ranges)
+    assert loop_thread not in {thread for *_, thread in fake.preads}
+
+
+def _interrupted(reader, fake: FakeKvikio, layout, *, cancel: bool):
+    """Start a read, cancel it (or let the failing pread end it), open the gate 0.2 s later.
+    Returns (outcome, when the read returned)."""
+    async def main():
+        task = asyncio.create_task(reader.read(layout, torch.empty(layout.buffer_bytes, dtype=torch.uint8)))
+        await until_set(fake.started, tries=2000)
+        asyncio.get_running_loop().call_later(0.2, fake.gate.set)
+        if cancel:
+            task.cancel()
+        return await ending(task), time.perf_counter()
+
+    return asyncio.run(main())
+
+
+def test_a_cancelled_read_returns_after_its_preads_completed(checkpoint, install):
+    fake = install()
+    fake.gate.clear()
+    layout = _two_range_layout(checkpoint)
+    reader = kv.KvikioReader(checkpoint.files)
+    try:
+        started = time.perf_counter()
+        outcome, returned = _interrupted(reader, fake, layout, cancel=True)
+        with fake.lock:
+            finished, issued = list(fake.finished), len(fake.preads)
+    finally:
+        reader.close()
+    assert outcome == "cancelled"
+    assert returned - started >= 0.2                          # it waited for the gate
+    assert issued >= 1 and len(finished) == issued
+    assert all(end <= returned for end in finished)
+
+
+def test_a_failed_read_returns_after_its_other_preads_completed(checkpoint, install):
+    layout = _two_range_layout(checkpoint)
+    failing = layout.ranges[0]
+    fake = install(fail_at=(failing.path, failing.file_offset))
+    fake.gate.clear()
+    reader = kv.KvikioReader(checkpoint.files)
+    try:
+        outcome, returned = _interrupted(reader, fake, layout, cancel=False)
+        with fake.lock:
+            finished, issued = list(fake.finished), len(fake.preads)
+    finally:
+        reader.close()
+    assert outcome == f"{failing.path}: kvikio read of {_clipped(failing)} bytes at offset {failing.file_offset} " \
+                      "failed (POSIX error on pread: Input/output error)"
+    assert issued == 2 and len(finished) == 2                 # the second was still waiting when the first failed
+    assert all(end <= returned for end in finished)
+
+
+# ----------------------------------------------------------------------------- choosing a reader
+@pytest.mark.parametrize("requested", [None, "auto", "direct", "kvikio"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("present", [True, False], ids=["kvikio", "no-kvikio"])
+def test_choose_reader(install, monkeypatch, requested, device, present):
+    if present:
+        install()
+    else:
+        monkeypatch.setitem(sys.modules, "kvikio", None)
+    if requested == "kvikio" and device == "cpu":
+        with pytest.raises(ConfigError, match=r"reader='kvikio' reads into GPU memory, but the device is 'cpu'"):
+            kv.choose_reader(requested, device)
+    elif requested == "kvikio" and not present:
+        with pytest.raises(ConfigError, match=r"needs the kvikio package.*pip install \"tierflow\[cuda"):
+            kv.choose_reader(requested, device)
+    else:
+        want = "kvikio" if requested == "kvikio" or (requested != "direct" and present and device == "cuda") \
+            else "direct"
+        assert kv.choose_reader(requested, device) == want
+
+
+def test_choose_reader_refuses_an_unknown_reader(install):
+    install()
+    with pytest.raises(ConfigError, match=r"reader must be one of \('auto', 'direct', 'kvikio'\), got 'gds'"):
+        kv.choose_reader("gds", "cuda")
+
+
+@pytest.mark.parametrize("cuda, extra", [("12.4", "cuda12"), ("13.0", "cuda13")])
+def test_the_install_hint_matches_torchs_cuda(no_kvikio, monkeypatch, cuda, extra):
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    with pytest.raises(ConfigError) as info:
+        kv.require_kvikio()
+    assert f'pip install "tierflow[{extra}]"' in str(info.value) and f"CUDA {cuda}" in str(info.value)
+
+
+def test_the_install_hint_on_a_cpu_build_of_torch(no_kvikio, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match=r"CPU build.*tierflow\[cuda12\].*tierflow\[cuda13\]"):
+        kv.require_kvikio()
+
+
+def test_kvikio_available(install, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvikio", None)
+    assert kv.kvikio_available() is False
+    install()
+    assert kv.kvikio_available() is True
+
+
+def test_the_reader_needs_kvikio(checkpoint, no_kvikio):
+    with pytest.raises(ConfigError, match=r"pip install"):
+        kv.KvikioReader(checkpoint.files)

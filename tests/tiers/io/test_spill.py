@@ -1,0 +1,113 @@
+"""KV spill files: blocks round-trip, corruption and missing files are caught, a full disk is
+a capacity error, and nothing is left behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from tierflow.errors import KVCorruptionError, TierCapacityError, TransferError
+from tierflow.tiers.io.spill import SpillFile
+
+
+def _block(seed: int, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_blocks_round_trip_in_any_slot(tmp_path):
+    blocks = [_block(i) for i in range(5)]
+    nbytes = blocks[0].numel() * blocks[0].element_size()
+    with SpillFile(tmp_path / "kv.spill", nbytes, 5) as f:
+        assert os.path.getsize(f.path) == f.size_bytes == 5 * 4096    # slots are 4 KiB aligned, space reserved
+        for slot in (3, 0, 4, 1, 2):
+            f.write(slot, blocks[slot])
+        for slot in range(5):
+            out = torch.empty_like(blocks[slot])
+            assert torch.equal(f.read(slot, out), blocks[slot])
+    assert not (tmp_path / "kv.spill").exists()
+
+
+def test_a_flipped_byte_is_caught(tmp_path):
+    block = _block(0)
+    with SpillFile(tmp_path / "kv.spill", block.numel() * 2, 2) as f:
+        f.write(1, block)
+        with open(f.path, "r+b") as raw:
+            raw.seek(4096 + 100)
+            byte = raw.read(1)
+            raw.seek(4096 + 100)
+            raw.write(bytes([byte[0] ^ 0x10]))
+        with pytest.raises(KVCorruptionError, match="slot 1 .* fails its checksum"):
+            f.read(1, torch.empty_like(block))
+        f.write(1, block)                          # rewritten, it reads back correctly
+        assert torch.equal(f.read(1, torch.empty_like(block)), block)
+
+
+def test_an_unwritten_or_freed_slot_is_never_read(tmp_path):
+    block = _block(0)
+    with SpillFile(tmp_path / "kv.spill", block.numel() * 2, 2) as f:
+        with pytest.raises(KVCorruptionError, match="holds no complete block"):
+            f.read(0, torch.empty_like(block))
+        f.write(0, block)
+        f.free(0)
+        with pytest.raises(KVCorruptionError):
+            f.read(0, torch.empty_like(block))
+
+
+def test_a_deleted_file_is_a_clear_error(tmp_path):
+    block = _block(0)
+    with SpillFile(tmp_path / "kv.spill", block.numel() * 2, 1) as f:
+        f.write(0, block)
+        os.unlink(f.path)
+        with pytest.raises(TransferError, match="was deleted while in use"):
+            f.read(0, torch.empty_like(block))
+        with pytest.raises(TransferError, match="was deleted while in use"):
+            f.write(0, block)
+
+
+def test_a_full_disk_at_creation_is_a_capacity_error_and_leaves_no_file(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(TierCapacityError, match="the disk is full"):
+        SpillFile(tmp_path / "kv.spill", 4096, 8)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_is_a_capacity_error_and_the_slot_stays_invalid(tmp_path, monkeypatch):
+    block = _block(0)
+    with SpillFile(tmp_path / "kv.spill", block.numel() * 2, 2) as f:
+        f.write(0, block)
+        real = os.pwrite
+
+        def full(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)
+        with pytest.raises(TierCapacityError, match="is full"):
+            f.write(0, _block(1))
+        monkeypatch.setattr(os, "pwrite", real)
+        with pytest.raises(KVCorruptionError):      # the old block is not served as if it were the new one
+            f.read(0, torch.empty_like(block))
+
+
+def test_a_truncated_file_is_a_short_read(tmp_path):
+    block = _block(0)
+    with SpillFile(tmp_path / "kv.spill", block.numel() * 2, 2) as f:
+        f.write(1, block)
+        os.truncate(f.path, 4096 + 10)
+        with pytest.raises(TransferError, match="short read"):
+            f.read(1, torch.empty_like(block))
+
+
+def test_oversized_blocks_and_bad_slots_are_refused(tmp_path):
+    with SpillFile(tmp_path / "kv.spill", 64, 2) as f:
+        with pytest.raises(ValueError, match="does not fit"):
+            f.write(0, torch.zeros(65, dtype=torch.uint8))
+        with pytest.raises(IndexError):
+            f.write(2, torch.zeros(8, dtype=torch.uint8))
+    with pytest.raises(TransferError, match="closed"):
+        f.read(0, torch.zeros(8, dtype=torch.uint8))

@@ -1,0 +1,65 @@
+"""Paged KV bookkeeping: placement order, capacity, moves, frees; no slot ever has two owners."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from tierflow.errors import TierCapacityError
+from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables
+
+
+def test_new_blocks_go_to_the_fastest_tier_with_room():
+    t = KVBlockTables({"device": 2, "host": 1, "disk": 3}, num_layers=2, block_tokens=16)
+    refs = [t.append_block(7, layer=0) for _ in range(4)]
+    assert [r.tier for r in refs] == ["device", "device", "host", "disk"]
+    assert t.table(7, 0) == tuple(refs) and t.table(7, 1) == ()
+    assert {k: v.used for k, v in t.statistics().items()} == {"device": 2, "host": 1, "disk": 1}
+    assert t.blocks_for(33) == 3 * 2
+
+
+def test_a_tier_can_be_forced_empty_and_a_full_cache_is_a_capacity_error():
+    t = KVBlockTables({"device": 0, "disk": 1}, num_layers=1, block_tokens=16)
+    assert t.append_block(1, 0).tier == "disk"
+    with pytest.raises(TierCapacityError, match="the KV cache is full"):
+        t.append_block(1, 0)
+
+
+def test_moves_keep_the_old_slot_until_released_and_frees_return_everything():
+    t = KVBlockTables({"device": 1, "disk": 2}, num_layers=1, block_tokens=16)
+    t.append_block(1, 0)
+    old, new = t.move(1, 0, 0, "disk")
+    assert old == BlockRef("device", 0) and new.tier == "disk" and t.table(1, 0) == (new,)
+    assert t.statistics()["device"].used == 1          # not yet released: the copy may be in flight
+    t.release(old)
+    assert t.statistics()["device"].used == 0
+    assert t.free_sequence(1) == 1 and t.free_sequence(1) == 0
+    assert all(s.used == 0 for s in t.statistics().values())
+    with pytest.raises(ValueError, match="not allocated"):
+        t.release(old)
+
+
+ops = st.lists(st.tuples(st.sampled_from(["append", "move", "free"]), st.integers(0, 3), st.integers(0, 1),
+                         st.sampled_from(["device", "host", "disk"])), max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(caps=st.fixed_dictionaries({"device": st.integers(0, 4), "host": st.integers(0, 4), "disk": st.integers(0, 6)}),
+       operations=ops)
+def test_no_slot_is_ever_owned_twice(caps, operations):
+    t = KVBlockTables(caps, num_layers=2, block_tokens=8)
+    for op, seq, layer, tier in operations:
+        try:
+            if op == "append":
+                t.append_block(seq, layer)
+            elif op == "move" and t.table(seq, layer):
+                old, _ = t.move(seq, layer, 0, tier)
+                t.release(old)
+            elif op == "free":
+                t.free_sequence(seq)
+        except TierCapacityError:
+            pass
+        owned = [ref for s in t.sequences() for layer_ in range(2) for ref in t.table(s, layer_)]
+        assert len(owned) == len(set(owned))
+        for name, stats in t.statistics().items():
+            assert stats.used == sum(1 for ref in owned if ref.tier == name) <= stats.capacity

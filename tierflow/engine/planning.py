@@ -1,0 +1,166 @@
+"""From an EngineConfig and a checkpoint to the planner's inputs, and to a plan.
+
+The engine, ``tierflow plan`` and the test helpers all build the planner's inputs here, so
+they plan the same way: the model's costs from its checkpoint (or from config.json alone),
+the hardware from the profile JSON (or measured by the probe), and the overrides from the
+profile with the EngineConfig's explicit fields on top.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from tierflow.adapters import ModelSpec, adapter_for
+from tierflow.config import EngineConfig
+from tierflow.errors import CheckpointError, ConfigError
+from tierflow.tiers.checkpoint.index import CheckpointIndex, resolve_checkpoint
+from tierflow.tiers.plan.costmodel import ModelCosts, Workload, costs_from_spec
+from tierflow.tiers.kv.contiguous import SequenceKV
+from tierflow.tiers.plan.planner import TierPlan, plan
+from tierflow.tiers.probe.probe import ProbeCache, default_cache, probe
+from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, Profile
+from tierflow.tiers.probe.profile import load_profile
+
+COLD_BYTES = 256 * 2**20       # more than any last-level cache
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def index_costs(index: CheckpointIndex, dtype: torch.dtype) -> ModelCosts:
+    """Costs of a checkpoint at hand: its real read sizes, and whether any tensor needs a cast."""
+    cast = any(t.dtype != dtype and t.dtype.is_floating_point for u in index.units for t in u.tensors)
+    experts = max((e.buffer_bytes for e in index.experts.values()), default=None)
+    return costs_from_spec(index.spec, index.adapter, DTYPE_NAMES[dtype], [u.buffer_bytes for u in index.units],
+                           name=index.directory.name, cast=cast, expert_stream_bytes=experts)
+
+
+def config_spec(model: str | Path) -> tuple[ModelSpec, Any, Path]:
+    """ModelSpec and adapter from a directory's config.json alone (weights not needed)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        directory = path.parent
+    else:
+        directory = resolve_checkpoint(model)
+        path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{directory} has no config.json") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    adapter = adapter_for(config)
+    return adapter.spec_from_config(config), adapter, directory
+
+
+def engine_overrides(config: EngineConfig, profile: Profile | None, kv_bytes_per_token: int = 0,
+                     kind: str | None = None) -> Overrides:
+    """The profile's overrides with the EngineConfig's explicit fields on top. Without a paged
+    KV cache the engine holds all KV in device memory, so the plan keeps every block there;
+    with one, KV budgets per tier come from the config and the rest may spill to disk. ``kind``: the
+    device the engine runs on, "cpu" or "cuda" (default: as ``config.device`` says)."""
+    on_cpu = (kind or ("cuda" if config.device.startswith("cuda") else "cpu")) == "cpu"
+    base = profile.overrides if profile is not None else Overrides()
+    explicit = {name: getattr(config, name) for name in
+                ("device_memory_bytes", "host_memory_bytes", "prefetch_depth", "io_threads", "io_block_bytes",
+                 "prefill_chunk_tokens", "mlp_chunk_tokens") if getattr(config, name) is not None}
+    kv = dict(base.kv_budget_tokens)
+    if not config.paged_kv:
+        kv |= {"host": 0, "disk": 0}
+    else:
+        kv.pop("disk", None)
+        per_token = max(1, kv_bytes_per_token)
+        if config.kv_device_bytes is not None:   # on CPU the host pool is RAM too: it counts as device memory
+            device = config.kv_device_bytes + (config.kv_host_bytes or 0) * on_cpu
+            kv["device"] = device // per_token
+        kv["host"] = 0 if config.kv_host_bytes is None else config.kv_host_bytes // per_token
+    return replace(base, **explicit, kv_budget_tokens=kv)
+
+
+def engine_workload(config: EngineConfig) -> Workload:
+    """The engine plans for its KV reservation: that many tokens of context."""
+    return Workload(context_tokens=max(1, config.kv_reserve_tokens), concurrency=1,
+                    new_tokens=min(256, config.kv_reserve_tokens // 2))
+
+
+def load_engine_profile(config: EngineConfig) -> Profile | None:
+    return load_profile(config.profile) if config.profile is not None else None
+
+
+def layer_benchmark(spec: ModelSpec, adapter: Any, device: torch.device, dtype: torch.dtype,
+                    cold_bytes: int = COLD_BYTES) -> Callable[[int], None]:
+    """``run(tokens)``: one decoder layer of this model, random weights, through the family's
+    own forward (norms, rotary, attention, KV append), for the probe's compute figures.
+
+    Successive calls cycle through enough copies of the layer to fill ``cold_bytes``, so the
+    weights come from memory as in a real sweep, not from a cache that one small layer would
+    fit in. The weights are made on first use: building the function costs nothing."""
+    state: dict[str, Any] = {}
+    if spec.num_experts:   # a dense layer as wide as a token's routed and shared experts: the same work per token
+        spec = replace(spec, moe_layers=(), intermediate_size=spec.moe_intermediate_size * spec.experts_per_token
+                       + spec.shared_expert_intermediate_size)
+
+    def setup() -> None:
+        gen = torch.Generator().manual_seed(0)
+        shapes = adapter.expected_shapes(spec, 1)
+        layer_bytes = sum(math.prod(shape) for shape in shapes.values()) * torch.finfo(dtype).bits // 8
+        cold = min(cold_bytes, psutil.virtual_memory().available // 8)
+        copies = max(1, min(64, -(-cold // max(1, layer_bytes))))
+        state["copies"] = [{name: (torch.randn(shape, generator=gen) * 0.02 if len(shape) > 1
+                                   else torch.ones(shape)).to(device, dtype) for name, shape in shapes.items()}
+                           for _ in range(copies)]
+        state["gen"], state["calls"] = gen, 0
+
+    def run(tokens: int) -> None:
+        if not state:
+            setup()
+        weights = state["copies"][state["calls"] % len(state["copies"])]
+        state["calls"] += 1
+        x = state.setdefault(tokens, torch.randn(tokens, spec.hidden_size, generator=state["gen"]).to(device, dtype))
+        kv = SequenceKV(1, spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+        positions = torch.arange(tokens, device=device)
+        ctx = adapter.make_context(spec, positions, (slice(0, tokens),), (0,), (kv,),
+                                   torch.tensor([tokens - 1], device=device), dtype)
+        with torch.inference_mode():
+            adapter.forward_unit(spec, 1, weights, x, ctx)
+
+    return run
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePlan:
+    plan: TierPlan
+    hardware: HardwareProfile
+    costs: ModelCosts
+    provenance: dict[str, Any]
+    overrides: Overrides                 # the profile's, with the EngineConfig's fields on top
+
+
+async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                      *, cache: ProbeCache | None = None, progress: Callable[[str], None] | None = None,
+                      kind: str | None = None) -> EnginePlan:
+    """The plan the engine runs: hardware from the profile, else measured (cached per machine).
+    ``kind``: the profile's device kind the engine runs as (default ``device.type``)."""
+    kind = kind or device.type
+    profile = load_engine_profile(config)
+    costs = index_costs(index, dtype)
+    overrides = engine_overrides(config, profile, costs.kv_bytes_per_token, kind)
+    if profile is not None and profile.hardware is not None:
+        if profile.hardware.device != kind:
+            raise ConfigError(f"the profile's hardware describes a {profile.hardware.device!r} machine but the engine "
+                              f"runs on {kind!r}; plan for that machine with `tierflow plan --profile`, or "
+                              "give the engine a profile of this one (`tierflow probe --out`)")
+        hardware, provenance = profile.hardware, {"source": "profile", **dict(profile.measured)}
+    else:
+        hardware, provenance = await probe(device, dtype, costs, index.directory,
+                                           io_threads=overrides.io_threads or 4, block_bytes=overrides.io_block_bytes,
+                                           cache=cache or default_cache(), progress=progress,
+                                           layer=layer_benchmark(index.spec, index.adapter, device, dtype))
+    return EnginePlan(plan(costs, hardware, engine_workload(config), overrides), hardware, costs, provenance,
+                      overrides)

@@ -1,0 +1,197 @@
+"""One sweep: every unit of the model, in order, over one packed batch of tokens.
+
+For each unit the runner takes its weights — resident ones from the device pool, streamed
+ones from the ``WeightStream`` (whose reads are already running ahead) — runs the adapter's
+forward function in the compute worker, and releases the staging slot. If a unit fails
+half-way, the rest of this sweep's streamed units are still taken and released so the
+stream stays aligned with the next sweep.
+
+On CUDA (``DevicePath``) the worker issues each unit's kernels on the compute stream: it
+makes the stream wait for the unit's upload event, records an event before and after the
+unit's kernels, and returns without waiting for them; the unit's staging slot goes back to
+the ring when the "after" event has completed. An embedding kept in host memory is looked
+up on the host and only its rows are copied. The sweep ends by copying the logits to the
+host, which waits for the whole sweep; the events then give the device's busy time per
+unit, so ``gpu_busy_s / gpu_span_s`` is the fraction of the sweep the GPU computed, and the
+rest the time it sat waiting for weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from tierflow.adapters import Adapter, ModelSpec, UnitWeights
+from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, Event
+from tierflow.pipeline.executor import ComputeWorker
+from tierflow.pipeline.trace import NULL_TRACER, Tracer
+from tierflow.stages.experts import ExpertStage
+from tierflow.stages.upload import StreamUploader
+from tierflow.stages.read import WeightStream, cast_weights
+
+
+@dataclass(frozen=True, slots=True)
+class SweepBatch:
+    token_ids: torch.Tensor              # [num_tokens] int64, packed over sequences
+    positions: torch.Tensor              # [num_tokens] int64
+    seq_slices: tuple[slice, ...]
+    seq_starts: tuple[int, ...]
+    kv: tuple[Any, ...]                  # one SequenceKV per sequence
+    logit_rows: torch.Tensor             # packed rows whose logits are returned
+
+
+@dataclass(slots=True)
+class DevicePath:
+    """What a sweep needs to run on a CUDA device."""
+    ops: DeviceOps
+    compute: Any                                   # the compute stream
+    timeline: DeviceTimeline
+    uploader: StreamUploader | None = None
+    host_units: dict[int, UnitWeights] = field(default_factory=dict)   # computed on the host (the embedding)
+    gpu_busy_s: float = 0.0                        # device time inside units' kernels, summed over sweeps
+    gpu_span_s: float = 0.0                        # device time from each sweep's first kernel to its last
+
+    def to_device(self, batch: "SweepBatch") -> "SweepBatch":
+        device = self.ops.device
+        return replace(batch, positions=batch.positions.to(device), logit_rows=batch.logit_rows.to(device))
+
+
+class SweepRunner:
+    def __init__(self, spec: ModelSpec, adapter: Adapter, resident: dict[int, UnitWeights],
+                 stream: WeightStream | None, worker: ComputeWorker, dtype: torch.dtype, *,
+                 mlp_chunk_tokens: int | None = None, experts: ExpertStage | None = None,
+                 tracer: Tracer = NULL_TRACER, device: DevicePath | None = None) -> None:
+        self.spec, self.adapter, self.resident = spec, adapter, resident
+        self.device = device
+        self._events: list[tuple[int, Event, Event]] = []     # this sweep's (unit, before, after), CUDA
+        self.stream, self.worker, self.dtype = stream, worker, dtype
+        self.mlp_chunk_tokens, self.experts, self.tracer = mlp_chunk_tokens, experts, tracer
+        self._moe_units = {layer + 1 for layer in spec.moe_layers} if experts is not None else set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_failures: dict[int, BaseException] = {}    # sequence index → its error, last sweep
+        self.num_sweeps = 0
+
+    async def run(self, batch: SweepBatch) -> torch.Tensor:
+        """Logits [len(batch.logit_rows), vocab] in float32."""
+        self.num_sweeps += 1
+        self.last_failures = {}
+        self._loop = asyncio.get_running_loop()
+        hidden: Any = batch
+        unit = 0
+        started = time.perf_counter()
+        self._events = []
+        try:
+            for unit in range(self.spec.num_units):
+                hidden = await self._unit(unit, hidden, batch)
+            if self.device is not None:     # waits for the sweep's kernels
+                hidden = await self.worker.run(self._to_host, hidden)
+        except Exception:
+            await self._skip_rest(unit + 1)
+            raise
+        finally:
+            self.tracer.span("sweeps", f"sweep {self.num_sweeps}", started, time.perf_counter(),
+                             tokens=len(batch.token_ids), sequences=len(batch.seq_slices))
+        return hidden
+
+    def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits on the host; then the device timing of the sweep, which is complete."""
+        assert self.device is not None
+        ops, compute = self.device.ops, self.device.compute
+        with ops.using(compute):
+            logits = logits.to("cpu")
+            ops.record(compute).synchronize()      # the copy waited for the sweep; this says so explicitly
+        d, events = self.device, self._events
+        if events:
+            busy = sum(before.elapsed_time(after) for _, before, after in events) / 1e3
+            d.gpu_busy_s += busy
+            d.gpu_span_s += events[0][1].elapsed_time(events[-1][2]) / 1e3
+            if self.tracer.enabled:
+                for unit, before, after in events:
+                    self.tracer.span("gpu compute", self.spec.unit_name(unit), d.timeline.time_of(before),
+                                     d.timeline.time_of(after))
+        if d.uploader is not None:
+            d.uploader.collect()
+        return logits
+
+    async def _unit(self, unit: int, hidden: Any, batch: SweepBatch) -> Any:
+        if unit in self._moe_units:
+            assert self.experts is not None
+            self.experts.layer_started(unit - 1)
+        try:
+            at_hand = self.resident.get(unit)
+            if at_hand is None and self.device is not None:
+                at_hand = self.device.host_units.get(unit)
+            if at_hand is not None:
+                return (await self.worker.run(self._compute, unit, at_hand, hidden, batch, None))[0]
+            assert self.stream is not None
+            loaded = await self.stream.next(unit)
+            done: Event | None = None
+            try:
+                hidden, done = await self.worker.run(self._compute, unit, loaded.weights, hidden, batch, loaded.ready)
+                return hidden
+            finally:
+                # CPU compute has finished when the worker returns; on CUDA the slot goes back
+                # once the event after the unit's kernels has completed on the device.
+                if done is None and self.device is not None:
+                    done = self.device.ops.record(self.device.compute)
+                self.stream.release(loaded, after=done)
+        finally:
+            if unit in self._moe_units:
+                assert self.experts is not None
+                self.experts.release(unit - 1)
+
+    def _fetch_experts(self, layer: int, experts: Sequence[int]) -> Mapping[int, UnitWeights]:
+        """Runs in the compute worker (a MoE layer's router has spoken): the expert stage
+        works on the event loop, the layer waits for its experts."""
+        assert self.experts is not None and self._loop is not None
+        return asyncio.run_coroutine_threadsafe(self.experts.get(layer, experts), self._loop).result()
+
+    def _compute(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch,
+                 ready: Event | None) -> tuple[Any, Event | None]:
+        started = time.perf_counter()
+        try:
+            if self.device is None:
+                return self._forward(unit, weights, hidden, batch), None
+            ops, compute = self.device.ops, self.device.compute
+            with ops.using(compute):
+                if ready is not None:
+                    ops.wait(compute, ready)
+                before = ops.record(compute)
+                out = self._forward(unit, weights, hidden, batch)
+                after = ops.record(compute)
+            self._events.append((unit, before, after))
+            return out, after
+        finally:
+            self.tracer.span("compute", self.spec.unit_name(unit), started, time.perf_counter())
+
+    def _forward(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch) -> Any:
+        on_host = self.device is not None and unit in self.device.host_units
+        if unit == 0:
+            placed = batch if self.device is None else self.device.to_device(batch)
+            ctx = self.adapter.make_context(self.spec, placed.positions, placed.seq_slices, placed.seq_starts,
+                                            placed.kv, placed.logit_rows, self.dtype)
+            self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens,
+                                experts=self._fetch_experts if self.experts is not None else None)
+            self.last_failures = self._ctx.failures
+            hidden = batch.token_ids if on_host or self.device is None else batch.token_ids.to(self.device.ops.device)
+        weights = cast_weights(dict(weights), self.dtype)
+        with torch.inference_mode():
+            out = self.adapter.forward_unit(self.spec, unit, weights, hidden, self._ctx)
+        if on_host:        # only the looked-up rows go to the device
+            out = out.to(self.device.ops.device)
+        return out
+
+    async def _skip_rest(self, first: int) -> None:
+        if self.stream is None:
+            return
+        for unit in range(first, self.spec.num_units):
+            if unit in self.resident:
+                continue
+            try:
+                self.stream.release(await self.stream.next(unit))
+            except Exception:  # the sweep already failed; this unit only needs its slot back
+                continue

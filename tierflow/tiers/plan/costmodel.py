@@ -1,0 +1,276 @@
+"""What a model costs to hold and to run, and what a placement of it costs on a machine.
+
+``ModelCosts`` is built from config.json alone (or, when the checkpoint is at hand, from
+its real byte ranges): bytes per unit on disk and in the compute dtype, weights multiplied
+per token, KV bytes per token per layer. ``sweep_times`` and ``memory_use`` turn a
+placement into predicted seconds per resource and bytes per tier. Pure: no torch, no I/O.
+
+The time model is the pipeline's: reading from disk, copying to the device and computing
+overlap, so a sweep takes as long as its slowest resource. Compute per unit is a roofline:
+a decoder layer at one token is bound by reading its weights (``decode_gbps``), at many
+tokens by its matmuls (``prefill_tflops``); attention reads each sequence's KV once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from tierflow.errors import ConfigError
+from tierflow.tiers.plan.hardware import HardwareProfile
+
+EMBED, LAYER, HEAD = "embed", "layer", "head"
+DEVICE, HOST, DISK = "device", "host", "disk"
+ALIGN = 4096
+ATTENTION_KEY_TILE = 512
+KV_READ_WINDOW_BYTES = 16 * 2**20   # buffers that KV blocks read back from disk land in (read-ahead)
+KV_READ_RUN = 4                     # the most consecutive KV blocks one read request moves
+
+
+def kv_read_window(disk_blocks: int, block_bytes: int) -> int:
+    """Buffers (4 KiB-aligned block slots) for KV blocks read back from disk: about
+    KV_READ_WINDOW_BYTES, at least two runs, never more than there are blocks on disk."""
+    stride = -(-block_bytes // ALIGN) * ALIGN
+    return min(disk_blocks, max(2 * KV_READ_RUN, KV_READ_WINDOW_BYTES // stride))
+
+
+@dataclass(frozen=True, slots=True)
+class UnitCost:
+    name: str                # "embed", "layer.3", "head"
+    kind: str                # EMBED | LAYER | HEAD
+    stream_bytes: int        # what one read of the unit moves from disk (checkpoint dtype, aligned)
+    resident_bytes: int      # bytes once its weights are in the compute dtype
+    convert_bytes: int       # workspace to cast a streamed unit into the compute dtype (0: no cast)
+    matmul_params: int       # weights multiplied per token (0 for the embedding lookup)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCosts:
+    """The routed experts of a mixture-of-experts model: not units of the sweep, but read (or
+    found in the expert cache) when the router picks them."""
+
+    moe_layers: int          # layers with routed experts
+    num_experts: int         # routed experts per MoE layer
+    per_token: int           # experts each token is routed to
+    stream_bytes: int        # one expert's read (checkpoint dtype, aligned)
+    resident_bytes: int      # what one cached expert holds (in the compute dtype)
+    matmul_params: int       # one expert's weights
+
+    @property
+    def all_resident_bytes(self) -> int:
+        return self.moe_layers * self.num_experts * self.resident_bytes
+
+    def distinct(self, tokens: int) -> float:
+        """Expected distinct experts of one layer that ``tokens`` tokens are routed to, when
+        routing is uniform: E·(1 − (1 − k/E)^tokens)."""
+        e, k = self.num_experts, self.per_token
+        return e * (1.0 - (1.0 - k / e) ** max(0, tokens))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCosts:
+    name: str
+    units: tuple[UnitCost, ...]
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    kv_bytes_per_token_layer: int      # K and V of one token in one layer, in the compute dtype
+    dtype_bytes: int                   # compute dtype
+    tied: bool                         # the head multiplies by the embedding tensor
+    experts: ExpertCosts | None = None   # routed experts (mixture-of-experts models)
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        tied = self.units[0].stream_bytes if self.tied else 0
+        e = self.experts
+        routed = e.moe_layers * e.num_experts * e.stream_bytes if e is not None else 0
+        return sum(u.stream_bytes for u in self.units) - tied + routed
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token_layer * self.num_layers
+
+    def activation_bytes(self, tokens: int, mlp_tokens: int) -> int:
+        """Workspace of a sweep of ``tokens`` inside a layer: residual, norms and q/k/v/o for
+        every token, the MLP's intermediate activations for ``mlp_tokens`` at a time."""
+        b, h = self.dtype_bytes, self.hidden_size
+        qkv = (self.num_heads * self.head_dim + 2 * self.kv_bytes_per_token_layer // (2 * b)) * b
+        return tokens * (3 * h * b + qkv + 2 * h * 4) + min(tokens, mlp_tokens) * 3 * self.intermediate_size * b
+
+    def attention_bytes(self, tokens: int, context: int) -> int:
+        """Attention workspace of one sequence: ``tokens`` queries over ``context`` keys. The
+        attention kernels (memory-efficient SDPA on CPU, flash kernels on CUDA) never hold
+        the whole score matrix, only a tile of keys per query (measured on CPU: 1024 queries
+        over 16k keys, 32 heads, grow memory by 76 MiB, not the 2 GiB of full scores)."""
+        return tokens * self.num_heads * min(context, ATTENTION_KEY_TILE) * 4
+
+
+def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]]], unit_kinds: Sequence[str],
+                num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                intermediate_size: int, vocab_size: int, tied: bool, checkpoint_dtype_bytes: int,
+                dtype_bytes: int, stream_bytes: Sequence[int] | None = None, cast: bool | None = None,
+                experts: ExpertCosts | None = None) -> ModelCosts:
+    """Costs from the tensor shapes a family's adapter expects for each unit.
+
+    ``stream_bytes`` are the real reads of a checkpoint's units when it is at hand; from a
+    config alone they are the payload rounded up to whole 4 KiB pages per tensor. ``cast``:
+    whether streamed weights need converting to the compute dtype (default: the sizes differ)."""
+    cast = checkpoint_dtype_bytes != dtype_bytes if cast is None else cast
+    units = []
+    for unit, (shapes, kind) in enumerate(zip(unit_shapes, unit_kinds)):
+        shapes = dict(shapes)
+        if tied and kind == HEAD:
+            shapes.setdefault("lm_head", (vocab_size, hidden_size))
+        numels = {local: math.prod(shape) for local, shape in shapes.items()}
+        payload = sum(-(-n * checkpoint_dtype_bytes // ALIGN) * ALIGN for n in numels.values())
+        resident = sum(numels.values()) * dtype_bytes
+        matmul = 0 if kind == EMBED else sum(n for local, n in numels.items() if len(shapes[local]) == 2)
+        read = stream_bytes[unit] if stream_bytes is not None else payload
+        unit_name = {EMBED: "embed", HEAD: "head"}.get(kind, f"layer.{unit - 1}")
+        units.append(UnitCost(unit_name, kind, read, resident,
+                              resident if cast else 0, matmul))
+    return ModelCosts(name, tuple(units), num_layers, hidden_size, num_heads, head_dim, intermediate_size,
+                      vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied, experts)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """What the plan is for: ``concurrency`` sequences of ``context_tokens`` each (prompt plus
+    generated), ``new_tokens`` of which are generated."""
+
+    context_tokens: int = 4096
+    concurrency: int = 1
+    new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name, low in (("context_tokens", 1), ("concurrency", 1), ("new_tokens", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"Workload.{name} must be an int >= {low}, got {value!r}")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return max(1, self.context_tokens - self.new_tokens)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.context_tokens * self.concurrency
+
+
+@dataclass(frozen=True, slots=True)
+class SweepTimes:
+    disk_s: float
+    pcie_s: float
+    compute_s: float
+
+    @property
+    def total_s(self) -> float:
+        return max(self.disk_s, self.pcie_s, self.compute_s)
+
+    @property
+    def bottleneck(self) -> str:
+        named = {"disk": self.disk_s, "pcie": self.pcie_s, "compute": self.compute_s}
+        return max(named, key=named.__getitem__)
+
+
+def io_block_for(unit_bytes: int, io_threads: int) -> int:
+    """Read request size for units of ``unit_bytes``: each unit split over every reader thread
+    (so a small unit still keeps the disk's queue full), in whole MiB from 1 to 8 MiB."""
+    mib = 2**20
+    return min(8 * mib, max(mib, -(-unit_bytes // io_threads // mib) * mib))
+
+
+def _gbps(nbytes: float, gbps: float | None) -> float:
+    return 0.0 if nbytes == 0 else nbytes / (gbps * 1e9) if gbps else math.inf
+
+
+def unit_compute_s(model: ModelCosts, hw: HardwareProfile, unit: UnitCost, tokens: int) -> float:
+    """Roofline of one unit over ``tokens`` rows: bound by its weight bytes or its matmuls."""
+    if unit.kind == EMBED:
+        return 0.0
+    return max(_gbps(unit.resident_bytes, hw.decode_gbps), 2 * unit.matmul_params * tokens / (hw.prefill_tflops * 1e12))
+
+
+def attention_compute_s(model: ModelCosts, hw: HardwareProfile, queries: int, keys: int, sequences: int) -> float:
+    """All layers' attention for ``sequences`` sequences of ``queries`` new tokens over ``keys`` each."""
+    kv_bytes = sequences * keys * model.kv_bytes_per_token
+    flops = 4 * sequences * queries * keys * model.num_heads * model.head_dim * model.num_layers
+    return max(_gbps(kv_bytes, hw.decode_gbps), flops / (hw.prefill_tflops * 1e12))
+
+
+def expert_times(model: ModelCosts, hw: HardwareProfile, tokens: int, cache_bytes: int) -> tuple[float, float]:
+    """(read bytes, compute seconds) of the routed experts in one sweep of ``tokens`` tokens:
+    every MoE layer reads the distinct experts its tokens pick that the expert cache (of
+    ``cache_bytes``) misses — a cached expert is hit as often as the cache is a share of all
+    experts, under uniform routing — and multiplies each token by its experts."""
+    e = model.experts
+    if e is None or tokens == 0:
+        return 0.0, 0.0
+    distinct = e.distinct(tokens)
+    hit = min(1.0, cache_bytes / e.all_resident_bytes) if e.all_resident_bytes else 1.0
+    read = e.moe_layers * distinct * (1.0 - hit) * e.stream_bytes
+    compute = e.moe_layers * max(_gbps(distinct * e.resident_bytes, hw.decode_gbps),
+                                 2 * e.matmul_params * e.per_token * tokens / (hw.prefill_tflops * 1e12))
+    return read, compute
+
+
+def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv_tier_bytes: Mapping[str, int],
+                *, tokens: int, logit_rows: int, queries: int, keys: int, sequences: int,
+                kv_read_fraction: float = 1.0, expert_cache_bytes: int = 0) -> SweepTimes:
+    """Predicted seconds of one sweep per resource. Units on disk are read whole; on CUDA every
+    unit not on the device is copied to it (an embedding kept on the host is looked up there
+    and only the rows move); KV outside the device is read back by every sweep; routed
+    experts the expert cache misses are read from disk (and copied, on CUDA)."""
+    expert_read, expert_compute = expert_times(model, hw, tokens, expert_cache_bytes)
+    disk = sum(u.stream_bytes for u, t in zip(model.units, tiers) if t == DISK) + expert_read
+    disk_s = _gbps(disk, hw.disk_read_gbps) + _gbps(kv_tier_bytes.get(DISK, 0) * kv_read_fraction, hw.kv_read_gbps)
+    pcie_s = 0.0
+    if not hw.is_cpu:
+        upload = sum(u.stream_bytes if t == DISK else u.resident_bytes
+                     for u, t in zip(model.units, tiers) if t != DEVICE and u.kind != EMBED)
+        off_device_kv = (kv_tier_bytes.get(HOST, 0) + kv_tier_bytes.get(DISK, 0)) * kv_read_fraction
+        new_kv = sequences * queries * model.kv_bytes_per_token if kv_tier_bytes.get(DEVICE, 0) == 0 else 0
+        pcie_s = _gbps(upload + expert_read + off_device_kv, hw.h2d_gbps) + _gbps(new_kv, hw.d2h_gbps)
+    compute_s = sum(unit_compute_s(model, hw, u, logit_rows if u.kind == HEAD else tokens) for u in model.units)
+    compute_s += expert_compute
+    compute_s += attention_compute_s(model, hw, queries, keys, sequences)
+    return SweepTimes(disk_s, pcie_s, compute_s)
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def expert_costs(spec: Any, adapter: Any, checkpoint_dtype_bytes: int, dtype_bytes: int,
+                 stream_bytes: int | None = None) -> ExpertCosts | None:
+    """Costs of one routed expert from the shapes its family expects (None for a dense model)."""
+    if not getattr(spec, "num_experts", 0):
+        return None
+    shapes = adapter.expected_expert_shapes(spec)
+    numels = [math.prod(shape) for shape in shapes.values()]
+    payload = sum(-(-n * checkpoint_dtype_bytes // ALIGN) * ALIGN for n in numels)
+    read = payload if stream_bytes is None else stream_bytes
+    # a cached expert keeps its read buffer, or its weights cast to the compute dtype
+    held = read if checkpoint_dtype_bytes == dtype_bytes else sum(numels) * dtype_bytes
+    return ExpertCosts(len(spec.moe_layers), spec.num_experts, spec.experts_per_token, read, held,
+                       sum(n for n, shape in zip(numels, shapes.values()) if len(shape) == 2))
+
+
+def costs_from_spec(spec: Any, adapter: Any, dtype: str, stream_bytes: Sequence[int] | None = None,
+                    name: str | None = None, cast: bool | None = None,
+                    expert_stream_bytes: int | None = None) -> ModelCosts:
+    """``ModelCosts`` of a ``ModelSpec`` through its family adapter's expected tensor shapes."""
+    units = range(spec.num_units)
+    checkpoint_bytes = DTYPE_BYTES.get(spec.checkpoint_dtype, 4)
+    return model_costs(
+        name or f"{spec.architecture} {spec.num_layers}L h{spec.hidden_size}",
+        unit_shapes=[adapter.expected_shapes(spec, u) for u in units], unit_kinds=[spec.unit_kind(u) for u in units],
+        num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, intermediate_size=spec.intermediate_size,
+        vocab_size=spec.vocab_size, tied=spec.tie_word_embeddings,
+        checkpoint_dtype_bytes=checkpoint_bytes, dtype_bytes=DTYPE_BYTES[dtype],
+        stream_bytes=stream_bytes, cast=spec.checkpoint_dtype != dtype if cast is None else cast,
+        experts=expert_costs(spec, adapter, checkpoint_bytes, DTYPE_BYTES[dtype], expert_stream_bytes))

@@ -1,0 +1,228 @@
+"""The profile JSON: a machine's measured (or described) hardware, plus plan overrides.
+
+    {"version": 1,
+     "hardware": {"device": "cuda", "device_memory_bytes": 8589934592, ...},
+     "overrides": {"tiers": {"layers.0-7": "device"}, "prefetch_depth": 2, ...}}
+
+``hardware`` is what the planner needs to know about a machine, so a user can plan for one
+they do not have; ``tierflow probe`` writes it for the machine it runs on. ``overrides``
+pin units to tiers and fix what the planner would otherwise choose. Pure: no torch, no
+I/O (reading and writing the JSON file is ``tiers.probe.profile``'s job). Every invalid
+document raises a ``ProfileError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from tierflow.errors import ProfileError
+
+VERSION = 1
+TIERS = ("device", "host", "disk")
+DEVICE_KINDS = ("cpu", "cuda")
+READERS = ("auto", "direct", "kvikio")   # how weights reach the device; see tierflow.tiers.io.kvikio.choose_reader
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareProfile:
+    """What the planner knows about a machine. Bandwidths in GB/s (10^9 bytes per second).
+
+    On a CPU device the device tier *is* RAM: ``device_memory_bytes`` is the RAM the engine
+    may use, there is no separate host tier and no host↔device copy (``h2d_gbps`` and
+    ``d2h_gbps`` are None).
+    """
+
+    device: str                          # "cpu" | "cuda"
+    device_memory_bytes: int             # usable device memory (free, not total)
+    host_memory_bytes: int               # available RAM
+    disk_read_gbps: float                # O_DIRECT reads of the checkpoint's directory
+    decode_gbps: float                   # weight bytes per second compute gets through at 1 token
+    prefill_tflops: float                # matmul rate at prefill sizes, in 10^12 FLOP/s
+    h2d_gbps: float | None = None        # pinned host → device copies (None on CPU)
+    d2h_gbps: float | None = None        # device → pinned host copies (None on CPU)
+    device_name: str = ""
+    device_total_bytes: int | None = None
+    pinned_memory_bytes: int | None = None   # how much RAM can be pinned (None: as much as is available)
+    kv_disk_read_gbps: float | None = None   # the KV spill directory (None: same as disk_read_gbps)
+    kv_disk_write_gbps: float | None = None
+    disk_free_bytes: int | None = None       # free space in the KV spill directory
+    compute_dtype: str = "bfloat16"          # the dtype the compute figures were measured in
+    pcie_link: str = ""                      # the GPU's PCIe link as NVML reports it, e.g. "gen4 x16"
+    pcie_link_gbps: float | None = None      # what that link could carry one way, before overheads
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device == "cpu"
+
+    @property
+    def kv_read_gbps(self) -> float:
+        return self.kv_disk_read_gbps or self.disk_read_gbps
+
+    @property
+    def kv_write_gbps(self) -> float:
+        return self.kv_disk_write_gbps or self.kv_read_gbps
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What the user fixes instead of the planner. Unit selectors: "embed", "head",
+    "layers.N" or "layers.A-B" (inclusive), "all"."""
+
+    tiers: Mapping[str, str] = field(default_factory=dict)
+    device_memory_bytes: int | None = None     # caps, used as they are (no safety margin)
+    host_memory_bytes: int | None = None
+    prefetch_depth: int | None = None
+    io_threads: int | None = None
+    io_block_bytes: int | None = None
+    kv_budget_tokens: Mapping[str, int] = field(default_factory=dict)   # tier → most KV tokens there
+    prefill_chunk_tokens: int | None = None
+    mlp_chunk_tokens: int | None = None
+    safety_margin: float | None = None                                  # fraction of each budget kept free
+    reader: str | None = None       # "auto" | "direct" (O_DIRECT into pinned host) | "kvikio" (disk → GPU)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()
+                if v not in (None, {})}
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    hardware: HardwareProfile | None
+    overrides: Overrides
+    measured: Mapping[str, Any] = field(default_factory=dict)   # provenance written by the probe
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"version": VERSION}
+        if self.hardware is not None:
+            doc["hardware"] = self.hardware.to_json()
+        doc["overrides"] = self.overrides.to_json()
+        if self.measured:
+            doc["measured"] = dict(self.measured)
+        return doc
+
+
+# ----------------------------------------------------------------------------- parsing
+_INT, _FLOAT, _STR = "int", "number", "string"
+_HARDWARE_TYPES = {
+    "device": _STR, "device_memory_bytes": _INT, "host_memory_bytes": _INT, "disk_read_gbps": _FLOAT,
+    "decode_gbps": _FLOAT, "prefill_tflops": _FLOAT, "h2d_gbps": _FLOAT, "d2h_gbps": _FLOAT,
+    "device_name": _STR, "device_total_bytes": _INT, "pinned_memory_bytes": _INT,
+    "kv_disk_read_gbps": _FLOAT, "kv_disk_write_gbps": _FLOAT, "disk_free_bytes": _INT, "compute_dtype": _STR,
+    "pcie_link": _STR, "pcie_link_gbps": _FLOAT,
+}
+_HARDWARE_REQUIRED = ("device", "device_memory_bytes", "host_memory_bytes", "disk_read_gbps", "decode_gbps",
+                      "prefill_tflops")
+_OVERRIDE_INTS = ("prefetch_depth", "io_threads", "io_block_bytes", "prefill_chunk_tokens", "mlp_chunk_tokens",
+                  "device_memory_bytes", "host_memory_bytes")
+_SELECTOR = re.compile(r"all|embed|head|layers\.(\d+)(?:-(\d+))?")
+
+
+def _typed(where: str, value: Any, kind: str, *, positive: bool = True) -> Any:
+    ok = (kind == _STR and isinstance(value, str)) or \
+         (kind == _INT and isinstance(value, int) and not isinstance(value, bool)) or \
+         (kind == _FLOAT and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    if not ok:
+        raise ProfileError(f"{where} must be a {kind}, got {value!r}")
+    if positive and kind != _STR and value <= 0:
+        raise ProfileError(f"{where} must be > 0, got {value!r}")
+    return float(value) if kind == _FLOAT else value
+
+
+def _object(where: str, value: Any, allowed: tuple[str, ...] | dict[str, Any] | None) -> dict[str, Any]:
+    """``value`` as a dict whose keys are all in ``allowed`` (None: any key)."""
+    if not isinstance(value, dict):
+        raise ProfileError(f"{where} must be a JSON object, got {type(value).__name__}")
+    for key in value:
+        if allowed is not None and key not in allowed:
+            raise ProfileError(f"{where}.{key}: unknown key; allowed keys: {', '.join(allowed)}")
+    return value
+
+
+def parse_hardware(doc: Any, where: str = "hardware") -> HardwareProfile:
+    doc = _object(where, doc, _HARDWARE_TYPES)
+    for key in _HARDWARE_REQUIRED:
+        if doc.get(key) is None:
+            raise ProfileError(f"{where}.{key} is required (keys every hardware section needs: "
+                               f"{', '.join(_HARDWARE_REQUIRED)})")
+    values = {key: None if doc.get(key) is None else _typed(f"{where}.{key}", doc[key], kind)
+              for key, kind in _HARDWARE_TYPES.items() if key in doc}
+    if values["device"] not in DEVICE_KINDS:
+        raise ProfileError(f"{where}.device must be one of {DEVICE_KINDS}, got {values['device']!r}")
+    if values["device"] == "cuda":
+        for key in ("h2d_gbps", "d2h_gbps"):
+            if values.get(key) is None:
+                raise ProfileError(f"{where}.{key} is required when device is 'cuda'")
+    return HardwareProfile(**values)
+
+
+def parse_selector(selector: str, num_layers: int | None = None) -> tuple[int, int]:
+    """A unit selector as an inclusive range of unit indices (embed 0, layer i → i + 1, head L + 1).
+    Without ``num_layers`` it is only validated."""
+    m = _SELECTOR.fullmatch(selector) if isinstance(selector, str) else None
+    if m is None:
+        raise ProfileError(f"overrides.tiers: {selector!r} is not a unit selector; write 'embed', 'head', "
+                           "'layers.N', 'layers.A-B' or 'all'")
+    if m.group(1):
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if first > last:
+            raise ProfileError(f"overrides.tiers: {selector!r} is a reversed range; write 'layers.{last}-{first}'")
+        if num_layers is not None and last >= num_layers:
+            raise ProfileError(f"overrides.tiers: {selector!r} is out of range; the model has layers "
+                               f"0-{num_layers - 1}")
+        return first + 1, last + 1
+    if num_layers is None:   # validating the document: the model is not known yet
+        return 0, 0
+    return {"all": (0, num_layers + 1), "embed": (0, 0), "head": (num_layers + 1, num_layers + 1)}[selector]
+
+
+def parse_overrides(doc: Any, where: str = "overrides") -> Overrides:
+    allowed = tuple(f.name for f in fields(Overrides))
+    doc = _object(where, doc, allowed)
+    values: dict[str, Any] = {}
+    for key in _OVERRIDE_INTS:
+        if doc.get(key) is not None:
+            values[key] = _typed(f"{where}.{key}", doc[key], _INT)
+    if values.get("io_block_bytes", 4096) % 4096:
+        raise ProfileError(f"{where}.io_block_bytes must be a multiple of 4096, got {values['io_block_bytes']}")
+    if doc.get("safety_margin") is not None:
+        margin = _typed(f"{where}.safety_margin", doc["safety_margin"], _FLOAT, positive=False)
+        if not 0 <= margin < 1:
+            raise ProfileError(f"{where}.safety_margin must be in [0, 1), got {margin}")
+        values["safety_margin"] = margin
+    if doc.get("reader") is not None:
+        reader = _typed(f"{where}.reader", doc["reader"], _STR)
+        if reader not in READERS:
+            raise ProfileError(f"{where}.reader must be one of {READERS}, got {reader!r}")
+        values["reader"] = reader
+    tiers = _object(f"{where}.tiers", doc.get("tiers", {}), None)
+    for selector, tier in tiers.items():
+        parse_selector(selector)
+        if tier not in TIERS:
+            raise ProfileError(f"{where}.tiers.{selector} must be one of {TIERS}, got {tier!r}")
+    values["tiers"] = dict(tiers)
+    kv = _object(f"{where}.kv_budget_tokens", doc.get("kv_budget_tokens", {}), TIERS)
+    values["kv_budget_tokens"] = {tier: _typed(f"{where}.kv_budget_tokens.{tier}", n, _INT, positive=False)
+                                  for tier, n in kv.items()}
+    for tier, n in values["kv_budget_tokens"].items():
+        if n < 0:
+            raise ProfileError(f"{where}.kv_budget_tokens.{tier} must be >= 0, got {n}")
+    return Overrides(**values)
+
+
+def parse_profile(doc: Any) -> Profile:
+    doc = _object("profile", doc, ("version", "hardware", "overrides", "measured"))
+    version = doc.get("version")
+    if isinstance(version, bool) or version != VERSION:
+        raise ProfileError(f"profile.version must be {VERSION}, got {version!r}")
+    hardware = parse_hardware(doc["hardware"]) if doc.get("hardware") is not None else None
+    overrides = parse_overrides(doc.get("overrides") or {})
+    measured = doc.get("measured") or {}
+    if not isinstance(measured, dict):
+        raise ProfileError("profile.measured must be a JSON object")
+    return Profile(hardware, overrides, measured)

@@ -1,0 +1,381 @@
+"""The probe: measure the machine the planner plans for.
+
+- memory: free and total device memory (CUDA), available RAM and how much can be pinned;
+- disk: O_DIRECT read bandwidth of a directory's filesystem, through the engine's own
+  ``DiskReader`` (same block size, same queue depth, the weight stream's chunked access),
+  on a file the probe writes with O_DIRECT and removes — the page cache never answers;
+- PCIe (CUDA): host→device and device→host copies from pinned memory;
+- compute: the model's own layer matmuls at one token (decode) and at a prefill chunk.
+
+Memory is measured on every call (it changes); disk, PCIe and compute figures are cached
+per machine, filesystem and shape in ``<cache>/probe.json`` (``tierflow probe --fresh``
+measures again). Each measurement takes about a second at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from tierflow.errors import TierflowError
+from tierflow.tiers.checkpoint.index import ALIGN_BYTES, ByteRange, UnitLayout
+from tierflow.tiers.plan.costmodel import ModelCosts, io_block_for
+from tierflow.tiers.plan.planner import largest_read
+from tierflow.tiers.probe.nvml import device_figures
+from tierflow.tiers.plan.hardware import HardwareProfile
+from tierflow.tiers.io.cachedir import default_cache_dir
+from tierflow.tiers.io.reader import DiskReader, aligned_empty
+
+log = logging.getLogger(__name__)
+
+PROBE_FILE_BYTES = 256 * 2**20
+CHUNK_BYTES = 64 * 2**20
+_CACHE_VERSION = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFigures:
+    read_gbps: float
+    write_gbps: float
+    io_mode: str             # "direct" | "buffered" (the filesystem refused O_DIRECT: page cache figures)
+    free_bytes: int
+
+
+def machine_key() -> str:
+    """What identifies this machine's hardware for the cache."""
+    parts = [platform.node(), platform.machine(), platform.processor(), str(psutil.cpu_count()),
+             str(psutil.virtual_memory().total), torch.__version__]
+    if torch.cuda.is_available():
+        parts += [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- memory
+def nvml_figures(index: int) -> dict[str, Any]:
+    """NVML's PCIe link and clocks of GPU ``index`` (empty without nvidia-ml-py or a driver)."""
+    figures = device_figures(index)
+    if figures is None:
+        return {}
+    return {"pcie_link": figures.pcie_link, "pcie_link_gbps": figures.pcie_max_gbps,
+            "sm_clock_mhz": figures.sm_clock_mhz, "max_sm_clock_mhz": figures.max_sm_clock_mhz}
+
+
+def memory_figures(device: torch.device) -> dict[str, Any]:
+    vm = psutil.virtual_memory()
+    out: dict[str, Any] = {"host_memory_bytes": int(vm.available), "host_total_bytes": int(vm.total)}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out |= {"device_memory_bytes": int(free), "device_total_bytes": int(total),
+                "device_name": torch.cuda.get_device_name(device), **nvml_figures(device.index or 0),
+                # cudaHostAlloc is not bound by RLIMIT_MEMLOCK; pinning more than the RAM that is
+                # available starves the rest of the system, so that is the limit.
+                "pinned_memory_bytes": int(vm.available)}
+    else:
+        out |= {"device_memory_bytes": int(vm.available), "device_total_bytes": int(vm.total),
+                "device_name": _cpu_name()}
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({psutil.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({psutil.cpu_count()} CPUs)"
+
+
+# ----------------------------------------------------------------------------- disk
+def _write_probe_file(path: Path, nbytes: int) -> float:
+    """Write ``nbytes`` of incompressible data with O_DIRECT (so none of it sits in the page
+    cache afterwards); returns the write bandwidth in GB/s."""
+    block = aligned_empty(min(nbytes, 8 * 2**20))
+    block.copy_(torch.randint(0, 256, (block.numel(),), dtype=torch.uint8))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:   # the filesystem refuses O_DIRECT (it may have created the file first)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    view = memoryview(block.numpy())
+    started = time.perf_counter()
+    try:
+        for offset in range(0, nbytes, len(view)):
+            os.pwrite(fd, view[:min(len(view), nbytes - offset)], offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return nbytes / (time.perf_counter() - started) / 1e9
+
+
+async def measure_disk(directory: str | Path, *, io_threads: int = 4, block_bytes: int = 8 * 2**20,
+                       in_flight: int = 3, chunk_bytes: int = CHUNK_BYTES, seconds: float = 1.0,
+                       file_bytes: int = PROBE_FILE_BYTES) -> DiskFigures:
+    """O_DIRECT read bandwidth of ``directory``'s filesystem, read the way the weight stream
+    reads: ``chunk_bytes`` chunks (one unit each) into ``in_flight`` reused aligned buffers."""
+    directory = Path(directory)
+    free = psutil.disk_usage(str(directory)).free
+    file_bytes = max(ALIGN_BYTES, min(file_bytes, free // 4) // ALIGN_BYTES * ALIGN_BYTES)
+    path = directory / f".tierflow-probe-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        write_gbps = await asyncio.to_thread(_write_probe_file, path, file_bytes)
+        reader = DiskReader([str(path)], io_threads=io_threads, block_bytes=block_bytes)
+        try:
+            chunk = min(chunk_bytes, file_bytes)
+            layouts = [UnitLayout(-1, "probe", (ByteRange(str(path), start, min(chunk, file_bytes - start), 0),), (),
+                                  min(chunk, file_bytes - start), min(chunk, file_bytes - start))
+                       for start in range(0, file_bytes, chunk)]
+            ring = [aligned_empty(chunk) for _ in range(in_flight)]
+            for buffer in ring:
+                buffer.fill_(0)          # fault the pages in now, never while timing
+            rates: list[float] = []
+            started = time.perf_counter()
+            while not rates or (time.perf_counter() - started < seconds and len(rates) < 20):
+                rates.append(file_bytes / await read_pass(reader, layouts, ring) / 1e9)
+            modes = set(reader.statistics().modes.values())
+        finally:
+            reader.close()
+    finally:
+        path.unlink(missing_ok=True)
+    return DiskFigures(statistics.median(rates), write_gbps, modes.pop() if len(modes) == 1 else "mixed", free)
+
+
+async def read_pass(reader: DiskReader, layouts: list[UnitLayout], ring: list[torch.Tensor]) -> float:
+    """Seconds to read ``layouts`` into the reused buffers of ``ring``, one read per buffer in flight."""
+    free = list(range(len(ring)))
+    gate = asyncio.Semaphore(len(ring))
+
+    async def one(layout: UnitLayout) -> None:
+        async with gate:
+            slot = free.pop()
+            try:
+                await reader.read(layout, ring[slot])
+            finally:
+                free.append(slot)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(layout) for layout in layouts))
+    return time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------- PCIe
+def measure_pcie(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 5) -> tuple[float, float]:
+    """(host→device, device→host) GB/s with pinned host memory, median of ``repeats``."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream(device)
+    rates: dict[str, list[float]] = {"h2d": [], "d2h": []}
+    with torch.cuda.stream(stream):
+        for _ in range(repeats):
+            for name, dst, src in (("h2d", dev, host), ("d2h", host, dev)):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                dst.copy_(src, non_blocking=True)
+                end.record(stream)
+                end.synchronize()
+                rates[name].append(nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+    return statistics.median(rates["h2d"]), statistics.median(rates["d2h"])
+
+
+# ----------------------------------------------------------------------------- compute
+def _layer_shapes(model: ModelCosts) -> list[tuple[int, int]]:
+    h, i = model.hidden_size, model.intermediate_size
+    q, kv = model.num_heads * model.head_dim, model.kv_bytes_per_token_layer // (2 * model.dtype_bytes)
+    return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+
+
+def measure_compute(model: ModelCosts, device: torch.device, dtype: torch.dtype, *, prefill_tokens: int = 256,
+                    seconds: float = 0.5, layer: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """(decode GB/s of weights, prefill TFLOP/s) of one decoder layer, at one token and at
+    ``prefill_tokens``. ``layer(tokens)`` runs the model family's real layer forward (norms,
+    rotary, attention, KV append and all), which is what the engine runs; without it the
+    layer's matmuls alone are timed (shrunk to fit when a layer is very large)."""
+    unit = next(u for u in model.units if u.kind == "layer")
+    nbytes, params = unit.resident_bytes, unit.matmul_params
+    if model.experts is not None:      # a token also runs through its routed experts
+        nbytes += model.experts.per_token * model.experts.resident_bytes
+        params += model.experts.per_token * model.experts.matmul_params
+    if layer is None:
+        shapes = _layer_shapes(model)
+        room = max(64 * 2**20, psutil.virtual_memory().available // 8)
+        scale = min(1.0, room / max(1, nbytes))
+        shapes = [(max(1, int(a * scale)), b) if a >= b else (a, max(1, int(b * scale))) for a, b in shapes]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        weights = [(torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=dtype) for shape in shapes]
+        nbytes = sum(w.numel() for w in weights) * weights[0].element_size()
+        params = sum(w.numel() for w in weights)
+        inputs = {n: torch.randn(n, model.hidden_size, generator=gen).to(device, dtype) for n in (1, prefill_tokens)}
+
+        def layer(tokens: int) -> None:
+            with torch.inference_mode():
+                for w in weights:
+                    x = inputs[tokens]
+                    torch.nn.functional.linear(x if x.shape[-1] == w.shape[1] else x.new_zeros(tokens, w.shape[1]), w)
+
+    decode = _time(layer, 1, device, seconds / 2)
+    prefill = _time(layer, prefill_tokens, device, seconds / 2)
+    return nbytes / decode / 1e9, 2 * params * prefill_tokens / prefill / 1e12
+
+
+def _time(fn: Callable[[int], None], tokens: int, device: torch.device, seconds: float) -> float:
+    """Median seconds of one call, after a warm-up call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn(tokens)
+    sync()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 200):
+        started = time.perf_counter()
+        fn(tokens)
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- the cache
+class ProbeCache:
+    """``<cache>/probe.json``: figures per machine, keyed by what they depend on."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def _load(self) -> dict[str, Any]:
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):    # unreadable, not UTF-8, not JSON
+            doc = None
+        if isinstance(doc, dict) and doc.get("version") == _CACHE_VERSION and isinstance(doc.get("entries"), dict):
+            return doc
+        if not (isinstance(doc, dict) and isinstance(doc.get("version"), int) and doc["version"] < _CACHE_VERSION):
+            log.warning("ignoring unreadable probe cache %s; it will be rewritten", self.path)
+        return {}   # an older version's figures are simply measured again
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._load().get("entries", {}).get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        doc = self._load() or {"version": _CACHE_VERSION, "entries": {}}
+        doc["entries"][key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.path)
+
+
+def default_cache() -> ProbeCache:
+    return ProbeCache(default_cache_dir() / "probe.json")
+
+
+def _filesystem_key(directory: Path) -> str:
+    st = os.stat(directory)
+    return f"{st.st_dev}"
+
+
+async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, model_dir: str | Path,
+                spill_dir: str | Path | None = None, *, io_threads: int = 4, block_bytes: int | None = None,
+                cache: ProbeCache | None = None, fresh: bool = False, layer: Callable[[int], None] | None = None,
+                progress: Callable[[str], None] | None = None) -> tuple[HardwareProfile, dict[str, Any]]:
+    """Measure (or take from the cache) everything a ``HardwareProfile`` holds. Returns the
+    profile and a provenance record: what was measured when, and what came from the cache.
+    ``layer(tokens)`` runs the model's real layer forward for the compute figures."""
+    cache = cache or ProbeCache(None)
+    say = progress or (lambda text: log.info("%s", text))
+    machine = machine_key()
+    provenance: dict[str, Any] = {"machine": machine, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    async def cached(key: str, what: str, measure: Callable[[], Any]) -> dict[str, Any]:
+        full = f"{machine}/{key}"
+        hit = None if fresh else cache.get(full)
+        if hit is None:
+            say(f"measuring {what}")
+            started = time.perf_counter()
+            hit = await measure()
+            hit["seconds"] = round(time.perf_counter() - started, 3)
+            cache.put(full, hit)
+            provenance[what] = {"source": "measured", **hit}
+        else:
+            provenance[what] = {"source": "cache", **hit}
+        return hit
+
+    # Read the way the engine will: chunks the size of the model's layers, two in flight (the
+    # shallowest prefetch), in the request size the plan will use.
+    largest = largest_read(model) or CHUNK_BYTES
+    chunk = min(CHUNK_BYTES, -(-largest // ALIGN_BYTES) * ALIGN_BYTES)
+    block = block_bytes or io_block_for(largest, io_threads)
+    pattern = f"{io_threads}x{block}/{chunk}x2"
+
+    async def disk_of(directory: Path) -> dict[str, Any]:
+        figures = await measure_disk(directory, io_threads=io_threads, block_bytes=block, in_flight=2,
+                                     chunk_bytes=chunk)
+        if figures.io_mode != "direct":
+            log.warning("%s refuses O_DIRECT: the disk figures are page-cache figures", directory)
+        return {"read_gbps": figures.read_gbps, "write_gbps": figures.write_gbps, "io_mode": figures.io_mode,
+                "directory": str(directory)}
+
+    async def checkpoint_disk() -> dict[str, Any]:
+        try:
+            return await disk_of(model_dir)
+        except OSError as exc:   # no probe file can be written beside the checkpoint (read-only, full)
+            elsewhere = cache.path.parent if cache.path is not None else Path(tempfile.gettempdir())
+            elsewhere.mkdir(parents=True, exist_ok=True)
+            log.warning("cannot measure the disk in %s (%s); measuring %s instead", model_dir, exc.strerror,
+                        elsewhere)
+            return {**await disk_of(elsewhere), "instead_of": str(model_dir)}
+
+    model_dir = Path(model_dir)
+    spill = Path(spill_dir) if spill_dir is not None else model_dir
+    spill.mkdir(parents=True, exist_ok=True)
+    disk = await cached(f"disk/{_filesystem_key(model_dir)}/{pattern}", "disk", checkpoint_disk)
+    kv_disk = disk if _filesystem_key(spill) == _filesystem_key(model_dir) else await cached(
+        f"disk/{_filesystem_key(spill)}/{pattern}", "kv_disk", lambda: disk_of(spill))
+    shape = f"{model.hidden_size}x{model.intermediate_size}x{model.num_heads}x{model.head_dim}"
+
+    async def compute() -> dict[str, Any]:
+        decode, prefill = await asyncio.to_thread(measure_compute, model, device, dtype, layer=layer)
+        return {"decode_gbps": decode, "prefill_tflops": prefill}
+
+    kind = "layer" if layer is not None else "matmul"
+    flops = await cached(f"compute/{device.type}/{dtype}/{shape}/{kind}/{torch.get_num_threads()}", "compute", compute)
+    h2d = d2h = None
+    if device.type == "cuda":
+        async def pcie() -> dict[str, Any]:
+            up, down = await asyncio.to_thread(measure_pcie, device)
+            return {"h2d_gbps": up, "d2h_gbps": down}
+        link = await cached(f"pcie/{torch.cuda.get_device_name(device)}", "pcie", pcie)
+        h2d, d2h = link["h2d_gbps"], link["d2h_gbps"]
+    mem = memory_figures(device)
+    provenance["memory"] = {"source": "measured", **mem}
+    hw = HardwareProfile(
+        device=device.type, device_memory_bytes=mem["device_memory_bytes"], host_memory_bytes=mem["host_memory_bytes"],
+        disk_read_gbps=disk["read_gbps"], decode_gbps=flops["decode_gbps"], prefill_tflops=flops["prefill_tflops"],
+        h2d_gbps=h2d, d2h_gbps=d2h, device_name=mem["device_name"], device_total_bytes=mem["device_total_bytes"],
+        pcie_link=mem.get("pcie_link", ""), pcie_link_gbps=mem.get("pcie_link_gbps"),
+        pinned_memory_bytes=mem.get("pinned_memory_bytes"), kv_disk_read_gbps=kv_disk["read_gbps"], kv_disk_write_gbps=kv_disk["write_gbps"],
+        disk_free_bytes=psutil.disk_usage(str(spill)).free, compute_dtype=str(dtype).removeprefix("torch."))
+    return hw, provenance
+
+
+def probe_sync(*args: Any, **kwargs: Any) -> tuple[HardwareProfile, dict[str, Any]]:
+    """``probe`` from synchronous code (not from inside a running event loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(probe(*args, **kwargs))
+    raise TierflowError("probe_sync() was called inside a running event loop; await probe() instead")

@@ -1,0 +1,51 @@
+"""The profile JSON file: read (``load_profile``) and written atomically (``save_profile``).
+
+The records and their validation live in ``tiers.plan.hardware``, which is pure; this module
+is the file I/O around them, beside the probe that writes profiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from tierflow.errors import ProfileError
+from tierflow.tiers.plan.hardware import Profile, parse_profile
+
+
+def load_profile(source: str | os.PathLike[str] | Mapping[str, Any]) -> Profile:
+    """A profile from a path to a JSON file, or from an already parsed document."""
+    if isinstance(source, Mapping):
+        return parse_profile(dict(source))
+    path = Path(source)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    try:
+        return parse_profile(doc)
+    except ProfileError as exc:
+        raise ProfileError(f"{path}: {exc}") from None
+
+
+def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
+    """Write atomically (a temporary file renamed into place): never a half-written profile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(profile.to_json(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
