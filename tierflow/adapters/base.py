@@ -130,8 +130,10 @@ class SweepContext:
     rope: tuple[torch.Tensor, torch.Tensor]      # cos, sin: [num_tokens, rotary dims]
     logit_rows: torch.Tensor                     # rows of the packed batch whose logits are wanted
     mlp_chunk_tokens: int | None = None          # MLP intermediates this many tokens at a time (None: all)
-    failures: dict[int, BaseException] = field(default_factory=dict)   # sequence index → why it fails
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Sequences the adapter refuses before computing anything (index → why), e.g. a longrope
+    # sequence crossing its scaling threshold. Read-only: faults found during the sweep are
+    # recorded on the sequence's KV handle (``kv.fail``), and the sweep runner reports both.
+    refused: Mapping[int, BaseException] = field(default_factory=dict)
     rope_local: tuple[torch.Tensor, torch.Tensor] | None = None   # cos, sin of sliding layers, when they differ
     # MoE: ``experts(layer, expert_ids)`` returns those experts' weights ({id: weights}); the
     # expert stage reads or finds them, the adapter only asks for the ones its router picked.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
@@ -163,10 +164,9 @@ class DecoderAdapter:
         local = None
         if spec.rope_local_theta is not None:
             local = self._rope.tables(spec, positions, seq_slices, seq_starts, dtype, local=True)
-        ctx = SweepContext(positions=positions, seq_slices=seq_slices, seq_starts=seq_starts, kv=kv,
-                           rope=rope, logit_rows=logit_rows, rope_local=local)
-        ctx.failures.update(longrope_crossings(spec, seq_slices, seq_starts))
-        return ctx
+        return SweepContext(positions=positions, seq_slices=seq_slices, seq_starts=seq_starts, kv=kv,
+                            rope=rope, logit_rows=logit_rows, rope_local=local,
+                            refused=MappingProxyType(longrope_crossings(spec, seq_slices, seq_starts)))
 
     def forward_unit(self, spec: ModelSpec, unit: int, weights: UnitWeights, hidden: torch.Tensor,
                      ctx: SweepContext) -> torch.Tensor:
@@ -238,7 +238,7 @@ class DecoderAdapter:
         options = dict(scale=spec.attention_scale, window=window, softcap=spec.attn_logit_softcap)
         attn = torch.empty(n, spec.num_heads * d, dtype=h.dtype, device=h.device)
         for index, (rows, start, kv) in enumerate(zip(ctx.seq_slices, ctx.seq_starts, ctx.kv)):
-            if index in ctx.failures:
+            if index in ctx.refused or kv.failure is not None:
                 attn[rows] = 0
                 continue
             try:
@@ -248,6 +248,6 @@ class DecoderAdapter:
                 else:                               # KV blocks (paged, possibly on disk): online softmax
                     attn[rows] = attend_blocks(q[rows], stored, start, **options)
             except TierflowError as exc:            # this sequence's KV failed (a spill fault): only it fails
-                ctx.failures[index] = exc
+                kv.fail(exc)
                 attn[rows] = 0
         return F.linear(attn, w["o_proj"], w.get("o_proj.bias"))

@@ -351,15 +351,15 @@ class Engine:
             decode = all(s.num_tokens == 1 and s.start >= len(r.prompt_ids) for s, r in zip(plan.seqs, reqs))
             before = self._stage_clock()
             try:
-                logits = await self._runner.run(self._batch(plan, reqs))
-                tokens = await self._worker.run(self._sample, plan, reqs, logits)
+                result = await self._runner.run(self._batch(plan, reqs))
+                tokens = await self._worker.run(self._sample, plan, reqs, result.logits)
             except Exception as exc:   # the sweep failed: fail its requests, keep serving
                 log.warning("sweep failed: %s", exc)
                 for req in reqs:
                     self._finish(req, error=exc if isinstance(exc, TierflowError) else
                                  RequestError(f"request failed in a sweep: {exc!r}"))
                 continue
-            for index, error in self._runner.last_failures.items():   # KV faults of single sequences
+            for index, error in result.failures.items():   # KV faults of single sequences
                 log.warning("request %d failed in a sweep: %s", reqs[index].id, error)
                 self._finish(reqs[index], error=error)
             if decode:

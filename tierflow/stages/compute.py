@@ -44,6 +44,15 @@ class SweepBatch:
     logit_rows: torch.Tensor             # packed rows whose logits are returned
 
 
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """What one sweep hands back to the driver."""
+    logits: torch.Tensor                           # [len(batch.logit_rows), vocab] float32, on the host
+    failures: Mapping[int, BaseException]          # sequence index in the batch → why it alone failed
+    gpu_busy_s: float = 0.0                        # CUDA: device time inside this sweep's unit kernels
+    gpu_span_s: float = 0.0                        # CUDA: device time from its first kernel to its last
+
+
 @dataclass(slots=True)
 class DevicePath:
     """What a sweep needs to run on a CUDA device."""
@@ -72,16 +81,17 @@ class SweepRunner:
         self.mlp_chunk_tokens, self.experts, self.tracer = mlp_chunk_tokens, experts, tracer
         self._moe_units = {layer + 1 for layer in spec.moe_layers} if experts is not None else set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.last_failures: dict[int, BaseException] = {}    # sequence index → its error, last sweep
         self.num_sweeps = 0
 
-    async def run(self, batch: SweepBatch) -> torch.Tensor:
-        """Logits [len(batch.logit_rows), vocab] in float32."""
+    async def run(self, batch: SweepBatch) -> SweepResult:
+        """Run every unit over ``batch``. A sequence whose KV fails (or that the adapter refuses)
+        is reported in ``SweepResult.failures`` and the others go on; a unit that fails for all
+        raises."""
         self.num_sweeps += 1
-        self.last_failures = {}
         self._loop = asyncio.get_running_loop()
         hidden: Any = batch
         unit = 0
+        busy_before, span_before = (self.device.gpu_busy_s, self.device.gpu_span_s) if self.device else (0.0, 0.0)
         started = time.perf_counter()
         self._events = []
         try:
@@ -95,7 +105,10 @@ class SweepRunner:
         finally:
             self.tracer.span("sweeps", f"sweep {self.num_sweeps}", started, time.perf_counter(),
                              tokens=len(batch.token_ids), sequences=len(batch.seq_slices))
-        return hidden
+        failures = dict(self._ctx.refused)
+        failures.update({i: kv.failure for i, kv in enumerate(batch.kv) if kv.failure is not None and i not in failures})
+        busy, span = (self.device.gpu_busy_s, self.device.gpu_span_s) if self.device else (0.0, 0.0)
+        return SweepResult(hidden, failures, busy - busy_before, span - span_before)
 
     def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits on the host; then the device timing of the sweep, which is complete."""
@@ -176,7 +189,6 @@ class SweepRunner:
                                             placed.kv, placed.logit_rows, self.dtype)
             self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens,
                                 experts=self._fetch_experts if self.experts is not None else None)
-            self.last_failures = self._ctx.failures
             hidden = batch.token_ids if on_host or self.device is None else batch.token_ids.to(self.device.ops.device)
         weights = cast_weights(dict(weights), self.dtype)
         with torch.inference_mode():

@@ -30,6 +30,7 @@ class SequenceKV:
         self._keys = [torch.empty(self._shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._values = [torch.empty(self._shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._lengths = [0] * num_layers
+        self.failure: BaseException | None = None     # set by ``fail``: why this sequence's KV is unusable
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +57,12 @@ class SequenceKV:
         self._values[layer][:, start:end] = v.transpose(0, 1)
         self._lengths[layer] = end
         return self._keys[layer][:, :end], self._values[layer][:, :end]
+
+    def fail(self, error: BaseException) -> None:
+        """This sequence's KV failed (a spill fault): the rest of the sweep skips it, and the
+        sweep reports ``error`` for it alone."""
+        if self.failure is None:
+            self.failure = error
 
     def _grow(self, old: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
         new = torch.empty((old.shape[0], capacity, old.shape[2]), dtype=self._dtype, device=self._device)

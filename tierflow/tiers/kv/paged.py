@@ -279,6 +279,7 @@ class PagedSequenceKV:
         self.num_layers = store.num_layers
         self._lengths = [0] * store.num_layers
         self._tails: list[torch.Tensor | None] = [None] * store.num_layers
+        self.failure: BaseException | None = None     # set by ``fail``: why this sequence's KV is unusable
 
     @property
     def num_tokens(self) -> int:
@@ -304,6 +305,12 @@ class PagedSequenceKV:
             if fill + take == bt:       # the tail is full: commit it to a pool slot
                 store.write(store.tables.append_block(self.seq_id, layer), tail)
         return self._blocks(layer, first_visible // bt)
+
+    def fail(self, error: BaseException) -> None:
+        """This sequence's KV failed (a spill fault): the rest of the sweep skips it, and the
+        sweep reports ``error`` for it alone."""
+        if self.failure is None:
+            self.failure = error
 
     def read(self, layer: int, start: int, end: int) -> torch.Tensor:
         """Keys and values of tokens start..end-1 of ``layer`` ([2, kv_heads, end - start,
