@@ -40,7 +40,7 @@ from tierflow.engine.requests import Request, deadline_after
 from tierflow.engine.sampling import make_generator, sample
 from tierflow.stages.experts import ExpertStage
 from tierflow.stages.prefix import PrefixReuse
-from tierflow.engine.build import start_device
+from tierflow.engine.build import open_kv_store, start_device
 from tierflow.stages.resident import load_units
 from tierflow.stages.upload import SameDevice
 from tierflow.stages.read import WeightStream
@@ -139,7 +139,7 @@ class Engine:
 
     async def _start(self) -> None:
         if self.config.paged_kv:
-            self._kv_store = KVStore.for_engine(self.config, self.plan, self.spec, self.dtype, self.device,
+            self._kv_store = open_kv_store(self.config, self.plan, self.spec, self.dtype, self.device,
                                                 self._tracer)
             if self._ops is not None:
                 self._kv_store.pin_host_memory(self._ops.pin, self._ops.unpin)

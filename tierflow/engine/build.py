@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tierflow.errors import TierCapacityError
+from tierflow.adapters import ModelSpec
+from tierflow.config import EngineConfig
+from tierflow.errors import ConfigError, TierCapacityError
 from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, EventBridge, StreamPool
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
@@ -26,6 +28,7 @@ from tierflow.stages.compute import DevicePath
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import HOST
 from tierflow.tiers.io.pinned import PinnedArena, aligned
+from tierflow.tiers.kv.paged import KVStore, block_bytes
 from tierflow.tiers.plan.plan import TierPlan
 from tierflow.tiers.io.reader import DiskReader, UnitReader
 
@@ -82,3 +85,28 @@ async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, d
                                     "GPU memory that other work holds") from exc
         raise
     return DeviceStart(resident, path, arena, stream, bridge)
+
+
+def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                  tracer: Tracer = NULL_TRACER) -> KVStore:
+    """Pools for an engine's paged KV cache of ``kv_reserve_tokens`` tokens: the device share
+    from ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
+    plan's), the rest on disk in ``kv_cache_dir``."""
+    layers, bt = spec.num_layers, plan.kv_block_tokens
+    per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
+    total = -(-max(1, config.kv_reserve_tokens) // bt)
+    device_share = config.kv_device_bytes // per_block // layers if config.kv_device_bytes is not None else \
+        plan.kv_blocks["device"] // layers
+    host_share = config.kv_host_bytes // per_block // layers if config.kv_host_bytes is not None else \
+        plan.kv_blocks.get("host", 0) // layers
+    device_share = min(device_share, total)
+    host_share = min(host_share, total - device_share)
+    disk_share = total - device_share - host_share
+    if disk_share and config.kv_cache_dir is None:
+        raise ConfigError(f"{disk_share * bt} of the {total * bt} tokens of KV (kv_reserve_tokens) fit neither "
+                          "the device nor the host KV budget: set EngineConfig.kv_cache_dir to spill them to "
+                          "disk, or raise kv_device_bytes / kv_host_bytes")
+    return KVStore(num_layers=layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
+                   device=device, block_tokens=bt, device_blocks=device_share * layers,
+                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir,
+                   tracer=tracer)

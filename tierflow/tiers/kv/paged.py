@@ -23,12 +23,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from tierflow.config import EngineConfig
 from tierflow.errors import ConfigError, TransferError
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.tiers.plan.costmodel import KV_READ_RUN, kv_read_window
 from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, PoolStats
-from tierflow.tiers.plan.plan import TierPlan
 from tierflow.tiers.io.reader import aligned_empty
 from tierflow.tiers.io.spill import SpillFile
 
@@ -86,7 +84,7 @@ class KVStore:
         self.spill: SpillFile | None = None
         if disk_blocks:
             if spill_dir is None:
-                raise ValueError("KV blocks on disk need a spill directory (EngineConfig.kv_cache_dir)")
+                raise ConfigError("KV blocks on disk need a spill directory: set EngineConfig.kv_cache_dir (tierflow run --kv-cache-dir), or give the device and host KV budgets room for every block")
             directory = Path(spill_dir)
             directory.mkdir(parents=True, exist_ok=True)
             self.spill = SpillFile(directory / f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill", self.block_bytes,
@@ -105,31 +103,6 @@ class KVStore:
         self._reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv") \
             if self.spill is not None else None
         self._pinned: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
-
-    @classmethod
-    def for_engine(cls, config: EngineConfig, plan: TierPlan, spec: Any, dtype: torch.dtype,
-                   device: torch.device, tracer: Tracer = NULL_TRACER) -> "KVStore":
-        """Pools for an engine's paged KV cache of ``kv_reserve_tokens`` tokens: the device share
-        from ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
-        plan's), the rest on disk in ``kv_cache_dir``."""
-        layers, bt = spec.num_layers, plan.kv_block_tokens
-        per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
-        total = -(-max(1, config.kv_reserve_tokens) // bt)
-        device_share = config.kv_device_bytes // per_block // layers if config.kv_device_bytes is not None else \
-            plan.kv_blocks["device"] // layers
-        host_share = config.kv_host_bytes // per_block // layers if config.kv_host_bytes is not None else \
-            plan.kv_blocks.get("host", 0) // layers
-        device_share = min(device_share, total)
-        host_share = min(host_share, total - device_share)
-        disk_share = total - device_share - host_share
-        if disk_share and config.kv_cache_dir is None:
-            raise ConfigError(f"{disk_share * bt} of the {total * bt} tokens of KV (kv_reserve_tokens) fit neither "
-                              "the device nor the host KV budget: set EngineConfig.kv_cache_dir to spill them to "
-                              "disk, or raise kv_device_bytes / kv_host_bytes")
-        return cls(num_layers=layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
-                   device=device, block_tokens=bt, device_blocks=device_share * layers,
-                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir,
-                   tracer=tracer)
 
     def pin_host_memory(self, pin: Callable[[torch.Tensor], None], unpin: Callable[[torch.Tensor], None]) -> None:
         """On CUDA: page-lock the host pool and the disk read window, so their copies to the
