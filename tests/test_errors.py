@@ -184,3 +184,17 @@ def test_read_failure_fails_the_request_not_the_engine(tiny_model, tmp_path, mon
 
     good, again = asyncio.run(main())
     assert good.token_ids == again.token_ids
+
+
+def test_every_error_class_lives_in_errors_and_is_exported():
+    import inspect
+
+    import tierflow
+    import tierflow.errors as errors
+
+    names = {name for name, obj in vars(errors).items()
+             if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == errors.__name__}
+    assert {"KVCapacityError", "WouldBlock", "ClosedResourceError", "FlashAttnUnavailableError",
+            "PinnedMemoryError"} <= names
+    assert names <= set(tierflow.__all__)
+    assert all(getattr(tierflow, name) is getattr(errors, name) for name in names)

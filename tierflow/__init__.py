@@ -5,15 +5,18 @@ from __future__ import annotations
 
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine.api import Engine
-from tierflow.errors import (CheckpointError, ConfigError, DemoModelMissingError, EngineClosedError, KVCorruptionError,
+from tierflow.errors import (CheckpointError, ClosedResourceError, ConfigError, DemoModelMissingError, EngineClosedError,
+                             FlashAttnUnavailableError, KVCapacityError, KVCorruptionError, PinnedMemoryError,
                              ProfileError, PromptError, RequestError, RequestTimeoutError, SamplingError,
-                             ShapeMismatchError, TierCapacityError, TierflowError, TransferError, UnsupportedModelError)
+                             ShapeMismatchError, TierCapacityError, TierflowError, TransferError, UnsupportedModelError,
+                             WouldBlock)
 from tierflow.outputs import Completion, EngineStats, StreamChunk
 from tierflow.engine.sync import SyncEngine
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "Completion", "ConfigError", "DemoModelMissingError", "Engine", "EngineClosedError",
-           "EngineConfig", "EngineStats", "KVCorruptionError", "ProfileError", "PromptError", "RequestError", "RequestTimeoutError", "SamplingError", "SamplingParams",
-           "ShapeMismatchError", "StreamChunk", "SyncEngine", "TierCapacityError", "TierflowError", "TransferError",
-           "UnsupportedModelError"]
+__all__ = ["CheckpointError", "ClosedResourceError", "Completion", "ConfigError", "DemoModelMissingError", "Engine",
+           "EngineClosedError", "EngineConfig", "EngineStats", "FlashAttnUnavailableError", "KVCapacityError",
+           "KVCorruptionError", "PinnedMemoryError", "ProfileError", "PromptError", "RequestError",
+           "RequestTimeoutError", "SamplingError", "SamplingParams", "ShapeMismatchError", "StreamChunk", "SyncEngine",
+           "TierCapacityError", "TierflowError", "TransferError", "UnsupportedModelError", "WouldBlock"]

@@ -3,7 +3,11 @@
 Every error a user can provoke has a precise name, and its message says what was
 expected, what was found, and what to do. Errors that are also plain value errors
 (bad prompt, bad sampling parameters, bad config) subclass ``ValueError`` too, so
-generic handlers keep working.
+generic handlers keep working; likewise the few that were raised as ``RuntimeError``
+before they had a name still are one.
+
+Every exception class of the package lives here (``tierflow.testing`` defines none), and
+all of them are exported from ``tierflow``.
 """
 
 from __future__ import annotations
@@ -49,12 +53,47 @@ class TierCapacityError(TierflowError):
     """A memory or disk budget is too small for what was asked."""
 
 
+class KVCapacityError(TierCapacityError, ValueError):
+    """A sequence needs more KV tokens than the batcher's whole capacity: it could never be
+    admitted. Raised by ``Batcher.add``; the engine turns it into a ``TierCapacityError`` that
+    says which budget to raise. Also a ``ValueError``, as it always was."""
+
+
+class PinnedMemoryError(TierCapacityError, RuntimeError):
+    """Page-locking (or unlocking) host memory with ``cudaHostRegister`` failed.
+
+    A capacity error, not a ``TransferError``: no bytes were moved, and retrying the same
+    request fails the same way. The host could not lock the memory the plan asked for (too
+    little free RAM, or a locked-memory limit: ``ulimit -l`` in containers), so the remedy is
+    a smaller host budget (``EngineConfig.host_memory_bytes``, ``kv_host_bytes``) or a higher
+    limit. Also a ``RuntimeError``, which is what this failure was raised as before it had a
+    name."""
+
+
 class TransferError(TierflowError):
     """Moving bytes between tiers failed (a disk read, a short read, a copy)."""
 
 
 class KVCorruptionError(TransferError):
     """A KV block read back from a spill file fails its checksum; it is never used."""
+
+
+class WouldBlock(TierflowError):
+    """A ``*_nowait`` call could not complete at once (the ring has no free slot, the channel
+    is full or empty); the blocking twin of the call would have waited."""
+
+
+class ClosedResourceError(TierflowError, RuntimeError):
+    """A slot ring, channel or CUDA event bridge was used after ``close()``. Also a
+    ``RuntimeError``, which is what the event bridge raised before this had a name."""
+
+
+class FlashAttnUnavailableError(RuntimeError):
+    """``flash_attend`` was called where ``flash_module()`` found no usable flash-attn.
+
+    A misuse of the API (call ``flash_supported`` first), hence a plain ``RuntimeError`` and
+    not a ``TierflowError``: the decoder handles ``TierflowError`` from attention as one
+    sequence's KV failure, and a missing kernel is no such thing."""
 
 
 class EngineClosedError(TierflowError):

@@ -17,7 +17,8 @@ import torch
 
 import tierflow.adapters.attention as attention
 from tierflow.adapters.attention import attend, attention_backend
-from tierflow.adapters.flash import FlashAttnUnavailableError, flash_attend, flash_module, flash_supported
+from tierflow.adapters.flash import flash_attend, flash_module, flash_supported
+from tierflow.errors import FlashAttnUnavailableError
 from tests.adapters.test_attention import _case
 
 

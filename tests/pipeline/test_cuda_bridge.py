@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from tierflow.errors import ClosedResourceError, PinnedMemoryError, TierCapacityError
 from tierflow.pipeline.cuda import EventBridge, StreamOrderedRing, StreamPool
 from tierflow.pipeline.ring import SlotRing
 
@@ -195,5 +196,16 @@ def test_a_cuda_error_from_pinning_is_a_clear_error():
 
     _check_cuda(0, "register")
     _check_cuda((0,), "register")
-    with pytest.raises(RuntimeError, match="cudaHostRegister failed with CUDA error 2"):
+    with pytest.raises(PinnedMemoryError, match=r"cudaHostRegister failed with CUDA error 2.*lower the host") as info:
         _check_cuda(2, "register")
+    assert isinstance(info.value, TierCapacityError) and isinstance(info.value, RuntimeError)
+
+
+def test_waiting_on_a_closed_bridge_is_a_closed_resource_error():
+    async def main():
+        bridge = EventBridge()
+        bridge.close()
+        with pytest.raises(ClosedResourceError, match="the event bridge is closed"):
+            bridge.wait(FakeEvent(done=True))
+
+    asyncio.run(main())

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from tierflow.pipeline.ring import Channel, ClosedResourceError, SlotRing, WouldBlock
+from tierflow.errors import ClosedResourceError, WouldBlock
+from tierflow.pipeline.ring import Channel, SlotRing
 
 
 def test_ring_hands_out_each_slot_once_and_waits():

@@ -38,16 +38,14 @@ from typing import Callable
 
 import torch
 
+from tierflow.errors import FlashAttnUnavailableError
+
 logger = logging.getLogger(__name__)
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 MIN_COMPUTE_CAPABILITY = (8, 0)
 _REQUIRED_PARAMETERS = ("window_size", "softcap")
-
-
-class FlashAttnUnavailableError(RuntimeError):
-    """``flash_attend`` was called where ``flash_module()`` found no usable flash-attn."""
 
 
 @functools.cache

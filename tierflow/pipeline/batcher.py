@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from tierflow.errors import KVCapacityError
+
 
 @dataclass(slots=True)
 class _Seq:
@@ -50,10 +52,6 @@ class BatcherStats:
     sweeps: int
     kv_reserved_tokens: int      # held by running sequences
     kv_capacity_tokens: int | None
-
-
-class KVCapacityError(ValueError):
-    """A sequence needs more KV tokens than the whole capacity: it could never be admitted."""
 
 
 class Batcher:

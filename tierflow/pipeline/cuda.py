@@ -37,6 +37,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from tierflow.errors import ClosedResourceError, PinnedMemoryError
 from tierflow.pipeline.ring import SlotRing
 
 
@@ -125,8 +126,9 @@ def _check_cuda(status: Any, what: str) -> None:
         status = status[0]
     code = int(getattr(status, "value", status))
     if code:
-        raise RuntimeError(f"cudaHost{what.capitalize()} failed with CUDA error {code}: pinning host memory "
-                           "needs the RAM to be available (see `ulimit -l` in containers)")
+        raise PinnedMemoryError(f"cudaHost{what.capitalize()} failed with CUDA error {code}: pinning host memory "
+                                "needs the RAM to be available (see `ulimit -l` in containers); lower the host "
+                                "budgets (EngineConfig.host_memory_bytes, kv_host_bytes) or raise the limit")
 
 
 class DeviceTimeline:
@@ -167,7 +169,8 @@ class EventBridge:
     def wait(self, event: Event) -> asyncio.Future[None]:
         """A future (of the running loop) that completes when ``event`` has."""
         if self._closed:
-            raise RuntimeError("the event bridge is closed")
+            raise ClosedResourceError("the event bridge is closed: wait() was called after close(); events must "
+                                      "be waited on before the bridge (and the engine that owns it) closes")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if event.query():

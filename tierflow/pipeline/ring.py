@@ -12,15 +12,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from tierflow.errors import ClosedResourceError, WouldBlock
+
 T = TypeVar("T")
-
-
-class WouldBlock(Exception):
-    """A ``*_nowait`` call could not complete at once."""
-
-
-class ClosedResourceError(Exception):
-    """The ring or channel was closed."""
 
 
 @dataclass(frozen=True, slots=True)
