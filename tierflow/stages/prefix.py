@@ -8,19 +8,30 @@ runs when a prompt's prefill completes and when a sequence ends: it copies each 
 the cache lacks out of the sequence's KV into the cache, so a later request over the same
 document — or the next turn of a conversation — finds it. Both run in the compute worker,
 between sweeps, so they never race a sweep over the same KV storage.
+
+The stage takes the cache's budgets as plain arguments (``for_model``), not the engine's
+config: stages sit below the engine and ``tierflow.config`` (tests/test_layers.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from tierflow.adapters.rope import rope_kind
-from tierflow.config import EngineConfig
 from tierflow.errors import ConfigError
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.kv.prefix import PrefixCache, model_fingerprint
+
+
+class PrefixCacheSettings(Protocol):
+    """What ``PrefixReuse.open`` reads off the engine's config (transitional, with ``open``)."""
+
+    prefix_cache_bytes: int
+    prefix_cache_dir: str | os.PathLike[str] | None
+    prefix_cache_disk_bytes: int | None
 
 
 class PrefixReuse:
@@ -29,8 +40,10 @@ class PrefixReuse:
         self.block_tokens = cache.block_tokens
 
     @classmethod
-    def open(cls, index: CheckpointIndex, config: EngineConfig, dtype: torch.dtype, block_tokens: int) -> "PrefixReuse":
-        """The prefix cache of an engine's model, as its config asks (blocking: hashes weight files)."""
+    def for_model(cls, index: CheckpointIndex, dtype: torch.dtype, block_tokens: int, *, memory_bytes: int,
+                  directory: str | os.PathLike[str] | None, disk_bytes: int | None) -> "PrefixReuse":
+        """The prefix cache of ``index``'s model (blocking: hashes weight files): ``memory_bytes`` of
+        host memory, blocks kept across processes in ``directory`` (if given) up to ``disk_bytes``."""
         spec = index.spec
         if rope_kind(spec.rope_scaling) == "longrope":
             raise ConfigError("the prefix cache cannot serve a longrope model: a token's keys depend on whether its "
@@ -38,9 +51,16 @@ class PrefixReuse:
                               "cannot know; open the engine without prefix_cache_bytes / prefix_cache_dir")
         shape = (spec.num_layers, 2, spec.num_kv_heads, block_tokens, spec.head_dim)
         cache = PrefixCache(model_fingerprint(index.config, index.files, dtype), shape, dtype,
-                            memory_bytes=config.prefix_cache_bytes, directory=config.prefix_cache_dir,
-                            disk_bytes=config.prefix_cache_disk_bytes)
+                            memory_bytes=memory_bytes, directory=directory, disk_bytes=disk_bytes)
         return cls(cache, spec.num_layers)
+
+    @classmethod
+    def open(cls, index: CheckpointIndex, settings: PrefixCacheSettings, dtype: torch.dtype,
+             block_tokens: int) -> "PrefixReuse":
+        """Transitional: the engine's former call, reading the budgets off its config. Remove once
+        the engine calls ``for_model``."""
+        return cls.for_model(index, dtype, block_tokens, memory_bytes=settings.prefix_cache_bytes,
+                             directory=settings.prefix_cache_dir, disk_bytes=settings.prefix_cache_disk_bytes)
 
     def attach(self, kv: Any, prompt_ids: Sequence[int]) -> int:
         """Fill ``kv`` (empty) with the cached prefix of ``prompt_ids``; returns its tokens."""
