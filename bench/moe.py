@@ -60,8 +60,8 @@ async def decode(path: Path, config: EngineConfig, new_tokens: int) -> dict:
             stamps += [time.perf_counter()] * len(chunk.token_ids)
             tokens += chunk.token_ids
             if first is None:
-                first, stage_first = engine.stats(), engine.pipeline_statistics()["experts"]
-        last, stage_last = engine.stats(), engine.pipeline_statistics()["experts"]
+                first, stage_first = engine.stats(), engine.pipeline_statistics().experts
+        last, stage_last = engine.stats(), engine.pipeline_statistics().experts
         n = len(tokens) - 1
         experts = engine.index.experts
         spec = engine.spec
@@ -78,7 +78,7 @@ async def decode(path: Path, config: EngineConfig, new_tokens: int) -> dict:
             "read_ahead_unused_per_token": ((stage_last.prefetched - stage_first.prefetched)
                                             - (stage_last.prefetch_used - stage_first.prefetch_used)) / n,
             "all_expert_bytes": sum(e.buffer_bytes for e in experts.values()),
-            "expert_cache_bytes": engine.pipeline_statistics()["experts"].capacity_bytes,
+            "expert_cache_bytes": engine.pipeline_statistics().experts.capacity_bytes,
             "units_resident": last.units_resident, "units_streamed": last.units_streamed,
         }
 

@@ -50,7 +50,7 @@ CHILD = textwrap.dedent("""
                 out = await engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
                 rows.append({"first_token_s": out.first_token_s, "cached_tokens": out.cached_tokens,
                              "token_ids": list(out.token_ids), "prompt_tokens": len(prompt)})
-            stats = engine.pipeline_statistics()["prefix_cache"]
+            stats = engine.pipeline_statistics().prefix_cache
         print(json.dumps({"rows": rows, "prefix_cache": None if stats is None else stats.__repr__()}))
 
     asyncio.run(main())

@@ -84,13 +84,14 @@ def test_a_cancellation_storm_leaves_survivors_correct_and_the_pipeline_at_basel
         assert not isinstance(result, BaseException), (i, result)
         assert result.token_ids == alone[i]      # a survivor, or a doomed one that finished first
     assert any(isinstance(r, asyncio.CancelledError) for r in results)
-    batcher = after["batcher"]
+    batcher = after.batcher
     assert batcher.num_running == batcher.num_waiting == batcher.kv_reserved_tokens == 0
-    assert after["requests"] == 0
+    assert after.requests == 0
     for name in ("ring", "channel"):    # read-ahead refills the same slots as before
-        assert (after[name].num_items if name == "channel" else after[name].num_free) == \
-            (baseline[name].num_items if name == "channel" else baseline[name].num_free)
-    assert after["ring"].num_waiting == baseline["ring"].num_waiting
+        now, then = getattr(after, name), getattr(baseline, name)
+        assert (now.num_items if name == "channel" else now.num_free) == \
+            (then.num_items if name == "channel" else then.num_free)
+    assert after.ring.num_waiting == baseline.ring.num_waiting
     assert threading.active_count() == threads_before    # reader pool and compute worker are gone
 
 
@@ -115,7 +116,7 @@ def test_a_request_that_fits_later_waits_for_capacity(tiny_model):
             second = asyncio.create_task(engine.generate([7, 8, 9], SamplingParams(max_new_tokens=50, ignore_eos=True)))
             waited = False
             while not first.done():
-                stats = engine.pipeline_statistics()["batcher"]
+                stats = engine.pipeline_statistics().batcher
                 assert stats.kv_reserved_tokens <= 256
                 waited |= stats.num_waiting == 1 and stats.num_running == 1
                 await asyncio.sleep(0.002)
@@ -142,7 +143,7 @@ def test_a_timeout_cancels_only_its_request(tiny_model):
 
     done, stats = asyncio.run(main())
     assert len(done.token_ids) == 20
-    assert stats["requests"] == 0 and stats["batcher"].kv_reserved_tokens == 0
+    assert stats.requests == 0 and stats.batcher.kv_reserved_tokens == 0
 
 
 def test_tierflow_entry_points_run_on_uvloop(tiny_model):

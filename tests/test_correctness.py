@@ -33,7 +33,7 @@ async def _run(path, config, ids, new_tokens):
         logits = await engine.logits(ids)
         before = engine.stats()
         out = await engine.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
-        consumed = engine._stream.statistics().units_consumed if engine._stream else 0
+        consumed = engine._runtime.stream.statistics().units_consumed if engine._runtime.stream else 0
         return engine, logits, out, before, engine.stats(), consumed
 
 
@@ -165,7 +165,7 @@ def test_cancelled_generate_frees_its_sequence(tiny_model):
             with pytest.raises(asyncio.CancelledError):
                 await task
             ok = await engine.generate(PROMPT, SamplingParams(max_new_tokens=4, ignore_eos=True))
-            return ok, engine._batcher.statistics(), len(engine._requests)
+            return ok, engine._driver.batcher.statistics(), len(engine._driver.requests)
 
     ok, batcher, live = asyncio.run(main())
     assert len(ok.token_ids) == 4

@@ -107,7 +107,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 def _capture_attached_kv(engine) -> list[torch.Tensor]:
     """Record, for each request admitted from now on, the KV the prefix cache put into it:
     [layers, 2, kv_heads, cached tokens, head_dim]."""
-    prefix, captured = engine._prefix, []
+    prefix, captured = engine._runtime.prefix, []
     attach = prefix.attach
 
     def attach_and_read(kv, prompt_ids):
@@ -131,7 +131,7 @@ def test_a_shared_prefix_is_reused_and_answers_like_a_cold_engine_and_transforme
             attached = _capture_attached_kv(engine)
             first = await engine.generate(A, PARAMS)
             second = await engine.generate(B, PARAMS)
-            return first, second, engine.stats(), engine.pipeline_statistics()["prefix_cache"], attached
+            return first, second, engine.stats(), engine.pipeline_statistics().prefix_cache, attached
 
     first, second, stats, cache, attached = _run(main())
     assert first.cached_tokens == 0 and second.cached_tokens == SHARED
@@ -236,16 +236,16 @@ def test_concurrent_requests_some_cancelled(tiny_model, cold):
             assert result.cached_tokens == SHARED
             assert list(result.token_ids) == cold(MANY[i]), i
     assert after.cached_tokens == SHARED and list(after.token_ids) == cold(C)
-    assert pipeline["requests"] == 0 and pipeline["prefix_cache"].rejected_files == 0
+    assert pipeline.requests == 0 and pipeline.prefix_cache.rejected_files == 0
 
 
 def test_score_requests_bypass_the_cache(tiny_model):
     async def main():
         async with await Engine.open(tiny_model, EngineConfig(**BASE, prefix_cache_bytes=2**26)) as engine:
             await engine.generate(A, PARAMS)
-            before = engine.pipeline_statistics()["prefix_cache"]
+            before = engine.pipeline_statistics().prefix_cache
             logits = await engine.logits(B)
-            return logits, before, engine.pipeline_statistics()["prefix_cache"], engine.stats()
+            return logits, before, engine.pipeline_statistics().prefix_cache, engine.stats()
 
     logits, before, after, stats = _run(main())
     assert before.stored_blocks == 3
@@ -281,7 +281,7 @@ async def main():
                           prefix_cache_dir=directory)
     async with await Engine.open(model, config) as engine:
         out = await engine.generate(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True))
-    cache = engine.pipeline_statistics()["prefix_cache"]
+    cache = engine.pipeline_statistics().prefix_cache
     print(json.dumps({"tokens": list(out.token_ids), "cached_tokens": out.cached_tokens,
                       "rejected_files": cache.rejected_files, "written": cache.disk_blocks_written}))
 
@@ -356,7 +356,7 @@ def test_a_request_arriving_while_another_attaches_its_prefix_still_reuses_its_o
         async with await Engine.open(tiny_model, EngineConfig(**BASE, prefix_cache_bytes=2**26)) as engine:
             await engine.generate(A, PARAMS)
             loop, late = asyncio.get_running_loop(), []
-            prefix = engine._prefix
+            prefix = engine._runtime.prefix
             attach = prefix.attach
 
             async def submit_late():

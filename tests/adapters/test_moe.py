@@ -93,9 +93,9 @@ async def _settle(engine: Engine) -> None:
     snapshots taken between sweeps differ by whole sweeps of streamed units."""
     last = None
     for _ in range(500):
-        stream = engine._stream.statistics() if engine._stream else None
+        stream = engine._runtime.stream.statistics() if engine._runtime.stream else None
         now = (stream.units_read if stream else 0, stream.units_consumed if stream else 0,
-               engine._reader.statistics().bytes_read)
+               engine._runtime.reader.statistics().bytes_read)
         full = stream is None or now[0] - now[1] == engine.plan.num_slots
         if full and now == last:
             return
@@ -112,7 +112,7 @@ class _Recorder:
         self.requests: list[tuple[int, int, tuple[int, ...], int]] = []
         self.reads: list[tuple[int, int, int]] = []
         names = {layout.name: key for key, layout in engine.index.experts.items()}
-        stage, reader, runner = engine._experts, engine._reader, engine._runner
+        stage, reader, runner = engine._runtime.experts, engine._runtime.reader, engine._runtime.runner
         get, read = stage.get, reader.read
 
         async def recorded_get(layer, experts):
@@ -137,17 +137,17 @@ async def _run(path, config, record: bool = False):
         logits = await engine.logits(PROMPT)
         await _settle(engine)
         before = engine.stats()
-        stream_before = engine._stream.statistics() if engine._stream else None
+        stream_before = engine._runtime.stream.statistics() if engine._runtime.stream else None
         out = await engine.generate(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
         await _settle(engine)
         after = engine.stats()
-        stream_after = engine._stream.statistics() if engine._stream else None
-        stage = engine._experts
+        stream_after = engine._runtime.stream.statistics() if engine._runtime.stream else None
+        stage = engine._runtime.experts
         parts = {layer: list(part) for layer, part in stage._cache.items()} if stage else None
         ahead = set(stage._ahead) if stage else None      # read ahead, not yet asked for
         return dict(parts=parts, ahead=ahead, engine=engine, logits=logits, tokens=list(out.token_ids), opened=opened, before=before,
                     after=after, stream=(stream_before, stream_after), recorder=recorder,
-                    experts=engine.pipeline_statistics()["experts"])
+                    experts=engine.pipeline_statistics().experts)
 
 
 def _config(path: Path, name: str, placement: str) -> EngineConfig:

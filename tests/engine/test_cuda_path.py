@@ -76,14 +76,14 @@ def test_matches_transformers(tiny_models, tmp_path, name, placement):
         assert set(placed) == {"device"} and stats.bytes_streamed == 0 and ops.copies == 0
     elif placement == "host":
         assert set(placed) == {"host"} and stats.bytes_streamed == 0
-        assert ops.copies > 0 and pipeline["pinned"].used_bytes > 0
+        assert ops.copies > 0 and pipeline.pinned.used_bytes > 0
     elif placement == "disk":
         assert set(placed[1:-1]) == {"disk"} and stats.bytes_streamed > 0
     else:
         assert {"host", "disk", "device"} <= set(placed)
     # the pinned arena was sized exactly and given back
-    if pipeline["pinned"] is not None:
-        assert pipeline["pinned"].used_bytes == pipeline["pinned"].capacity_bytes
+    if pipeline.pinned is not None:
+        assert pipeline.pinned.used_bytes == pipeline.pinned.capacity_bytes
         assert ops.pinned == ops.unpinned and len(ops.pinned) == 1
     assert stats.gpu_busy_s is not None and 0.0 <= stats.gpu_idle_fraction <= 1.0
 
@@ -148,7 +148,7 @@ def test_slots_come_back_through_the_event_bridge_when_the_device_lags(tiny_mode
     ops = SimulatedCuda(copy_delay_s=0.001, compute_lag_s=0.005)
     engine, logits, out, stats, pipeline = asyncio.run(_run(path, config, ops))
     _check(path, "float32", logits, out.token_ids)
-    assert pipeline["events"].waited > 0 and pipeline["events"].pending == 0
+    assert pipeline.events.waited > 0 and pipeline.events.pending == 0
 
 
 def test_idle_fraction_is_low_when_nothing_streams(tiny_models, tmp_path):
@@ -173,7 +173,7 @@ def test_concurrent_requests_on_the_device_path(tiny_models, tmp_path):
 
     tokens, pipeline = asyncio.run(main())
     assert tokens == [oracle_greedy(path, p, 6, "float32") for p in prompts]
-    assert pipeline["ring"].acquired_total > 0 and pipeline["events"] is not None
+    assert pipeline.ring.acquired_total > 0 and pipeline.events is not None
 
 
 def test_paged_kv_over_device_host_and_disk_on_the_device_path(tiny_models, tmp_path):
@@ -190,7 +190,7 @@ def test_paged_kv_over_device_host_and_disk_on_the_device_path(tiny_models, tmp_
         async with await Engine.open(path, config, device_ops=ops) as engine:
             logits = await engine.logits(prompt)
             out = await engine.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
-            return logits, list(out.token_ids), engine.pipeline_statistics()["kv_blocks"]
+            return logits, list(out.token_ids), engine.pipeline_statistics().kv_blocks
 
     logits, tokens, kv = asyncio.run(main())
     assert kv["disk"].capacity > 0 and kv["host"].capacity > 0 and kv["device"].capacity > 0
@@ -296,7 +296,7 @@ def test_kvikio_reads_land_in_the_device_slots(tiny_models, tmp_path, monkeypatc
     _check(path, "float32", logits, out.token_ids)
     assert fake.preads and stats.io_mode.endswith("+kvikio-compat")
     assert ops.copies == 0                   # nothing went through the copy stream
-    assert pipeline["pinned"].capacity_bytes == 0
+    assert pipeline.pinned.capacity_bytes == 0
     assert stats.bytes_read_from_disk >= stats.bytes_streamed > 0
 
 

@@ -5,6 +5,11 @@ import pytest
 from tierflow.pipeline.batcher import Batcher, KVCapacityError
 
 
+def _sampled(plan, appended: set[int]) -> list[int | None]:
+    """A token (7) for each sequence in ``appended``, nothing for the others."""
+    return [7 if s.seq_id in appended else None for s in plan.seqs]
+
+
 def _drain(b: Batcher, new_tokens: dict[int, int]) -> list:
     plans = []
     while (plan := b.schedule()) is not None:
@@ -14,7 +19,7 @@ def _drain(b: Batcher, new_tokens: dict[int, int]) -> list:
             if s.sample and new_tokens[s.seq_id] > 0:
                 new_tokens[s.seq_id] -= 1
                 appended.add(s.seq_id)
-        b.update(plan, appended)
+        b.postprocess(plan, _sampled(plan, appended))
         for s in plan.seqs:
             if s.sample and s.seq_id not in appended:
                 b.remove(s.seq_id)
@@ -34,7 +39,7 @@ def test_decode_goes_first_and_prefill_fills_the_rest():
     b = Batcher(max_num_seqs=4, max_sweep_tokens=8)
     b.add(0, 3)
     plan = b.schedule()
-    b.update(plan, {0})            # seq 0 now decodes
+    b.postprocess(plan, _sampled(plan, {0}))            # seq 0 now decodes
     b.add(1, 30)
     plan = b.schedule()
     assert plan.seqs[0].seq_id == 0 and plan.seqs[0].num_tokens == 1
@@ -49,7 +54,7 @@ def test_admission_cap_and_fifo():
     plan = b.schedule()
     assert [s.seq_id for s in plan.seqs] == [0, 1]
     assert b.statistics().num_waiting == 2
-    b.update(plan, {0, 1})
+    b.postprocess(plan, _sampled(plan, {0, 1}))
     b.remove(0)
     plan = b.schedule()
     assert [(s.seq_id, s.num_tokens) for s in plan.seqs] == [(1, 1), (2, 2)]
@@ -98,3 +103,18 @@ def test_removing_a_waiting_sequence_releases_nothing():
     assert b.statistics().kv_reserved_tokens == 20
     b.remove(1)
     assert b.statistics().kv_reserved_tokens == 0 and not b.has_work()
+
+
+def test_postprocess_ends_sequences_at_a_stop_token_or_their_most_tokens():
+    b = Batcher(max_num_seqs=4, max_sweep_tokens=100)
+    b.add(0, 3, 5, stop_token_ids=frozenset({2}))      # may reach 5 tokens: 2 new ones
+    b.add(1, 3, 10, stop_token_ids=frozenset({2}))
+    plan = b.schedule()
+    assert [(o.seq_id, o.finish_reason) for o in b.postprocess(plan, [9, 9])] == [(0, None), (1, None)]
+    plan = b.schedule()
+    outcomes = b.postprocess(plan, [9, 2])
+    assert [(o.seq_id, o.token, o.finish_reason) for o in outcomes] == [(0, 9, "length"), (1, 2, "stop")]
+    b.remove(0)
+    plan = b.schedule()                                 # seq 1 is still there until removed
+    assert [s.seq_id for s in plan.seqs] == [1]
+    assert b.postprocess(plan, [None]) == []            # cancelled while the sweep ran: nothing sampled

@@ -1,92 +1,197 @@
-"""Setting up the CUDA path when an engine opens: streams, the pinned arena, the units that do
-not stream, the staging slots in device memory and the weight stream over disk and host units.
+"""Building the runtime an engine serves with, on the CPU or on CUDA, and taking it down.
 
-The arena is sized from the plan and allocated once: the host-resident units' cast weights
-plus a pinned read buffer per staging slot (none when kvikio reads straight into the device
-slots). A host-resident embedding is not uploaded at all: the sweep looks its rows up on the
-host. Everything made here is given back if a later step fails.
+``build_runtime`` opens the checkpoint, plans, and makes every part in dependency order: the
+disk reader and compute worker, the kvikio reader (CUDA, when chosen), the paged KV store, the
+prefix cache, the weights' placement (``placement.start_host`` or ``start_device``), the
+expert stage and the sweep runner. Each part's clean-up is pushed on one ``AsyncExitStack``
+as it is made, so a failure half-way gives back exactly what was made, and ``Runtime.aclose``
+takes everything down in the reverse order (the compute worker stops, and the device
+drains, before the pinned memory they use is freed).
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import logging
+import os
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from tierflow.adapters import ModelSpec
 from tierflow.config import EngineConfig
-from tierflow.errors import ConfigError, TierCapacityError
-from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, EventBridge, StreamPool
+from tierflow.engine.loading import eos_ids, load_tokenizer, resolve_device, resolve_dtype
+from tierflow.engine.placement import Placement, start_device, start_host
+from tierflow.engine.planning import EnginePlan, plan_engine
+from tierflow.errors import ConfigError
+from tierflow.pipeline.cuda import DeviceOps, EventBridge, TorchCuda
 from tierflow.pipeline.executor import ComputeWorker
-from tierflow.pipeline.ring import SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.stages.resident import UnitTensors, home_bytes, load_units
-from tierflow.stages.upload import StreamUploader, packed, to_device
+from tierflow.stages.compute import DevicePath, SweepRunner
+from tierflow.stages.experts import ExpertStage
+from tierflow.stages.prefix import PrefixReuse
 from tierflow.stages.read import WeightStream
-from tierflow.stages.compute import DevicePath
 from tierflow.tiers.checkpoint.index import CheckpointIndex
-from tierflow.tiers.plan.costmodel import HOST
-from tierflow.tiers.io.pinned import PinnedArena, aligned
+from tierflow.tiers.io.kvikio import KvikioReader, choose_reader
+from tierflow.tiers.io.pinned import PinnedArena
+from tierflow.tiers.io.reader import DiskReader
 from tierflow.tiers.kv.paged import KVStore, block_bytes
+from tierflow.tiers.plan.costmodel import ModelCosts
+from tierflow.tiers.plan.hardware import HardwareProfile
 from tierflow.tiers.plan.plan import TierPlan
-from tierflow.tiers.io.reader import DiskReader, UnitReader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class DeviceStart:
-    resident: dict[int, UnitTensors]       # device-resident units, by unit
-    path: DevicePath
-    arena: PinnedArena
-    stream: WeightStream | None            # None when every unit is resident (or only the embedding is on the host)
-    bridge: EventBridge | None
+class Runtime:
+    """Everything an open engine runs with (None: the engine has no such part)."""
+    index: CheckpointIndex
+    config: EngineConfig
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    planned: EnginePlan
+    reader: DiskReader                      # O_DIRECT reads of the checkpoint's files
+    worker: ComputeWorker                   # the one thread compute runs in
+    tracer: Tracer
+    stack: AsyncExitStack                   # every part's clean-up, in the order they were made
+    runner: SweepRunner | None = None       # made last: runs sweeps over the parts below
+    ops: DeviceOps | None = None            # CUDA: the device's streams and memory
+    kvikio: KvikioReader | None = None      # CUDA: streamed units read straight into device memory
+    kv_store: KVStore | None = None         # the paged KV cache (None: contiguous KV per request)
+    prefix: PrefixReuse | None = None       # the prefix cache
+    placement: Placement | None = None      # resident units and the weight stream
+    experts: ExpertStage | None = None      # mixture-of-experts models: the routed experts
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.index.spec
+
+    @property
+    def plan(self) -> TierPlan:
+        return self.planned.plan
+
+    @property
+    def hardware(self) -> HardwareProfile:
+        return self.planned.hardware
+
+    @property
+    def costs(self) -> ModelCosts:
+        return self.planned.costs
+
+    @property
+    def stream(self) -> WeightStream | None:
+        return self.placement.stream if self.placement is not None else None
+
+    @property
+    def device_path(self) -> DevicePath | None:
+        return self.placement.path if self.placement is not None else None
+
+    @property
+    def arena(self) -> PinnedArena | None:
+        return self.placement.arena if self.placement is not None else None
+
+    @property
+    def bridge(self) -> EventBridge | None:
+        return self.placement.bridge if self.placement is not None else None
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return frozenset(eos_ids(self.index, self.tokenizer))
+
+    async def aclose(self) -> None:
+        await self.stack.aclose()
 
 
-async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, dtype: torch.dtype,
-                       reader: DiskReader, worker: ComputeWorker, *, direct_reader: UnitReader | None = None,
-                       tracer: Tracer = NULL_TRACER) -> DeviceStart:
-    """``direct_reader`` reads streamed units straight into device memory (kvikio); without it
-    they are read into pinned buffers and uploaded on the copy stream."""
-    streams = StreamPool(ops.stream)
-    timeline = DeviceTimeline(ops, streams.compute)
-    host_units = [u for u, tier in enumerate(plan.tiers) if tier == HOST]
-    on_disk = [index.units[u] for u in plan.streamed]
-    read_slot = aligned(max((layout.buffer_bytes for layout in on_disk), default=0))
-    streamed = sorted(set(plan.streamed) | (set(host_units) - {0}))
-    slots = plan.num_slots if streamed else 0
-    direct = direct_reader is not None
-    arena = PinnedArena(sum(home_bytes(index, u, plan.tiers, dtype) for u in host_units) +
-                        (0 if direct else slots * read_slot), ops.pin, ops.unpin)
-    bridge = None
+def check_trace_path(config: EngineConfig) -> None:
+    if config.trace_path is None:
+        return
+    parent = Path(config.trace_path).expanduser().absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"EngineConfig.trace_path {str(config.trace_path)!r}: the directory {parent} does "
+                          "not exist or is not writable")
 
+
+async def build_runtime(model: str | Path, config: EngineConfig, device_ops: DeviceOps | None) -> Runtime:
+    """Open ``model`` and make every part of its runtime; on failure, give back what was made."""
+    check_trace_path(config)
+    index = await asyncio.to_thread(CheckpointIndex.open, model)
+    ops = device_ops
+    if ops is None:
+        device = resolve_device(config.device)
+        ops = TorchCuda(device) if device.type == "cuda" else None
+    device = ops.device if ops is not None else torch.device("cpu")
+    dtype = resolve_dtype(config.dtype, index.spec.checkpoint_dtype, device)
+    planned = await plan_engine(index, config, device, dtype, kind=ops.kind if ops is not None else "cpu")
+    tokenizer = await asyncio.to_thread(load_tokenizer, index.directory)
+    plan = planned.plan
+    tracer = Tracer() if config.trace_path is not None else NULL_TRACER
+    stack = AsyncExitStack()
+    reader = DiskReader(index.files, io_threads=plan.io_threads, block_bytes=plan.io_block_bytes,
+                        direct_io=config.direct_io)
+    stack.callback(reader.close)
+    if config.trace_path is not None:           # runs last: the trace covers the whole run
+        stack.push_async_callback(_write_trace, tracer, config.trace_path)
+    worker = ComputeWorker()
+    stack.callback(worker.close)
+    rt = Runtime(index, config, device, dtype, tokenizer, planned, reader, worker, tracer, stack, ops=ops)
     try:
-        resident, homes = await load_units(index, plan.tiers, reader, worker, dtype,
-                                           to_device=functools.partial(to_device, device=ops.device), arena=arena)
-        uploader = stream = None
-        if streamed:
-            device_slot = max([plan.device_slot_bytes, read_slot] +
-                              [packed(homes[u])[1] for u in streamed if u in homes])
-            device_slots = [ops.empty(device_slot) for _ in range(slots)]
-            uploader = StreamUploader(ops, streams, device_slots, timeline, tracer)
-            bridge = EventBridge()
-            ring = SlotRing(device_slots if direct else [arena.take(read_slot) for _ in range(slots)])
-            stream = WeightStream([index.units[u] for u in streamed], direct_reader or reader, ring, uploader, tracer,
-                                  homes={u: homes[u] for u in streamed if u in homes}, bridge=bridge)
-        path = DevicePath(ops, streams.compute, timeline, uploader, host_units={0: homes[0]} if 0 in homes else {})
-        ops.synchronize()
-    except BaseException as exc:
-        ops.synchronize()
-        if bridge is not None:
-            bridge.close()
-        arena.close()
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise TierCapacityError(f"the GPU ran out of memory while the engine placed its units ({exc}); the plan "
-                                    f"assumed {plan.memory['device'].budget} bytes: lower device_memory_bytes, or free "
-                                    "GPU memory that other work holds") from exc
+        await _start(rt)
+    except BaseException:
+        await stack.aclose()
         raise
-    return DeviceStart(resident, path, arena, stream, bridge)
+    return rt
 
 
+async def _start(rt: Runtime) -> None:
+    config, plan, ops, stack = rt.config, rt.plan, rt.ops, rt.stack
+    if ops is not None and choose_reader(rt.planned.overrides.reader, ops.kind) == "kvikio":
+        rt.kvikio = KvikioReader(rt.index.files, threads=plan.io_threads, task_bytes=plan.io_block_bytes)
+        stack.callback(rt.kvikio.close)
+    if config.paged_kv:
+        rt.kv_store = open_kv_store(config, plan, rt.spec, rt.dtype, rt.device, rt.tracer)
+        stack.callback(rt.kv_store.close)
+        if ops is not None:
+            rt.kv_store.pin_host_memory(ops.pin, ops.unpin)
+    if config.prefix_cache:
+        rt.prefix = await asyncio.to_thread(PrefixReuse.open, rt.index, config, rt.dtype, plan.kv_block_tokens)
+        stack.push_async_callback(asyncio.to_thread, rt.prefix.cache.close)
+    if ops is None:
+        rt.placement = await start_host(rt.index, plan, rt.dtype, rt.reader, rt.worker, tracer=rt.tracer)
+    else:
+        rt.placement = await start_device(ops, rt.index, plan, rt.dtype, rt.reader, rt.worker,
+                                          direct_reader=rt.kvikio, tracer=rt.tracer)
+        if rt.placement.arena is not None:
+            stack.callback(rt.placement.arena.close)
+        if rt.placement.bridge is not None:
+            stack.callback(rt.placement.bridge.close)
+        stack.callback(ops.synchronize)         # the device is done with pinned memory before it is freed
+    stack.callback(rt.worker.close)             # compute stops before the device drains
+    if rt.stream is not None:
+        rt.stream.start()
+        stack.push_async_callback(rt.stream.close)
+    if rt.index.experts:
+        capacity = config.expert_cache_bytes
+        rt.experts = ExpertStage(rt.index.experts, rt.reader, rt.dtype,
+                                 plan.expert_cache_bytes if capacity is None else capacity,
+                                 read_all=config.expert_reads == "all", tracer=rt.tracer, device=rt.device)
+        stack.push_async_callback(rt.experts.close)
+        if rt.experts.capacity_bytes >= rt.experts.total_bytes:   # every expert fits: keep them all
+            await rt.experts.preload()
+    rt.runner = SweepRunner(rt.spec, rt.index.adapter, rt.placement.resident, rt.stream, rt.worker, rt.dtype,
+                            mlp_chunk_tokens=plan.mlp_chunk_tokens, experts=rt.experts, tracer=rt.tracer,
+                            device=rt.device_path, kv_store=rt.kv_store)
+
+
+async def _write_trace(tracer: Tracer, path: str | os.PathLike[str]) -> None:
+    try:
+        await asyncio.to_thread(tracer.write, path)
+    except OSError as error:
+        log.error("could not write the trace to %s: %s", path, error)
 def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                   tracer: Tracer = NULL_TRACER) -> KVStore:
     """Pools for an engine's paged KV cache of ``kv_reserve_tokens`` tokens: the device share

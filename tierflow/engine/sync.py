@@ -12,7 +12,7 @@ from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine.api import Engine
 from tierflow.engine.loop import new_event_loop
 from tierflow.outputs import Completion, EngineStats, StreamChunk
-from tierflow.engine.prompts import Prompt
+from tierflow.engine.requests import Prompt
 
 T = TypeVar("T")
 

@@ -1,8 +1,11 @@
 """The request batcher: which tokens of which sequences go into the next sweep.
 
 Pure bookkeeping (no torch, no I/O, no await), in the manner of nano-vllm's scheduler:
-the engine's driver is ``plan = batcher.schedule(); out = await sweep.run(plan);
-batcher.update(plan, appended)``. A sequence is a count of known tokens (prompt and
+the engine's driver is ``plan = batcher.schedule(); result = await sweep.run(plan);
+batcher.postprocess(plan, tokens)``, and ``postprocess`` says which sequences a new token
+ended: a stop or end-of-sequence token (reason "stop"), or the most tokens the sequence may
+reach (``max_tokens``: its ``max_new_tokens`` or the context window, reason "length"). Stop
+*strings* need the text, so the engine's detokenizer finds those. A sequence is a count of known tokens (prompt and
 generated) and a count of computed ones (their KV exists); a sweep computes the next run
 of uncomputed tokens of every running sequence, decode tokens first, then prefill chunks,
 under a per-sweep token budget, so a long prompt never stalls everyone's decoding.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Sequence
 
 from tierflow.errors import KVCapacityError
 
@@ -28,6 +32,7 @@ class _Seq:
     seq_id: int
     num_tokens: int          # tokens known: prompt + generated so far
     reserved: int            # KV tokens held while running: the most it may reach
+    stop_token_ids: frozenset[int] = frozenset()   # a sampled token in here ends the sequence ("stop")
     num_computed: int = 0    # tokens whose KV exists
 
 
@@ -46,12 +51,21 @@ class SweepPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenOutcome:
+    """What ``postprocess`` made of one sampled token."""
+    seq_id: int
+    token: int
+    finish_reason: str | None    # "stop": a stop token (not part of the text); "length": the sequence
+                                 # reached its most tokens; None: it goes on
+
+
+@dataclass(frozen=True, slots=True)
 class BatcherStats:
-    num_running: int
-    num_waiting: int
-    sweeps: int
+    num_running: int             # admitted sequences (their KV reserved)
+    num_waiting: int             # queued, not yet admitted
+    sweeps: int                  # sweeps scheduled so far
     kv_reserved_tokens: int      # held by running sequences
-    kv_capacity_tokens: int | None
+    kv_capacity_tokens: int | None   # all sequences together (None: unbounded)
 
 
 class Batcher:
@@ -67,16 +81,18 @@ class Batcher:
         return BatcherStats(len(self._running), len(self._waiting), self._sweeps, self._reserved,
                             self.kv_capacity_tokens)
 
-    def add(self, seq_id: int, num_prompt_tokens: int, max_tokens: int | None = None) -> None:
+    def add(self, seq_id: int, num_prompt_tokens: int, max_tokens: int | None = None, *,
+            stop_token_ids: frozenset[int] = frozenset()) -> None:
         """Queue a sequence of ``num_prompt_tokens`` that may grow to ``max_tokens`` (default:
-        the prompt alone). Raises KVCapacityError if that can never fit."""
+        the prompt alone) and ends at any of ``stop_token_ids``. Raises KVCapacityError if that
+        can never fit."""
         if num_prompt_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token")
         need = max(num_prompt_tokens, max_tokens or 0)
         if self.kv_capacity_tokens is not None and need > self.kv_capacity_tokens:
             raise KVCapacityError(f"the sequence needs KV for {need} tokens but the KV capacity is "
                                   f"{self.kv_capacity_tokens} tokens")
-        self._waiting.append(_Seq(seq_id, num_prompt_tokens, need))
+        self._waiting.append(_Seq(seq_id, num_prompt_tokens, need, frozenset(stop_token_ids)))
 
     def _fits(self, seq: _Seq) -> bool:
         return self.kv_capacity_tokens is None or self._reserved + seq.reserved <= self.kv_capacity_tokens
@@ -136,12 +152,19 @@ class Batcher:
         self._sweeps += 1
         return SweepPlan(tuple(chosen), sum(s.num_tokens for s in chosen))
 
-    def update(self, plan: SweepPlan, appended: set[int]) -> None:
-        """Record a finished sweep; ``appended`` holds the sequences that got a new token."""
-        for item in plan.seqs:
+    def postprocess(self, plan: SweepPlan, tokens: Sequence[int | None]) -> list[TokenOutcome]:
+        """Record a finished sweep: ``tokens[i]`` is the token sampled for ``plan.seqs[i]`` (None
+        when nothing was sampled, or the sequence was cancelled while the sweep ran). Returns
+        what each new token did; a finished sequence stays until ``remove``."""
+        outcomes = []
+        for item, token in zip(plan.seqs, tokens, strict=True):
             seq = self._running.get(item.seq_id)
             if seq is None:          # removed while the sweep ran
                 continue
             seq.num_computed = item.start + item.num_tokens
-            if item.seq_id in appended:
-                seq.num_tokens += 1
+            if token is None:
+                continue
+            seq.num_tokens += 1
+            reason = "stop" if token in seq.stop_token_ids else "length" if seq.num_tokens >= seq.reserved else None
+            outcomes.append(TokenOutcome(item.seq_id, token, reason))
+        return outcomes

@@ -1,0 +1,230 @@
+"""The driver: one task that runs sweeps, as the design draws it.
+
+    plan = batcher.schedule(); result = await runner.run(batch); batcher.postprocess(plan, tokens)
+
+Between sweeps it removes finished and cancelled requests (freeing their KV, offering it to
+the prefix cache), admits waiting ones (attaching a cached prefix first), and after a sweep
+samples each sequence's token, lets the batcher say which tokens ended their sequence (a stop
+token, or the most tokens it may reach), and finds stop strings with the detokenizer.
+Requests only talk to the driver through their own record and event, so a failing request
+(or a failing sweep) is reported to the requests it concerns and the driver goes on serving
+the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import torch
+
+from tierflow.config import SamplingParams
+from tierflow.engine.build import Runtime
+from tierflow.engine.metrics import DecodeMeter, TokenCounts
+from tierflow.engine.requests import Detokenizer, Request
+from tierflow.engine.sampling import make_generator, sample
+from tierflow.errors import KVCapacityError, RequestError, TierCapacityError, TierflowError
+from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
+from tierflow.stages.compute import SweepBatch
+from tierflow.tiers.io.reader import trim_heap
+from tierflow.tiers.kv.contiguous import SequenceKV
+from tierflow.tiers.plan.costmodel import DEVICE
+
+log = logging.getLogger(__name__)
+TRIM_AFTER_TOKENS = 256     # sweeps of at least this many tokens return their freed heap memory to the OS
+
+
+class Driver:
+    def __init__(self, rt: Runtime, max_context_tokens: int) -> None:
+        self.rt, self.max_context_tokens = rt, max_context_tokens
+        plan, spec = rt.plan, rt.spec
+        kv_tokens = plan.kv_blocks[DEVICE] // max(1, spec.num_layers) * plan.kv_block_tokens
+        if rt.kv_store is not None:
+            kv_tokens = rt.kv_store.capacity_tokens
+        self.batcher = Batcher(max_num_seqs=rt.config.max_num_seqs, max_sweep_tokens=plan.prefill_chunk_tokens,
+                               kv_capacity_tokens=kv_tokens)
+        self.requests: dict[int, Request] = {}
+        self.meter = DecodeMeter(rt)
+        self._eos_ids = rt.eos_ids
+        self._to_remove: set[int] = set()
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._generated = self._prompt = self._prompt_cached = 0
+
+    @property
+    def tokens(self) -> TokenCounts:
+        return TokenCounts(self._generated, self._prompt, self._prompt_cached)
+
+    # ----------------------------------------------------------------------------- requests
+    def submit(self, ids: list[int], params: SamplingParams, *, score: bool = False) -> Request:
+        """Queue a request of prompt ``ids`` (already checked against the context window)."""
+        most = len(ids) if score else min(len(ids) + params.max_new_tokens, self.max_context_tokens)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._eos_ids)
+        seq_id = next(self._ids)
+        try:
+            self.batcher.add(seq_id, len(ids), most, stop_token_ids=frozenset() if score else stops)
+        except KVCapacityError:
+            raise TierCapacityError(
+                f"the prompt ({len(ids)} tokens) and up to {most - len(ids)} new tokens need KV cache for {most} "
+                f"tokens, but this engine's KV capacity is {self.batcher.kv_capacity_tokens} tokens for all "
+                "requests together; shorten the prompt, lower max_new_tokens, or open the engine with a larger "
+                "kv_reserve_tokens") from None
+        rt = self.rt
+        kv = rt.kv_store.sequence(seq_id) if rt.kv_store is not None else \
+            SequenceKV(rt.spec.num_layers, rt.spec.num_kv_heads, rt.spec.head_dim, dtype=rt.dtype,
+                       device=rt.device, max_tokens=most)
+        req = Request(seq_id, ids, params, kv, Detokenizer(rt.tokenizer, params.stop), make_generator(params),
+                      score=score)
+        self.requests[req.id] = req
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        if not req.done:
+            req.finish_reason = "cancelled"
+        self._to_remove.add(req.id)
+        self._wake.set()
+
+    def finish(self, req: Request, reason: str | None = None, error: BaseException | None = None) -> None:
+        if not req.done:
+            req.finish_reason, req.error = reason, error
+            req.finished_s = time.perf_counter()
+        self._to_remove.add(req.id)
+        req.changed.set()
+
+    # ----------------------------------------------------------------------------- the loop
+    async def run(self) -> None:
+        while True:
+            await self._between_sweeps()
+            plan = self.batcher.schedule()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            reqs = [self.requests[s.seq_id] for s in plan.seqs]
+            decode = all(s.num_tokens == 1 and s.start >= len(r.prompt_ids) for s, r in zip(plan.seqs, reqs))
+            before = self.meter.clock()
+            try:
+                result = await self.rt.runner.run(self._batch(plan, reqs))
+                tokens = await self.rt.worker.run(self._sample, plan, reqs, result.logits)
+            except Exception as exc:   # the sweep failed: fail its requests, keep serving
+                log.warning("sweep failed: %s", exc)
+                for req in reqs:
+                    self.finish(req, error=exc if isinstance(exc, TierflowError) else
+                                RequestError(f"request failed in a sweep: {exc!r}"))
+                continue
+            for index, error in result.failures.items():   # KV faults of single sequences
+                log.warning("request %d failed in a sweep: %s", reqs[index].id, error)
+                self.finish(reqs[index], error=error)
+            if decode:
+                self.meter.add(plan, before)
+            elif plan.num_tokens >= TRIM_AFTER_TOKENS:     # a prefill chunk: hand its activations back
+                await self.rt.worker.run(trim_heap)
+            self._postprocess(plan, reqs, tokens)
+            for item, req in zip(plan.seqs, reqs):   # a prompt's prefill just completed: offer its blocks
+                if item.sample and item.start + item.num_tokens == len(req.prompt_ids) and not req.done:
+                    await self._remember(req)
+            for req in reqs:
+                req.changed.set()
+
+    async def _between_sweeps(self) -> None:
+        for seq_id in list(self._to_remove):
+            self.batcher.remove(seq_id)
+            req = self.requests.pop(seq_id, None)
+            if req is not None:
+                if req.error is None:
+                    await self._remember(req)
+                req.kv.free()
+        self._to_remove.clear()
+        # a request submitted while another's prefix is attached is admitted by the next round
+        while admitted := self.batcher.admit():
+            for seq_id in admitted:
+                await self._attach_prefix(self.requests[seq_id])
+
+    def _batch(self, plan: SweepPlan, reqs: list[Request]) -> SweepBatch:
+        ids, positions, slices, rows = [], [], [], []
+        offset = 0
+        for item, req in zip(plan.seqs, reqs):
+            span = range(item.start, item.start + item.num_tokens)
+            ids += [req.token(p) for p in span]
+            positions += list(span)
+            slices.append(slice(offset, offset + item.num_tokens))
+            if req.score:
+                rows += range(offset, offset + item.num_tokens)
+            elif item.sample:
+                rows.append(offset + item.num_tokens - 1)
+            offset += item.num_tokens
+            self._prompt += sum(1 for p in span if p < len(req.prompt_ids))
+        # on the host: the sweep moves what the device needs there (a host embedding reads the ids here)
+        return SweepBatch(torch.tensor(ids), torch.tensor(positions), tuple(slices), tuple(s.start for s in plan.seqs),
+                          tuple(r.kv for r in reqs), torch.tensor(rows, dtype=torch.long))
+
+    def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor) -> list[int | None]:
+        """Runs in the compute worker: one sampled token per sequence (None: nothing sampled)."""
+        tokens: list[int | None] = []
+        row = 0
+        logits = logits.cpu()
+        for item, req in zip(plan.seqs, reqs):
+            if req.score:
+                req.logits.append(logits[row:row + item.num_tokens])
+                row += item.num_tokens
+                tokens.append(None)
+            elif item.sample:
+                tokens.append(sample(logits[row], req.params, req.generator))
+                row += 1
+            else:
+                tokens.append(None)
+        return tokens
+
+    def _postprocess(self, plan: SweepPlan, reqs: list[Request], tokens: list[int | None]) -> None:
+        for item, req in zip(plan.seqs, reqs):
+            if req.score and item.sample and not req.done:
+                self.finish(req, "stop")
+        kept = [None if req.done else token for req, token in zip(reqs, tokens)]   # cancelled while it ran
+        for outcome in self.batcher.postprocess(plan, kept):
+            self._append(self.requests[outcome.seq_id], outcome)
+
+    def _append(self, req: Request, outcome: TokenOutcome) -> None:
+        if not req.output_ids:
+            req.first_token_s = time.perf_counter()
+        req.output_ids.append(outcome.token)
+        self._generated += 1
+        if outcome.finish_reason != "stop":      # a stop token is not part of the text
+            req.detok.add(outcome.token)
+        if outcome.finish_reason == "stop" or req.detok.stopped:
+            self.finish(req, "stop")
+        elif outcome.finish_reason is not None:
+            self.finish(req, outcome.finish_reason)
+
+    # ----------------------------------------------------------------------------- prefix cache
+    async def _attach_prefix(self, req: Request) -> None:
+        """Reuse the longest cached prefix of a just-admitted request's prompt."""
+        prefix = self.rt.prefix
+        if prefix is None or req.score:
+            return
+        started = time.perf_counter()
+        try:
+            req.cached_tokens = await self.rt.worker.run(prefix.attach, req.kv, req.prompt_ids)
+        except Exception as exc:     # the KV it was copied into failed (a spill fault): only this request fails
+            log.warning("request %d failed while reusing its cached prefix: %s", req.id, exc)
+            self.finish(req, error=exc if isinstance(exc, TierflowError) else
+                        RequestError(f"reusing the cached prefix failed: {exc!r}"))
+            return
+        self.rt.tracer.span("prefix cache", "reuse", started, time.perf_counter(), request=req.id,
+                            tokens=req.cached_tokens)
+        if req.cached_tokens:
+            self.batcher.mark_computed(req.id, req.cached_tokens)
+            self._prompt_cached += req.cached_tokens
+
+    async def _remember(self, req: Request) -> None:
+        """Offer a request's full KV blocks to the prefix cache (never fails the request)."""
+        prefix = self.rt.prefix
+        if prefix is None or req.score:
+            return
+        try:
+            req.remembered_blocks = await self.rt.worker.run(prefix.remember, req.kv,
+                                                             req.prompt_ids + req.output_ids, req.remembered_blocks)
+        except Exception as exc:     # noqa: BLE001 - the cache only misses these blocks
+            log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)
