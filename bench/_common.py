@@ -19,7 +19,7 @@ import torch
 
 from tierflow import SamplingParams
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES, ByteRange, UnitLayout
-from tierflow.tiers.probe.probe import read_pass
+from tierflow.tiers.probe.measure import read_pass
 from tierflow.tiers.io.reader import DiskReader, aligned_empty
 
 GB = 1e9

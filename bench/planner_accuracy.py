@@ -40,7 +40,8 @@ from tierflow.engine.planning import engine_overrides, engine_workload, index_co
 from tierflow.testing import streaming_budget  # noqa: E402
 from tierflow.tiers.checkpoint.index import CheckpointIndex  # noqa: E402
 from tierflow.tiers.plan.planner import plan  # noqa: E402
-from tierflow.tiers.probe.probe import ProbeCache, measure_disk, probe  # noqa: E402
+from tierflow.tiers.probe.measure import measure_disk  # noqa: E402
+from tierflow.tiers.probe.probe import ProbeCache, probe  # noqa: E402
 
 TOLERANCE = 0.25
 KV_TOKENS = 256

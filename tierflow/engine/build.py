@@ -12,6 +12,7 @@ drains, before the pinned memory they use is freed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from contextlib import AsyncExitStack
@@ -158,7 +159,9 @@ async def _start(rt: Runtime) -> None:
         if ops is not None:
             rt.kv_store.pin_host_memory(ops.pin, ops.unpin)
     if config.prefix_cache:
-        rt.prefix = await asyncio.to_thread(PrefixReuse.open, rt.index, config, rt.dtype, plan.kv_block_tokens)
+        rt.prefix = await asyncio.to_thread(functools.partial(
+            PrefixReuse.for_model, rt.index, rt.dtype, plan.kv_block_tokens, memory_bytes=config.prefix_cache_bytes,
+            directory=config.prefix_cache_dir, disk_bytes=config.prefix_cache_disk_bytes))
         stack.push_async_callback(asyncio.to_thread, rt.prefix.cache.close)
     if ops is None:
         rt.placement = await start_host(rt.index, plan, rt.dtype, rt.reader, rt.worker, tracer=rt.tracer)

@@ -16,7 +16,7 @@ config: stages sit below the engine and ``tierflow.config`` (tests/test_layers.p
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -24,14 +24,6 @@ from tierflow.adapters.rope import rope_kind
 from tierflow.errors import ConfigError
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.kv.prefix import PrefixCache, model_fingerprint
-
-
-class PrefixCacheSettings(Protocol):
-    """What ``PrefixReuse.open`` reads off the engine's config (transitional, with ``open``)."""
-
-    prefix_cache_bytes: int
-    prefix_cache_dir: str | os.PathLike[str] | None
-    prefix_cache_disk_bytes: int | None
 
 
 class PrefixReuse:
@@ -53,14 +45,6 @@ class PrefixReuse:
         cache = PrefixCache(model_fingerprint(index.config, index.files, dtype), shape, dtype,
                             memory_bytes=memory_bytes, directory=directory, disk_bytes=disk_bytes)
         return cls(cache, spec.num_layers)
-
-    @classmethod
-    def open(cls, index: CheckpointIndex, settings: PrefixCacheSettings, dtype: torch.dtype,
-             block_tokens: int) -> "PrefixReuse":
-        """Transitional: the engine's former call, reading the budgets off its config. Remove once
-        the engine calls ``for_model``."""
-        return cls.for_model(index, dtype, block_tokens, memory_bytes=settings.prefix_cache_bytes,
-                             directory=settings.prefix_cache_dir, disk_bytes=settings.prefix_cache_disk_bytes)
 
     def attach(self, kv: Any, prompt_ids: Sequence[int]) -> int:
         """Fill ``kv`` (empty) with the cached prefix of ``prompt_ids``; returns its tokens."""

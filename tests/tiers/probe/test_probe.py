@@ -14,6 +14,7 @@ import torch
 
 from tierflow.adapters import adapter_for
 from tierflow.errors import TierflowError
+from tierflow.tiers.probe import measure as measure_mod
 from tierflow.tiers.probe import probe as probe_mod
 from tierflow.tiers.plan.costmodel import costs_from_spec
 from tierflow.tiers.probe.probe import ProbeCache, measure_compute, measure_disk, probe, probe_sync
@@ -196,14 +197,14 @@ def test_a_checkpoint_directory_that_takes_no_probe_file_is_measured_elsewhere(t
     measured in the cache's directory instead, and the provenance says so."""
     model_dir, cache = tmp_path / "model", ProbeCache(tmp_path / "cache" / "probe.json")
     model_dir.mkdir()
-    real = probe_mod._write_probe_file
+    real = measure_mod._write_probe_file
 
     def refuse_in_model_dir(path, nbytes):
         if path.parent == model_dir:
             raise OSError(errno.EROFS, "Read-only file system")
         return real(path, nbytes)
 
-    monkeypatch.setattr(probe_mod, "_write_probe_file", refuse_in_model_dir)
+    monkeypatch.setattr(measure_mod, "_write_probe_file", refuse_in_model_dir)
     hw, provenance = run_probe(model_dir, cache)
     assert hw.disk_read_gbps > 0
     assert provenance["disk"]["instead_of"] == str(model_dir)
