@@ -193,6 +193,7 @@ def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_
     are not read at all."""
     import torch
 
+    from tierflow.stages.kv import KVLoadPlan, KVRead, KVStages
     from tierflow.tiers.plan.costmodel import KV_READ_RUN
     from tierflow.tiers.kv.paged import KVStore
     from tierflow.tiers.io.spill import SpillFile
@@ -203,24 +204,39 @@ def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_
     read_run = SpillFile.read_run
     monkeypatch.setattr(SpillFile, "read_run", lambda self, first, count, buffer, nbytes=None:
                         requests.append(count) or read_run(self, first, count, buffer, nbytes))
+    stages = KVStages(store)
+
+    def sweep(kv, first_position=0):
+        """One sweep's attention over layer 0: the plan is what kv_load prefetches."""
+        plan = KVLoadPlan(tuple(KVRead(0, 0, b.index, b.ref) for b in kv.off_device(0, first_position)))
+        stages.begin(plan, [kv])
+        try:
+            return [(k.clone(), first) for k, _, first in kv.blocks(0, first_position)]
+        finally:
+            stages.after_layer(0)
+            asyncio.run(stages.end())
+
     try:
         kv = store.sequence(0)
         keys, values = torch.randn(160, 2, 8), torch.randn(160, 2, 8)
-        blocks = list(kv.append(0, keys, values))          # 10 full blocks on disk, no tail
+        kv.append(0, keys, values)                          # between sweeps: 10 full blocks written to disk
+        blocks = sweep(kv)
         assert sorted(requests) == sorted([KV_READ_RUN, KV_READ_RUN, 10 - 2 * KV_READ_RUN])   # reader threads race
-        assert [first for _, _, first in blocks] == list(range(0, 160, 16))
-        got = torch.cat([k for k, _, _ in blocks], dim=1)
+        assert [first for _, first in blocks] == list(range(0, 160, 16))
+        got = torch.cat([k for k, _ in blocks], dim=1)
         assert torch.equal(got, keys.transpose(0, 1))     # 10 blocks <= store.window_blocks: no buffer reused
 
         requests.clear()
         more_k, more_v = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
         window = 40                                         # the new token (position 160) sees 121..160
-        firsts = [first for _, _, first in kv.append(0, more_k, more_v, window=window)]
+        kv.append(0, more_k, more_v)
+        firsts = [first for _, first in sweep(kv, 160 - window + 1)]
         assert firsts == [112, 128, 144, 160]               # blocks 0..6 end before position 121: not read
         assert requests[0] == 3                             # one run: blocks 7..9
+        # the next sweep's plan (this layer again) also starts where the window begins: 3 more blocks, not 10
+        sweep(kv, 161 - window + 1)
     finally:
         store.close()
-    # once its blocks were taken, the store read ahead for the next reader it expects (this
-    # layer again, next sweep), also from where the window began: 3 more blocks, not 10
     assert requests == [3, 3]
+    assert stages.loader.statistics().unplanned == 0
 

@@ -1,4 +1,12 @@
-"""Causal attention of one sequence's new queries over its KV, in the two forms the KV comes in.
+"""Causal attention of one sequence's new queries over its KV.
+
+``attend_kv`` is what the decoder calls: it takes the KV handle's blocks (``KVBlocks``, one
+shape whatever the store) and picks the kernel from that shape alone — a single block from
+position 0 (the contiguous store, or a paged sequence whose KV is still all in its tail) goes
+to ``attend``'s fused call, anything else to ``attend_blocks``. It first checks on the host,
+from the blocks' spans, that every query sees at least one key: nothing inside attention
+waits for the device (no ``.item()``, no ``bool(tensor)``), so on CUDA the host enqueues a
+layer's attention and moves on while copies and kernels run.
 
 ``attend`` takes the whole KV as contiguous tensors and makes one fused SDPA call. When the
 model soft-caps its attention scores (Gemma 2), SDPA cannot apply the cap, so the keys go
@@ -24,12 +32,13 @@ wholly outside every query's window is skipped without computing its scores.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tierflow.adapters.flash import flash_attend, flash_device_supported, flash_head_dim_supported, flash_supported
+from tierflow.tiers.kv.handle import KVBlock, KVBlocks
 
 KEY_TILE_TOKENS = 512     # keys per tile when contiguous KV goes through the online softmax
 
@@ -56,6 +65,37 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
         out = F.scaled_dot_product_attention(query, keys[None], values[None], enable_gqa=gqa, scale=scale,
                                              attn_mask=_visible(start, n, first, keys.shape[1], window, q.device))
     return out[0].transpose(0, 1).reshape(n, num_heads * d)
+
+
+def attend_kv(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None = None,
+              window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of ``q`` [n, H, D] (positions start..start+n-1) over a KV handle's
+    ``blocks``; returns [n, H*D]."""
+    spans = blocks.spans
+    if len(spans) == 1 and spans[0][0] == 0:
+        keys, values, _ = blocks.fetch(0)
+        return attend(q, keys, values, start, scale=scale, window=window, softcap=softcap)
+    return _online_softmax(q, blocks, start, scale=scale, window=window, softcap=softcap)
+
+
+def check_coverage(spans: Sequence[tuple[int, int]], start: int, n: int, window: int | None) -> None:
+    """Raise ValueError if a query at start..start+n-1 would see no key among ``spans`` ((first
+    position, tokens) of each block): a query at p sees p - window + 1 .. p. Host arithmetic only."""
+    last, covered_to = start + n - 1, -1         # covered_to: the last position covered so far
+    gaps = []
+    for first, t in sorted((f, t) for f, t in spans if t > 0):
+        if first > covered_to + 1:
+            gaps.append((covered_to, first - 1))
+        covered_to = max(covered_to, first + t - 1)
+    gaps.append((covered_to, last))
+    for before, gap_end in gaps:           # positions before+1 .. gap_end hold no key
+        lo, hi = max(before + 1, start), min(gap_end, last)
+        if lo > hi:
+            continue
+        sees = before >= 0 and (window is None or before > hi - window)
+        if not sees:
+            raise ValueError(f"the query at position {hi} saw no key: the blocks must cover every position up to "
+                             "the query's (within its window)")
 
 
 def attention_backend(device: torch.device | str, dtype: torch.dtype, *, head_dim: int | None = None) -> str:
@@ -86,21 +126,31 @@ def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Te
     any order, together covering keys 0..start+n-1 (keys past a query, or outside its
     window, are masked). H must be a multiple of KVH (grouped-query attention). Accumulates
     in float32; returns [n, H*D] in ``q``'s dtype."""
+    return _online_softmax(q, KVBlocks.of([KVBlock(*block) for block in blocks]), start, scale=scale,
+                           window=window, softcap=softcap)
+
+
+def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None, window: int | None,
+                    softcap: float | None) -> torch.Tensor:
+    """``attend_blocks`` over lazy blocks: coverage is checked from the spans first, and a
+    block outside every query's window (or after every query) is skipped unfetched."""
     n, num_heads, d = q.shape
+    check_coverage(blocks.spans, start, n, window)
     last = start + n - 1
     query = (q.transpose(0, 1).float() * (1.0 / math.sqrt(d) if scale is None else scale)).contiguous()  # [H, n, D]
     m = torch.full((num_heads, n, 1), -math.inf, device=q.device)
     l = torch.zeros((num_heads, n, 1), device=q.device)
     acc = torch.zeros((num_heads, n, d), device=q.device)
     workspace: torch.Tensor | None = None      # the scores of one block, reused: no allocation per block
-    for keys, values, first in blocks:
-        kv_heads, t = keys.shape[0], keys.shape[1]
-        if num_heads % kv_heads:
-            raise ValueError(f"{num_heads} query heads cannot share {kv_heads} KV heads")
+    for index, (first, t) in enumerate(blocks.spans):
         if first > last:                   # every key of the block is after every query
             continue
         if window is not None and first + t - 1 <= start - window:     # before every query's window
             continue
+        keys, values, _ = blocks.fetch(index)
+        kv_heads = keys.shape[0]
+        if num_heads % kv_heads:
+            raise ValueError(f"{num_heads} query heads cannot share {kv_heads} KV heads")
         # Grouped-query attention without copying keys per head: the G query heads that share
         # a KV head are rows of one matmul, [KVH, G*n, D] @ [KVH, D, t].
         group = num_heads // kv_heads
@@ -126,8 +176,6 @@ def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Te
         l_g.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
         acc_g.mul_(alpha).baddbmm_(p, values.float())
         m_g.copy_(m_new)
-    if bool((l == 0).any()):
-        raise ValueError("a query saw no key: the blocks must cover every position up to the query's")
     out = acc / l
     return out.transpose(0, 1).reshape(n, num_heads * d).to(q.dtype)
 

@@ -7,9 +7,12 @@ into a ``ModelSpec`` (with ``adapters.spec.read_spec``); everything else lives h
 forward functions mirror transformers operation for operation (RMSNorm in float32, rotary
 tables in float32 cast to the activation dtype, SDPA attention), so results match it to
 rounding. Sequences of one sweep are packed along the token axis: projections and the MLP
-run once over all of them, attention runs per sequence over that sequence's own KV —
-contiguous (one SDPA call) or in blocks (the online softmax of ``attention.attend_blocks``),
-with the layer's sliding window and soft-cap.
+run once over all of them, attention runs per sequence over that sequence's own KV: the
+handle (``tiers.kv.handle.KVHandle``, whatever stores it) stores the new keys and values and
+gives the blocks from the first one the layer's sliding window still sees, and
+``attention.attend_kv`` picks the kernel from their shape (one SDPA call, or the online
+softmax over blocks), with the layer's window and soft-cap. Moving blocks between tiers is
+the kv stages' business, not the adapter's.
 
 Families with another feed-forward (mixtures of experts) subclass ``DecoderAdapter`` and
 override ``feed_forward`` and ``feed_forward_shapes``; attention, norms and the name table
@@ -26,10 +29,11 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from tierflow.adapters.attention import attend, attend_blocks
+from tierflow.adapters.attention import attend_kv
 from tierflow.adapters.base import EMBED, HEAD, LAYER, SLIDING_ATTENTION, ModelSpec, NameRule, SweepContext, UnitWeights
 from tierflow.adapters.rope import RopeTables, longrope_crossings
 from tierflow.errors import TierflowError
+from tierflow.tiers.kv.handle import KVHandle, first_visible
 
 # local name -> checkpoint path under model.layers.N (projections may also carry a .bias)
 LAYER_PATHS = {
@@ -158,7 +162,7 @@ class DecoderAdapter:
     # -- forward -----------------------------------------------------------------------------
 
     def make_context(self, spec: ModelSpec, positions: torch.Tensor, seq_slices: tuple[slice, ...],
-                     seq_starts: tuple[int, ...], kv: tuple[Any, ...], logit_rows: torch.Tensor,
+                     seq_starts: tuple[int, ...], kv: tuple[KVHandle, ...], logit_rows: torch.Tensor,
                      dtype: torch.dtype) -> SweepContext:
         rope = self._rope.tables(spec, positions, seq_slices, seq_starts, dtype)
         local = None
@@ -242,11 +246,8 @@ class DecoderAdapter:
                 attn[rows] = 0
                 continue
             try:
-                stored = kv.append(layer, k[rows], v[rows], window=window)
-                if isinstance(stored, tuple):       # the whole KV, contiguous: one fused SDPA call
-                    attn[rows] = attend(q[rows], *stored, start, **options)
-                else:                               # KV blocks (paged, possibly on disk): online softmax
-                    attn[rows] = attend_blocks(q[rows], stored, start, **options)
+                kv.append(layer, k[rows], v[rows])
+                attn[rows] = attend_kv(q[rows], kv.blocks(layer, first_visible(start, window)), start, **options)
             except TierflowError as exc:            # this sequence's KV failed (a spill fault): only it fails
                 kv.fail(exc)
                 attn[rows] = 0

@@ -14,6 +14,13 @@ up on the host and only its rows are copied. The sweep ends by copying the logit
 host, which waits for the whole sweep; the events then give the device's busy time per
 unit, so ``gpu_busy_s / gpu_span_s`` is the fraction of the sweep the GPU computed, and the
 rest the time it sat waiting for weights.
+
+With a paged KV store (``kv_store``) the runner drives the kv stages (``stages/kv.py``): before
+the first unit it gives kv_load the plan of the off-device blocks the sweep's attention will
+take, in sweep order (``plan_loads``), so their reads start at once and run ahead through the
+whole sweep; after each decoder layer's compute it tells the stages the layer is done (its read
+buffers are free, its new blocks are written to their tiers, off the compute thread); the
+sweep ends once every spill has landed, so a spill fault is in this sweep's ``failures``.
 """
 
 from __future__ import annotations
@@ -26,12 +33,17 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from tierflow.adapters import Adapter, ModelSpec, UnitWeights
+from tierflow.adapters.base import LAYER
 from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, Event
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.experts import ExpertStage
+from tierflow.stages.kv import KVStages, plan_loads
+from tierflow.stages.kv_device import DeviceKV
 from tierflow.stages.upload import StreamUploader
 from tierflow.stages.read import WeightStream, cast_weights
+from tierflow.tiers.kv.handle import KVHandle
+from tierflow.tiers.kv.paged import KVStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +52,7 @@ class SweepBatch:
     positions: torch.Tensor              # [num_tokens] int64
     seq_slices: tuple[slice, ...]
     seq_starts: tuple[int, ...]
-    kv: tuple[Any, ...]                  # one SequenceKV per sequence
+    kv: tuple[KVHandle, ...]             # one KV handle per sequence
     logit_rows: torch.Tensor             # packed rows whose logits are returned
 
 
@@ -73,7 +85,8 @@ class SweepRunner:
     def __init__(self, spec: ModelSpec, adapter: Adapter, resident: dict[int, UnitWeights],
                  stream: WeightStream | None, worker: ComputeWorker, dtype: torch.dtype, *,
                  mlp_chunk_tokens: int | None = None, experts: ExpertStage | None = None,
-                 tracer: Tracer = NULL_TRACER, device: DevicePath | None = None) -> None:
+                 tracer: Tracer = NULL_TRACER, device: DevicePath | None = None,
+                 kv_store: KVStore | None = None) -> None:
         self.spec, self.adapter, self.resident = spec, adapter, resident
         self.device = device
         self._events: list[tuple[int, Event, Event]] = []     # this sweep's (unit, before, after), CUDA
@@ -82,6 +95,9 @@ class SweepRunner:
         self._moe_units = {layer + 1 for layer in spec.moe_layers} if experts is not None else set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.num_sweeps = 0
+        self.kv: KVStages | None = None
+        if kv_store is not None:
+            self.kv = KVStages(kv_store, DeviceKV(kv_store, device.ops, device.compute) if device else None)
 
     async def run(self, batch: SweepBatch) -> SweepResult:
         """Run every unit over ``batch``. A sequence whose KV fails (or that the adapter refuses)
@@ -94,6 +110,9 @@ class SweepRunner:
         busy_before, span_before = (self.device.gpu_busy_s, self.device.gpu_span_s) if self.device else (0.0, 0.0)
         started = time.perf_counter()
         self._events = []
+        if self.kv is not None:
+            self.kv.begin(plan_loads(self.spec, batch.kv, batch.seq_starts, lambda i: batch.kv[i].failure is not None),
+                          batch.kv)
         try:
             for unit in range(self.spec.num_units):
                 hidden = await self._unit(unit, hidden, batch)
@@ -103,6 +122,8 @@ class SweepRunner:
             await self._skip_rest(unit + 1)
             raise
         finally:
+            if self.kv is not None:         # every spill has landed: a fault is in this sweep's failures
+                await self.kv.end()
             self.tracer.span("sweeps", f"sweep {self.num_sweeps}", started, time.perf_counter(),
                              tokens=len(batch.token_ids), sequences=len(batch.seq_slices))
         failures = dict(self._ctx.refused)
@@ -168,18 +189,25 @@ class SweepRunner:
         started = time.perf_counter()
         try:
             if self.device is None:
-                return self._forward(unit, weights, hidden, batch), None
+                out = self._forward(unit, weights, hidden, batch)
+                self._layer_done(unit)
+                return out, None
             ops, compute = self.device.ops, self.device.compute
             with ops.using(compute):
                 if ready is not None:
                     ops.wait(compute, ready)
                 before = ops.record(compute)
                 out = self._forward(unit, weights, hidden, batch)
+                self._layer_done(unit)
                 after = ops.record(compute)
             self._events.append((unit, before, after))
             return out, after
         finally:
             self.tracer.span("compute", self.spec.unit_name(unit), started, time.perf_counter())
+
+    def _layer_done(self, unit: int) -> None:
+        if self.kv is not None and self.spec.unit_kind(unit) == LAYER:
+            self.kv.after_layer(unit - 1)
 
     def _forward(self, unit: int, weights: UnitWeights, hidden: Any, batch: SweepBatch) -> Any:
         on_host = self.device is not None and unit in self.device.host_units

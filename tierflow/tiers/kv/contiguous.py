@@ -1,10 +1,12 @@
-"""KV cache, in device memory for now.
+"""KV cache in device memory, one contiguous tensor per layer.
 
-``SequenceKV`` is the interface the attention code sees: ``append(layer, k, v)`` stores a
-sweep's new keys and values and returns the layer's whole KV. Storage is per layer
-[kv_heads, capacity, head_dim], grown in whole blocks of ``block_tokens`` so the returned
-views are cheap and SDPA reads them in place. The paged, tiered cache (device / host /
-disk blocks with online-softmax attention) replaces this class behind the same interface.
+``SequenceKV`` implements ``handle.KVHandle``: ``append(layer, k, v)`` stores a sweep's new keys
+and values; ``blocks(layer)`` gives the layer's whole KV as a single block from position 0, so
+attention makes one fused SDPA call over views it reads in place (a sliding window is sliced
+out of them for free). Storage is per layer [kv_heads, capacity, head_dim], grown in whole
+blocks of ``block_tokens``. Nothing is ever off the device, so the kv_load stage has nothing to
+prefetch and the kv_spill stage nothing to write. The paged, tiered cache (device / host / disk
+blocks) is ``paged.PagedSequenceKV``, behind the same protocol.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from tierflow.tiers.kv.handle import KVBlock, KVBlocks, OffDevice
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +27,9 @@ class KVStats:
 
 class SequenceKV:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, block_tokens: int = 256, max_tokens: int | None = None) -> None:
+                 device: torch.device, block_tokens: int = 256, max_tokens: int | None = None,
+                 seq_id: int = -1) -> None:
+        self.seq_id = seq_id
         self.num_layers, self.block_tokens, self.max_tokens = num_layers, block_tokens, max_tokens
         self._shape = (num_kv_heads, 0, head_dim)
         self._dtype, self._device = dtype, device
@@ -41,10 +47,8 @@ class SequenceKV:
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self._keys, *self._values))
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` [n, kv_heads, head_dim]; return keys/values [kv_heads, length, head_dim]
-        (all of them: attention slices a sliding ``window`` out of the views for free)."""
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` [n, kv_heads, head_dim] after the layer's stored tokens."""
         start, n = self._lengths[layer], k.shape[0]
         end = start + n
         if end > self._keys[layer].shape[1]:
@@ -56,7 +60,14 @@ class SequenceKV:
         self._keys[layer][:, start:end] = k.transpose(0, 1)
         self._values[layer][:, start:end] = v.transpose(0, 1)
         self._lengths[layer] = end
-        return self._keys[layer][:, :end], self._values[layer][:, :end]
+
+    def blocks(self, layer: int, first_position: int = 0) -> KVBlocks:
+        """All of the layer's KV as one block from position 0 (attention slices a window out of it)."""
+        end = self._lengths[layer]
+        return KVBlocks.of((KVBlock(self._keys[layer][:, :end], self._values[layer][:, :end], 0),))
+
+    def off_device(self, layer: int, first_position: int = 0) -> tuple[OffDevice, ...]:
+        return ()
 
     def fail(self, error: BaseException) -> None:
         """This sequence's KV failed (a spill fault): the rest of the sweep skips it, and the
