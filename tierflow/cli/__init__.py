@@ -1,4 +1,4 @@
-"""The ``tierflow`` command: ``run``, ``plan``, ``probe`` and ``sync`` (see ``main``)."""
+"""The ``tierflow`` command: ``run`` (main.py), ``plan`` and ``probe`` (plan.py), and the report (report.py)."""
 
 from __future__ import annotations
 
