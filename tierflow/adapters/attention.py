@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from tierflow.adapters.flash import flash_attend, flash_device_supported, flash_head_dim_supported, flash_supported
-from tierflow.tiers.kv.handle import KVBlock, KVBlocks
+from tierflow.adapters.kv import KVBlock, KVBlocks
 
 KEY_TILE_TOKENS = 512     # keys per tile when contiguous KV goes through the online softmax
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from tierflow.tiers.kv.handle import KVHandle
+from tierflow.adapters.kv import AttentionKV
 
 UnitWeights = Mapping[str, torch.Tensor]
 
@@ -128,7 +128,7 @@ class SweepContext:
     positions: torch.Tensor                      # [num_tokens] int64, on the device
     seq_slices: tuple[slice, ...]                # the tokens of each sequence in the packed batch
     seq_starts: tuple[int, ...]                  # position of each sequence's first token in this sweep
-    kv: tuple[KVHandle, ...]                     # one KV handle per sequence
+    kv: tuple[AttentionKV, ...]                     # one KV handle per sequence
     rope: tuple[torch.Tensor, torch.Tensor]      # cos, sin: [num_tokens, rotary dims]
     logit_rows: torch.Tensor                     # rows of the packed batch whose logits are wanted
     mlp_chunk_tokens: int | None = None          # MLP intermediates this many tokens at a time (None: all)
@@ -158,7 +158,7 @@ class Adapter(Protocol):
         ...
 
     def make_context(self, spec: ModelSpec, positions: torch.Tensor, seq_slices: tuple[slice, ...],
-                     seq_starts: tuple[int, ...], kv: tuple[KVHandle, ...], logit_rows: torch.Tensor,
+                     seq_starts: tuple[int, ...], kv: tuple[AttentionKV, ...], logit_rows: torch.Tensor,
                      dtype: torch.dtype) -> SweepContext: ...
 
     def forward_unit(self, spec: ModelSpec, unit: int, weights: UnitWeights, hidden: torch.Tensor,

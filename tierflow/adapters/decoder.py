@@ -8,7 +8,7 @@ forward functions mirror transformers operation for operation (RMSNorm in float3
 tables in float32 cast to the activation dtype, SDPA attention), so results match it to
 rounding. Sequences of one sweep are packed along the token axis: projections and the MLP
 run once over all of them, attention runs per sequence over that sequence's own KV: the
-handle (``tiers.kv.handle.KVHandle``, whatever stores it) stores the new keys and values and
+handle (``adapters.kv.AttentionKV``, whatever stores it) stores the new keys and values and
 gives the blocks from the first one the layer's sliding window still sees, and
 ``attention.attend_kv`` picks the kernel from their shape (one SDPA call, or the online
 softmax over blocks), with the layer's window and soft-cap. Moving blocks between tiers is
@@ -33,7 +33,7 @@ from tierflow.adapters.attention import attend_kv
 from tierflow.adapters.base import EMBED, HEAD, LAYER, SLIDING_ATTENTION, ModelSpec, NameRule, SweepContext, UnitWeights
 from tierflow.adapters.rope import RopeTables, longrope_crossings
 from tierflow.errors import TierflowError
-from tierflow.tiers.kv.handle import KVHandle, first_visible
+from tierflow.adapters.kv import AttentionKV, first_visible
 
 # local name -> checkpoint path under model.layers.N (projections may also carry a .bias)
 LAYER_PATHS = {
@@ -162,7 +162,7 @@ class DecoderAdapter:
     # -- forward -----------------------------------------------------------------------------
 
     def make_context(self, spec: ModelSpec, positions: torch.Tensor, seq_slices: tuple[slice, ...],
-                     seq_starts: tuple[int, ...], kv: tuple[KVHandle, ...], logit_rows: torch.Tensor,
+                     seq_starts: tuple[int, ...], kv: tuple[AttentionKV, ...], logit_rows: torch.Tensor,
                      dtype: torch.dtype) -> SweepContext:
         rope = self._rope.tables(spec, positions, seq_slices, seq_starts, dtype)
         local = None
