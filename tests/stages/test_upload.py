@@ -3,6 +3,7 @@ device slot, when its event completes, what is accounted, and the arena's sizing
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tierflow.errors import TierCapacityError
 from tierflow.pipeline.cuda import DeviceTimeline, StreamPool
 from tierflow.pipeline.trace import Tracer
-from tierflow.stages.upload import TENSOR_ALIGN, StreamUploader, packed
+from tierflow.stages.upload import TENSOR_ALIGN, SameDevice, StreamUploader, UploadStats, packed
 from tierflow.testing import SimulatedCuda
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES, TensorSlice, UnitLayout
 from tierflow.tiers.io.pinned import PinnedArena
@@ -70,10 +71,10 @@ def test_collect_accounts_completed_copies_and_traces_them():
     _, second = uploader.upload_tensors({"a": torch.zeros(8)}, 1, "two")
     uploader.collect()                              # the second copy is still running
     stats = uploader.statistics()
-    assert stats["upload_bytes"] == 32 and stats["uploads"] == 2 and stats["upload_s"] >= 0.015
+    assert stats.upload_bytes == 32 and stats.uploads == 2 and stats.upload_s >= 0.015
     second.synchronize()
     uploader.collect()
-    assert uploader.statistics()["upload_bytes"] == 64
+    assert uploader.statistics() == UploadStats(upload_bytes=64, upload_s=uploader.statistics().upload_s, uploads=2)
     spans = [e for e in tracer.document()["traceEvents"] if e["ph"] == "X"]
     assert [e["name"] for e in spans] == ["one", "two"] and all(e["dur"] >= 15_000 for e in spans)
 
@@ -101,3 +102,10 @@ def test_the_timeline_puts_device_events_on_the_host_clock():
     event = ops.record(stream)
     event.synchronize()
     assert abs(timeline.time_of(event) - time.perf_counter()) < 0.05
+
+
+def test_the_same_device_uploads_nothing():
+    stats = SameDevice().statistics()
+    assert stats == UploadStats(upload_bytes=0, upload_s=0.0, uploads=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.uploads = 1        # type: ignore[misc]

@@ -17,8 +17,8 @@ R = TypeVar("R")
 
 @dataclass(frozen=True, slots=True)
 class WorkerStats:
-    calls: int
-    busy_s: float
+    calls: int       # functions handed to the worker (``run`` calls), finished or not
+    busy_s: float    # summed time the worker thread spent running them
 
 
 class ComputeWorker:

@@ -47,12 +47,12 @@ class ExpertStats:
     misses: int              # read on demand, after the router picked them
     prefetched: int          # reads started ahead of the router
     prefetch_used: int       # of those, experts the router then picked
-    bytes_read: int
-    read_s: float
+    bytes_read: int          # bytes the reader delivered for expert reads (on demand and ahead)
+    read_s: float            # summed wall time of those reads, casts and copies to the device included
     stall_s: float           # time compute waited for experts
     cached: int              # experts held now
-    cached_bytes: int
-    capacity_bytes: int
+    cached_bytes: int        # memory the held experts take
+    capacity_bytes: int      # the cache's budget (0: no cache, only the routed experts of a layer are held)
 
     @property
     def hit_rate(self) -> float:

@@ -46,11 +46,11 @@ class LoadedUnit:
 
 @dataclass(frozen=True, slots=True)
 class StreamStats:
-    units_read: int
+    units_read: int      # unit reads completed (host-resident units are uploaded, not read: not counted)
     units_consumed: int  # units handed to compute (one per streamed unit per sweep)
-    bytes_read: int
+    bytes_read: int      # bytes the reader delivered for those reads
     read_s: float        # summed wall time of unit reads (they overlap each other and compute)
-    upload_s: float
+    upload_s: float      # summed device time of the uploads (the uploader's ``UploadStats.upload_s``; 0 on CPU)
     stall_s: float       # time compute waited for weights
     busy_s: float        # time at least one read was in flight (the disk stage's busy time)
 
@@ -73,7 +73,7 @@ class WeightStream:
     def statistics(self) -> StreamStats:
         busy = self._busy_s + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
         return StreamStats(self._units_read, self._units_consumed, self._bytes_read, self._read_s,
-                           self._uploader.statistics()["upload_s"],
+                           self._uploader.statistics().upload_s,
                            self._stall_s, busy)
 
     def ring_statistics(self) -> RingStats:

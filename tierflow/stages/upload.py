@@ -48,6 +48,14 @@ def to_device(weights: Mapping[str, torch.Tensor], device: torch.device) -> dict
     return {k: v.to(device, copy=True) for k, v in weights.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class UploadStats:
+    """What an uploader has moved to the device so far."""
+    upload_bytes: int    # bytes whose copy has completed (and been collected), host → device
+    upload_s: float      # summed device time of those copies (each bracketed by two events)
+    uploads: int         # copies enqueued on the copy streams, complete or not
+
+
 class Uploader(Protocol):
     def upload(self, host_buffer: torch.Tensor, slot: int, layout: UnitLayout
                ) -> tuple[dict[str, torch.Tensor], Event | None]:
@@ -60,7 +68,7 @@ class Uploader(Protocol):
         """The same for a host-resident unit's tensors; returns their device views."""
         ...
 
-    def statistics(self) -> dict[str, float]: ...
+    def statistics(self) -> UploadStats: ...
 
 
 class SameDevice:
@@ -74,8 +82,8 @@ class SameDevice:
                        ) -> tuple[dict[str, torch.Tensor], Event | None]:
         return dict(tensors), None
 
-    def statistics(self) -> dict[str, float]:
-        return {"upload_bytes": 0.0, "upload_s": 0.0}
+    def statistics(self) -> UploadStats:
+        return UploadStats(upload_bytes=0, upload_s=0.0, uploads=0)
 
 
 def packed(tensors: Mapping[str, torch.Tensor]) -> tuple[list[int], int]:
@@ -161,5 +169,5 @@ class StreamUploader:
         with self._lock:
             self._pending[:0] = still
 
-    def statistics(self) -> dict[str, float]:
-        return {"upload_bytes": float(self._bytes), "upload_s": self._seconds, "uploads": float(self._copies)}
+    def statistics(self) -> UploadStats:
+        return UploadStats(upload_bytes=self._bytes, upload_s=self._seconds, uploads=self._copies)

@@ -27,9 +27,9 @@ def aligned(nbytes: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ArenaStats:
-    capacity_bytes: int
-    used_bytes: int
-    pieces: int
+    capacity_bytes: int      # pinned bytes the arena holds (its request rounded up to the alignment)
+    used_bytes: int          # of which handed out by ``take`` (each piece rounded up to the alignment)
+    pieces: int              # ``take`` calls so far
 
 
 class PinnedArena:

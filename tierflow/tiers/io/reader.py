@@ -88,10 +88,10 @@ def _advise_huge_pages(address: int, nbytes: int) -> None:
 class ReaderStats:
     bytes_read: int          # bytes the disk delivered (aligned ranges, gaps included)
     direct_bytes: int        # of which through O_DIRECT
-    requests: int
+    requests: int            # block reads issued (a unit's ranges cut into ``block_bytes`` pieces)
     busy_s: float            # summed time inside read calls, over all threads
-    io_threads: int
-    block_bytes: int
+    io_threads: int          # threads issuing the block reads: the queue depth the disk sees
+    block_bytes: int         # the most one block read asks for
     modes: dict[str, str]    # file → "direct" | "buffered"
 
 

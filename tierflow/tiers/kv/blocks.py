@@ -26,9 +26,9 @@ class BlockRef:
 
 @dataclass(frozen=True, slots=True)
 class PoolStats:
-    tier: str
-    capacity: int
-    used: int
+    tier: str        # "device" | "host" | "disk"
+    capacity: int    # block slots of the tier (a slot holds one layer's KV of one block of tokens)
+    used: int        # slots allocated now
 
     @property
     def free(self) -> int:

@@ -80,14 +80,14 @@ def block_keys(fingerprint: str, token_ids: Sequence[int], block_tokens: int) ->
 class PrefixCacheStats:
     lookups: int                 # requests that looked for a prefix
     hit_blocks: int              # blocks reused
-    hit_tokens: int
+    hit_tokens: int              # tokens of those blocks (hit_blocks * block_tokens)
     stored_blocks: int           # blocks added (memory or disk)
     memory_blocks: int           # held in memory now
-    memory_bytes: int
-    disk_blocks_written: int
+    memory_bytes: int            # bytes of the blocks held in memory now
+    disk_blocks_written: int     # block files written to the directory so far
     disk_bytes: int              # held in the directory now (as this process knows it)
     rejected_files: int          # files that failed a check (removed; counted as misses)
-    write_errors: int
+    write_errors: int            # block files that could not be written (those blocks are not kept on disk)
 
 
 class PrefixCache:
