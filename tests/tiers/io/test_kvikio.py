@@ -1,13 +1,15 @@
 """KvikioReader against a stand-in kvikio module (CPU tensors, reads through os.preadv): it reads
 what DiskReader reads, turns short reads into TransferErrors naming the file, returns from a
-cancelled or failed read only after every pread it issued completed, and never blocks the event
-loop. Plus ``choose_reader`` and ``kvikio_available`` with kvikio present and absent."""
+cancelled or failed read only after every pread it issued completed, never blocks the event
+loop, and keeps its own parallelism and task size where kvikio's are process-wide. Plus
+``choose_reader`` and ``kvikio_available`` with kvikio present and absent."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import functools
+import logging
 import os
 import re
 import sys
@@ -22,7 +24,8 @@ import torch
 from tierflow.errors import ConfigError, TransferError
 from tierflow.testing import build_random_checkpoint
 from tierflow.tiers.io import kvikio as kv
-from tierflow.tiers.checkpoint.index import CheckpointIndex, UnitLayout
+from tierflow.tiers.io import kvikio_setup as setup
+from tierflow.tiers.checkpoint.index import ALIGN_BYTES, CheckpointIndex, UnitLayout
 from tierflow.tiers.io.reader import DiskReader, aligned_empty
 from tests.tiers.io.test_reader_faults import ending, until_set
 
@@ -60,8 +63,17 @@ class _CuFile:
     def _read(self, buf, size, file_offset, box) -> None:
         fake = self.fake
         fake.started.set()
+        with fake.pool:                  # kvikio's process-wide pool runs num_threads tasks at a time
+            if not fake.inline:
+                fake.pool.wait_for(lambda: fake.running < fake.pool_threads())
+            fake.running += 1
+            fake.max_running = max(fake.max_running, fake.running)
         try:
+            time.sleep(fake.delay_s)
             if (self.path, file_offset) == fake.fail_at:
+                until = time.perf_counter() + 5
+                while len(fake.preads) < fake.fail_after_issued and time.perf_counter() < until:
+                    time.sleep(0.001)
                 raise RuntimeError("POSIX error on pread: Input/output error")
             if not fake.gate.wait(5):    # the read blocked the loop that would have opened it
                 raise RuntimeError("the gate never opened")
@@ -77,6 +89,9 @@ class _CuFile:
         finally:
             with fake.lock:
                 fake.finished.append(time.perf_counter())
+            with fake.pool:
+                fake.running -= 1
+                fake.pool.notify_all()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -84,11 +99,16 @@ class _CuFile:
 
 
 class FakeKvikio:
-    """A stand-in for the kvikio module. Reads wait for ``gate``; the one at ``fail_at`` (path,
-    offset) fails at once; ``inline`` reads inside ``pread`` itself."""
+    """A stand-in for the kvikio module. Reads wait for ``gate`` (then ``delay_s``); the one at
+    ``fail_at`` (path, offset) fails at once, or once ``fail_after_issued`` preads were issued;
+    ``inline`` reads inside ``pread`` itself. As in
+    kvikio, ``defaults`` are process-wide: the other reads run on one pool of ``num_threads``
+    threads (``KVIKIO_NTHREADS``, else 1, until ``defaults.set`` changes it), whoever issued them."""
 
-    def __init__(self, *, compat: bool = True, inline: bool = False, fail_at: tuple[str, int] | None = None) -> None:
-        self.inline, self.fail_at = inline, fail_at
+    def __init__(self, *, compat: bool = True, inline: bool = False, fail_at: tuple[str, int] | None = None,
+                 fail_after_issued: int = 0, delay_s: float = 0.0) -> None:
+        self.inline, self.fail_at, self.delay_s = inline, fail_at, delay_s
+        self.fail_after_issued = fail_after_issued
         self.gate, self.started, self.lock = threading.Event(), threading.Event(), threading.Lock()
         self.gate.set()
         self.preads: list[tuple[str, int, int, int, int]] = []   # path, offset, size, task size, thread
@@ -96,14 +116,32 @@ class FakeKvikio:
         self.opened: list[str] = []
         self.closed: list[str] = []
         self.settings: dict[str, int] = {}
+        self.settings_log: list[tuple[str, int]] = []            # every defaults.set, in order
+        self.pool = threading.Condition()
+        self.running = self.max_running = 0                       # reads running now / at most so far
         self.module = types.ModuleType("kvikio")
         self.module.CuFile = functools.partial(_CuFile, self)
-        self.module.defaults = types.SimpleNamespace(is_compat_mode_preferred=lambda: compat,
-                                                     set=self.settings.__setitem__)
+        self.module.defaults = types.SimpleNamespace(is_compat_mode_preferred=lambda: compat, set=self._set,
+                                                     get=self._get)
+
+    def _set(self, name: str, value: int) -> None:
+        with self.pool:
+            self.settings[name] = value
+            self.settings_log.append((name, value))
+            self.pool.notify_all()
+
+    def _get(self, name: str) -> int:
+        assert name == "num_threads"
+        return self.settings.get(name, int(os.environ.get("KVIKIO_NTHREADS", "1")))
+
+    def pool_threads(self) -> int:
+        return self._get("num_threads")
 
 
 @pytest.fixture
 def install(monkeypatch):
+    monkeypatch.delenv("KVIKIO_NTHREADS", raising=False)
+
     def install(**kwargs) -> FakeKvikio:
         fake = FakeKvikio(**kwargs)
         monkeypatch.setitem(sys.modules, "kvikio", fake.module)
@@ -168,7 +206,7 @@ def test_reads_every_unit_as_the_disk_reader_does(checkpoint, install):
                                    2 * 2**20, "compat")
     assert stats.busy_s > 0
     assert sorted(fake.opened) == sorted(checkpoint.files) and sorted(fake.closed) == sorted(checkpoint.files)
-    assert fake.settings == {"num_threads": 3}
+    assert fake.settings_log == [("num_threads", setup.PROCESS_POOL_THREADS)]     # not the reader's 3
     assert {task for _, _, _, task, _ in fake.preads} == {2 * 2**20}
 
 
@@ -318,7 +356,8 @@ def test_a_cancelled_read_returns_after_its_preads_completed(checkpoint, install
 def test_a_failed_read_returns_after_its_other_preads_completed(checkpoint, install):
     layout = _two_range_layout(checkpoint)
     failing = layout.ranges[0]
-    fake = install(fail_at=(failing.path, failing.file_offset))
+    # It fails once the other pread was issued too: a failure stops the tasks not started yet.
+    fake = install(fail_at=(failing.path, failing.file_offset), fail_after_issued=2)
     fake.gate.clear()
     reader = kv.KvikioReader(checkpoint.files)
     try:
@@ -333,6 +372,80 @@ def test_a_failed_read_returns_after_its_other_preads_completed(checkpoint, inst
     assert all(end <= returned for end in finished)
 
 
+# ----------------------------------------------------------------------------- settings per reader
+def _ranges_of(index: CheckpointIndex, names: tuple[str, ...]) -> UnitLayout:
+    """One layout made of every range of the units ``names``, back to back in one buffer."""
+    ranges, offset = [], 0
+    for unit in index.units:
+        if unit.name in names:
+            for r in unit.ranges:
+                ranges.append(dataclasses.replace(r, buffer_offset=offset))
+                offset += r.nbytes
+    return UnitLayout(0, "many", tuple(ranges), (), offset, 0)
+
+
+def test_two_readers_in_one_process_keep_their_own_threads_and_task_size(checkpoint, install):
+    """Two engines' readers in one process. kvikio's thread pool and task size are process-wide:
+    a reader that sets them (as this one once did) re-sizes the other's reads. Each keeps its own."""
+    fake = install(delay_s=0.03)
+    layout = _ranges_of(checkpoint, ("layer.0", "layer.1"))
+    assert len(layout.ranges) >= 3
+    disk = DiskReader(checkpoint.files, io_threads=2, block_bytes=64 * 2**10)
+    expected = aligned_empty(layout.buffer_bytes)
+    expected.zero_()
+    try:
+        _read_with(disk, layout, expected)
+    finally:
+        disk.close()
+    small, large = 4 * ALIGN_BYTES, 8 * ALIGN_BYTES
+    first = kv.KvikioReader(checkpoint.files, threads=2, task_bytes=large)
+    second = kv.KvikioReader(checkpoint.files, threads=5, task_bytes=small)    # made after the first
+    seen = {}
+    try:
+        for name, reader in (("first", first), ("second", second), ("first again", first)):
+            fake.max_running, before = 0, len(fake.preads)
+            got = torch.zeros(layout.buffer_bytes, dtype=torch.uint8)
+            assert _read_with(reader, layout, got) == sum(_clipped(r) for r in layout.ranges)
+            assert torch.equal(got, expected), name
+            preads = fake.preads[before:]
+            seen[name] = (fake.max_running, {task for *_, task, _ in preads}, max(size for _, _, size, _, _ in preads),
+                          len(preads))
+        stats = first.statistics(), second.statistics()
+    finally:
+        first.close()
+        second.close()
+
+    def tasks(task_bytes: int) -> int:
+        return sum(-(-_clipped(r) // task_bytes) for r in layout.ranges)
+
+    assert fake.settings_log == [("num_threads", setup.PROCESS_POOL_THREADS)]     # once, to neither reader's threads
+    assert seen["first"] == seen["first again"] == (2, {large}, large, tasks(large))
+    running, task_sizes, biggest, count = seen["second"]
+    assert 2 < running <= 5 and (task_sizes, biggest, count) == ({small}, small, tasks(small))
+    assert [(s.threads, s.task_bytes, s.requests) for s in stats] == [(2, large, 2 * tasks(large)),
+                                                                        (5, small, tasks(small))]
+
+
+def test_the_process_pool_is_sized_once_and_never_shrunk(checkpoint, install):
+    fake = install()
+    fake.settings["num_threads"] = setup.PROCESS_POOL_THREADS * 2       # larger already (the user's choice)
+    kv.KvikioReader(checkpoint.files, threads=3).close()
+    assert fake.settings_log == []
+    other = install()                                                   # another process' kvikio
+    for threads in (1, 7):
+        kv.KvikioReader(checkpoint.files, threads=threads).close()
+    assert other.settings_log == [("num_threads", setup.PROCESS_POOL_THREADS)]
+
+
+def test_kvikio_nthreads_from_the_environment_stands(checkpoint, install, monkeypatch, caplog):
+    fake = install()
+    monkeypatch.setenv("KVIKIO_NTHREADS", "2")
+    with caplog.at_level(logging.WARNING, logger="tierflow.tiers.io.kvikio"):
+        kv.KvikioReader(checkpoint.files, threads=4).close()
+    assert fake.settings_log == []
+    assert "has 2 threads, fewer than this reader's 4" in caplog.text and "KVIKIO_NTHREADS" in caplog.text
+
+
 # ----------------------------------------------------------------------------- choosing a reader
 @pytest.mark.parametrize("requested", [None, "auto", "direct", "kvikio"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -344,41 +457,41 @@ def test_choose_reader(install, monkeypatch, requested, device, present):
         monkeypatch.setitem(sys.modules, "kvikio", None)
     if requested == "kvikio" and device == "cpu":
         with pytest.raises(ConfigError, match=r"reader='kvikio' reads into GPU memory, but the device is 'cpu'"):
-            kv.choose_reader(requested, device)
+            setup.choose_reader(requested, device)
     elif requested == "kvikio" and not present:
         with pytest.raises(ConfigError, match=r"needs the kvikio package.*pip install \"tierflow\[cuda"):
-            kv.choose_reader(requested, device)
+            setup.choose_reader(requested, device)
     else:
         want = "kvikio" if requested == "kvikio" or (requested != "direct" and present and device == "cuda") \
             else "direct"
-        assert kv.choose_reader(requested, device) == want
+        assert setup.choose_reader(requested, device) == want
 
 
 def test_choose_reader_refuses_an_unknown_reader(install):
     install()
     with pytest.raises(ConfigError, match=r"reader must be one of \('auto', 'direct', 'kvikio'\), got 'gds'"):
-        kv.choose_reader("gds", "cuda")
+        setup.choose_reader("gds", "cuda")
 
 
 @pytest.mark.parametrize("cuda, extra", [("12.4", "cuda12"), ("13.0", "cuda13")])
 def test_the_install_hint_matches_torchs_cuda(no_kvikio, monkeypatch, cuda, extra):
     monkeypatch.setattr(torch.version, "cuda", cuda)
     with pytest.raises(ConfigError) as info:
-        kv.require_kvikio()
+        setup.require_kvikio()
     assert f'pip install "tierflow[{extra}]"' in str(info.value) and f"CUDA {cuda}" in str(info.value)
 
 
 def test_the_install_hint_on_a_cpu_build_of_torch(no_kvikio, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(ConfigError, match=r"CPU build.*tierflow\[cuda12\].*tierflow\[cuda13\]"):
-        kv.require_kvikio()
+        setup.require_kvikio()
 
 
 def test_kvikio_available(install, monkeypatch):
     monkeypatch.setitem(sys.modules, "kvikio", None)
-    assert kv.kvikio_available() is False
+    assert setup.kvikio_available() is False
     install()
-    assert kv.kvikio_available() is True
+    assert setup.kvikio_available() is True
 
 
 def test_the_reader_needs_kvikio(checkpoint, no_kvikio):
