@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from tierflow.pipeline.batcher import Batcher, KVCapacityError
+from tierflow.errors import KVCapacityError
+from tierflow.pipeline.batcher import Batcher
 
 
 def _sampled(plan, appended: set[int]) -> list[int | None]:
