@@ -23,7 +23,8 @@ import torch
 from tierflow.adapters.rope import rope_kind
 from tierflow.errors import ConfigError
 from tierflow.tiers.checkpoint.index import CheckpointIndex
-from tierflow.tiers.kv.prefix import PrefixCache, model_fingerprint
+from tierflow.tiers.kv.prefix import PrefixCache
+from tierflow.tiers.kv.prefix_keys import model_fingerprint
 
 
 class PrefixReuse:

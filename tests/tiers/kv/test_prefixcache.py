@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tierflow.tiers.kv import prefix as prefixcache
-from tierflow.tiers.kv.prefix import MAGIC, SUFFIX, PrefixCache, block_keys, model_fingerprint
+from tierflow.tiers.kv.prefix import MAGIC, SUFFIX, PrefixCache
+from tierflow.tiers.kv.prefix_keys import block_keys, model_fingerprint
 
 BT = 4                                   # tokens per block
 SHAPE = (2, 2, 2, BT, 8)                 # layers, k/v, kv_heads, block_tokens, head_dim

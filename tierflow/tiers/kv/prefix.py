@@ -15,15 +15,11 @@ removed and counts as a miss — the request prefills those tokens instead, neve
 wrong block. Disk writes run on a writer thread; a full disk or any write error only costs
 the cache that block.
 
-The model fingerprint hashes config.json, the compute dtype, and each weight file's name,
-size and sampled bytes (its first MiB and 16 slices of 64 KiB spread over it): weights
-changed in place are told apart without reading the whole checkpoint.
+The keys and the model fingerprint are computed in ``prefix_keys``.
 """
 
 from __future__ import annotations
 
-import array
-import hashlib
 import json
 import logging
 import os
@@ -35,45 +31,17 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 
+from tierflow.tiers.kv.prefix_keys import FORMAT_VERSION, block_keys
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 MAGIC = b"TFPREFIX"
 SUFFIX = ".kvblock"
-_HEAD_SAMPLE = 2**20
-_SAMPLE = 64 * 2**10
-_SAMPLES = 16
 _MAX_PENDING_BYTES = 256 * 2**20     # blocks queued for the writer before store() waits
-
-
-def model_fingerprint(config: Mapping[str, Any], files: Sequence[str | os.PathLike[str]], dtype: torch.dtype) -> str:
-    """A hex digest naming the model whose KV a block holds (see the module docstring)."""
-    h = hashlib.sha256(f"tierflow-prefix-v{FORMAT_VERSION}".encode())
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    h.update(str(dtype).encode())
-    for name in files:
-        size = os.path.getsize(name)
-        h.update(f"{Path(name).name}:{size}".encode())
-        with open(name, "rb") as f:
-            h.update(f.read(_HEAD_SAMPLE))
-            for i in range(_SAMPLES):
-                f.seek(size * i // _SAMPLES)
-                h.update(f.read(_SAMPLE))
-    return h.hexdigest()
-
-
-def block_keys(fingerprint: str, token_ids: Sequence[int], block_tokens: int) -> list[str]:
-    """The keys of every full block of ``token_ids``, in order."""
-    keys, previous = [], bytes.fromhex(fingerprint)
-    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        digest = hashlib.sha256(previous + array.array("q", token_ids[start:start + block_tokens]).tobytes()).digest()
-        keys.append(digest.hex())
-        previous = digest
-    return keys
 
 
 @dataclass(frozen=True, slots=True)
