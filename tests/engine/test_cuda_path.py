@@ -201,6 +201,31 @@ def test_paged_kv_over_device_host_and_disk_on_the_device_path(tiny_models, tmp_
     assert tokens == oracle_greedy(path, prompt, 8, "float32")
 
 
+@pytest.mark.parametrize("ops_type", [SimulatedCuda, _NoWait])
+def test_kv_blocks_from_host_and_disk_reach_attention_through_the_copy_stream(tiny_models, tmp_path, ops_type):
+    """Weights resident, so every copy is a KV block's: from the host pool or the disk window to
+    a device staging buffer, and new blocks off the device. Copies land late; the compute waits
+    for their events. The negative control skips the waits, and attention reads stale bytes."""
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(700)]
+    per_token = 2 * 3 * 2 * 16 * 4      # K and V, 3 layers, 2 KV heads, head_dim 16, fp32
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["resident"]), kv_reserve_tokens=1024,
+                          prefill_chunk_tokens=256, kv_cache_dir=str(tmp_path / "kv"), kv_device_bytes=0,
+                          kv_host_bytes=per_token * 256)
+    ops = ops_type(copy_delay_s=0.01)
+
+    async def main():
+        async with await Engine.open(path, config, device_ops=ops) as engine:
+            return await engine.logits(prompt), engine.pipeline_statistics().kv_blocks
+
+    logits, kv = asyncio.run(main())
+    assert kv["disk"].capacity > 0 and kv["host"].capacity > 0 and kv["device"].capacity == 0
+    assert ops.copies > 0
+    expected = oracle_logits(path, prompt, "float32")
+    close = ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    assert close == (ops_type is SimulatedCuda)
+
+
 def test_mixture_of_experts_on_the_device_path(tmp_path):
     path = build_random_checkpoint(tmp_path / "mixtral", "mixtral", seed=3)
     layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
