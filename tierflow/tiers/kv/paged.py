@@ -40,7 +40,9 @@ from tierflow.tiers.kv.handle import BlockIO, KVBlock, KVBlocks, OffDevice
 from tierflow.tiers.plan.costmodel import kv_read_window
 
 _ids = itertools.count()
-READ_THREADS = 4
+# Two reads in flight: on a 2-core machine four reader threads took CPU from the compute they
+# were meant to overlap (bench/long_context.py: 8k decode ~35 ms with two, ~40-45 ms with four).
+READ_THREADS = 2
 SPILL_HOST_BUFFERS = 8          # CUDA: host buffers of blocks copied off the device on their way to disk
 
 
