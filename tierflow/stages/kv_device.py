@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tierflow.pipeline.cuda import DeviceOps, Event
-from tierflow.stages.kv import Spill
+from tierflow.stages.kv_spill import Spill
 from tierflow.tiers.kv.paged import KVStore
 
 STAGING_BLOCKS = 8
