@@ -21,6 +21,16 @@ TINY_MODELS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never write into the user's cache: the converted demo model and the probe's
+    figures go to a temporary TIERFLOW_CACHE_DIR (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        directory = tmp_path_factory.mktemp("tierflow-cache")
+        mp.setenv("TIERFLOW_CACHE_DIR", str(directory))
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
