@@ -207,8 +207,9 @@ async def generate_long(engine: Engine, b: LongBench) -> dict[str, Any]:
                 stamps += [now] * len(chunk.token_ids)
                 tokens += chunk.token_ids
                 if first is None:
-                    pools = engine.pipeline_statistics().kv_blocks or {}
-                    kv_first = {t: {"capacity": p.capacity, "used": p.used} for t, p in pools.items()}
+                    pools = engine.pipeline_statistics().kv_blocks
+                    kv_first = {t: {"capacity": p.capacity, "used": p.used}
+                                for t, p in (pools.by_tier() if pools else {}).items()}
                     first = engine.stats()
                     say(f"first token after {now - started:.1f} s; KV blocks {kv_first}")
     finally:

@@ -81,7 +81,7 @@ CHILD = textwrap.dedent("""
                     "decode_s_per_token": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
                     "baseline_rss": baseline, "peak_rss": peak[0], "spill_file_bytes": spill_bytes,
                     "kv_bytes_per_token": engine.costs.kv_bytes_per_token,
-                    "kv_blocks": {k: [v.capacity, v.used] for k, v in engine.pipeline_statistics().kv_blocks.items()}}
+                    "kv_blocks": {k: [v.capacity, v.used] for k, v in engine.pipeline_statistics().kv_blocks.by_tier().items()}}
 
     print(json.dumps(asyncio.run(main())))
 """)

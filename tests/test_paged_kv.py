@@ -46,7 +46,7 @@ def test_tiered_kv_matches_in_memory_and_transformers(tiny_model, reference, tmp
     config = EngineConfig(**BASE, profile=HARDWARE, kv_cache_dir=tmp_path, **budgets)
     logits, tokens, _, stats = asyncio.run(_run(tiny_model, config))
 
-    pools = stats.kv_blocks
+    pools = stats.kv_blocks.by_tier()
     used_tiers = {tier for tier, pool in pools.items() if pool.capacity}
     assert used_tiers == {"all on disk": {"disk"}, "all on host": {"host"},
                           "device, host and disk": {"device", "host", "disk"}}[layout]
@@ -118,7 +118,7 @@ def test_a_spill_fault_fails_its_request_and_the_engine_goes_on(tiny_model, tmp_
     failure, tokens, stats = asyncio.run(asyncio.wait_for(main(), 120))
     assert isinstance(failure, error) and message in str(failure), failure
     assert tokens == expected                       # the same engine serves the next request correctly
-    assert all(pool.used == 0 for pool in stats.kv_blocks.values())
+    assert all(pool.used == 0 for pool in stats.kv_blocks.by_tier().values())
     assert list(tmp_path.iterdir()) == []           # closing removed the spill file
 
 
@@ -155,7 +155,7 @@ def test_a_full_disk_fails_only_the_request_whose_block_it_was(tiny_model, tmp_p
     alone, b_tokens, a_error, stats = asyncio.run(asyncio.wait_for(main(), 120))
     assert isinstance(a_error, TierCapacityError) and "is full" in str(a_error)
     assert b_tokens == alone
-    assert stats.requests == 0 and all(pool.used == 0 for pool in stats.kv_blocks.values())
+    assert stats.requests == 0 and all(pool.used == 0 for pool in stats.kv_blocks.by_tier().values())
 
 
 def test_a_conversation_turn_after_turn_gives_the_tokens_of_a_fresh_full_context_run(tiny_model, tmp_path):

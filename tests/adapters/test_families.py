@@ -160,7 +160,7 @@ def test_kv_blocks_on_disk_match_transformers(checkpoints, oracle, tmp_path, nam
                           profile=HARDWARE, kv_cache_dir=tmp_path, kv_device_bytes=0, kv_host_bytes=0)
     _, logits, tokens, _, stats = asyncio.run(_run(checkpoints[name], config, prompt))
 
-    pools = stats.kv_blocks
+    pools = stats.kv_blocks.by_tier()
     assert {tier for tier, pool in pools.items() if pool.capacity} == {"disk"}
     expected_logits, expected_tokens = oracle(name, prompt)
     assert _relative_error(logits, expected_logits) <= 1e-5

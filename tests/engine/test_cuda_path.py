@@ -193,7 +193,7 @@ def test_paged_kv_over_device_host_and_disk_on_the_device_path(tiny_models, tmp_
             return logits, list(out.token_ids), engine.pipeline_statistics().kv_blocks
 
     logits, tokens, kv = asyncio.run(main())
-    assert kv["disk"].capacity > 0 and kv["host"].capacity > 0 and kv["device"].capacity > 0
+    assert kv.disk.capacity > 0 and kv.host.capacity > 0 and kv.device.capacity > 0
     # the weight arena, the KV host pool and the KV read window were pinned, and unpinned at close
     assert len(ops.pinned) == 3 and sorted(ops.pinned) == sorted(ops.unpinned)
     expected = oracle_logits(path, prompt, "float32")
@@ -219,7 +219,7 @@ def test_kv_blocks_from_host_and_disk_reach_attention_through_the_copy_stream(ti
             return await engine.logits(prompt), engine.pipeline_statistics().kv_blocks
 
     logits, kv = asyncio.run(main())
-    assert kv["disk"].capacity > 0 and kv["host"].capacity > 0 and kv["device"].capacity == 0
+    assert kv.disk.capacity > 0 and kv.host.capacity > 0 and kv.device.capacity == 0
     assert ops.copies > 0
     expected = oracle_logits(path, prompt, "float32")
     close = ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-5

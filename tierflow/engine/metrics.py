@@ -21,6 +21,7 @@ from tierflow.pipeline.executor import WorkerStats
 from tierflow.pipeline.ring import ChannelStats, RingStats
 from tierflow.stages.experts import ExpertStats
 from tierflow.tiers.io.pinned import ArenaStats
+from tierflow.tiers.kv.blocks import KVPoolsStats
 from tierflow.tiers.kv.prefix import PrefixCacheStats
 from tierflow.tiers.plan.costmodel import DEVICE, sweep_times
 
@@ -47,7 +48,7 @@ class PipelineStats:
     ring: RingStats | None                 # the staging ring of streamed units
     channel: ChannelStats | None           # the read-ahead units waiting for compute
     worker: WorkerStats                    # the compute worker
-    kv_blocks: Any                         # the paged KV store's pools per tier (None: contiguous KV)
+    kv_blocks: KVPoolsStats | None         # the paged KV store's pools per tier (None: contiguous KV)
     experts: ExpertStats | None            # the expert stage (mixture-of-experts models)
     prefix_cache: PrefixCacheStats | None  # the prefix cache
     pinned: ArenaStats | None              # CUDA: the pinned host arena

@@ -14,7 +14,7 @@ def test_new_blocks_go_to_the_fastest_tier_with_room():
     refs = [t.append_block(7, layer=0) for _ in range(4)]
     assert [r.tier for r in refs] == ["device", "device", "host", "disk"]
     assert t.table(7, 0) == tuple(refs) and t.table(7, 1) == ()
-    assert {k: v.used for k, v in t.statistics().items()} == {"device": 2, "host": 1, "disk": 1}
+    assert {k: v.used for k, v in t.statistics().by_tier().items()} == {"device": 2, "host": 1, "disk": 1}
     assert t.blocks_for(33) == 3 * 2
 
 
@@ -30,11 +30,11 @@ def test_moves_keep_the_old_slot_until_released_and_frees_return_everything():
     t.append_block(1, 0)
     old, new = t.move(1, 0, 0, "disk")
     assert old == BlockRef("device", 0) and new.tier == "disk" and t.table(1, 0) == (new,)
-    assert t.statistics()["device"].used == 1          # not yet released: the copy may be in flight
+    assert t.statistics().device.used == 1          # not yet released: the copy may be in flight
     t.release(old)
-    assert t.statistics()["device"].used == 0
+    assert t.statistics().device.used == 0
     assert t.free_sequence(1) == 1 and t.free_sequence(1) == 0
-    assert all(s.used == 0 for s in t.statistics().values())
+    assert all(s.used == 0 for s in t.statistics().by_tier().values())
     with pytest.raises(ValueError, match="not allocated"):
         t.release(old)
 
@@ -61,5 +61,5 @@ def test_no_slot_is_ever_owned_twice(caps, operations):
             pass
         owned = [ref for s in t.sequences() for layer_ in range(2) for ref in t.table(s, layer_)]
         assert len(owned) == len(set(owned))
-        for name, stats in t.statistics().items():
+        for name, stats in t.statistics().by_tier().items():
             assert stats.used == sum(1 for ref in owned if ref.tier == name) <= stats.capacity

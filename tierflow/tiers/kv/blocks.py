@@ -35,6 +35,18 @@ class PoolStats:
         return self.capacity - self.used
 
 
+@dataclass(frozen=True, slots=True)
+class KVPoolsStats:
+    """The block pools of every tier."""
+    device: PoolStats           # blocks in device memory (RAM on the CPU)
+    host: PoolStats             # blocks in (pinned) host memory
+    disk: PoolStats             # blocks in the spill file
+
+    def by_tier(self) -> dict[str, PoolStats]:
+        """The same, keyed by tier name, fastest first."""
+        return {"device": self.device, "host": self.host, "disk": self.disk}
+
+
 class BlockPool:
     """The free slots of one tier."""
 
@@ -73,8 +85,8 @@ class KVBlockTables:
         self.pools = {tier: BlockPool(tier, capacities.get(tier, 0)) for tier in TIER_ORDER}
         self._tables: dict[int, list[list[BlockRef]]] = {}
 
-    def statistics(self) -> dict[str, PoolStats]:
-        return {tier: pool.statistics() for tier, pool in self.pools.items()}
+    def statistics(self) -> KVPoolsStats:
+        return KVPoolsStats(*(self.pools[tier].statistics() for tier in TIER_ORDER))
 
     @property
     def capacity_blocks(self) -> int:

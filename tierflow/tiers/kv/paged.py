@@ -35,7 +35,7 @@ from tierflow.errors import ConfigError, TransferError
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.tiers.io.reader import aligned_empty
 from tierflow.tiers.io.spill import SpillFile
-from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, PoolStats
+from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, KVPoolsStats
 from tierflow.tiers.kv.handle import BlockIO, KVBlock, KVBlocks, OffDevice
 from tierflow.tiers.plan.costmodel import kv_read_window
 
@@ -102,13 +102,13 @@ class KVStore:
         """Tokens of context all sequences together can hold (whole blocks in every layer)."""
         return self.tables.capacity_blocks // self.num_layers * self.block_tokens
 
-    def statistics(self) -> dict[str, PoolStats]:
+    def statistics(self) -> KVPoolsStats:
         return self.tables.statistics()
 
     def spread(self, nbytes: int) -> dict[str, float]:
         """``nbytes`` of KV shared out over the tiers as the blocks in use now are (all on the
         device when no block is committed yet: the tails live there)."""
-        used = {tier: stats.used for tier, stats in self.statistics().items()}
+        used = {tier: stats.used for tier, stats in self.statistics().by_tier().items()}
         total = sum(used.values())
         return {tier: nbytes * n / total for tier, n in used.items()} if total else {"device": nbytes}
 
