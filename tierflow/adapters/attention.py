@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from tierflow.adapters.flash import flash_attend, flash_device_supported, flash_head_dim_supported, flash_supported
-from tierflow.adapters.kv import KVBlock, KVBlocks
+from tierflow.adapters.kv import KVBlock, KVBlocks, first_visible
 
 KEY_TILE_TOKENS = 512     # keys per tile when contiguous KV goes through the online softmax
 
@@ -50,7 +50,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
     if flash_supported(q, keys, softcap, window):
         return flash_attend(q, keys, values, start, scale=scale, window=window, softcap=softcap)
     n, num_heads, d = q.shape
-    first = 0 if window is None else max(0, start - window + 1)     # the earliest key any query sees
+    first = first_visible(start, window)     # the earliest key any query sees
     keys, values = keys[:, first:], values[:, first:]
     if softcap is not None:
         blocks = [(keys[:, s:s + KEY_TILE_TOKENS], values[:, s:s + KEY_TILE_TOKENS], first + s)

@@ -24,7 +24,7 @@ import torch
 
 from tierflow.adapters import ModelSpec
 from tierflow.config import EngineConfig
-from tierflow.engine.loading import eos_ids, load_tokenizer, resolve_device, resolve_dtype
+from tierflow.engine.loading import load_tokenizer, resolve_device, resolve_dtype
 from tierflow.engine.placement import Placement, start_device, start_host
 from tierflow.engine.planning import EnginePlan, plan_engine
 from tierflow.errors import ConfigError
@@ -99,10 +99,6 @@ class Runtime:
     @property
     def bridge(self) -> EventBridge | None:
         return self.placement.bridge if self.placement is not None else None
-
-    @property
-    def eos_ids(self) -> frozenset[int]:
-        return frozenset(eos_ids(self.index, self.tokenizer))
 
     async def aclose(self) -> None:
         await self.stack.aclose()

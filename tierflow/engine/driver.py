@@ -22,6 +22,7 @@ import torch
 
 from tierflow.config import SamplingParams
 from tierflow.engine.build import Runtime
+from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
 from tierflow.engine.sampling import make_generator, sample
@@ -47,7 +48,7 @@ class Driver:
                                kv_capacity_tokens=kv_tokens)
         self.requests: dict[int, Request] = {}
         self.meter = DecodeMeter(rt)
-        self._eos_ids = rt.eos_ids
+        self._eos_ids = eos_ids(rt.index, rt.tokenizer)
         self._to_remove: set[int] = set()
         self._ids = itertools.count()
         self._wake = asyncio.Event()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from tierflow.engine.build import Runtime
 from tierflow.outputs import EngineStats, StageTimes
