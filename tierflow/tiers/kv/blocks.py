@@ -10,7 +10,7 @@ block, which the tests check for random sequences of operations.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 from dataclasses import dataclass
 
 from tierflow.errors import TierCapacityError
@@ -48,19 +48,25 @@ class KVPoolsStats:
 
 
 class BlockPool:
-    """The free slots of one tier."""
+    """The free slots of one tier. The lowest free slot is taken first, so the slots in use stay
+    packed at the start (a spill file only grows as far as its highest slot in use), and a pool
+    of millions of slots costs nothing until they are used."""
 
     def __init__(self, tier: str, capacity: int) -> None:
         if capacity < 0:
             raise ValueError(f"pool {tier!r}: capacity must be >= 0, got {capacity}")
         self.tier, self.capacity = tier, capacity
-        self._free: deque[int] = deque(range(capacity))
+        self._released: list[int] = []      # a heap of freed slots below the high-water mark
+        self._high = 0                      # slots from here on were never allocated
         self._used: set[int] = set()
 
     def allocate(self) -> int | None:
-        if not self._free:
+        if self._released:
+            slot = heapq.heappop(self._released)
+        elif self._high < self.capacity:
+            slot, self._high = self._high, self._high + 1
+        else:
             return None
-        slot = self._free.popleft()
         self._used.add(slot)
         return slot
 
@@ -68,7 +74,12 @@ class BlockPool:
         if slot not in self._used:
             raise ValueError(f"pool {self.tier!r}: slot {slot} is not allocated")
         self._used.remove(slot)
-        self._free.append(slot)
+        heapq.heappush(self._released, slot)
+
+    @property
+    def high_water(self) -> int:
+        """One past the highest slot ever allocated."""
+        return self._high
 
     def statistics(self) -> PoolStats:
         return PoolStats(self.tier, self.capacity, len(self._used))

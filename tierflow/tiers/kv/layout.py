@@ -1,0 +1,66 @@
+"""How many pool blocks a sequence's KV holds: the arithmetic the batcher admits, grows and
+preempts by, and the paged store's rings release by. Pure (no torch, no I/O).
+
+A layer's committed blocks are its whole ``block_tokens`` blocks (the partly filled last one
+is the sequence's tail buffer, outside the pools). A full-attention layer keeps all of them.
+A sliding-window layer keeps a ring: before a sweep whose earliest query is at position ``q``
+appends, every block wholly before ``q - window + 1`` (the first key that query sees, and so
+any later one) goes back to its pool. So a layer holding keys up to ``end`` (exclusive) whose
+next query is at ``q`` holds ``end // bt - max(0, q - window + 1) // bt`` blocks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    block_tokens: int
+    windows: tuple[int | None, ...]              # per layer: its sliding window, None for full attention
+    _groups: tuple[tuple[int | None, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1 or not self.windows:
+            raise ValueError(f"a KV layout needs block_tokens >= 1 and at least one layer, got {self.block_tokens}, "
+                             f"{len(self.windows)} layers")
+        object.__setattr__(self, "_groups", tuple(sorted(Counter(self.windows).items(), key=lambda kv: kv[0] or 0)))
+
+    @classmethod
+    def full(cls, num_layers: int, block_tokens: int) -> KVLayout:
+        """Every layer sees every key."""
+        return cls(block_tokens, (None,) * num_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.windows)
+
+    @property
+    def windowed(self) -> bool:
+        return any(w is not None for w in self.windows)
+
+    def first_kept_block(self, window: int | None, first_query: int) -> int:
+        """The earliest block a layer with ``window`` keeps while its earliest query is at ``first_query``."""
+        return 0 if window is None else max(0, first_query - window + 1) // self.block_tokens
+
+    def layer_blocks(self, window: int | None, first_query: int, end: int) -> int:
+        """Pool blocks one layer holds with keys up to ``end`` and its earliest query at ``first_query``."""
+        return max(0, end // self.block_tokens - self.first_kept_block(window, first_query))
+
+    def blocks(self, first_query: int, end: int) -> int:
+        """Pool blocks over every layer: keys up to ``end``, the earliest query at ``first_query``."""
+        return sum(count * self.layer_blocks(w, first_query, end) for w, count in self._groups)
+
+    def blocks_step(self, before: tuple[int, int], after: tuple[int, int]) -> int:
+        """The most pool blocks held while a sweep takes a sequence from ``before`` to ``after``
+        (each a (first query, end) pair): each layer releases its ring, then commits."""
+        return sum(count * max(self.layer_blocks(w, *before), self.layer_blocks(w, *after))
+                   for w, count in self._groups)
+
+    def most_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
+        """The most pool blocks a sequence of up to ``max_tokens`` tokens, computed at most
+        ``chunk_tokens`` per sweep, ever holds (a ring's peak is during a prefill chunk)."""
+        full = max_tokens // self.block_tokens
+        return sum(count * (full if w is None else min(full, (chunk_tokens + w - 1) // self.block_tokens + 1))
+                   for w, count in self._groups)
