@@ -85,7 +85,7 @@ def test_a_cancellation_storm_leaves_survivors_correct_and_the_pipeline_at_basel
         assert result.token_ids == alone[i]      # a survivor, or a doomed one that finished first
     assert any(isinstance(r, asyncio.CancelledError) for r in results)
     batcher = after.batcher
-    assert batcher.num_running == batcher.num_waiting == batcher.kv_reserved_tokens == 0
+    assert batcher.num_running == batcher.num_waiting == batcher.kv_held_blocks == 0
     assert after.requests == 0
     for name in ("ring", "channel"):    # read-ahead refills the same slots as before
         now, then = getattr(after, name), getattr(baseline, name)
@@ -99,16 +99,16 @@ def test_a_request_that_can_never_fit_the_kv_capacity_fails_at_once(tiny_model):
     async def main():
         config = EngineConfig(device="cpu", kv_reserve_tokens=256, prefill_chunk_tokens=64)
         async with await Engine.open(tiny_model, config) as engine:
-            with pytest.raises(TierCapacityError, match=r"need KV cache for 300 tokens.*capacity is 256 tokens"):
+            with pytest.raises(TierCapacityError, match=r"need KV cache for 300 tokens.*holds at most 256 tokens for one request.*kv_reserve_tokens"):
                 await asyncio.wait_for(engine.generate(list(range(1, 101)), SamplingParams(max_new_tokens=200)), 1)
             return await engine.generate([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True))
 
     assert len(asyncio.run(main()).token_ids) == 3
 
 
-def test_a_request_that_fits_later_waits_for_capacity(tiny_model):
+def test_with_reserved_kv_a_request_that_fits_later_waits_for_capacity(tiny_model):
     async def main():
-        config = EngineConfig(device="cpu", kv_reserve_tokens=256, prefill_chunk_tokens=64)
+        config = EngineConfig(device="cpu", kv_reserve_tokens=256, prefill_chunk_tokens=64, kv_allocation="reserve")
         async with await Engine.open(tiny_model, config) as engine:
             alone = await engine.generate([7, 8, 9], SamplingParams(max_new_tokens=50, ignore_eos=True))
             first = asyncio.create_task(engine.generate([1, 2, 3], SamplingParams(max_new_tokens=230, ignore_eos=True)))
@@ -117,7 +117,7 @@ def test_a_request_that_fits_later_waits_for_capacity(tiny_model):
             waited = False
             while not first.done():
                 stats = engine.pipeline_statistics().batcher
-                assert stats.kv_reserved_tokens <= 256
+                assert stats.kv_held_blocks <= stats.kv_capacity_blocks == 256 * engine.spec.num_layers
                 waited |= stats.num_waiting == 1 and stats.num_running == 1
                 await asyncio.sleep(0.002)
             return alone, await first, await second, waited
@@ -143,7 +143,7 @@ def test_a_timeout_cancels_only_its_request(tiny_model):
 
     done, stats = asyncio.run(main())
     assert len(done.token_ids) == 20
-    assert stats.requests == 0 and stats.batcher.kv_reserved_tokens == 0
+    assert stats.requests == 0 and stats.batcher.kv_held_blocks == 0
 
 
 def test_tierflow_entry_points_run_on_uvloop(tiny_model):

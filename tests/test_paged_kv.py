@@ -43,7 +43,8 @@ def test_tiered_kv_matches_in_memory_and_transformers(tiny_model, reference, tmp
     budgets = {"all on disk": dict(kv_device_bytes=0, kv_host_bytes=0),
                "all on host": dict(kv_device_bytes=0, kv_host_bytes=per_token * CONTEXT),
                "device, host and disk": dict(kv_device_bytes=third, kv_host_bytes=third)}[layout]
-    config = EngineConfig(**BASE, profile=HARDWARE, kv_cache_dir=tmp_path, **budgets)
+    spill = {} if layout == "all on host" else dict(kv_cache_dir=tmp_path)    # with a directory, disk has room too
+    config = EngineConfig(**BASE, profile=HARDWARE, **spill, **budgets)
     logits, tokens, _, stats = asyncio.run(_run(tiny_model, config))
 
     pools = stats.kv_blocks.by_tier()

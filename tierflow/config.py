@@ -17,6 +17,7 @@ DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DIRECT_IO_MODES = ("auto", "on", "off")
 EXPERT_READS = ("routed", "all")
+KV_ALLOCATIONS = ("on_demand", "reserve")
 
 
 def _check_positive(owner: str, name: str, value: int | None, *, allow_none: bool = False,
@@ -50,7 +51,14 @@ class EngineConfig:
     direct_io: "auto" tries O_DIRECT and falls back to buffered reads where the
         filesystem refuses it; "on" makes a refusal an error; "off" always buffers.
     kv_reserve_tokens: tokens of KV cache (all sequences together) the plan reserves
-        in device memory; the planner sizes everything else around it.
+        in device memory; the planner sizes everything else around it. It is the whole KV
+        capacity of the in-memory (unpaged) cache; a paged cache's capacity is what its
+        tiers hold (below), and this only sizes its device share when kv_device_bytes is unset.
+    kv_allocation: "on_demand" (the default): a request takes KV blocks as its tokens arrive,
+        and when every tier is full the most recently arrived request is preempted (its KV
+        dropped, recomputed when it resumes, with the same tokens); "reserve": a request
+        reserves KV for its prompt and every new token it may produce when it is admitted,
+        and nothing is ever preempted (fewer requests run at once).
     max_num_seqs: the most sequences one sweep serves.
     prefill_chunk_tokens: the most tokens one sweep computes (prompts longer than this
         are prefilled over several sweeps); None: the planner chooses.
@@ -62,6 +70,8 @@ class EngineConfig:
         the KV cache: fixed-size blocks placed device first, then host, then disk.
     kv_device_bytes / kv_host_bytes: KV budgets per tier (0 forces a tier empty); None: the
         plan's device share, and no host share on CPU (where host memory is the device's).
+    kv_disk_bytes: cap on the KV spill file in kv_cache_dir; None: the directory's free space
+        less a margin (5%, at least 1 GiB). The file grows as blocks spill and is removed on close.
     prefix_cache_bytes: host memory for the prefix cache: KV blocks of earlier prompts (and
         conversations), keyed by their tokens, that a later request starting with the same
         tokens reuses instead of prefilling them. 0 (the default) keeps none in memory.
@@ -91,6 +101,7 @@ class EngineConfig:
     io_block_bytes: int | None = None
     direct_io: str = "auto"
     kv_reserve_tokens: int = 2048
+    kv_allocation: str = "on_demand"
     max_num_seqs: int = 64
     prefill_chunk_tokens: int | None = None
     mlp_chunk_tokens: int | None = None
@@ -98,6 +109,7 @@ class EngineConfig:
     kv_cache_dir: str | os.PathLike[str] | None = None
     kv_device_bytes: int | None = None
     kv_host_bytes: int | None = None
+    kv_disk_bytes: int | None = None
     prefix_cache_bytes: int = 0
     prefix_cache_dir: str | os.PathLike[str] | None = None
     prefix_cache_disk_bytes: int | None = None
@@ -131,7 +143,11 @@ class EngineConfig:
             raise ConfigError(f"EngineConfig.io_block_bytes must be a multiple of 4096, got {self.io_block_bytes}")
         _check_positive("EngineConfig", "kv_reserve_tokens", self.kv_reserve_tokens, minimum=0)
         _check_positive("EngineConfig", "max_num_seqs", self.max_num_seqs)
-        for name in ("kv_device_bytes", "kv_host_bytes"):
+        if self.kv_allocation not in KV_ALLOCATIONS:
+            raise ConfigError(f"EngineConfig.kv_allocation must be one of {KV_ALLOCATIONS}, got {self.kv_allocation!r}")
+        if self.kv_disk_bytes is not None and self.kv_cache_dir is None:
+            raise ConfigError("EngineConfig.kv_disk_bytes caps the KV spill file in kv_cache_dir, which is not set")
+        for name in ("kv_device_bytes", "kv_host_bytes", "kv_disk_bytes"):
             _check_positive("EngineConfig", name, getattr(self, name), allow_none=True, minimum=0)
         if self.kv_cache_dir is not None and not isinstance(self.kv_cache_dir, (str, os.PathLike)):
             raise ConfigError(f"EngineConfig.kv_cache_dir must be a path, got {type(self.kv_cache_dir).__name__}")

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 
 class TierflowError(Exception):
-    """Base class of every error raised by tierflow."""
+    """Base class of every error raised by tierflow.
+
+    ``settings``: the ``EngineConfig`` fields the message names as the remedy (the CLI shows
+    its own flags for them instead)."""
+
+    def __init__(self, *args: object, settings: tuple[str, ...] = ()) -> None:
+        super().__init__(*args)
+        self.settings = settings
 
 
 class ConfigError(TierflowError, ValueError):

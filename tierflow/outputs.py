@@ -61,6 +61,10 @@ class EngineStats:
     expert_bytes_read: int = 0           # MoE: bytes of routed experts read from disk (in bytes_read_from_disk)
     gpu_busy_s: float | None = None      # CUDA: device time inside the units' kernels (None on CPU)
     gpu_span_s: float | None = None      # CUDA: device time from each sweep's first kernel to its last
+    kv_allocation: str = "on_demand"     # "on_demand" (KV taken as tokens arrive, preemption) | "reserve"
+    preemptions: int = 0                 # requests preempted because every KV tier was full
+    preempted_tokens_recomputed: int = 0 # tokens whose dropped KV was computed again on resumption
+    preempted_tokens_restored: int = 0   # tokens whose KV the prefix cache gave back on resumption instead
 
     @property
     def gpu_idle_fraction(self) -> float | None:

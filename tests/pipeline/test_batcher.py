@@ -4,6 +4,9 @@ import pytest
 
 from tierflow.errors import KVCapacityError
 from tierflow.pipeline.batcher import Batcher
+from tierflow.tiers.kv.layout import KVLayout
+
+TOKENS = KVLayout.full(1, 1)      # one block per token: capacities below are in tokens
 
 
 def _sampled(plan, appended: set[int]) -> list[int | None]:
@@ -71,39 +74,39 @@ def test_remove_waiting_and_running():
     assert not b.has_work() and b.schedule() is None
 
 
-def test_admission_by_kv_capacity_is_fifo_and_never_overtakes():
-    b = Batcher(max_num_seqs=8, max_sweep_tokens=64, kv_capacity_tokens=100)
+def test_reserving_admission_is_fifo_and_never_overtakes():
+    b = Batcher(max_num_seqs=8, max_sweep_tokens=64, kv=TOKENS, kv_capacity_blocks=100, allocation="reserve")
     b.add(1, 10, 60)
     b.add(2, 10, 50)       # does not fit beside 1 (110 > 100): waits
     b.add(3, 5, 10)        # would fit, but must not overtake 2
     plan = b.schedule()
     assert [s.seq_id for s in plan.seqs] == [1]
     stats = b.statistics()
-    assert (stats.num_running, stats.num_waiting, stats.kv_reserved_tokens) == (1, 2, 60)
+    assert (stats.num_running, stats.num_waiting, stats.kv_held_blocks) == (1, 2, 60)
     b.remove(1)            # its reservation comes back at the sweep boundary
     plan = b.schedule()
     assert sorted(s.seq_id for s in plan.seqs) == [2, 3]
-    assert b.statistics().kv_reserved_tokens == 60
+    assert b.statistics().kv_held_blocks == 60
 
 
 def test_a_sequence_larger_than_the_kv_capacity_is_refused():
-    b = Batcher(max_num_seqs=8, max_sweep_tokens=64, kv_capacity_tokens=100)
-    with pytest.raises(KVCapacityError, match="needs KV for 101 tokens but the KV capacity is 100"):
+    b = Batcher(max_num_seqs=8, max_sweep_tokens=64, kv=TOKENS, kv_capacity_blocks=100, allocation="reserve")
+    with pytest.raises(KVCapacityError, match="needs up to 101 KV blocks but the KV cache holds 100"):
         b.add(1, 50, 101)
     assert not b.has_work()
     b.add(2, 100, 100)      # exactly the capacity fits
     assert [s.seq_id for s in b.schedule().seqs] == [2]
 
 
-def test_removing_a_waiting_sequence_releases_nothing():
-    b = Batcher(max_num_seqs=1, max_sweep_tokens=64, kv_capacity_tokens=100)
+def test_removing_a_waiting_sequence_releases_no_reservation():
+    b = Batcher(max_num_seqs=1, max_sweep_tokens=64, kv=TOKENS, kv_capacity_blocks=100, allocation="reserve")
     b.add(1, 10, 20)
     b.add(2, 10, 20)
     b.schedule()
     b.remove(2)            # still waiting: it held no reservation
-    assert b.statistics().kv_reserved_tokens == 20
+    assert b.statistics().kv_held_blocks == 20
     b.remove(1)
-    assert b.statistics().kv_reserved_tokens == 0 and not b.has_work()
+    assert b.statistics().kv_held_blocks == 0 and not b.has_work()
 
 
 def test_postprocess_ends_sequences_at_a_stop_token_or_their_most_tokens():

@@ -18,7 +18,7 @@ import torch
 
 from tierflow.adapters.attention import attention_backend
 from tierflow.config import EngineConfig, SamplingParams
-from tierflow.engine.build import Runtime, build_runtime
+from tierflow.engine.build import Runtime, build_runtime, context_window
 from tierflow.engine.driver import Driver
 from tierflow.engine.metrics import PipelineStats, engine_stats, pipeline_stats
 from tierflow.engine.requests import Prompt, Request, deadline_after, encode_prompt
@@ -38,7 +38,7 @@ class Engine:
         self.spec, self.tokenizer = rt.spec, rt.tokenizer
         self.plan, self.hardware, self.costs = rt.plan, rt.hardware, rt.costs
         self.overrides, self.hardware_source = rt.planned.overrides, rt.planned.provenance
-        self.max_context_tokens = min(rt.config.max_context_tokens or 2**62, self.spec.max_position_embeddings)
+        self.max_context_tokens = context_window(rt.config, self.spec)
         self._driver = Driver(rt, self.max_context_tokens)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -167,11 +167,11 @@ class Engine:
 
     # ----------------------------------------------------------------------------- statistics
     def stats(self) -> EngineStats:
-        return engine_stats(self._runtime, self._driver.meter, self._driver.tokens)
+        return engine_stats(self._runtime, self._driver.meter, self._driver.tokens, self._driver.batcher.statistics())
 
     def pipeline_statistics(self) -> PipelineStats:
         """Every bounded queue, ring and budget of the pipeline (``statistics()`` of each): the
-        batcher (running / waiting sequences, KV tokens reserved), the staging ring and the
+        batcher (running / waiting sequences, KV blocks held, preemptions), the staging ring and the
         channel of read-ahead units, the compute worker, the KV pools, the expert stage, the
         prefix cache, and on CUDA the pinned arena and the event bridge."""
         return pipeline_stats(self._runtime, self._driver.batcher.statistics(), len(self._driver.requests))

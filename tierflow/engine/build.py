@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,15 @@ from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.io.kvikio import KvikioReader, choose_reader
 from tierflow.tiers.io.pinned import PinnedArena
 from tierflow.tiers.io.reader import DiskReader
+from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.kv.paged import KVStore, block_bytes
 from tierflow.tiers.plan.costmodel import ModelCosts
 from tierflow.tiers.plan.hardware import HardwareProfile
 from tierflow.tiers.plan.plan import TierPlan
 
 log = logging.getLogger(__name__)
+DISK_MARGIN_BYTES = 1 << 30        # the KV spill leaves at least this much of its disk free
+DISK_MARGIN_FRACTION = 0.05        # ... or this fraction of the free space, whichever is more
 
 
 @dataclass(slots=True)
@@ -191,26 +195,56 @@ async def _write_trace(tracer: Tracer, path: str | os.PathLike[str]) -> None:
         await asyncio.to_thread(tracer.write, path)
     except OSError as error:
         log.error("could not write the trace to %s: %s", path, error)
+def context_window(config: EngineConfig, spec: ModelSpec) -> int:
+    """The most tokens (prompt and generated) one sequence may reach."""
+    return min(config.max_context_tokens or 2**62, spec.max_position_embeddings)
+
+
+def kv_layout(spec: ModelSpec, block_tokens: int) -> KVLayout:
+    """The paged store's blocks per sequence: sliding-window layers keep rings."""
+    return KVLayout.full(spec.num_layers, block_tokens)
+
+
+def disk_kv_bytes(config: EngineConfig) -> int:
+    """Bytes the KV spill file may take: ``kv_disk_bytes``, else the free space of
+    ``kv_cache_dir`` (its nearest existing parent) less a margin, DISK_MARGIN_FRACTION of it
+    but at least DISK_MARGIN_BYTES, and never more than half of it."""
+    if config.kv_cache_dir is None:
+        return 0
+    if config.kv_disk_bytes is not None:
+        return config.kv_disk_bytes
+    directory = Path(config.kv_cache_dir).expanduser().absolute()
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    free = shutil.disk_usage(directory).free
+    return free - min(free // 2, max(DISK_MARGIN_BYTES, int(free * DISK_MARGIN_FRACTION)))
+
+
 def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                   tracer: Tracer = NULL_TRACER) -> KVStore:
-    """Pools for an engine's paged KV cache of ``kv_reserve_tokens`` tokens: the device share
-    from ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
-    plan's), the rest on disk in ``kv_cache_dir``."""
-    layers, bt = spec.num_layers, plan.kv_block_tokens
+    """Pools for an engine's paged KV cache, as large as its tiers hold: the device share from
+    ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
+    plan's), the disk share from ``kv_disk_bytes`` (else the free space of ``kv_cache_dir``
+    less a margin); all of them together never more than ``max_num_seqs`` sequences of the
+    whole context window hold."""
+    bt = plan.kv_block_tokens
+    layout = kv_layout(spec, bt)
     per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
-    total = -(-max(1, config.kv_reserve_tokens) // bt)
-    device_share = config.kv_device_bytes // per_block // layers if config.kv_device_bytes is not None else \
-        plan.kv_blocks["device"] // layers
-    host_share = config.kv_host_bytes // per_block // layers if config.kv_host_bytes is not None else \
-        plan.kv_blocks.get("host", 0) // layers
-    device_share = min(device_share, total)
-    host_share = min(host_share, total - device_share)
-    disk_share = total - device_share - host_share
-    if disk_share and config.kv_cache_dir is None:
-        raise ConfigError(f"{disk_share * bt} of the {total * bt} tokens of KV (kv_reserve_tokens) fit neither "
-                          "the device nor the host KV budget: set EngineConfig.kv_cache_dir to spill them to "
-                          "disk, or raise kv_device_bytes / kv_host_bytes")
-    return KVStore(num_layers=layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
-                   device=device, block_tokens=bt, device_blocks=device_share * layers,
-                   host_blocks=host_share * layers, disk_blocks=disk_share * layers, spill_dir=config.kv_cache_dir,
-                   tracer=tracer)
+    bound = config.max_num_seqs * layout.most_blocks(context_window(config, spec), plan.prefill_chunk_tokens)
+    device_blocks = config.kv_device_bytes // per_block if config.kv_device_bytes is not None else \
+        plan.kv_blocks["device"]
+    host_blocks = config.kv_host_bytes // per_block if config.kv_host_bytes is not None else \
+        plan.kv_blocks.get("host", 0)
+    device_blocks = min(device_blocks, bound)
+    host_blocks = min(host_blocks, bound - device_blocks)
+    stride = -(-per_block // 4096) * 4096
+    disk_blocks = min(max(0, disk_kv_bytes(config)) // stride, bound - device_blocks - host_blocks)
+    if device_blocks + host_blocks + disk_blocks == 0:
+        remedy = "raise EngineConfig.kv_disk_bytes" if config.kv_cache_dir is not None else \
+            "set EngineConfig.kv_cache_dir to spill KV blocks to disk"
+        raise ConfigError(f"the paged KV cache has no room for a single block of {per_block} bytes: the device and "
+                          f"host budgets (kv_device_bytes, kv_host_bytes) hold none and the disk holds none; "
+                          f"{remedy}, or raise kv_device_bytes / kv_host_bytes")
+    return KVStore(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
+                   device=device, block_tokens=bt, device_blocks=device_blocks, host_blocks=host_blocks,
+                   disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer)

@@ -21,7 +21,7 @@ import time
 import torch
 
 from tierflow.config import SamplingParams
-from tierflow.engine.build import Runtime
+from tierflow.engine.build import Runtime, kv_layout
 from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
@@ -31,6 +31,8 @@ from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch
 from tierflow.tiers.io.reader import trim_heap
 from tierflow.tiers.kv.contiguous import SequenceKV
+from tierflow.tiers.kv.handle import KVHandle
+from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.plan.costmodel import DEVICE
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,15 @@ TRIM_AFTER_TOKENS = 256     # sweeps of at least this many tokens return their f
 class Driver:
     def __init__(self, rt: Runtime, max_context_tokens: int) -> None:
         self.rt, self.max_context_tokens = rt, max_context_tokens
-        plan, spec = rt.plan, rt.spec
-        kv_tokens = plan.kv_blocks[DEVICE] // max(1, spec.num_layers) * plan.kv_block_tokens
-        if rt.kv_store is not None:
-            kv_tokens = rt.kv_store.capacity_tokens
-        self.batcher = Batcher(max_num_seqs=rt.config.max_num_seqs, max_sweep_tokens=plan.prefill_chunk_tokens,
-                               kv_capacity_tokens=kv_tokens)
+        plan, spec, config = rt.plan, rt.spec, rt.config
+        if rt.kv_store is not None:      # paged: blocks of every tier, sliding-window rings counted
+            layout, capacity = kv_layout(spec, plan.kv_block_tokens), rt.kv_store.tables.capacity_blocks
+        else:                            # one contiguous tensor per layer: counted token by token
+            layout, capacity = KVLayout.full(spec.num_layers, 1), plan.kv_blocks[DEVICE] * plan.kv_block_tokens
+        self.layout = layout
+        self.batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=plan.prefill_chunk_tokens,
+                               kv=layout, kv_capacity_blocks=capacity, allocation=config.kv_allocation,
+                               watermark_blocks=max(layout.num_layers, capacity // 100))
         self.requests: dict[int, Request] = {}
         self.meter = DecodeMeter(rt)
         self._eos_ids = eos_ids(rt.index, rt.tokenizer)
@@ -53,10 +58,17 @@ class Driver:
         self._ids = itertools.count()
         self._wake = asyncio.Event()
         self._generated = self._prompt = self._prompt_cached = 0
+        self._restored = 0          # tokens of preempted requests whose KV the prefix cache gave back
+
+    def capacity_tokens(self) -> int:
+        """The most tokens one sequence may reach with the whole KV cache to itself."""
+        capacity = self.batcher.kv_capacity_blocks
+        assert capacity is not None
+        return min(self.max_context_tokens, self.layout.tokens_within(capacity, self.batcher.max_sweep_tokens))
 
     @property
     def tokens(self) -> TokenCounts:
-        return TokenCounts(self._generated, self._prompt, self._prompt_cached)
+        return TokenCounts(self._generated, self._prompt, self._prompt_cached, self._restored)
 
     # ----------------------------------------------------------------------------- requests
     def submit(self, ids: list[int], params: SamplingParams, *, score: bool = False) -> Request:
@@ -69,18 +81,39 @@ class Driver:
         except KVCapacityError:
             raise TierCapacityError(
                 f"the prompt ({len(ids)} tokens) and up to {most - len(ids)} new tokens need KV cache for {most} "
-                f"tokens, but this engine's KV capacity is {self.batcher.kv_capacity_tokens} tokens for all "
-                "requests together; shorten the prompt, lower max_new_tokens, or open the engine with a larger "
-                "kv_reserve_tokens") from None
-        rt = self.rt
-        kv = rt.kv_store.sequence(seq_id) if rt.kv_store is not None else \
-            SequenceKV(rt.spec.num_layers, rt.spec.num_kv_heads, rt.spec.head_dim, dtype=rt.dtype,
-                       device=rt.device, max_tokens=most)
-        req = Request(seq_id, ids, params, kv, Detokenizer(rt.tokenizer, params.stop), make_generator(params),
-                      score=score)
+                f"tokens, but this engine's KV cache holds at most {self.capacity_tokens()} tokens for one request; "
+                f"shorten the prompt, lower max_new_tokens, or {self._capacity_remedy()}",
+                settings=self._capacity_settings()) from None
+        kv = self._new_kv(seq_id, most)
+        req = Request(seq_id, ids, params, kv, Detokenizer(self.rt.tokenizer, params.stop), make_generator(params),
+                      score=score, most_tokens=most)
         self.requests[req.id] = req
         self._wake.set()
         return req
+
+    def _new_kv(self, seq_id: int, most: int) -> KVHandle:
+        rt = self.rt
+        if rt.kv_store is not None:
+            return rt.kv_store.sequence(seq_id)
+        return SequenceKV(rt.spec.num_layers, rt.spec.num_kv_heads, rt.spec.head_dim, dtype=rt.dtype,
+                          device=rt.device, max_tokens=most)
+
+    def _capacity_settings(self) -> tuple[str, ...]:
+        """The EngineConfig fields that make the KV cache larger."""
+        if self.rt.kv_store is None:
+            return ("kv_reserve_tokens", "kv_cache_dir")
+        return ("kv_disk_bytes", "kv_cache_dir") if self.rt.config.kv_cache_dir is not None else \
+            ("kv_cache_dir", "kv_host_bytes", "kv_device_bytes")
+
+    def _capacity_remedy(self) -> str:
+        if self.rt.kv_store is None:
+            return ("open the engine with a larger EngineConfig.kv_reserve_tokens, or page the KV cache to disk "
+                    "with EngineConfig.kv_cache_dir")
+        if self.rt.config.kv_cache_dir is not None:
+            return ("give the KV spill more room: raise EngineConfig.kv_disk_bytes, or point "
+                    "EngineConfig.kv_cache_dir at a disk with more free space")
+        return ("let the KV cache spill to disk with EngineConfig.kv_cache_dir, or raise EngineConfig.kv_host_bytes / "
+                "EngineConfig.kv_device_bytes")
 
     def cancel(self, req: Request) -> None:
         if not req.done:
@@ -103,6 +136,10 @@ class Driver:
             if plan is None:
                 self._wake.clear()
                 await self._wake.wait()
+                continue
+            for seq_id in plan.preempted:
+                await self._preempt(self.requests[seq_id])
+            if not plan.seqs:
                 continue
             reqs = [self.requests[s.seq_id] for s in plan.seqs]
             decode = all(s.num_tokens == 1 and s.start >= len(r.prompt_ids) for s, r in zip(plan.seqs, reqs))
@@ -157,7 +194,9 @@ class Driver:
             elif item.sample:
                 rows.append(offset + item.num_tokens - 1)
             offset += item.num_tokens
-            self._prompt += sum(1 for p in span if p < len(req.prompt_ids))
+            prefilled = min(span.stop, len(req.prompt_ids))    # each prompt token counted once, recomputed or not
+            self._prompt += max(0, prefilled - max(span.start, req.prompt_done))
+            req.prompt_done = max(req.prompt_done, prefilled)
         # on the host: the sweep moves what the device needs there (a host embedding reads the ids here)
         return SweepBatch(torch.tensor(ids), torch.tensor(positions), tuple(slices), tuple(s.start for s in plan.seqs),
                           tuple(r.kv for r in reqs), torch.tensor(rows, dtype=torch.long))
@@ -199,25 +238,43 @@ class Driver:
         elif outcome.finish_reason is not None:
             self.finish(req, outcome.finish_reason)
 
+    async def _preempt(self, req: Request) -> None:
+        """The batcher took ``req``'s KV to make room: offer its blocks to the prefix cache (which
+        gives them back on resumption, if it still holds them), then drop them. The request
+        waits with every token it knows and recomputes the rest when it is admitted again."""
+        await self._remember(req)
+        await self.rt.worker.run(req.kv.free)
+        req.kv = self._new_kv(req.id, req.most_tokens)
+        req.remembered_blocks = 0
+        req.preemptions += 1
+        log.info("request %d preempted (KV cache full): %d tokens to recompute", req.id,
+                 len(req.prompt_ids) + len(req.output_ids))
+
     # ----------------------------------------------------------------------------- prefix cache
     async def _attach_prefix(self, req: Request) -> None:
-        """Reuse the longest cached prefix of a just-admitted request's prompt."""
+        """Reuse the longest cached prefix of a just-admitted request's tokens (its prompt, and
+        after a preemption what it generated too)."""
         prefix = self.rt.prefix
         if prefix is None or req.score:
             return
         started = time.perf_counter()
+        known = req.prompt_ids + req.output_ids
         try:
-            req.cached_tokens = await self.rt.worker.run(prefix.attach, req.kv, req.prompt_ids)
+            cached = await self.rt.worker.run(prefix.attach, req.kv, known)
         except Exception as exc:     # the KV it was copied into failed (a spill fault): only this request fails
             log.warning("request %d failed while reusing its cached prefix: %s", req.id, exc)
             self.finish(req, error=exc if isinstance(exc, TierflowError) else
                         RequestError(f"reusing the cached prefix failed: {exc!r}"))
             return
-        self.rt.tracer.span("prefix cache", "reuse", started, time.perf_counter(), request=req.id,
-                            tokens=req.cached_tokens)
-        if req.cached_tokens:
-            self.batcher.mark_computed(req.id, req.cached_tokens)
-            self._prompt_cached += req.cached_tokens
+        self.rt.tracer.span("prefix cache", "reuse", started, time.perf_counter(), request=req.id, tokens=cached)
+        if cached:
+            self.batcher.mark_computed(req.id, cached)
+            req.remembered_blocks = cached // prefix.block_tokens
+            if req.preemptions:
+                self._restored += cached
+            else:
+                req.cached_tokens = cached
+                self._prompt_cached += cached
 
     async def _remember(self, req: Request) -> None:
         """Offer a request's full KV blocks to the prefix cache (never fails the request)."""

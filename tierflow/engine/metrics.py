@@ -42,7 +42,7 @@ class StageClock:
 class PipelineStats:
     """``statistics()`` of every bounded queue, ring and budget of the pipeline (None where the
     engine has no such part)."""
-    batcher: BatcherStats                  # running / waiting sequences, KV tokens reserved
+    batcher: BatcherStats                  # running / waiting sequences, KV blocks held, preemptions
     requests: int                          # live requests (submitted, not yet removed)
     ring: RingStats | None                 # the staging ring of streamed units
     channel: ChannelStats | None           # the read-ahead units waiting for compute
@@ -99,9 +99,10 @@ class TokenCounts:
     generated: int                          # sampled tokens
     prompt: int                             # prompt tokens computed (prefilled)
     prompt_cached: int                      # prompt tokens reused from the prefix cache instead
+    restored: int = 0                       # tokens of preempted requests the prefix cache gave back
 
 
-def engine_stats(rt: Runtime, meter: DecodeMeter, tokens: TokenCounts) -> EngineStats:
+def engine_stats(rt: Runtime, meter: DecodeMeter, tokens: TokenCounts, batcher: BatcherStats) -> EngineStats:
     """The engine's ``EngineStats`` from its runtime's parts."""
     reader = rt.reader.statistics()
     stream = rt.stream.statistics() if rt.stream else None
@@ -129,7 +130,10 @@ def engine_stats(rt: Runtime, meter: DecodeMeter, tokens: TokenCounts) -> Engine
         expert_requests=experts.requests if experts else 0, expert_hits=experts.hits if experts else 0,
         expert_bytes_read=experts.bytes_read if experts else 0,
         gpu_busy_s=rt.device_path.gpu_busy_s if rt.device_path else None,
-        gpu_span_s=rt.device_path.gpu_span_s if rt.device_path else None)
+        gpu_span_s=rt.device_path.gpu_span_s if rt.device_path else None,
+        kv_allocation=batcher.allocation, preemptions=batcher.preemptions,
+        preempted_tokens_restored=tokens.restored,
+        preempted_tokens_recomputed=max(0, batcher.preempted_tokens - tokens.restored))
 
 
 def pipeline_stats(rt: Runtime, batcher: BatcherStats, requests: int) -> PipelineStats:

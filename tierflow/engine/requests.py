@@ -31,6 +31,7 @@ class Request:
     detok: Detokenizer
     generator: torch.Generator | None
     score: bool = False                       # return prompt logits instead of generating
+    most_tokens: int = 0                      # the most tokens (prompt and generated) it may reach
     output_ids: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     finish_reason: str | None = None
@@ -41,6 +42,8 @@ class Request:
     finished_s: float = 0.0
     cached_tokens: int = 0                    # prompt tokens whose KV came from the prefix cache
     remembered_blocks: int = 0                # full KV blocks offered to the prefix cache so far
+    preemptions: int = 0                      # times its KV was dropped to make room (then recomputed)
+    prompt_done: int = 0                      # prompt tokens prefilled so far (counted once, recomputed or not)
 
     @property
     def done(self) -> bool:

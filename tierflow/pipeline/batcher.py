@@ -1,4 +1,5 @@
-"""The request batcher: which tokens of which sequences go into the next sweep.
+"""The request batcher: which tokens of which sequences go into the next sweep, and which
+sequences give their KV back when it runs out.
 
 Pure bookkeeping (no torch, no I/O, no await), in the manner of nano-vllm's scheduler:
 the engine's driver is ``plan = batcher.schedule(); result = await sweep.run(plan);
@@ -10,30 +11,64 @@ generated) and a count of computed ones (their KV exists); a sweep computes the 
 of uncomputed tokens of every running sequence, decode tokens first, then prefill chunks,
 under a per-sweep token budget, so a long prompt never stalls everyone's decoding.
 
-Admission is first-in first-out, up to ``max_num_seqs`` running sequences and by KV
-capacity: a sequence reserves the KV of every token it may reach (prompt plus its
-``max_new_tokens``, within the context window) when it is admitted, and gives it back when
-it is removed, so the KV cache never outgrows what the plan gave it. The head of the queue
-waits until it fits and nobody overtakes it, so nobody starves. A sequence that could never
-fit is refused by ``add``.
+KV is counted in pool blocks, through a ``KVAccounting`` (the paged store's
+``tiers.kv.layout.KVLayout``: how many blocks a sequence holds, sliding-window rings
+included). Two allocation schemes:
+
+- ``"on_demand"`` (the default): a sequence holds the blocks of the tokens it has computed.
+  Admission is first-in first-out, up to ``max_num_seqs`` running sequences, while the
+  running sequences' known tokens, the newcomer's and a watermark fit. Each sweep checks,
+  oldest sequence first, that the blocks its tokens add fit what is free; a prefill chunk
+  that does not fit is shortened, and when even that fails the most recently arrived running
+  sequence is *preempted*: it drops its KV (``SweepPlan.preempted``: the driver frees it
+  before the sweep runs) and goes back to the waiting queue with every token it knows, to be
+  recomputed when it is admitted again. The oldest sequence is never preempted for a newer
+  one, so everyone finishes.
+- ``"reserve"``: a sequence reserves the blocks of every token it may reach when it is
+  admitted and keeps them until it is removed; nothing is ever preempted.
+
+Either way a sequence that could never fit the whole cache alone is refused by ``add``.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from tierflow.errors import KVCapacityError
+
+ON_DEMAND, RESERVE = "on_demand", "reserve"
+ALLOCATIONS = (ON_DEMAND, RESERVE)
+
+
+class KVAccounting(Protocol):
+    """Pool blocks a sequence holds (``tiers.kv.layout.KVLayout`` is one)."""
+
+    def blocks(self, first_query: int, end: int) -> int:
+        """Blocks held with keys up to ``end`` and the earliest query still to come at ``first_query``."""
+        ...
+
+    def blocks_step(self, before: tuple[int, int], after: tuple[int, int]) -> int:
+        """The most blocks held while a sweep moves a sequence from ``before`` to ``after``."""
+        ...
+
+    def most_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
+        """The most blocks a sequence of up to ``max_tokens``, ``chunk_tokens`` a sweep, ever holds."""
+        ...
 
 
 @dataclass(slots=True)
 class _Seq:
     seq_id: int
+    arrival: int             # order of ``add``: the older, the later it is preempted
     num_tokens: int          # tokens known: prompt + generated so far
-    reserved: int            # KV tokens held while running: the most it may reach
+    max_tokens: int          # the most it may reach
+    reserve: int             # "reserve": blocks held from admission to removal (0 when on demand)
     stop_token_ids: frozenset[int] = frozenset()   # a sampled token in here ends the sequence ("stop")
     num_computed: int = 0    # tokens whose KV exists
+    held: int = 0            # "on_demand": blocks its KV holds now (during a sweep: its peak in it)
+    kv_span: tuple[int, int] = (0, 0)   # (earliest query, end) of the KV it holds: what ``held`` counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +83,7 @@ class ScheduledSeq:
 class SweepPlan:
     seqs: tuple[ScheduledSeq, ...]   # in batch order: decode tokens first, then prefill chunks
     num_tokens: int                  # total tokens of the sweep (<= max_sweep_tokens, or one chunk)
+    preempted: tuple[int, ...] = ()  # sequences whose KV must be dropped before the sweep runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,49 +97,80 @@ class TokenOutcome:
 
 @dataclass(frozen=True, slots=True)
 class BatcherStats:
-    num_running: int             # admitted sequences (their KV reserved)
-    num_waiting: int             # queued, not yet admitted
+    num_running: int             # admitted sequences
+    num_waiting: int             # queued, not yet admitted (preempted ones included)
     sweeps: int                  # sweeps scheduled so far
-    kv_reserved_tokens: int      # held by running sequences
-    kv_capacity_tokens: int | None   # all sequences together (None: unbounded)
+    kv_held_blocks: int          # KV blocks the running sequences hold ("reserve": have reserved)
+    kv_capacity_blocks: int | None   # all sequences together (None: unbounded)
+    allocation: str              # "on_demand" | "reserve"
+    preemptions: int = 0         # sequences preempted so far
+    preempted_tokens: int = 0    # computed tokens whose KV preemption dropped (to be computed again)
 
 
 class Batcher:
-    def __init__(self, *, max_num_seqs: int, max_sweep_tokens: int, kv_capacity_tokens: int | None = None) -> None:
+    def __init__(self, *, max_num_seqs: int, max_sweep_tokens: int, kv: KVAccounting | None = None,
+                 kv_capacity_blocks: int | None = None, allocation: str = ON_DEMAND,
+                 watermark_blocks: int = 0) -> None:
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if (kv is None) != (kv_capacity_blocks is None):
+            raise ValueError("a KV capacity needs its accounting and the other way round")
         self.max_num_seqs, self.max_sweep_tokens = max_num_seqs, max_sweep_tokens
-        self.kv_capacity_tokens = kv_capacity_tokens
+        self.kv, self.kv_capacity_blocks, self.allocation = kv, kv_capacity_blocks, allocation
+        self.watermark_blocks = watermark_blocks
         self._running: dict[int, _Seq] = {}
         self._waiting: deque[_Seq] = deque()
-        self._sweeps = 0
-        self._reserved = 0
+        self._arrivals = 0
+        self._sweeps = self._preemptions = self._preempted_tokens = 0
 
     def statistics(self) -> BatcherStats:
-        return BatcherStats(len(self._running), len(self._waiting), self._sweeps, self._reserved,
-                            self.kv_capacity_tokens)
+        return BatcherStats(len(self._running), len(self._waiting), self._sweeps, self._held(),
+                            self.kv_capacity_blocks, self.allocation, self._preemptions, self._preempted_tokens)
+
+    # -- what a sequence needs ---------------------------------------------------------------
+
+    def most_blocks(self, max_tokens: int) -> int:
+        """The most blocks one sequence of up to ``max_tokens`` tokens ever holds (0: unbounded)."""
+        return self.kv.most_blocks(max_tokens, self.max_sweep_tokens) if self.kv is not None else 0
+
+    def _held(self) -> int:
+        return sum(s.reserve if self.allocation == RESERVE else s.held for s in self._running.values())
+
+    def _demand(self, seq: _Seq) -> int:
+        """What admission counts a sequence for: its reservation, or the blocks of its known tokens."""
+        if self.allocation == RESERVE:
+            return seq.reserve
+        return max(seq.held, self.most_blocks(seq.num_tokens))
+
+    def _fits(self, seq: _Seq) -> bool:
+        if self.kv_capacity_blocks is None:
+            return True
+        others = sum(self._demand(s) for s in self._running.values())
+        watermark = self.watermark_blocks if self._running and self.allocation == ON_DEMAND else 0
+        return others + self._demand(seq) + watermark <= self.kv_capacity_blocks
+
+    # -- requests ----------------------------------------------------------------------------
 
     def add(self, seq_id: int, num_prompt_tokens: int, max_tokens: int | None = None, *,
             stop_token_ids: frozenset[int] = frozenset()) -> None:
         """Queue a sequence of ``num_prompt_tokens`` that may grow to ``max_tokens`` (default:
-        the prompt alone) and ends at any of ``stop_token_ids``. Raises KVCapacityError if that
-        can never fit."""
+        the prompt alone) and ends at any of ``stop_token_ids``. Raises KVCapacityError if it
+        could never fit the KV cache alone."""
         if num_prompt_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token")
-        need = max(num_prompt_tokens, max_tokens or 0)
-        if self.kv_capacity_tokens is not None and need > self.kv_capacity_tokens:
-            raise KVCapacityError(f"the sequence needs KV for {need} tokens but the KV capacity is "
-                                  f"{self.kv_capacity_tokens} tokens")
-        self._waiting.append(_Seq(seq_id, num_prompt_tokens, need, frozenset(stop_token_ids)))
-
-    def _fits(self, seq: _Seq) -> bool:
-        return self.kv_capacity_tokens is None or self._reserved + seq.reserved <= self.kv_capacity_tokens
+        most = max(num_prompt_tokens, max_tokens or 0)
+        need = self.most_blocks(most)
+        if self.kv_capacity_blocks is not None and need > self.kv_capacity_blocks:
+            raise KVCapacityError(f"the sequence needs up to {need} KV blocks but the KV cache holds "
+                                  f"{self.kv_capacity_blocks}")
+        reserve = need if self.allocation == RESERVE else 0
+        self._waiting.append(_Seq(seq_id, self._arrivals, num_prompt_tokens, most, reserve, frozenset(stop_token_ids)))
+        self._arrivals += 1
 
     def remove(self, seq_id: int) -> None:
         """Forget a finished or cancelled sequence (called between sweeps)."""
-        seq = self._running.pop(seq_id, None)
-        if seq is None:
+        if self._running.pop(seq_id, None) is None:
             self._waiting = deque(s for s in self._waiting if s.seq_id != seq_id)
-        else:
-            self._reserved -= seq.reserved
 
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
@@ -116,41 +183,86 @@ class Batcher:
         while self._waiting and len(self._running) < self.max_num_seqs and self._fits(self._waiting[0]):
             seq = self._waiting.popleft()
             self._running[seq.seq_id] = seq
-            self._reserved += seq.reserved
             admitted.append(seq.seq_id)
         return admitted
 
     def mark_computed(self, seq_id: int, num_tokens: int) -> None:
         """The KV of a running sequence's first ``num_tokens`` tokens exists already (reused
-        from the prefix cache): its prefill starts after them. At least one prompt token is
-        left to compute, since its logits are what the first new token is sampled from."""
+        from the prefix cache): its prefill starts after them. At least one known token is
+        left to compute, since its logits are what the next token is sampled from."""
         seq = self._running[seq_id]
         if not 0 <= num_tokens < seq.num_tokens:
             raise ValueError(f"sequence {seq_id} has {seq.num_tokens} tokens; {num_tokens} cannot be marked "
                              "computed (at least one must be left to compute)")
-        seq.num_computed = max(seq.num_computed, num_tokens)
+        if num_tokens > seq.num_computed:
+            seq.num_computed, seq.kv_span = num_tokens, (0, num_tokens)   # every block of them, at most
+            seq.held = self.kv.blocks(0, num_tokens) if self.kv is not None else 0
+
+    # -- sweeps ------------------------------------------------------------------------------
 
     def schedule(self) -> SweepPlan | None:
+        """The next sweep (None: nothing to do until a sequence arrives)."""
         self.admit()
-        decode = [s for s in self._running.values() if s.num_tokens - s.num_computed == 1]
-        prefill = [s for s in self._running.values() if s.num_tokens - s.num_computed > 1]
+        order = sorted(self._running.values(), key=lambda s: s.arrival)
+        work: dict[int, int] = {}
         budget = self.max_sweep_tokens
-        chosen: list[ScheduledSeq] = []
-        for seq in decode:
+        for seq in [s for s in order if s.num_tokens - s.num_computed == 1] + \
+                   [s for s in order if s.num_tokens - s.num_computed > 1]:
             if budget < 1:
                 break
-            chosen.append(ScheduledSeq(seq.seq_id, seq.num_computed, 1, True))
-            budget -= 1
-        for seq in prefill:
-            if budget < 1:
-                break
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            chosen.append(ScheduledSeq(seq.seq_id, seq.num_computed, n, seq.num_computed + n == seq.num_tokens))
-            budget -= n
-        if not chosen:
+            work[seq.seq_id] = min(seq.num_tokens - seq.num_computed, budget)
+            budget -= work[seq.seq_id]
+        preempted: list[int] = []
+        if self.allocation == ON_DEMAND and self.kv_capacity_blocks is not None:
+            self._fit_growth(order, work, preempted)
+        chosen = [ScheduledSeq(s.seq_id, s.num_computed, work[s.seq_id],
+                               s.num_computed + work[s.seq_id] == s.num_tokens)
+                  for s in sorted((self._running[i] for i in work), key=lambda s: (s.num_tokens - s.num_computed > 1,
+                                                                                     s.arrival))]
+        if not chosen and not preempted:
             return None
-        self._sweeps += 1
-        return SweepPlan(tuple(chosen), sum(s.num_tokens for s in chosen))
+        self._sweeps += bool(chosen)
+        return SweepPlan(tuple(chosen), sum(s.num_tokens for s in chosen), tuple(preempted))
+
+    def _step(self, seq: _Seq, n: int) -> int:
+        """Blocks ``seq`` holds at most while a sweep computes its next ``n`` tokens."""
+        assert self.kv is not None
+        return self.kv.blocks_step(seq.kv_span, (seq.num_computed, seq.num_computed + n))
+
+    def _fit_growth(self, order: list[_Seq], work: dict[int, int], preempted: list[int]) -> None:
+        """Oldest first, give each scheduled sequence the blocks its tokens add: shorten a
+        prefill chunk that does not fit, else preempt the newest running sequence."""
+        assert self.kv_capacity_blocks is not None
+        free = self.kv_capacity_blocks - self._held()
+        for seq in order:
+            while seq.seq_id in work and seq.seq_id in self._running:
+                n = work[seq.seq_id]
+                extra = self._step(seq, n) - seq.held
+                if extra > free and n > 1:          # a shorter chunk of the prefill may fit
+                    lo, hi = 0, n                   # _step(lo) fits (lo = 0: nothing), _step(hi) does not
+                    while lo < hi - 1:
+                        mid = (lo + hi) // 2
+                        lo, hi = (mid, hi) if self._step(seq, mid) - seq.held <= free else (lo, mid)
+                    if lo:
+                        work[seq.seq_id] = n = lo
+                        extra = self._step(seq, n) - seq.held
+                if extra <= free:
+                    free -= extra
+                    seq.held += extra
+                    break
+                victim = max((s for s in order if s.seq_id in self._running and s is not seq
+                              and s.arrival > seq.arrival), key=lambda s: s.arrival, default=seq)
+                free += victim.held
+                self._preempt(victim)
+                work.pop(victim.seq_id, None)
+                preempted.append(victim.seq_id)
+
+    def _preempt(self, seq: _Seq) -> None:
+        del self._running[seq.seq_id]
+        self._preemptions += 1
+        self._preempted_tokens += seq.num_computed
+        seq.num_computed, seq.held, seq.kv_span = 0, 0, (0, 0)
+        self._waiting = deque(sorted((*self._waiting, seq), key=lambda s: s.arrival))
 
     def postprocess(self, plan: SweepPlan, tokens: Sequence[int | None]) -> list[TokenOutcome]:
         """Record a finished sweep: ``tokens[i]`` is the token sampled for ``plan.seqs[i]`` (None
@@ -162,9 +274,12 @@ class Batcher:
             if seq is None:          # removed while the sweep ran
                 continue
             seq.num_computed = item.start + item.num_tokens
+            seq.kv_span = (item.start, seq.num_computed)
+            if self.kv is not None:
+                seq.held = self.kv.blocks(*seq.kv_span)
             if token is None:
                 continue
             seq.num_tokens += 1
-            reason = "stop" if token in seq.stop_token_ids else "length" if seq.num_tokens >= seq.reserved else None
+            reason = "stop" if token in seq.stop_token_ids else "length" if seq.num_tokens >= seq.max_tokens else None
             outcomes.append(TokenOutcome(item.seq_id, token, reason))
         return outcomes

@@ -1,11 +1,12 @@
 """KV spill files that cannot lie.
 
-A ``SpillFile`` is one preallocated file of fixed-size slots, each holding one KV block. A
-block is written with its CRC32 (kept in memory, beside the block table that knows which
-slot holds what); a read checks it, so a flipped byte raises ``KVCorruptionError`` instead of
-feeding attention a wrong value. Space is reserved up front (``posix_fallocate``), so a full
-disk is found when the file is made, as ``TierCapacityError``, not half-way through a
-request; an ENOSPC from a write is reported the same way. A file deleted while in use is
+A ``SpillFile`` is one file of fixed-size slots, each holding one KV block. A block is
+written with its CRC32 (kept in memory, beside the block table that knows which slot holds
+what); a read checks it, so a flipped byte raises ``KVCorruptionError`` instead of feeding
+attention a wrong value. ``num_slots`` may be as many as the disk's free space holds: space
+is reserved (``posix_fallocate``) in extents of EXTENT_BYTES as writes reach higher slots, the
+first one when the file is made, so a full disk is found then, as ``TierCapacityError``; a
+disk that fills later is reported the same way by the write that finds it. A file deleted while in use is
 detected (its link count drops to zero) and reported as ``TransferError`` rather than
 silently read from the unlinked inode. ``close()`` removes the file. Slots are 4 KiB aligned
 and move whole through an aligned buffer, with O_DIRECT where the filesystem allows it, so
@@ -25,6 +26,7 @@ from tierflow.errors import KVCorruptionError, TierCapacityError, TransferError
 from tierflow.tiers.io.reader import aligned_empty
 
 ALIGN = 4096
+EXTENT_BYTES = 64 << 20         # space is reserved this much at a time as slots fill
 
 
 class SpillFile:
@@ -33,7 +35,7 @@ class SpillFile:
             raise ValueError(f"a spill file needs block_bytes >= 1 and num_slots >= 1, got {block_bytes}, {num_slots}")
         self.path, self.block_bytes, self.num_slots = Path(path), block_bytes, num_slots
         self.stride = -(-block_bytes // ALIGN) * ALIGN
-        self._crc: list[int | None] = [None] * num_slots
+        self._crc: dict[int, int] = {}        # slot -> CRC32 of the complete block it holds
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.direct = False
         if hasattr(os, "O_DIRECT"):      # bypass the page cache, which would otherwise fill RAM with KV
@@ -45,19 +47,33 @@ class SpillFile:
                 os.close(self._fd)
                 self._fd, self.direct = direct_fd, True
         self._bounce = aligned_empty(self.stride)     # whole aligned slots move through it
+        self._reserved = 0               # bytes reserved so far (slots below reserved // stride)
+        try:
+            self._reserve(0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _reserve(self, slot: int) -> None:
+        """Reserve space through ``slot``, an extent at a time (never past the last slot)."""
+        end = (slot + 1) * self.stride
+        if end <= self._reserved:
+            return
+        extent = max(self.stride, EXTENT_BYTES // self.stride * self.stride)
+        grown = min(self.num_slots * self.stride, -(-end // extent) * extent)
         try:
             try:
-                os.posix_fallocate(self._fd, 0, self.stride * num_slots)
+                os.posix_fallocate(self._fd, self._reserved, grown - self._reserved)
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-                os.ftruncate(self._fd, self.stride * num_slots)    # no fallocate here: a sparse file
+                os.ftruncate(self._fd, grown)    # no fallocate here: a sparse file
         except OSError as exc:
-            self.close()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TierCapacityError(f"no room for {self.stride * num_slots} bytes of KV spill in "
+                raise TierCapacityError(f"no room for {grown - self._reserved} more bytes of KV spill in "
                                         f"{self.path.parent}: the disk is full") from exc
             raise TransferError(f"cannot reserve space for {self.path}: {exc.strerror}") from exc
+        self._reserved = grown
 
     @property
     def deleted(self) -> bool:
@@ -66,7 +82,8 @@ class SpillFile:
 
     @property
     def size_bytes(self) -> int:
-        return self.stride * self.num_slots
+        """Bytes the file reserves on disk now."""
+        return self._reserved
 
     def _check(self, slot: int) -> None:
         if self._fd < 0:
@@ -83,7 +100,8 @@ class SpillFile:
         if data.numel() > self.block_bytes:
             raise ValueError(f"a block of {data.numel()} bytes does not fit slots of {self.block_bytes}")
         view = memoryview(data.numpy())
-        self._crc[slot] = None          # a write that fails half-way leaves no valid block
+        self._crc.pop(slot, None)       # a write that fails half-way leaves no valid block
+        self._reserve(slot)
         self._bounce[:len(view)].copy_(data)
         try:
             written = os.pwrite(self._fd, memoryview(self._bounce.numpy()), slot * self.stride)
@@ -111,7 +129,7 @@ class SpillFile:
         for slot in (first, first + count - 1):
             self._check(slot)
         nbytes = self.block_bytes if nbytes is None else nbytes
-        expected = self._crc[first:first + count]
+        expected = [self._crc.get(slot) for slot in range(first, first + count)]
         if None in expected:
             raise KVCorruptionError(f"slot {first + expected.index(None)} of {self.path} holds no complete block")
         try:
@@ -131,7 +149,7 @@ class SpillFile:
         return views
 
     def free(self, slot: int) -> None:
-        self._crc[slot] = None
+        self._crc.pop(slot, None)
 
     def close(self) -> None:
         """Close and remove the file (idempotent)."""

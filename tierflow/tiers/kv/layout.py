@@ -64,3 +64,15 @@ class KVLayout:
         full = max_tokens // self.block_tokens
         return sum(count * (full if w is None else min(full, (chunk_tokens + w - 1) // self.block_tokens + 1))
                    for w, count in self._groups)
+
+    def tokens_within(self, blocks: int, chunk_tokens: int) -> int:
+        """The most tokens one sequence may reach with ``blocks`` pool blocks to itself (the
+        inverse of ``most_blocks``; a sequence of only sliding-window layers is bounded by
+        nothing but the context window, reported as 2**62)."""
+        if self.most_blocks(2**62, chunk_tokens) <= blocks:
+            return 2**62
+        lo, hi = 0, 2**62                    # most_blocks(lo) <= blocks < most_blocks(hi)
+        while lo < hi - 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.most_blocks(mid, chunk_tokens) <= blocks else (lo, mid)
+        return lo
