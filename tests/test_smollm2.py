@@ -89,3 +89,25 @@ def test_demo_cli_answers_paris(smollm2):
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "streamed from disk" in out.stderr
+
+
+def test_cli_run_with_a_generous_max_new_tokens_is_not_refused(smollm2, capsys):
+    """The CLI sizes its in-memory KV for the prompt and --max-new-tokens (the answer ends at
+    its end-of-sequence token long before 2,000)."""
+    from tierflow.cli import main
+    assert main(["run", "What is the capital of France?", "--max-new-tokens", "2000", "--device", "cpu"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_cli_capacity_errors_name_the_flag_not_the_field(smollm2, capsys, tmp_path):
+    from tierflow.cli import main
+    assert main(["run", "What is the capital of France?", "--max-new-tokens", "300", "--device", "cpu",
+                 "--kv-reserve-tokens", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "TierCapacityError" in err and "--kv-reserve-tokens" in err and "--kv-cache-dir" in err
+    assert "EngineConfig" not in err and "Traceback" not in err
+    assert main(["run", "What is the capital of France?", "--max-new-tokens", "3000", "--device", "cpu",
+                 "--kv-cache-dir", str(tmp_path), "--kv-device-memory", "0", "--kv-host-memory", "0",
+                 "--kv-disk", "16MiB"]) == 2
+    err = capsys.readouterr().err
+    assert "--kv-disk" in err and "kv_disk_bytes" not in err and list(tmp_path.iterdir()) == []

@@ -58,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--seed", type=int)
-    run.add_argument("--kv-reserve-tokens", type=int, default=1024)
+    run.add_argument("--kv-reserve-tokens", type=int,
+                     help="tokens of in-memory KV cache (default: the prompt and --max-new-tokens, at least 1024)")
+    run.add_argument("--kv-cache-dir", help="page the KV cache: blocks that fit neither the device nor the host "
+                                            "budget spill to a file here (removed on exit)")
+    run.add_argument("--kv-device-memory", type=parse_size, help="paged KV: device budget, e.g. 1GiB (0: none)")
+    run.add_argument("--kv-host-memory", type=parse_size, help="paged KV: host budget, e.g. 4GiB (0: none)")
+    run.add_argument("--kv-disk", type=parse_size,
+                     help="paged KV: cap on the spill file (default: the directory's free space less a margin)")
     run.add_argument("--prefetch-depth", type=int, help="units read ahead of compute (default: the planner's)")
     run.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat message")
     run.add_argument("--profile", help="profile JSON: hardware to plan for and overrides (see the README)")
@@ -77,10 +84,15 @@ async def _run(args: argparse.Namespace, console: Console) -> None:
     if model is None:
         from tierflow.convert.demo import demo_model_dir
         model = await asyncio.to_thread(demo_model_dir)
+    reserve = args.kv_reserve_tokens     # the prompt's characters bound its tokens, chat template aside
+    if reserve is None:
+        reserve = max(1024, len(args.prompt) + CHAT_TEMPLATE_TOKENS + args.max_new_tokens)
     config = EngineConfig(device=args.device, dtype=args.dtype,
                           device_memory_bytes=None if args.no_cap else args.device_memory,
-                          kv_reserve_tokens=args.kv_reserve_tokens, prefetch_depth=args.prefetch_depth,
-                          profile=args.profile, trace_path=args.trace)
+                          kv_reserve_tokens=reserve, prefetch_depth=args.prefetch_depth,
+                          profile=args.profile, trace_path=args.trace, kv_cache_dir=args.kv_cache_dir,
+                          kv_device_bytes=args.kv_device_memory, kv_host_bytes=args.kv_host_memory,
+                          kv_disk_bytes=args.kv_disk)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     async with await Engine.open(model, config) as engine:
@@ -129,6 +141,21 @@ def _summary(console: Console, engine: Engine, tokens: int, elapsed_s: float, fi
     console.print(table)
 
 
+# EngineConfig fields an error may name as its remedy, and the `tierflow run` flags that set them
+FLAGS = {"kv_reserve_tokens": "--kv-reserve-tokens", "kv_cache_dir": "--kv-cache-dir",
+         "kv_device_bytes": "--kv-device-memory", "kv_host_bytes": "--kv-host-memory", "kv_disk_bytes": "--kv-disk",
+         "device_memory_bytes": "--device-memory", "prefetch_depth": "--prefetch-depth"}
+CHAT_TEMPLATE_TOKENS = 64
+
+
+def in_flags(message: str, settings: Sequence[str]) -> str:
+    """``message`` with the EngineConfig fields it names as remedies written as CLI flags."""
+    for name in sorted(settings, key=len, reverse=True):
+        if name in FLAGS:
+            message = re.sub(rf"(EngineConfig\.)?\b{name}\b", FLAGS[name], message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
@@ -136,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_loop(_run(args, console))
     except TierflowError as exc:
-        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(in_flags(str(exc), getattr(exc, 'settings', ())))}")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -244,7 +244,8 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
             "set EngineConfig.kv_cache_dir to spill KV blocks to disk"
         raise ConfigError(f"the paged KV cache has no room for a single block of {per_block} bytes: the device and "
                           f"host budgets (kv_device_bytes, kv_host_bytes) hold none and the disk holds none; "
-                          f"{remedy}, or raise kv_device_bytes / kv_host_bytes")
+                          f"{remedy}, or raise kv_device_bytes / kv_host_bytes",
+                          settings=("kv_cache_dir", "kv_disk_bytes", "kv_device_bytes", "kv_host_bytes"))
     return KVStore(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                    device=device, block_tokens=bt, device_blocks=device_blocks, host_blocks=host_blocks,
                    disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer)
