@@ -242,13 +242,29 @@ class Driver:
         """The batcher took ``req``'s KV to make room: offer its blocks to the prefix cache (which
         gives them back on resumption, if it still holds them), then drop them. The request
         waits with every token it knows and recomputes the rest when it is admitted again."""
-        await self._remember(req)
+        if self._keep_preempted_kv(req.kv.num_tokens):
+            await self._remember(req)
         await self.rt.worker.run(req.kv.free)
         req.kv = self._new_kv(req.id, req.most_tokens)
         req.remembered_blocks = 0
         req.preemptions += 1
         log.info("request %d preempted (KV cache full): %d tokens to recompute", req.id,
                  len(req.prompt_ids) + len(req.output_ids))
+
+    def _keep_preempted_kv(self, tokens: int) -> bool:
+        """Whether handing ``tokens`` of a preempted request's KV to the prefix cache (and
+        reading it back on resumption) costs less than computing it again, by the plan's
+        figures: the cache's memory (at about the decode rate's bandwidth) or its disk (the KV
+        spill's figures) twice over, against the prefill FLOPs at the measured rate."""
+        rt = self.rt
+        if rt.prefix is None or not tokens:
+            return False
+        hw, nbytes = rt.hardware, tokens * rt.costs.kv_bytes_per_token
+        gbps = (hw.decode_gbps, hw.decode_gbps) if rt.config.prefix_cache_bytes else \
+            (hw.kv_write_gbps, hw.kv_read_gbps)
+        keep_s = nbytes / (gbps[0] * 1e9) + nbytes / (gbps[1] * 1e9)
+        recompute_s = tokens * 2 * sum(u.matmul_params for u in rt.costs.units) / (hw.prefill_tflops * 1e12)
+        return keep_s < recompute_s
 
     # ----------------------------------------------------------------------------- prefix cache
     async def _attach_prefix(self, req: Request) -> None:
