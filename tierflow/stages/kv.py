@@ -15,6 +15,16 @@ the last. Runs of blocks in consecutive spill slots of one (sequence, layer) go 
 read that has not landed; a read that fails (a checksum, a deleted file) raises in the attention
 that takes that block, which fails that sequence alone. Nothing is learnt or guessed.
 
+Sliding-window rings. A paged sliding-window layer releases, at the start of its append, the
+blocks before the first one its window still sees (``tiers/kv/paged.py``); a released slot may
+be given to another block, of any sequence, and rewritten in the same sweep. The plan starts
+each layer at that very block (``first_visible(start, window)``, ``start`` being the layer's
+length when the sweep begins), so no planned read, however far ahead, targets a released
+slot. The loader also tells the store (``first_planned``) where each (sequence, layer)'s plan
+begins, and a ring never releases a block from there on: should a plan ever reach further
+back than the ring, that block stays held until the next sweep instead of being read while its
+slot is rewritten (a torn read would fail its checksum, and with it a run of good blocks).
+
 kv_spill (``KVSpiller``). A paged handle commits a full block bound for the host or disk tier
 by copying it into a spill buffer (``commit``), which it keeps as fresh so this sweep's
 attention reads it from memory. After the layer's compute the runner calls ``after_layer``: the
@@ -116,6 +126,7 @@ class KVLoader:
         self._before_read = before_read
         self._lock = threading.Lock()
         self._order: dict[tuple[int, int, int], int] = {}        # (seq, layer, index) → disk ordinal (-1: host)
+        self._first: dict[tuple[int, int], int] = {}             # (seq, layer) → its first planned block
         self._disk: list[KVRead] = []
         self._runs: list[_Run] = []
         self._run_of: list[int] = []
@@ -133,6 +144,9 @@ class KVLoader:
         self._planned = len(plan.reads)
         self._disk = [r for r in plan.reads if r.ref.tier == "disk"]
         self._order = {(r.seq_id, r.layer, r.index): -1 for r in plan.reads}
+        for r in plan.reads:
+            key = (r.seq_id, r.layer)
+            self._first[key] = min(r.index, self._first.get(key, r.index))
         for o, r in enumerate(self._disk):
             self._order[(r.seq_id, r.layer, r.index)] = o
             self._layer_end[r.layer] = o + 1
@@ -156,6 +170,10 @@ class KVLoader:
         block = future.result()[ordinal - self._runs[self._run_of[ordinal]].first]
         return self._place(block, ordinal % self.window)
 
+    def first_planned(self, seq_id: int, layer: int) -> int | None:
+        """The first block of (seq_id, layer) this sweep's plan reads (None: none)."""
+        return self._first.get((seq_id, layer))
+
     def finish_layer(self, layer: int) -> None:
         """The layer's attention is done: its blocks' buffers are free for the reads behind them."""
         self._release(self._layer_end.get(layer, 0))
@@ -169,6 +187,7 @@ class KVLoader:
             except Exception:       # noqa: BLE001 - nobody takes these blocks; only their reads must be over
                 pass
         self._order, self._disk, self._runs, self._run_of, self._layer_end = {}, [], [], [], {}
+        self._first = {}
         self._released = self._submitted = 0
 
     def _release(self, ordinal: int) -> None:
@@ -222,6 +241,9 @@ class KVStages:
 
     def load(self, seq_id: int, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
         return self.loader.take(seq_id, layer, index, ref)
+
+    def first_planned(self, seq_id: int, layer: int) -> int | None:
+        return self.loader.first_planned(seq_id, layer)
 
     def after_layer(self, layer: int) -> None:
         """In the compute worker, after the layer's compute (enqueued, on CUDA)."""

@@ -9,6 +9,16 @@ the cache lacks out of the sequence's KV into the cache, so a later request over
 document — or the next turn of a conversation — finds it. Both run in the compute worker,
 between sweeps, so they never race a sweep over the same KV storage.
 
+Sliding-window models. A paged sliding-window layer keeps only a ring of blocks, so a block can
+be cached only while every layer still holds it. ``attach`` fills the rings through ``append``
+like a prefill would and then releases what the first prefill sweep's append would
+(``trim_rings``), so the sequence holds what the batcher's layout says. ``remember`` stores the
+blocks every layer still holds (``held_from``), in order, and stops at the first block that is
+neither cached nor held any more: a chain key is found only after every block before it, so a
+block after such a gap could never be matched. Between two prefill sweeps a ring still holds
+every block from the one the last sweep's window started in, so remembering after every
+prefill sweep (not only the last) caches a windowed prompt whole.
+
 The stage takes the cache's budgets as plain arguments (``for_model``), not the engine's
 config: stages sit below the engine and ``tierflow.config`` (tests/test_layers.py).
 """
@@ -54,20 +64,26 @@ class PrefixReuse:
         for block in blocks:
             for layer in range(self.num_layers):
                 kv.append(layer, block[layer, 0].transpose(0, 1), block[layer, 1].transpose(0, 1))
-        return len(blocks) * self.block_tokens
+        cached = len(blocks) * self.block_tokens
+        kv.trim_rings(cached)
+        return cached
 
     def remember(self, kv: Any, token_ids: Sequence[int], done_blocks: int) -> int:
         """Store the full blocks of ``kv`` from block ``done_blocks`` on that the cache lacks;
         ``token_ids`` are the sequence's tokens (at least those whose KV exists). Returns the
-        number of full blocks now covered."""
+        number of full blocks now covered (in the cache, from block 0): it stops short of the
+        full blocks at the first one neither cached nor held by every layer any more."""
         bt = self.block_tokens
         full = min(kv.num_tokens, len(token_ids)) // bt
         if full <= done_blocks:
             return done_blocks
         keys = self.cache.keys(token_ids[:full * bt])
+        held_from = max(kv.held_from(layer) for layer in range(self.num_layers))
         for j in range(done_blocks, full):
             if self.cache.contains(keys[j]):
                 continue
+            if j * bt < held_from:      # a sliding window's ring released it: the chain stops here
+                return j
             block = torch.stack([kv.read(layer, j * bt, (j + 1) * bt) for layer in range(self.num_layers)])
             self.cache.store(keys[j], block)
         return full

@@ -6,12 +6,19 @@ disk) has a pool of slots, as many as the plan gives it. A new block goes to the
 tier with a free slot; ``move`` re-homes a block (spilling to disk, or promoting back); a
 finished sequence's blocks all go back to their pools. Every slot is owned by at most one
 block, which the tests check for random sequences of operations.
+
+A sliding-window layer's table is a ring: ``release_before`` gives the blocks its window no
+longer sees back to their pools at once, while the indexes of the blocks it keeps stay what
+they were (block ``i`` holds tokens ``i * block_tokens`` on, whatever was released before it):
+each table keeps the number of leading blocks it released, ``first_held``, and ``table``
+returns the held blocks from that index on. A freed slot is free for any sequence at once.
 """
 
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from tierflow.errors import TierCapacityError
 
@@ -85,6 +92,12 @@ class BlockPool:
         return PoolStats(self.tier, self.capacity, len(self._used))
 
 
+@dataclass(slots=True)
+class _LayerTable:
+    first: int = 0                                          # leading blocks released (a ring's start)
+    refs: deque[BlockRef] = field(default_factory=deque)   # the blocks held, from index ``first`` on
+
+
 class KVBlockTables:
     """Block tables of every sequence over per-tier pools."""
 
@@ -94,7 +107,7 @@ class KVBlockTables:
             raise ValueError(f"unknown KV tiers {sorted(unknown)}; tiers are {TIER_ORDER}")
         self.num_layers, self.block_tokens = num_layers, block_tokens
         self.pools = {tier: BlockPool(tier, capacities.get(tier, 0)) for tier in TIER_ORDER}
-        self._tables: dict[int, list[list[BlockRef]]] = {}
+        self._tables: dict[int, list[_LayerTable]] = {}
 
     def statistics(self) -> KVPoolsStats:
         return KVPoolsStats(*(self.pools[tier].statistics() for tier in TIER_ORDER))
@@ -104,11 +117,42 @@ class KVBlockTables:
         return sum(pool.capacity for pool in self.pools.values())
 
     def blocks_for(self, tokens: int) -> int:
-        """Blocks a sequence of ``tokens`` needs over all layers."""
+        """Blocks a sequence of ``tokens`` needs over all layers (every layer full attention)."""
         return -(-tokens // self.block_tokens) * self.num_layers
 
+    def _layer(self, seq_id: int, layer: int) -> _LayerTable | None:
+        tables = self._tables.get(seq_id)
+        return tables[layer] if tables is not None else None
+
     def table(self, seq_id: int, layer: int) -> tuple[BlockRef, ...]:
-        return tuple(self._tables.get(seq_id, [[]] * self.num_layers)[layer])
+        """The blocks ``layer`` holds, in order: block indexes ``first_held`` .. ``committed - 1``."""
+        t = self._layer(seq_id, layer)
+        return tuple(t.refs) if t is not None else ()
+
+    def first_held(self, seq_id: int, layer: int) -> int:
+        """Index of the layer's first held block (the blocks before it were released by its ring)."""
+        t = self._layer(seq_id, layer)
+        return t.first if t is not None else 0
+
+    def committed(self, seq_id: int, layer: int) -> int:
+        """Blocks ever committed to the layer (held or released): the next block's index."""
+        t = self._layer(seq_id, layer)
+        return t.first + len(t.refs) if t is not None else 0
+
+    def held(self, seq_id: int) -> tuple[int, ...]:
+        """Blocks each layer of a sequence holds now."""
+        tables = self._tables.get(seq_id)
+        return tuple(len(t.refs) for t in tables) if tables is not None else (0,) * self.num_layers
+
+    def ref(self, seq_id: int, layer: int, index: int) -> BlockRef:
+        """Where block ``index`` of a layer lives; ValueError if it was released or never committed."""
+        t = self._layer(seq_id, layer)
+        first, count = (t.first, len(t.refs)) if t is not None else (0, 0)
+        if not first <= index < first + count:
+            raise ValueError(f"block {index} of sequence {seq_id} layer {layer} is not held (the layer holds "
+                             f"blocks {first}..{first + count - 1}; those before {first} were released)")
+        assert t is not None
+        return t.refs[index - first]
 
     def append_block(self, seq_id: int, layer: int, tiers: tuple[str, ...] = TIER_ORDER) -> BlockRef:
         """A new block at the end of ``layer``'s table, in the first of ``tiers`` with room."""
@@ -116,32 +160,46 @@ class KVBlockTables:
             slot = self.pools[tier].allocate()
             if slot is not None:
                 ref = BlockRef(tier, slot)
-                self._tables.setdefault(seq_id, [[] for _ in range(self.num_layers)])[layer].append(ref)
+                self._tables.setdefault(seq_id, [_LayerTable() for _ in range(self.num_layers)])[layer].refs.append(ref)
                 return ref
         free = {t: self.pools[t].statistics().free for t in tiers}
         raise TierCapacityError(f"no free KV block in {', '.join(tiers)} (free: {free}); the KV cache is full")
 
+    def release_before(self, seq_id: int, layer: int, index: int) -> tuple[BlockRef, ...]:
+        """Give every held block of ``layer`` before block ``index`` back to its pool (a sliding
+        window's ring moving on); the others keep their indexes. Returns the released refs."""
+        t = self._layer(seq_id, layer)
+        if t is None:
+            return ()
+        released = []
+        while t.refs and t.first < index:
+            ref = t.refs.popleft()
+            self.pools[ref.tier].release(ref.slot)
+            released.append(ref)
+            t.first += 1
+        return tuple(released)
+
     def move(self, seq_id: int, layer: int, index: int, tier: str) -> tuple[BlockRef, BlockRef]:
         """Point block ``index`` of a table at a new slot in ``tier``; returns (old, new). The old
         slot stays allocated until ``release(old)``: copy the data first, then release."""
-        table = self._tables[seq_id][layer]
-        old = table[index]
+        old = self.ref(seq_id, layer, index)
+        t = self._tables[seq_id][layer]
         slot = self.pools[tier].allocate()
         if slot is None:
             raise TierCapacityError(f"no free KV block in {tier!r} to move a block to")
-        table[index] = BlockRef(tier, slot)
-        return old, table[index]
+        t.refs[index - t.first] = BlockRef(tier, slot)
+        return old, t.refs[index - t.first]
 
     def release(self, ref: BlockRef) -> None:
         """Give back a slot a ``move`` left behind."""
         self.pools[ref.tier].release(ref.slot)
 
     def free_sequence(self, seq_id: int) -> int:
-        """Return every block of a sequence to its pool; how many were freed."""
+        """Return every held block of a sequence to its pool; how many were freed."""
         tables = self._tables.pop(seq_id, [])
         freed = 0
-        for table in tables:
-            for ref in table:
+        for t in tables:
+            for ref in t.refs:
                 self.pools[ref.tier].release(ref.slot)
                 freed += 1
         return freed

@@ -86,6 +86,12 @@ class SequenceKV:
             raise ValueError(f"tokens {start}..{end} of layer {layer}: only {self._lengths[layer]} are stored")
         return torch.stack((self._keys[layer][:, start:end], self._values[layer][:, start:end]))
 
+    def held_from(self, layer: int) -> int:
+        return 0                        # every token is kept, sliding window or not
+
+    def trim_rings(self, first_query: int) -> None:
+        """Nothing to release: the contiguous store keeps every token."""
+
     def truncate(self, num_tokens: int) -> None:
         """Forget everything past ``num_tokens`` (a sweep that failed half-way)."""
         self._lengths = [min(n, num_tokens) for n in self._lengths]

@@ -6,7 +6,8 @@ attention-facing part — ``append``, ``blocks`` (one shape for both stores: ``K
 — is ``adapters.kv.AttentionKV``, defined there because adapters sit below tiers; this adds
 what the sweep runner and the engine use: the sequence id, its token count, the plan of
 off-device blocks for the kv_load stage (``off_device``), whole-block reads for the prefix cache
-and ``free``.
+(``read``, from ``held_from``: a paged sliding-window layer keeps only a ring of blocks),
+``trim_rings`` and ``free``.
 
 ``BlockIO`` is what a paged store's handles use to move blocks: during a sweep the kv stages
 (``stages/kv.py``: prefetched loads, spills after the layer's compute, off the compute thread);
@@ -51,6 +52,11 @@ class BlockIO(Protocol):
         """Committed block ``index`` of (seq_id, layer), held at ``ref`` off the device, on the device."""
         ...
 
+    def first_planned(self, seq_id: int, layer: int) -> int | None:
+        """The first block index of (seq_id, layer) this I/O may still load (a read planned, maybe
+        under way, in the current sweep), None if none: a sliding-window ring keeps it held."""
+        ...
+
 
 class KVHandle(AttentionKV, Protocol):
     """One sequence's KV cache, whatever stores it."""
@@ -69,7 +75,17 @@ class KVHandle(AttentionKV, Protocol):
         ...
 
     def read(self, layer: int, start: int, end: int) -> torch.Tensor:
-        """Keys and values of tokens start..end-1 of ``layer``: [2, kv_heads, end - start, head_dim]."""
+        """Keys and values of tokens start..end-1 of ``layer``: [2, kv_heads, end - start, head_dim]
+        (ValueError for tokens before ``held_from(layer)``)."""
+        ...
+
+    def held_from(self, layer: int) -> int:
+        """The first token position of ``layer`` whose KV is still held (0 unless a sliding window's
+        ring released the blocks before it)."""
+        ...
+
+    def trim_rings(self, first_query: int) -> None:
+        """Between sweeps: release what each layer's next append, from ``first_query``, would."""
         ...
 
     def free(self) -> None: ...

@@ -12,6 +12,18 @@ then. ``blocks`` returns the layer's KV lazily (``handle.KVBlocks``): device blo
 views, fresh ones the spill buffers, the others come from ``BlockIO.load`` (in a sweep, the
 kv_load stage, which prefetched them from the plan the sweep gave it).
 
+Sliding-window layers keep rings (``layout``: each layer's window; ``layout.py``'s arithmetic,
+which the batcher admits by). ``append(layer)`` first releases every committed block wholly
+before ``q - window + 1``, ``q`` being the layer's length (this sweep's earliest query), so the
+layer holds ``layout.layer_blocks(window, q, end)``; indexes stay stable. The freed slot may be
+rewritten by any sequence in the same sweep, safely: the sweep's load plan starts each layer at
+``first_visible(start, window)``, the block the ring keeps from, so no read ahead targets a freed
+slot; its own write landed in an earlier sweep; on CUDA the streams order a reused slot after its
+last reader. As a guard a ring never frees a block from the current ``BlockIO``'s
+``first_planned`` on (if a plan disagreed, the block stays held a sweep longer). Freed blocks
+cannot be read (ValueError); ``held_from`` says where a layer's KV starts; ``trim_rings`` frees,
+between sweeps, what the next append would (after the prefix cache attaches a prefix).
+
 Outside a sweep (the prefix cache attaching or reading blocks between sweeps) the store's own
 ``DirectIO`` writes and reads synchronously. The store owns what the stages use and ``close``
 gives back: the spill file, the pinned window of disk read buffers (plus, on CUDA, host
@@ -37,6 +49,7 @@ from tierflow.tiers.io.reader import aligned_empty
 from tierflow.tiers.io.spill import SpillFile
 from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, KVPoolsStats
 from tierflow.tiers.kv.handle import BlockIO, KVBlock, KVBlocks, OffDevice
+from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.plan.costmodel import kv_read_window
 
 _ids = itertools.count()
@@ -52,12 +65,18 @@ def block_bytes(num_kv_heads: int, head_dim: int, block_tokens: int, dtype: torc
 
 
 class KVStore:
-    """Engine-wide block storage. ``close()`` removes the spill file."""
+    """Engine-wide block storage. ``layout`` gives each layer's sliding window (None: every
+    layer full attention); its sliding-window layers keep rings. ``close()`` removes the spill file."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, block_tokens: int, device_blocks: int, host_blocks: int, disk_blocks: int,
-                 spill_dir: str | os.PathLike[str] | None, tracer: Tracer = NULL_TRACER) -> None:
-        self.tracer = tracer
+                 spill_dir: str | os.PathLike[str] | None, tracer: Tracer = NULL_TRACER,
+                 layout: KVLayout | None = None) -> None:
+        layout = layout if layout is not None else KVLayout.full(num_layers, block_tokens)
+        if (layout.num_layers, layout.block_tokens) != (num_layers, block_tokens):
+            raise ValueError(f"KVStore layout: {layout.num_layers} layers of {layout.block_tokens}-token blocks, but "
+                             f"the store has {num_layers} layers of {block_tokens}-token blocks")
+        self.tracer, self.layout = tracer, layout
         self.num_layers, self.block_tokens, self.dtype, self.device = num_layers, block_tokens, dtype, device
         self.block_shape = (2, num_kv_heads, block_tokens, head_dim)
         self.block_bytes = block_bytes(num_kv_heads, head_dim, block_tokens, dtype)
@@ -99,7 +118,8 @@ class KVStore:
 
     @property
     def capacity_tokens(self) -> int:
-        """Tokens of context all sequences together can hold (whole blocks in every layer)."""
+        """Tokens of context all sequences together can hold with every layer full attention
+        (whole blocks in every layer; sliding-window rings make room for more)."""
         return self.tables.capacity_blocks // self.num_layers * self.block_tokens
 
     def statistics(self) -> KVPoolsStats:
@@ -204,6 +224,9 @@ class DirectIO:
     def load(self, seq_id: int, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
         return self.store.read_block(ref)
 
+    def first_planned(self, seq_id: int, layer: int) -> int | None:
+        return None                     # nothing is read ahead
+
 
 class PagedSequenceKV:
     def __init__(self, store: KVStore, seq_id: int) -> None:
@@ -219,9 +242,11 @@ class PagedSequenceKV:
         return min(self._lengths)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``/``v`` [n, kv_heads, head_dim]; full blocks are committed as they fill."""
+        """Store ``k``/``v`` [n, kv_heads, head_dim]; full blocks are committed as they fill. A
+        sliding-window layer first releases the blocks no query from its current length on sees."""
         bt, store = self.store.block_tokens, self.store
         self._fresh[layer] = {}         # the previous sweep's spills have landed
+        self._release_ring(layer, self._lengths[layer])
         tail = self._tails[layer]
         if tail is None:
             tail = self._tails[layer] = torch.empty(store.block_shape, dtype=store.dtype, device=store.device)
@@ -236,9 +261,29 @@ class PagedSequenceKV:
             if fill + take == bt:       # the tail is full: commit it to a pool slot
                 self._commit(layer, tail)
 
+    def _release_ring(self, layer: int, first_query: int) -> None:
+        """Release the layer's blocks wholly before what a query at ``first_query`` sees (never
+        one the current BlockIO may still load: see the module)."""
+        store = self.store
+        keep = store.layout.first_kept_block(store.layout.windows[layer], first_query)
+        if keep <= store.tables.first_held(self.seq_id, layer):
+            return
+        planned = store.io.first_planned(self.seq_id, layer)
+        store.tables.release_before(self.seq_id, layer, keep if planned is None else min(keep, planned))
+
+    def trim_rings(self, first_query: int) -> None:
+        """Between sweeps: release in every layer what its next append from ``first_query`` would."""
+        for layer in range(self.num_layers):
+            self._release_ring(layer, min(first_query, self._lengths[layer]))
+
+    def held_from(self, layer: int) -> int:
+        """The first token position of ``layer`` whose KV is still held (0 unless its ring moved on)."""
+        return self.store.tables.first_held(self.seq_id, layer) * self.store.block_tokens
+
     def _commit(self, layer: int, tail: torch.Tensor) -> None:
-        ref = self.store.tables.append_block(self.seq_id, layer)
-        index = len(self.store.tables.table(self.seq_id, layer)) - 1
+        tables = self.store.tables
+        ref = tables.append_block(self.seq_id, layer)
+        index = tables.committed(self.seq_id, layer) - 1
         if ref.tier == "device":
             self.store.pool_block(ref).copy_(tail)
             return
@@ -246,33 +291,42 @@ class PagedSequenceKV:
         if held is not None:
             self._fresh[layer][index] = held
 
+    def _held(self, layer: int, first_position: int) -> tuple[int, int, tuple[BlockRef, ...]]:
+        """(the first block from ``first_position``, the held blocks' first index, those blocks)."""
+        tables, bt = self.store.tables, self.store.block_tokens
+        held_from, held = tables.first_held(self.seq_id, layer), tables.table(self.seq_id, layer)
+        first = min(first_position // bt, held_from + len(held))
+        if first < held_from:
+            raise ValueError(f"layer {layer} of sequence {self.seq_id} holds KV from token {held_from * bt} on (its "
+                             f"sliding window released the blocks before it); position {first_position} is gone")
+        return first, held_from, held
+
     def blocks(self, layer: int, first_position: int = 0) -> KVBlocks:
         bt, store = self.store.block_tokens, self.store
-        committed = store.tables.table(self.seq_id, layer)
-        first = min(first_position // bt, len(committed))
+        first, base, held = self._held(layer, first_position)
+        committed = base + len(held)
         fresh, io = self._fresh[layer], store.io
-        fill = self._lengths[layer] - len(committed) * bt
-        spans = tuple((i * bt, bt) for i in range(first, len(committed))) + \
-            (((len(committed) * bt, fill),) if fill else ())
+        fill = self._lengths[layer] - committed * bt
+        spans = tuple((i * bt, bt) for i in range(first, committed)) + (((committed * bt, fill),) if fill else ())
 
         def fetch(i: int) -> KVBlock:
             index = first + i
-            if index == len(committed):
+            if index == committed:
                 tail = self._tails[layer]
                 assert tail is not None
                 return KVBlock(tail[0, :, :fill], tail[1, :, :fill], index * bt)
-            ref = committed[index]
-            held = fresh.get(index)
-            if held is None:
-                held = store.pool_block(ref) if ref.tier == "device" else io.load(self.seq_id, layer, index, ref)
-            return KVBlock(held[0], held[1], index * bt)
+            ref = held[index - base]
+            block = fresh.get(index)
+            if block is None:
+                block = store.pool_block(ref) if ref.tier == "device" else io.load(self.seq_id, layer, index, ref)
+            return KVBlock(block[0], block[1], index * bt)
 
         return KVBlocks(spans, fetch)
 
     def off_device(self, layer: int, first_position: int = 0) -> tuple[OffDevice, ...]:
-        committed = self.store.tables.table(self.seq_id, layer)
-        first = first_position // self.store.block_tokens
-        return tuple(OffDevice(i, ref) for i, ref in enumerate(committed[first:], start=first) if ref.tier != "device")
+        first, base, held = self._held(layer, first_position)
+        return tuple(OffDevice(i, ref) for i, ref in enumerate(held[first - base:], start=first)
+                     if ref.tier != "device")
 
     def fail(self, error: BaseException) -> None:
         """This sequence's KV failed (a spill fault): the rest of the sweep skips it, and the
@@ -282,15 +336,20 @@ class PagedSequenceKV:
 
     def read(self, layer: int, start: int, end: int) -> torch.Tensor:
         """Keys and values of tokens start..end-1 of ``layer`` ([2, kv_heads, end - start,
-        head_dim], a copy); the range must cover whole committed blocks. Between sweeps only."""
-        bt = self.store.block_tokens
-        committed = self.store.tables.table(self.seq_id, layer)
-        if start % bt or end % bt or not 0 <= start <= end <= len(committed) * bt:
+        head_dim], a copy); the range must cover whole blocks the layer still holds. Between sweeps only."""
+        bt, tables = self.store.block_tokens, self.store.tables
+        base, held = tables.first_held(self.seq_id, layer), tables.table(self.seq_id, layer)
+        committed = base + len(held)
+        if start % bt or end % bt or not 0 <= start <= end <= committed * bt:
             raise ValueError(f"tokens {start}..{end} of layer {layer}: paged KV reads whole committed blocks of "
-                             f"{bt} tokens ({len(committed)} committed)")
+                             f"{bt} tokens ({committed} committed)")
+        if start < end and start < base * bt:
+            raise ValueError(f"tokens {start}..{end} of layer {layer}: its sliding window "
+                             f"({self.store.layout.windows[layer]} tokens) released the blocks before token "
+                             f"{base * bt}; a released block cannot be read")
         out = torch.empty((2, self.store.block_shape[1], end - start, self.store.block_shape[3]),
                           dtype=self.store.dtype, device=self.store.device)
-        for i, ref in enumerate(committed[start // bt:end // bt]):
+        for i, ref in enumerate(held[start // bt - base:end // bt - base]):
             out[:, :, i * bt:(i + 1) * bt] = self.store.read_block(ref)
         return out
 

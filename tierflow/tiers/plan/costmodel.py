@@ -9,6 +9,11 @@ The time model is the pipeline's: reading from disk, copying to the device and c
 overlap, so a sweep takes as long as its slowest resource. Compute per unit is a roofline:
 a decoder layer at one token is bound by reading its weights (``decode_gbps``), at many
 tokens by its matmuls (``prefill_tflops``); attention reads each sequence's KV once.
+
+Sliding-window layers (``ModelCosts.windows``) are bounded by their window: the paged store
+keeps a ring of blocks per such layer (``tiers/kv/layout.py``, whose arithmetic the planner
+shares), so a sequence holds ``kv_blocks`` — every block of a full-attention layer, a ring's
+peak (during a prefill chunk) of a windowed one — and a query reads at most a window's keys.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from tierflow.errors import ConfigError
+from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.plan.hardware import HardwareProfile
 
 EMBED, LAYER, HEAD = "embed", "layer", "head"
@@ -82,6 +88,38 @@ class ModelCosts:
     dtype_bytes: int                   # compute dtype
     tied: bool                         # the head multiplies by the embedding tensor
     experts: ExpertCosts | None = None   # routed experts (mixture-of-experts models)
+    windows: tuple[int | None, ...] = ()  # per decoder layer: its sliding window, None full attention (): all full
+
+    def __post_init__(self) -> None:
+        if self.windows and len(self.windows) != self.num_layers:
+            raise ValueError(f"ModelCosts.windows: one per layer ({self.num_layers}), got {len(self.windows)}")
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        return self.windows or (None,) * self.num_layers
+
+    def kv_layout(self, block_tokens: int) -> KVLayout:
+        """The blocks a sequence's KV holds per layer, rings for the sliding-window layers."""
+        return KVLayout(block_tokens, self.layer_windows)
+
+    def kv_blocks(self, context_tokens: int, chunk_tokens: int, block_tokens: int) -> int:
+        """The most blocks one sequence of ``context_tokens``, computed ``chunk_tokens`` a sweep,
+        holds over all layers: every block of a full-attention layer (its last, partly filled
+        one counted whole), a sliding-window layer's ring at its peak."""
+        whole = -(-context_tokens // block_tokens) * block_tokens
+        return self.kv_layout(block_tokens).most_blocks(whole, chunk_tokens)
+
+    def kv_read_blocks(self, context_tokens: int, block_tokens: int, full_share: float = 1.0) -> float:
+        """Blocks a query after ``context_tokens`` reads over all layers: ``full_share`` of a
+        full-attention layer's (1: all; a prefill reads half of them on average), a window's
+        keys (which span at most ceil((window - 1) / block) + 1 blocks) of a sliding one."""
+        full = -(-context_tokens // block_tokens)
+        return sum(full_share * full if w is None else min(full_share * full, -(-(w - 1) // block_tokens) + 1)
+                   for w in self.layer_windows)
+
+    def kv_read_tokens(self, keys: int) -> int:
+        """Keys, summed over layers, a query after ``keys`` tokens attends to (a window's at most)."""
+        return sum(keys if w is None else min(keys, w) for w in self.layer_windows)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -92,7 +130,12 @@ class ModelCosts:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer (what a full-attention store writes per token)."""
         return self.kv_bytes_per_token_layer * self.num_layers
+
+    def kv_read_bytes(self, keys: int) -> int:
+        """KV bytes one query after ``keys`` tokens of context reads (a window's at most per layer)."""
+        return self.kv_bytes_per_token_layer * self.kv_read_tokens(keys)
 
     def activation_bytes(self, tokens: int, mlp_tokens: int) -> int:
         """Workspace of a sweep of ``tokens`` inside a layer: residual, norms and q/k/v/o for
@@ -113,12 +156,13 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
                 num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 intermediate_size: int, vocab_size: int, tied: bool, checkpoint_dtype_bytes: int,
                 dtype_bytes: int, stream_bytes: Sequence[int] | None = None, cast: bool | None = None,
-                experts: ExpertCosts | None = None) -> ModelCosts:
+                experts: ExpertCosts | None = None, windows: Sequence[int | None] = ()) -> ModelCosts:
     """Costs from the tensor shapes a family's adapter expects for each unit.
 
     ``stream_bytes`` are the real reads of a checkpoint's units when it is at hand; from a
     config alone they are the payload rounded up to whole 4 KiB pages per tensor. ``cast``:
-    whether streamed weights need converting to the compute dtype (default: the sizes differ)."""
+    whether streamed weights need converting to the compute dtype (default: the sizes differ).
+    ``windows``: each decoder layer's sliding window (None: full attention; empty: all full)."""
     cast = checkpoint_dtype_bytes != dtype_bytes if cast is None else cast
     units = []
     for unit, (shapes, kind) in enumerate(zip(unit_shapes, unit_kinds)):
@@ -134,7 +178,8 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
         units.append(UnitCost(unit_name, kind, read, resident,
                               resident if cast else 0, matmul))
     return ModelCosts(name, tuple(units), num_layers, hidden_size, num_heads, head_dim, intermediate_size,
-                      vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied, experts)
+                      vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied, experts,
+                      tuple(windows) if any(w is not None for w in windows) else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +241,10 @@ def unit_compute_s(model: ModelCosts, hw: HardwareProfile, unit: UnitCost, token
 
 
 def attention_compute_s(model: ModelCosts, hw: HardwareProfile, queries: int, keys: int, sequences: int) -> float:
-    """All layers' attention for ``sequences`` sequences of ``queries`` new tokens over ``keys`` each."""
-    kv_bytes = sequences * keys * model.kv_bytes_per_token
-    flops = 4 * sequences * queries * keys * model.num_heads * model.head_dim * model.num_layers
+    """All layers' attention for ``sequences`` sequences of ``queries`` new tokens over ``keys`` each
+    (a sliding-window layer's queries over a window's keys at most)."""
+    kv_bytes = sequences * model.kv_read_bytes(keys)
+    flops = 4 * sequences * queries * model.kv_read_tokens(keys) * model.num_heads * model.head_dim
     return max(_gbps(kv_bytes, hw.decode_gbps), flops / (hw.prefill_tflops * 1e12))
 
 
@@ -273,4 +319,5 @@ def costs_from_spec(spec: Any, adapter: Any, dtype: str, stream_bytes: Sequence[
         vocab_size=spec.vocab_size, tied=spec.tie_word_embeddings,
         checkpoint_dtype_bytes=checkpoint_bytes, dtype_bytes=DTYPE_BYTES[dtype],
         stream_bytes=stream_bytes, cast=spec.checkpoint_dtype != dtype if cast is None else cast,
-        experts=expert_costs(spec, adapter, checkpoint_bytes, DTYPE_BYTES[dtype], expert_stream_bytes))
+        experts=expert_costs(spec, adapter, checkpoint_bytes, DTYPE_BYTES[dtype], expert_stream_bytes),
+        windows=tuple(spec.window(layer) for layer in range(spec.num_layers)))

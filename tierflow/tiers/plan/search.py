@@ -5,6 +5,12 @@ before KV, KV before weights) for one staging-slot cap, prefetch depth and prefi
 until the first item that does not fit; ``predict`` prices it with the cost model.
 ``planner.plan`` tries every candidate and keeps the best; ``capacity_error`` says, for the
 least demanding candidate, which budget is short and by how much. Pure: no torch, no I/O.
+
+A candidate's KV is the blocks its sequences hold at most for its prefill chunk
+(``ModelCosts.kv_blocks``: a sliding-window layer's ring peaks during a chunk). Its sweeps read
+what attention reads of them: in decode, all of a full-attention layer's blocks and a window's
+of a sliding one; in a prefill sweep half of a full layer's on average, a sliding one's window.
+Every block of the prompt is written once, rings' blocks too (they are written, then released).
 """
 
 from __future__ import annotations
@@ -35,9 +41,16 @@ class Search:
     host_budget: int
     pins: dict[int, str]
     groups: list[tuple[int, ...]]
-    kv_blocks: int
     kv_block_bytes: int
     kv_caps: dict[str, int] = field(default_factory=dict)
+
+    def kv_blocks(self, chunk: int) -> int:
+        """Blocks the workload's sequences hold at most, computed ``chunk`` tokens a sweep."""
+        return self.work.concurrency * self.model.kv_blocks(self.work.context_tokens, chunk, KV_BLOCK_TOKENS)
+
+    def kv_full_blocks(self) -> int:
+        """Blocks the same sequences would hold with every layer full attention (what a prompt writes)."""
+        return self.work.concurrency * math.ceil(self.work.context_tokens / KV_BLOCK_TOKENS) * self.model.num_layers
 
 
 def _budgets(hw: HardwareProfile, overrides: Overrides, margin: float) -> tuple[int, int]:
@@ -89,7 +102,8 @@ class State:
         self.s, self.depth, self.chunk = s, depth, chunk
         n = len(s.model.units)
         self.tiers = [DISK] * n
-        self.kv = {DEVICE: 0, HOST: 0, DISK: s.kv_blocks}
+        self.kv_blocks = s.kv_blocks(chunk)
+        self.kv = {DEVICE: 0, HOST: 0, DISK: self.kv_blocks}
         self.mlp_chunk = _mlp_chunk(s.model, chunk, s.overrides.mlp_chunk_tokens)
         work, model = s.work, s.model
         # a MoE layer holds the experts its tokens were routed to while it computes, cached or not
@@ -148,7 +162,7 @@ class State:
 
     def try_kv(self, tier: str) -> bool:
         """Move as many KV blocks from disk to ``tier`` as fit (and its cap allows); True if all moved."""
-        cap = self.s.kv_caps.get(tier, self.s.kv_blocks) - self.kv[tier]
+        cap = self.s.kv_caps.get(tier, self.kv_blocks) - self.kv[tier]
         budget = self.memory()[tier]
         room = max(0, budget.budget - budget.total) // max(1, self.s.kv_block_bytes)
         moved = min(self.kv[DISK], cap, room)
@@ -236,19 +250,24 @@ def predict(s: Search, st: State) -> tuple[Prediction, dict[str, TierMemory]]:
     memory[DEVICE] = replace(memory[DEVICE], weights=memory[DEVICE].weights + cache)
     kv_bytes = {tier: n * s.kv_block_bytes for tier, n in st.kv.items()}
     k = work.concurrency
+    per_seq = max(1, st.kv_blocks // k)        # the blocks one sequence holds at most
+    decode_read = model.kv_read_blocks(work.context_tokens, KV_BLOCK_TOKENS) / per_seq
     decode = sweep_times(model, hw, st.tiers, kv_bytes, tokens=k, logit_rows=k, queries=1,
-                         keys=work.context_tokens, sequences=k, expert_cache_bytes=cache)
+                         keys=work.context_tokens, sequences=k, kv_read_fraction=min(1.0, decode_read),
+                         expert_cache_bytes=cache)
     prefill_tokens = k * work.prompt_tokens
     chunk = min(st.chunk, prefill_tokens)
     sweeps = math.ceil(prefill_tokens / chunk)
+    prefill_read = model.kv_read_blocks(work.context_tokens, KV_BLOCK_TOKENS, full_share=0.5) / per_seq
     per_sweep = sweep_times(model, hw, st.tiers, kv_bytes, tokens=chunk, logit_rows=1, queries=chunk,
-                            keys=max(1, work.prompt_tokens // 2), sequences=1, kv_read_fraction=0.5,
+                            keys=max(1, work.prompt_tokens // 2), sequences=1, kv_read_fraction=min(1.0, prefill_read),
                             expert_cache_bytes=cache)
-    spill_s = kv_bytes[DISK] / (hw.kv_write_gbps * 1e9)
+    written = s.kv_full_blocks() / max(1, st.kv_blocks)       # rings write blocks they later release
+    spill_s = kv_bytes[DISK] * written / (hw.kv_write_gbps * 1e9)
     prediction = Prediction(
         decode.total_s, k / decode.total_s if decode.total_s else math.inf, sweeps * per_sweep.total_s + spill_s,
         memory[DEVICE].total, memory[HOST].total, model.checkpoint_bytes + kv_bytes[DISK],
-        s.kv_blocks * s.kv_block_bytes, decode.bottleneck, decode, 0.0)
+        st.kv_blocks * s.kv_block_bytes, decode.bottleneck, decode, 0.0)
     new_tokens = max(1, work.new_tokens)
     prediction = replace(prediction, s_per_token=prediction.prefill_s / new_tokens + prediction.decode_s_per_token)
     return prediction, memory
@@ -262,11 +281,10 @@ def make_search(model: ModelCosts, hw: HardwareProfile, work: Workload, override
     if model.tied:
         groups.append((0, n - 1))
     block_bytes = KV_BLOCK_TOKENS * model.kv_bytes_per_token_layer
-    blocks = work.concurrency * math.ceil(work.context_tokens / KV_BLOCK_TOKENS) * model.num_layers
     caps = {tier: math.ceil(tokens / KV_BLOCK_TOKENS) * model.num_layers
             for tier, tokens in overrides.kv_budget_tokens.items()}
     return Search(model, hw, work, overrides, margin, device_budget, host_budget, _pins(model, hw, overrides),
-                   groups, blocks, block_bytes, caps)
+                  groups, block_bytes, caps)
 
 
 def least_state(s: Search, depth: int, chunk: int, cap: float) -> State:
@@ -304,7 +322,7 @@ def capacity_error(s: Search, depths: Sequence[int], chunks: Sequence[int]) -> T
     if least.kv[DISK] > s.kv_caps.get(DISK, least.kv[DISK]):
         parts.append(f"{least.kv[DISK] * s.kv_block_bytes} bytes of KV cache fit no tier that may hold them")
     if not parts:
-        parts.append(f"disk space is short: the KV cache needs {s.kv_blocks * s.kv_block_bytes} bytes and the "
+        parts.append(f"disk space is short: the KV cache needs {least.kv_blocks * s.kv_block_bytes} bytes and the "
                      f"spill directory has {s.hw.disk_free_bytes} free")
     pinned = f" (with {len(s.pins)} units pinned by overrides.tiers)" if s.pins else ""
     return TierCapacityError("no placement fits" + pinned + ": " + "; ".join(parts) +
