@@ -39,24 +39,6 @@ def gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
             FULL: {"rope_type": "default", "rope_theta": 1_000_000.0}})
 
 
-@pytest.fixture(autouse=True)
-def windowed_store(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until engine/build.py's open_kv_store passes the model's KVLayout to the store: give it
-    the spec's windows here (a no-op once it does)."""
-    from tierflow.engine import build
-
-    real_open = build.open_kv_store
-
-    def open_kv_store(config, plan, spec, *args, **kwargs):
-        store = real_open(config, plan, spec, *args, **kwargs)
-        if not store.layout.windowed:
-            from tierflow.tiers.kv.layout import KVLayout
-            store.layout = KVLayout(store.block_tokens, tuple(spec.window(i) for i in range(spec.num_layers)))
-        return store
-
-    monkeypatch.setattr(build, "open_kv_store", open_kv_store)
-
-
 def _disk_config(tmp_path: Path, **extra) -> EngineConfig:
     return EngineConfig(**(dict(device="cpu", dtype="float32", profile=HARDWARE, kv_cache_dir=tmp_path,
                                 kv_device_bytes=0, kv_host_bytes=0, kv_reserve_tokens=5000,

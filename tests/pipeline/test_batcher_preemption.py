@@ -54,9 +54,20 @@ def _run(reqs: list[_Req], *, capacity: int, layers: int, block_tokens: int, max
     tables = KVBlockTables({"device": capacity}, num_layers=layers, block_tokens=block_tokens)
     b = Batcher(max_num_seqs=max_num_seqs, max_sweep_tokens=sweep_tokens, kv=layout, kv_capacity_blocks=capacity,
                 allocation=allocation, watermark_blocks=layers)
-    sim = _Sim(b, tables, layout)
     pending = sorted(reqs, key=lambda r: (r.arrival, r.seq_id))
     by_id = {r.seq_id: r for r in reqs}
+    sim = _Sim(b, tables, layout)
+    admit = b.admit
+
+    def recording_admit() -> list[int]:      # first admissions, in the order they happen
+        admitted = admit()
+        for seq_id in admitted:
+            if by_id[seq_id].admitted_first is None:
+                by_id[seq_id].admitted_first = sim.sweeps
+                sim.admissions.append(seq_id)
+        return admitted
+
+    b.admit = recording_admit                # type: ignore[method-assign]
     computed: dict[int, int] = {}
     while pending or b.has_work():
         assert sim.sweeps < max_sweeps, "the batcher stopped making progress"
@@ -73,9 +84,6 @@ def _run(reqs: list[_Req], *, capacity: int, layers: int, block_tokens: int, max
         tokens = []
         for item in plan.seqs:
             r = by_id[item.seq_id]
-            if r.admitted_first is None:
-                r.admitted_first = sim.sweeps
-                sim.admissions.append(r.seq_id)
             assert item.start == computed.get(item.seq_id, 0)
             end = item.start + item.num_tokens
             for layer in range(layers):      # commit the blocks these tokens fill, as the store does
@@ -146,7 +154,7 @@ def test_reserve_never_preempts():
 _request = st.tuples(st.integers(0, 40), st.integers(1, 40), st.integers(1, 30), st.integers(0, 40))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(requests=st.lists(_request, min_size=1, max_size=14), layers=st.integers(1, 3), block_tokens=st.integers(1, 8),
        max_num_seqs=st.integers(1, 6), extra_tokens=st.integers(0, 40), spare_blocks=st.integers(0, 60),
        allocation=st.sampled_from(["on_demand", "reserve"]))

@@ -202,7 +202,7 @@ def context_window(config: EngineConfig, spec: ModelSpec) -> int:
 
 def kv_layout(spec: ModelSpec, block_tokens: int) -> KVLayout:
     """The paged store's blocks per sequence: sliding-window layers keep rings."""
-    return KVLayout.full(spec.num_layers, block_tokens)
+    return KVLayout(block_tokens, tuple(spec.window(layer) for layer in range(spec.num_layers)))
 
 
 def disk_kv_bytes(config: EngineConfig) -> int:
@@ -248,4 +248,4 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
                           settings=("kv_cache_dir", "kv_disk_bytes", "kv_device_bytes", "kv_host_bytes"))
     return KVStore(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                    device=device, block_tokens=bt, device_blocks=device_blocks, host_blocks=host_blocks,
-                   disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer)
+                   disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer, layout=layout)
