@@ -79,7 +79,7 @@ class DecodeMeter:
         rt, now = self._rt, self.clock()
         k = len(plan.seqs)
         tokens = sum(s.start + 1 for s in plan.seqs)
-        kv_bytes = tokens * rt.costs.kv_bytes_per_token
+        kv_bytes = sum(rt.costs.kv_read_bytes(s.start + 1) for s in plan.seqs)   # a window's at most per layer
         kv = rt.kv_store.spread(kv_bytes) if rt.kv_store is not None else {DEVICE: kv_bytes}
         p = sweep_times(rt.costs, rt.hardware, rt.plan.tiers, kv, tokens=k, logit_rows=k, queries=1,
                         keys=tokens // k, sequences=k,
