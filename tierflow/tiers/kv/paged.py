@@ -102,6 +102,7 @@ class KVStore:
         self.window = aligned_empty((self.window_blocks + self.spill_host_blocks) * self.stride) \
             if self.spill is not None else None
         self._replacing = threading.Lock()
+        self._retired: list[SpillFile] = []     # spill files deleted under the engine, closed at detach
         self.reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv-read") \
             if self.spill is not None else None
         self.writes = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv-spill")
@@ -181,7 +182,9 @@ class KVStore:
         spill = self.spill
         assert spill is not None
         if spill.deleted:
-            spill.close()
+            # other reader threads may be reading the old file right now: it is closed between
+            # sweeps (``detach``), not under them
+            self._retired.append(spill)
             self.spill = SpillFile(spill.path.with_name(f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill"),
                                    self.block_bytes, spill.num_slots)
             raise TransferError(f"KV spill file {spill.path} was deleted while in use; the blocks it held are lost "
@@ -195,15 +198,23 @@ class KVStore:
         self.io = io
 
     def detach(self) -> None:
+        """The sweep is over (no read or write of it is running)."""
         self.io = DirectIO(self)
+        self._close_retired()
 
     def sequence(self, seq_id: int) -> "PagedSequenceKV":
         return PagedSequenceKV(self, seq_id)
+
+    def _close_retired(self) -> None:
+        with self._replacing:
+            while self._retired:
+                self._retired.pop().close()
 
     def close(self) -> None:
         if self.reads is not None:
             self.reads.shutdown(wait=True)
         self.writes.shutdown(wait=True)
+        self._close_retired()
         if self.spill is not None:
             self.spill.close()
         while self._pinned:
