@@ -202,3 +202,27 @@ def test_a_sequence_that_could_never_fit_alone_is_refused():
         b.add(0, 4, 24)
     b.add(1, 4, 23)                             # 23 // 4 = 5 blocks a layer: fits alone
     assert [s.seq_id for s in b.schedule().seqs] == [1]
+
+
+def test_the_contiguous_cache_is_counted_as_it_allocates():
+    import torch
+
+    from tierflow.tiers.kv.contiguous import SequenceKV
+    from tierflow.tiers.kv.layout import ContiguousLayout, contiguous_tokens
+    ladder = [contiguous_tokens(n) for n in range(0, 5000, 7)]
+    assert ladder == sorted(ladder) and all(c >= n for c, n in zip(ladder, range(0, 5000, 7)))
+    kv = SequenceKV(2, 1, 4, dtype=torch.float32, device=torch.device("cpu"))
+    layout = ContiguousLayout(2)
+    for n in (5, 300, 700, 1100):                       # prefill 5 tokens, then chunks
+        grown = n - kv.num_tokens
+        for layer in range(2):
+            kv.append(layer, torch.zeros(grown, 1, 4), torch.zeros(grown, 1, 4))
+        assert kv.allocated_bytes == layout.blocks(0, n) * 2 * 4 * 4   # token-layers x K and V x head_dim x fp32
+    # 64 short requests in a cache of 2048 tokens: each allocates its most (60, under the
+    # ladder's 256), and on demand admits what those allocations fit, without preempting
+    b = Batcher(max_num_seqs=64, max_sweep_tokens=4096, kv=ContiguousLayout(2), kv_capacity_blocks=2 * 2048)
+    for i in range(64):
+        b.add(i, 30, 60)
+    plan = b.schedule()
+    assert len(plan.seqs) == (2 * 2048 - 2 * 60) // (2 * 60) + 1 and plan.preempted == ()   # the watermark aside
+    assert b.statistics().num_waiting == 64 - len(plan.seqs)

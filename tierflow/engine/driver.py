@@ -32,7 +32,7 @@ from tierflow.stages.compute import SweepBatch
 from tierflow.tiers.io.reader import trim_heap
 from tierflow.tiers.kv.contiguous import SequenceKV
 from tierflow.tiers.kv.handle import KVHandle
-from tierflow.tiers.kv.layout import KVLayout
+from tierflow.tiers.kv.layout import ContiguousLayout, KVLayout
 from tierflow.tiers.plan.costmodel import DEVICE
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,10 @@ class Driver:
         plan, spec, config = rt.plan, rt.spec, rt.config
         if rt.kv_store is not None:      # paged: blocks of every tier, sliding-window rings counted
             layout, capacity = kv_layout(spec, plan.kv_block_tokens), rt.kv_store.tables.capacity_blocks
-        else:                            # one contiguous tensor per layer: counted token by token
-            layout, capacity = KVLayout.full(spec.num_layers, 1), plan.kv_blocks[DEVICE] * plan.kv_block_tokens
-        self.layout = layout
+        else:                            # one contiguous tensor per layer, counted in token-layers as it grows
+            layout = ContiguousLayout(spec.num_layers)
+            capacity = plan.kv_blocks[DEVICE] * plan.kv_block_tokens
+        self.layout: KVLayout | ContiguousLayout = layout
         self.batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=plan.prefill_chunk_tokens,
                                kv=layout, kv_capacity_blocks=capacity, allocation=config.kv_allocation,
                                watermark_blocks=max(layout.num_layers, capacity // 100))

@@ -57,6 +57,11 @@ class KVAccounting(Protocol):
         """The most blocks a sequence of up to ``max_tokens``, ``chunk_tokens`` a sweep, ever holds."""
         ...
 
+    def cap_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
+        """The most blocks a sequence that may reach ``max_tokens`` holds, whatever its store's
+        growth policy (a store never allocates past a sequence's most tokens)."""
+        ...
+
 
 @dataclass(slots=True)
 class _Seq:
@@ -131,7 +136,12 @@ class Batcher:
 
     def most_blocks(self, max_tokens: int) -> int:
         """The most blocks one sequence of up to ``max_tokens`` tokens ever holds (0: unbounded)."""
-        return self.kv.most_blocks(max_tokens, self.max_sweep_tokens) if self.kv is not None else 0
+        return self.kv.cap_blocks(max_tokens, self.max_sweep_tokens) if self.kv is not None else 0
+
+    def _known_blocks(self, seq: _Seq) -> int:
+        """The blocks of every token ``seq`` knows, as its store allocates them."""
+        assert self.kv is not None
+        return min(self.kv.most_blocks(seq.num_tokens, self.max_sweep_tokens), self.most_blocks(seq.max_tokens))
 
     def _held(self) -> int:
         return sum(s.reserve if self.allocation == RESERVE else s.held for s in self._running.values())
@@ -140,7 +150,7 @@ class Batcher:
         """What admission counts a sequence for: its reservation, or the blocks of its known tokens."""
         if self.allocation == RESERVE:
             return seq.reserve
-        return max(seq.held, self.most_blocks(seq.num_tokens))
+        return max(seq.held, self._known_blocks(seq)) if self.kv is not None else 0
 
     def _fits(self, seq: _Seq) -> bool:
         if self.kv_capacity_blocks is None:
@@ -196,7 +206,7 @@ class Batcher:
                              "computed (at least one must be left to compute)")
         if num_tokens > seq.num_computed:
             seq.num_computed, seq.kv_span = num_tokens, (0, num_tokens)   # every block of them, at most
-            seq.held = self.kv.blocks(0, num_tokens) if self.kv is not None else 0
+            seq.held = self._blocks(seq) if self.kv is not None else 0
 
     # -- sweeps ------------------------------------------------------------------------------
 
@@ -225,9 +235,16 @@ class Batcher:
         return SweepPlan(tuple(chosen), sum(s.num_tokens for s in chosen), tuple(preempted))
 
     def _step(self, seq: _Seq, n: int) -> int:
-        """Blocks ``seq`` holds at most while a sweep computes its next ``n`` tokens."""
+        """Blocks ``seq`` holds at most while a sweep computes its next ``n`` tokens (never more
+        than its most: a store caps what it allocates there)."""
         assert self.kv is not None
-        return self.kv.blocks_step(seq.kv_span, (seq.num_computed, seq.num_computed + n))
+        step = self.kv.blocks_step(seq.kv_span, (seq.num_computed, seq.num_computed + n))
+        return min(step, self.most_blocks(seq.max_tokens))
+
+    def _blocks(self, seq: _Seq) -> int:
+        """Blocks ``seq`` holds between sweeps (``kv_span``), at most its most."""
+        assert self.kv is not None
+        return min(self.kv.blocks(*seq.kv_span), self.most_blocks(seq.max_tokens))
 
     def _fit_growth(self, order: list[_Seq], work: dict[int, int], preempted: list[int]) -> None:
         """Oldest first, give each scheduled sequence the blocks its tokens add: shorten a
@@ -276,7 +293,7 @@ class Batcher:
             seq.num_computed = item.start + item.num_tokens
             seq.kv_span = (item.start, seq.num_computed)
             if self.kv is not None:
-                seq.held = self.kv.blocks(*seq.kv_span)
+                seq.held = self._blocks(seq)
             if token is None:
                 continue
             seq.num_tokens += 1

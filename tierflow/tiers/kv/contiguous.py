@@ -4,7 +4,8 @@
 and values; ``blocks(layer)`` gives the layer's whole KV as a single block from position 0, so
 attention makes one fused SDPA call over views it reads in place (a sliding window is sliced
 out of them for free). Storage is per layer [kv_heads, capacity, head_dim], grown in whole
-blocks of ``block_tokens``. Nothing is ever off the device, so the kv_load stage has nothing to
+blocks of ``block_tokens``, a quarter more at a time
+(``layout.contiguous_tokens``, which the batcher counts by). Nothing is ever off the device, so the kv_load stage has nothing to
 prefetch and the kv_spill stage nothing to write. The paged, tiered cache (device / host / disk
 blocks) is ``paged.PagedSequenceKV``, behind the same protocol.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tierflow.tiers.kv.handle import KVBlock, KVBlocks, OffDevice
+from tierflow.tiers.kv.layout import contiguous_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +54,8 @@ class SequenceKV:
         start, n = self._lengths[layer], k.shape[0]
         end = start + n
         if end > self._keys[layer].shape[1]:
-            capacity = -(-max(end, self._keys[layer].shape[1] * 3 // 2) // self.block_tokens) * self.block_tokens
-            if self.max_tokens is not None:     # never more than the tokens admission reserved
+            capacity = contiguous_tokens(end, self.block_tokens)   # what the batcher counts it for
+            if self.max_tokens is not None:     # never more than the sequence may reach
                 capacity = max(end, min(capacity, self.max_tokens))
             self._keys[layer] = self._grow(self._keys[layer], start, capacity)
             self._values[layer] = self._grow(self._values[layer], start, capacity)

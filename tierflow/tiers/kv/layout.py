@@ -65,6 +65,10 @@ class KVLayout:
         return sum(count * (full if w is None else min(full, (chunk_tokens + w - 1) // self.block_tokens + 1))
                    for w, count in self._groups)
 
+    def cap_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
+        """The most blocks a sequence that may reach ``max_tokens`` ever holds (``most_blocks``)."""
+        return self.most_blocks(max_tokens, chunk_tokens)
+
     def tokens_within(self, blocks: int, chunk_tokens: int) -> int:
         """The most tokens one sequence may reach with ``blocks`` pool blocks to itself (the
         inverse of ``most_blocks``; a sequence of only sliding-window layers is bounded by
@@ -76,3 +80,39 @@ class KVLayout:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.most_blocks(mid, chunk_tokens) <= blocks else (lo, mid)
         return lo
+
+
+def contiguous_tokens(end: int, step: int = 256) -> int:
+    """Tokens a contiguous KV layer (``contiguous.SequenceKV``) allocates to hold ``end``: one
+    ``step``, then a quarter more at a time, in whole steps (a pure function of ``end``, so the
+    batcher can count it)."""
+    capacity = step if end > 0 else 0
+    while capacity < end:
+        capacity = -(-(capacity * 5 // 4) // step) * step
+    return capacity
+
+
+@dataclass(frozen=True, slots=True)
+class ContiguousLayout:
+    """The batcher's count for the contiguous in-memory cache, in token-layers: every layer of a
+    sequence allocates ``contiguous_tokens`` of its keys and values."""
+    num_layers: int
+    step: int = 256
+
+    def blocks(self, first_query: int, end: int) -> int:
+        return self.num_layers * contiguous_tokens(end, self.step)
+
+    def blocks_step(self, before: tuple[int, int], after: tuple[int, int]) -> int:
+        return max(self.blocks(*before), self.blocks(*after))
+
+    def most_blocks(self, tokens: int, chunk_tokens: int) -> int:
+        """What a sequence of ``tokens`` has allocated (before any cap)."""
+        return self.blocks(0, tokens)
+
+    def cap_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
+        """The most a sequence that may reach ``max_tokens`` ever allocates: its layers stop there."""
+        return self.num_layers * max_tokens
+
+    def tokens_within(self, blocks: int, chunk_tokens: int) -> int:
+        """The most tokens one sequence may reach in ``blocks`` token-layers."""
+        return blocks // self.num_layers
