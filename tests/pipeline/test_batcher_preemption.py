@@ -218,11 +218,11 @@ def test_the_contiguous_cache_is_counted_as_it_allocates():
         for layer in range(2):
             kv.append(layer, torch.zeros(grown, 1, 4), torch.zeros(grown, 1, 4))
         assert kv.allocated_bytes == layout.blocks(0, n) * 2 * 4 * 4   # token-layers x K and V x head_dim x fp32
-    # 64 short requests in a cache of 2048 tokens: each allocates its most (60, under the
-    # ladder's 256), and on demand admits what those allocations fit, without preempting
+    # 64 short requests in a cache of 2048 tokens: each allocates what the ladder gives its 30
+    # tokens (32), and on demand admits what those allocations fit, without preempting
     b = Batcher(max_num_seqs=64, max_sweep_tokens=4096, kv=ContiguousLayout(2), kv_capacity_blocks=2 * 2048)
     for i in range(64):
         b.add(i, 30, 60)
     plan = b.schedule()
-    assert len(plan.seqs) == (2 * 2048 - 2 * 60) // (2 * 60) + 1 and plan.preempted == ()   # the watermark aside
+    assert len(plan.seqs) == 2 * 2048 // (2 * contiguous_tokens(30)) and plan.preempted == ()
     assert b.statistics().num_waiting == 64 - len(plan.seqs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tierflow.tiers.kv.handle import KVBlock, KVBlocks, OffDevice
-from tierflow.tiers.kv.layout import contiguous_tokens
+from tierflow.tiers.kv.layout import CONTIGUOUS_STEP, contiguous_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class KVStats:
 
 class SequenceKV:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
-                 device: torch.device, block_tokens: int = 256, max_tokens: int | None = None,
+                 device: torch.device, block_tokens: int = CONTIGUOUS_STEP, max_tokens: int | None = None,
                  seq_id: int = -1) -> None:
         self.seq_id = seq_id
         self.num_layers, self.block_tokens, self.max_tokens = num_layers, block_tokens, max_tokens

@@ -82,7 +82,10 @@ class KVLayout:
         return lo
 
 
-def contiguous_tokens(end: int, step: int = 256) -> int:
+CONTIGUOUS_STEP = 16            # tokens: a contiguous layer grows in whole steps of this
+
+
+def contiguous_tokens(end: int, step: int = CONTIGUOUS_STEP) -> int:
     """Tokens a contiguous KV layer (``contiguous.SequenceKV``) allocates to hold ``end``: one
     ``step``, then a quarter more at a time, in whole steps (a pure function of ``end``, so the
     batcher can count it)."""
@@ -97,7 +100,7 @@ class ContiguousLayout:
     """The batcher's count for the contiguous in-memory cache, in token-layers: every layer of a
     sequence allocates ``contiguous_tokens`` of its keys and values."""
     num_layers: int
-    step: int = 256
+    step: int = CONTIGUOUS_STEP
 
     def blocks(self, first_query: int, end: int) -> int:
         return self.num_layers * contiguous_tokens(end, self.step)
