@@ -533,3 +533,186 @@ def print_table(rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if k == 0:
             print("  ".join("-" * w for w in widths))
+
+
+# --------------------------------------------------------------------------- offload benchmark
+def build_transformers_llama(directory: Path, shape: ModelShape, *, seed: int = 0) -> tuple[Path, bool]:
+    """A random Llama of ``shape`` made by transformers itself (``LlamaForCausalLM(LlamaConfig)``,
+    its own random init) and saved with ``save_pretrained`` as safetensors, once: a later call
+    with the same shape and seed reuses it. The files are fsynced and dropped from the page
+    cache, so the first reads come from the disk. Returns (dir, reused)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"shape": asdict(shape), "seed": seed, "writer": "build_transformers_llama"}
+    meta_path = directory / "bench_meta.json"
+    if meta_path.exists() and (directory / "config.json").exists() and list(directory.glob("*.safetensors")):
+        try:
+            if json.loads(meta_path.read_text()) == meta:
+                return directory, True
+        except ValueError:
+            pass
+    meta_path.unlink(missing_ok=True)
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in llama_config(shape).items() if k not in ("architectures", "model_type")}
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**fields)).to(DTYPES[shape.dtype]).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    del model
+    for path in directory.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    meta_path.write_text(json.dumps(meta))
+    return directory, False
+
+
+def mem_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo: what the kernel thinks can be had without swapping."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable")
+
+
+MEMLOCK_FLAG = Path("/tmp/tierflow-memlock-running")
+MEMLOCK_FLOOR_BYTES = int(2.5 * 2**30)
+
+_LOCKER = r"""
+import ctypes, json, mmap, os, select, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(1, 9)                              # PR_SET_PDEATHSIG: SIGKILL when the parent dies
+if os.getppid() != int(sys.argv[4]):
+    os._exit(1)                               # the parent died before prctl took effect
+leave, floor, step, slack = int(sys.argv[1]), int(sys.argv[2]), 128 << 20, int(sys.argv[3])
+
+def available():
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+
+held = []
+def lock_one():
+    m = mmap.mmap(-1, step, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    if libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(step)) != 0:
+        return False
+    held.append(m)
+    return True
+
+def settle():
+    # Hold available memory near `leave`: lock more while there is more than leave + slack,
+    # and let go while there is less than leave - slack (other work on the machine needs it);
+    # never below `floor`.
+    global released, relocked
+    while available() > max(leave, floor) + slack and lock_one():
+        relocked += 1
+    while held and available() < max(leave - slack, floor):
+        held.pop()                            # unmapped (and unlocked) once no view of it is left
+        released += 1
+
+released = relocked = 0
+settle()
+print(len(held) * step, flush=True)
+relocked = 0
+low = high = available()
+while True:                                   # until the parent closes the pipe (or dies)
+    ready, _, _ = select.select([sys.stdin], [], [], 0.25)
+    if ready and not sys.stdin.buffer.read1(1 << 16):
+        break
+    settle()
+    now = available()
+    low, high = min(low, now), max(high, now)
+print(json.dumps({"released_chunks": released, "relocked_chunks": relocked, "chunk_bytes": step,
+                  "locked_at_end_bytes": len(held) * step, "available_min_bytes": low,
+                  "available_max_bytes": high}), flush=True)
+"""
+
+
+class MemoryLock:
+    """Locks RAM away in a helper process (mlock) so that about ``leave_bytes`` stay available,
+    for as long as the ``with`` block runs. The helper dies with this process (PR_SET_PDEATHSIG,
+    and it exits when its stdin pipe closes). Every 0.25 s it holds available memory within
+    ``slack_bytes`` of ``leave_bytes``: when other work takes memory it lets locked memory go,
+    when that work ends it locks again; it never takes available memory below
+    ``MEMLOCK_FLOOR_BYTES``. While more than 4 GiB are locked, ``MEMLOCK_FLAG`` exists so that
+    other work on a shared machine can tell why memory is short."""
+
+    def __init__(self, leave_bytes: int, slack_bytes: int = 256 * 2**20) -> None:
+        self.leave_bytes = max(leave_bytes, MEMLOCK_FLOOR_BYTES)
+        self.slack_bytes = slack_bytes
+        self.helper: dict[str, int] = {}
+        self.locked_bytes = 0
+        self.available_before = self.available_after = 0
+        self._proc: Any = None
+        self._flag = False
+
+    def __enter__(self) -> "MemoryLock":
+        import subprocess
+        import sys
+
+        self.available_before = mem_available_bytes()
+        want = max(0, self.available_before - self.leave_bytes)
+        if want > 4 * 2**30:
+            MEMLOCK_FLAG.touch()
+            self._flag = True
+        try:
+            self._proc = subprocess.Popen([sys.executable, "-c", _LOCKER, str(self.leave_bytes),
+                                           str(MEMLOCK_FLOOR_BYTES), str(self.slack_bytes), str(os.getpid())],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            line = self._proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the memory-lock helper exited with {self._proc.wait()} before locking")
+            self.locked_bytes = int(line)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.available_after = mem_available_bytes()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        if self._proc is not None:
+            self._proc.stdin.close()
+            try:
+                last = self._proc.stdout.readline()
+                if last:
+                    self.helper = json.loads(last)
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._flag:
+            MEMLOCK_FLAG.unlink(missing_ok=True)
+            self._flag = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"locked_bytes": self.locked_bytes, "available_before_bytes": self.available_before,
+                "available_after_bytes": self.available_after, "leave_bytes": self.leave_bytes,
+                "slack_bytes": self.slack_bytes, "helper": self.helper}
+
+
+def loadavg() -> tuple[float, float, float]:
+    one, five, fifteen = Path("/proc/loadavg").read_text().split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+def engine_plan_figures(model: Path) -> dict[str, int]:
+    """The streamed plan's staging for ``model`` (every decoder layer on disk): slot size and
+    count, reader threads and block size, and the bytes it keeps resident."""
+    from tierflow import Engine, EngineConfig
+
+    async def go() -> dict[str, int]:
+        engine = await Engine.open(model, EngineConfig(device="cpu", dtype="float32", profile=streamed_profile(model)))
+        try:
+            p = engine.plan
+            return {"slot_bytes": p.device_slot_bytes, "num_slots": p.num_slots, "io_threads": p.io_threads,
+                    "block_bytes": p.io_block_bytes, "resident_bytes": engine.stats().resident_bytes}
+        finally:
+            await engine.close()
+    return asyncio.run(go())

@@ -27,6 +27,7 @@ import torch
 
 from tierflow.errors import ConfigError, TransferError
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES, UnitLayout
+from tierflow.tiers.io.staging import HUGE_PAGE_BYTES, staging_empty
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +38,19 @@ class UnitReader(Protocol):
     async def read(self, layout: UnitLayout, buffer: torch.Tensor) -> int: ...
 
 
-HUGE_PAGE_BYTES = 2 * 2**20
-_MADV_HUGEPAGE = 14
-
-
 def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` whose first byte is 4 KiB aligned (what O_DIRECT needs).
 
-    Buffers of 2 MiB or more are 2 MiB aligned and advised to use transparent huge pages
-    before their pages are first touched: an O_DIRECT read into physically scattered 4 KiB
-    pages is split by the block layer into many small requests (a device allows only so
-    many segments per request), which measurably cuts disk throughput.
+    Buffers of 2 MiB or more are staging buffers (``tiers.io.staging.staging_empty``): their
+    own mapping, 2 MiB aligned, backed by huge pages at once, when they are made — memory
+    compacted then if need be — so that an O_DIRECT read reaches the device in few large
+    segments however full or fragmented RAM is by the time of the read. ``pin_memory`` (and
+    smaller buffers) come from torch's allocator.
     """
-    align = HUGE_PAGE_BYTES if nbytes >= HUGE_PAGE_BYTES and not pin_memory else ALIGN_BYTES
-    raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=pin_memory)
-    skip = (-raw.data_ptr()) % align
-    if align == HUGE_PAGE_BYTES:
-        _advise_huge_pages(raw.data_ptr() + skip, nbytes - nbytes % HUGE_PAGE_BYTES)
+    if nbytes >= HUGE_PAGE_BYTES and not pin_memory:
+        return staging_empty(nbytes)
+    raw = torch.empty(nbytes + ALIGN_BYTES, dtype=torch.uint8, pin_memory=pin_memory)
+    skip = (-raw.data_ptr()) % ALIGN_BYTES
     return raw[skip:skip + nbytes]
 
 
@@ -73,15 +70,6 @@ def trim_heap() -> None:
 
 
 _malloc_trim = None
-
-
-def _advise_huge_pages(address: int, nbytes: int) -> None:
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
-    except (OSError, AttributeError):   # not Linux, or no madvise: ordinary pages still work
-        log.debug("madvise(MADV_HUGEPAGE) unavailable")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import asyncio
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,7 @@ import torch
 
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES, ByteRange, UnitLayout
 from tierflow.tiers.io.reader import DiskReader, aligned_empty
+from tierflow.tiers.io.staging import BufferLayout, buffer_layout
 from tierflow.tiers.plan.costmodel import ModelCosts
 
 PROBE_FILE_BYTES = 256 * 2**20
@@ -32,6 +33,10 @@ class DiskFigures:
     write_gbps: float
     io_mode: str             # "direct" | "buffered" (the filesystem refused O_DIRECT: page cache figures)
     free_bytes: int
+    # What backed the read buffers (``tiers.io.staging.BufferLayout`` of the ring: huge-page
+    # share, physically contiguous pieces per read block), e.g. "huge pages: 100% THP, 4.0
+    # pieces per 8 MiB": a figure read into scattered 4 KiB pages is lower than the disk's.
+    buffers: dict[str, object] = field(default_factory=dict)
 
 
 def _write_probe_file(path: Path, nbytes: int) -> float:
@@ -80,11 +85,23 @@ async def measure_disk(directory: str | Path, *, io_threads: int = 4, block_byte
             while not rates or (time.perf_counter() - started < seconds and len(rates) < 20):
                 rates.append(file_bytes / await read_pass(reader, layouts, ring) / 1e9)
             modes = set(reader.statistics().modes.values())
+            buffers = ring_layout([buffer_layout(b, block_bytes) for b in ring])
         finally:
             reader.close()
     finally:
         path.unlink(missing_ok=True)
-    return DiskFigures(statistics.median(rates), write_gbps, modes.pop() if len(modes) == 1 else "mixed", free)
+    return DiskFigures(statistics.median(rates), write_gbps, modes.pop() if len(modes) == 1 else "mixed", free,
+                       buffers)
+
+
+def ring_layout(layouts: list[BufferLayout]) -> dict[str, object]:
+    """The layout of a ring of buffers as one record: the worst buffer's line and the means."""
+    worst = max(layouts, key=lambda x: (x.pieces_per_block or 0, -(x.huge_fraction or 0)))
+    pieces = [x.pieces_per_block for x in layouts]
+    shares = [x.huge_fraction for x in layouts]
+    return {**worst.as_dict(), "buffers": len(layouts),
+            "pieces_per_block": None if None in pieces else statistics.mean(pieces),
+            "huge_fraction": None if None in shares else statistics.mean(shares)}
 
 
 async def read_pass(reader: DiskReader, layouts: list[UnitLayout], ring: list[torch.Tensor]) -> float:

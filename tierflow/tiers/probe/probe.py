@@ -3,7 +3,9 @@
 - memory: free and total device memory (CUDA), available RAM and how much can be pinned;
 - disk: O_DIRECT read bandwidth of a directory's filesystem, through the engine's own
   ``DiskReader`` (same block size, same queue depth, the weight stream's chunked access),
-  on a file the probe writes with O_DIRECT and removes — the page cache never answers;
+  on a file the probe writes with O_DIRECT and removes — the page cache never answers —
+  into the engine's own staging buffers, whose page layout goes with the figure
+  (``provenance["disk"]["buffers"]``: huge-page share and physical pieces per read block);
 - PCIe (CUDA): host→device and device→host copies from pinned memory;
 - compute: the model's own layer matmuls at one token (decode) and at a prefill chunk.
 
@@ -39,7 +41,7 @@ from tierflow.tiers.io.cachedir import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3     # 3: disk figures carry the layout of the buffers they were read into
 
 
 def machine_key() -> str:
@@ -169,7 +171,7 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
         if figures.io_mode != "direct":
             log.warning("%s refuses O_DIRECT: the disk figures are page-cache figures", directory)
         return {"read_gbps": figures.read_gbps, "write_gbps": figures.write_gbps, "io_mode": figures.io_mode,
-                "directory": str(directory)}
+                "directory": str(directory), "buffers": figures.buffers}
 
     async def checkpoint_disk() -> dict[str, Any]:
         try:
