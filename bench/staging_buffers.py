@@ -166,7 +166,7 @@ def main() -> None:
           f"{max_segments(str(weights))}; hugetlb free {hugetlb_free_bytes()} bytes; loadavg {loadavg()}", flush=True)
     rows: list[dict[str, Any]] = []
     locks: dict[str, Any] = {}
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), loadavg()
     try:
         for name in args.scenarios.split(","):
             drop_file_cache(weights)
@@ -176,10 +176,10 @@ def main() -> None:
                 rows += run_scenario(name, weights, plan, reader, layouts, args.repeats, args.passes)
                 continue
             with MemoryLock(int(args.leave_gb * GB)) as lock:
-                locks[name] = lock.as_dict()
                 print(f"  locked {lock.locked_bytes / GB:.1f} GB, {lock.available_after / GB:.1f} GB available",
                       flush=True)
                 rows += run_scenario(name, weights, plan, reader, layouts, args.repeats, args.passes)
+            locks[name] = lock.as_dict()      # after the helper has gone: its own record included
             drop_file_cache(weights)
     finally:
         reader.close()
@@ -190,7 +190,8 @@ def main() -> None:
            if hugetlb_free_bytes() == 0 else "available",
            "thp_enabled": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip(),
            "thp_defrag": Path("/sys/kernel/mm/transparent_hugepage/defrag").read_text().strip(),
-           "pfns_readable": rows[0].get("source") == "pagemap", "locks": locks, "loadavg_end": loadavg(),
+           "pfns_readable": rows[0].get("source") == "pagemap", "locks": locks, "loadavg_start": load_start,
+           "loadavg_end": loadavg(),
            "read_bytes_per_pass": total, "total_s": time.perf_counter() - started, "summary": summary, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1))
