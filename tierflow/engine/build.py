@@ -200,11 +200,6 @@ def context_window(config: EngineConfig, spec: ModelSpec) -> int:
     return min(config.max_context_tokens or 2**62, spec.max_position_embeddings)
 
 
-def kv_layout(spec: ModelSpec, block_tokens: int) -> KVLayout:
-    """The paged store's blocks per sequence: sliding-window layers keep rings."""
-    return KVLayout(block_tokens, tuple(spec.window(layer) for layer in range(spec.num_layers)))
-
-
 def disk_kv_bytes(config: EngineConfig) -> int:
     """Bytes the KV spill file may take: ``kv_disk_bytes``, else the free space of
     ``kv_cache_dir`` (its nearest existing parent) less a margin, DISK_MARGIN_FRACTION of it
@@ -228,7 +223,7 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
     less a margin); all of them together never more than ``max_num_seqs`` sequences of the
     whole context window hold."""
     bt = plan.kv_block_tokens
-    layout = kv_layout(spec, bt)
+    layout = KVLayout(bt, tuple(spec.window(layer) for layer in range(spec.num_layers)))   # windows keep rings
     per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
     bound = config.max_num_seqs * layout.most_blocks(context_window(config, spec), plan.prefill_chunk_tokens)
     device_blocks = config.kv_device_bytes // per_block if config.kv_device_bytes is not None else \

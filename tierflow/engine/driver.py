@@ -21,7 +21,7 @@ import time
 import torch
 
 from tierflow.config import SamplingParams
-from tierflow.engine.build import Runtime, kv_layout
+from tierflow.engine.build import Runtime
 from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
@@ -44,7 +44,7 @@ class Driver:
         self.rt, self.max_context_tokens = rt, max_context_tokens
         plan, spec, config = rt.plan, rt.spec, rt.config
         if rt.kv_store is not None:      # paged: blocks of every tier, sliding-window rings counted
-            layout, capacity = kv_layout(spec, plan.kv_block_tokens), rt.kv_store.tables.capacity_blocks
+            layout, capacity = rt.kv_store.layout, rt.kv_store.tables.capacity_blocks
         else:                            # one contiguous tensor per layer, counted in token-layers as it grows
             layout = ContiguousLayout(spec.num_layers)
             capacity = plan.kv_blocks[DEVICE] * plan.kv_block_tokens

@@ -134,14 +134,14 @@ class Batcher:
 
     # -- what a sequence needs ---------------------------------------------------------------
 
-    def most_blocks(self, max_tokens: int) -> int:
+    def cap_blocks(self, max_tokens: int) -> int:
         """The most blocks one sequence of up to ``max_tokens`` tokens ever holds (0: unbounded)."""
         return self.kv.cap_blocks(max_tokens, self.max_sweep_tokens) if self.kv is not None else 0
 
     def _known_blocks(self, seq: _Seq) -> int:
         """The blocks of every token ``seq`` knows, as its store allocates them."""
         assert self.kv is not None
-        return min(self.kv.most_blocks(seq.num_tokens, self.max_sweep_tokens), self.most_blocks(seq.max_tokens))
+        return min(self.kv.most_blocks(seq.num_tokens, self.max_sweep_tokens), self.cap_blocks(seq.max_tokens))
 
     def _held(self) -> int:
         return sum(s.reserve if self.allocation == RESERVE else s.held for s in self._running.values())
@@ -169,7 +169,7 @@ class Batcher:
         if num_prompt_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token")
         most = max(num_prompt_tokens, max_tokens or 0)
-        need = self.most_blocks(most)
+        need = self.cap_blocks(most)
         if self.kv_capacity_blocks is not None and need > self.kv_capacity_blocks:
             raise KVCapacityError(f"the sequence needs up to {need} KV blocks but the KV cache holds "
                                   f"{self.kv_capacity_blocks}")
@@ -239,12 +239,12 @@ class Batcher:
         than its most: a store caps what it allocates there)."""
         assert self.kv is not None
         step = self.kv.blocks_step(seq.kv_span, (seq.num_computed, seq.num_computed + n))
-        return min(step, self.most_blocks(seq.max_tokens))
+        return min(step, self.cap_blocks(seq.max_tokens))
 
     def _blocks(self, seq: _Seq) -> int:
         """Blocks ``seq`` holds between sweeps (``kv_span``), at most its most."""
         assert self.kv is not None
-        return min(self.kv.blocks(*seq.kv_span), self.most_blocks(seq.max_tokens))
+        return min(self.kv.blocks(*seq.kv_span), self.cap_blocks(seq.max_tokens))
 
     def _fit_growth(self, order: list[_Seq], work: dict[int, int], preempted: list[int]) -> None:
         """Oldest first, give each scheduled sequence the blocks its tokens add: shorten a
