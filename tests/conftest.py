@@ -44,3 +44,24 @@ def tiny_model(tiny_models: dict[str, Path]) -> Path:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+@pytest.fixture(autouse=True)
+def strict_simulated_cuda(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Every ``SimulatedCuda`` a test makes is asked for hazards at the end of the test (races,
+    blocks freed under a stream, unbound threads), unless the test is marked
+    ``hazards_expected`` (a negative control that breaks the ordering on purpose)."""
+    from tierflow.testing import SimulatedCuda
+
+    made: list[SimulatedCuda] = []
+    original = SimulatedCuda.__init__
+
+    def init(self: SimulatedCuda, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SimulatedCuda, "__init__", init)
+    yield made
+    if request.node.get_closest_marker("hazards_expected") is None:
+        for ops in made:
+            ops.check()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -134,25 +135,92 @@ def streaming_budget(path: str | Path, config: Any = None) -> int:
     return minimum_device_bytes(index_costs(index, dtype), unlimited, engine_workload(config), overrides)
 
 
-class SimulatedEvent:
-    """An event of ``SimulatedCuda``: completes when its stream reaches it; knows when."""
+# -- a simulated CUDA device ---------------------------------------------------------------------
+#
+# ``SimulatedCuda`` runs the engine's CUDA path on the CPU. Its device tensors are CPU tensors of
+# a subclass (``_DeviceTensor``), so the simulation sees every torch call that touches device
+# memory, on any thread, and knows which stream the calling thread is using. It models what a GPU
+# and PyTorch's caching allocator do and a CPU tensor does not:
+#
+# - streams run out of order with each other: a copy stream is a thread that lands its copies
+#   late; the compute stream's kernels run when enqueued, but with ``compute_lag_s`` an event
+#   recorded after them completes that much later, as a GPU finishes after the host has moved on;
+# - the legacy default stream (a thread using no stream) is ordered with none of them;
+# - every use of a device block is logged with its stream and position in that stream; a write
+#   that is not ordered after another stream's use of the same block (by an event the writer's
+#   stream waited for, or by that use having completed) is a race, and a block freed while a
+#   stream other than the one it was allocated on may still use it — no ``record_stream`` for
+#   that stream, no event — is a use-after-free: the caching allocator hands a freed block to the
+#   next allocation of its stream at once. The simulation cannot run a kernel late, so instead of
+#   reading poisoned values it records each such hazard (``hazards``; ``check()`` raises);
+# - a host synchronisation (``.item()``, ``.tolist()``, ``bool()``, ``.cpu()``, a blocking or
+#   pageable copy, ``nonzero`` and the calls built on it, ...) on a device tensor is counted
+#   (``syncs``, ``count_syncs()``);
+# - ``pin`` checks what ``cudaHostRegister`` checks: byte size, alignment, no double
+#   registration; a copy between the device and host memory that is not wholly pinned is a sync;
+# - a thread that touches the device before binding it (``bind_thread``) is recorded when the
+#   device index is not 0: CUDA would have made it a context on GPU 0;
+# - device memory is accounted: ``memory_reserved()`` / ``max_memory_reserved()``.
+#
+# Limits: tensors a factory makes outside a compute stream's ``using`` block are host tensors
+# (only ``to_device``/``alloc``/``empty`` make device memory there); in the simulation ``.cpu()``
+# and ``.to("cpu")`` mean the host, a ``torch.device`` argument means the device.
 
-    def __init__(self) -> None:
+_SYNC_METHODS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero",
+                 "masked_select", "unique", "unique_consecutive", "bincount", "argwhere", "nonzero_static"}
+_FACTORIES = {"empty", "zeros", "ones", "full", "arange", "linspace", "rand", "randn", "eye", "empty_strided",
+              "tensor", "as_tensor", "randint"}
+_DATA_FACTORIES = {"tensor", "as_tensor"}
+# calls that only make a view (no kernel runs, so no stream does anything)
+_VIEWS = {"view", "view_as", "reshape", "__getitem__", "transpose", "t", "permute", "expand", "expand_as", "narrow",
+          "select", "unsqueeze", "squeeze", "flatten", "unflatten", "split", "chunk", "unbind", "detach", "as_strided",
+          "__get__", "data_ptr", "untyped_storage", "element_size", "numel", "dim", "size", "stride", "is_contiguous",
+          "storage_offset", "movedim", "swapaxes", "diagonal", "unfold", "tensor_split", "real", "__len__",
+          "__iter__", "__repr__", "__format__", "_make_subclass", "as_subclass", "is_floating_point", "is_pinned"}
+
+
+class _Block:
+    """One device storage: where it was allocated, and its last use by each stream."""
+    __slots__ = ("nbytes", "stream", "uses", "recorded", "what")
+
+    def __init__(self, nbytes: int, stream: "SimulatedStream", what: str) -> None:
+        self.nbytes, self.stream, self.what = nbytes, stream, what
+        self.uses: dict[SimulatedStream, tuple[int, int]] = {}     # stream → (last use, last write)
+        self.recorded: set[SimulatedStream] = set()
+
+
+class SimulatedEvent:
+    """An event of ``SimulatedCuda``: completes when its stream reaches it; knows when, and
+    which work of which streams it covers."""
+
+    def __init__(self, sim: "SimulatedCuda | None" = None, stream: "SimulatedStream | None" = None,
+                 seq: int = 0) -> None:
         self._done = threading.Event()
         self.at = 0.0
+        self._sim, self.stream, self.seq = sim, stream, seq
+        self.clock: dict[SimulatedStream, int] = dict(stream.clock) if stream is not None else {}
+        if stream is not None:
+            self.clock[stream] = seq
 
     def complete(self) -> None:
+        if self.stream is not None:
+            with self.stream.lock:
+                self.stream.completed = max(self.stream.completed, self.seq)
         self.at = time.perf_counter()
         self._done.set()
 
     def query(self) -> bool:
+        if self._sim is not None:
+            self._sim._touch("event.query")
         return self._done.is_set()
 
     def synchronize(self) -> None:
+        if self._sim is not None:
+            self._sim._touch("event.synchronize")
         self._done.wait()
 
     def elapsed_time(self, end: "SimulatedEvent") -> float:
-        if not (self.query() and end.query()):
+        if not (self._done.is_set() and end._done.is_set()):
             raise RuntimeError("elapsed_time of an event that has not completed")
         return (end.at - self.at) * 1e3
 
@@ -160,104 +228,498 @@ class SimulatedEvent:
 class SimulatedStream:
     """A stream of ``SimulatedCuda``: work enqueued from a thread that is not *using* it runs in
     order on the stream's own thread; work from a thread using it (``with ops.using(s)``) runs
-    at once in that thread, as if the kernels had been enqueued and completed."""
+    at once in that thread, after the work already queued, as if the kernels had been enqueued
+    and completed. ``enqueued`` / ``completed`` count its work; ``clock`` is the position of
+    every other stream this one has waited for (through events)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, sim: "SimulatedCuda | None" = None, *, threaded: bool = True) -> None:
+        self.name, self._sim = name, sim
+        self.lock = threading.Condition()
+        self.enqueued = self.completed = 0
+        self.clock: dict[SimulatedStream, int] = {}
+        self._queued = 0
         self._queue: Any = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
+        if threaded:
+            self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+            self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<stream {self.name}>"
 
     def _serve(self) -> None:
+        if self._sim is not None:
+            self._sim._local.stream = self
+            self._sim._local.bound = True
         while True:       # a daemon thread: it ends with the process
-            self._queue.get()()
+            seq, work = self._queue.get()
+            if self._sim is not None:
+                self._sim._local.seq = seq
+            try:
+                work()
+            finally:
+                with self.lock:
+                    self.completed = max(self.completed, seq)
+                    self._queued -= 1
+                    self.lock.notify_all()
 
     def submit(self, work: Any) -> None:
-        self._queue.put(work)
+        with self.lock:
+            self.enqueued += 1
+            self._queued += 1
+            seq = self.enqueued
+        self._queue.put((seq, work))
+
+    def drain(self) -> None:
+        """Wait until the work queued so far has run (work done inline keeps stream order)."""
+        with self.lock:
+            while self._queued:
+                self.lock.wait()
+
+    def step(self, complete: bool) -> int:
+        """A position for work done inline; complete at once unless the device lags."""
+        with self.lock:
+            self.enqueued += 1
+            if complete:
+                self.completed = self.enqueued
+            return self.enqueued
+
+
+class _DeviceTensor(torch.Tensor):
+    """A tensor in a ``SimulatedCuda``'s device memory (each simulation has its own subclass)."""
+    _sim: "SimulatedCuda"
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return cls._sim._dispatch(cls, func, args, kwargs or {})
+
+
+class _FactoryMode(torch.overrides.TorchFunctionMode):
+    """Active while a thread uses a simulated stream: a factory call that names a device (as
+    ``torch.zeros(..., device=q.device)`` does) makes device memory, and a host tensor moved
+    with ``.to(device)`` becomes a device copy (a blocking one: counted)."""
+
+    def __init__(self, sim: "SimulatedCuda") -> None:
+        super().__init__()
+        self.sim = sim
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        sim = self.sim
+        if name in _FACTORIES and kwargs.get("device") is not None and getattr(func, "__module__", "") == "torch":
+            out = func(*args, **kwargs)
+            if name in _DATA_FACTORIES:
+                sim._sync(f"torch.{name}(..., device=...): a copy from pageable host memory")
+            return sim._adopt(out, f"torch.{name}")
+        if name == "to" and args and type(args[0]) is torch.Tensor and _to_device_arg(args[1:], kwargs):
+            source = args[0]
+            out = func(*args, **kwargs)
+            if out is source or out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+                out = out.clone()
+            if not (kwargs.get("non_blocking") and sim._is_pinned(source)):
+                sim._sync("Tensor.to(device) from host memory, blocking or pageable")
+            return sim._adopt(out, "Tensor.to")
+        return func(*args, **kwargs)
+
+
+def _to_device_arg(args: Any, kwargs: Any) -> bool:
+    """Whether a ``Tensor.to`` call names a ``torch.device`` (the simulated device)."""
+    target = kwargs.get("device", args[0] if args else None)
+    return isinstance(target, torch.device)
+
+
+def _to_host_arg(args: Any, kwargs: Any) -> bool:
+    """Whether a ``Tensor.to`` call names the host: the string "cpu"."""
+    target = kwargs.get("device", args[0] if args else None)
+    return isinstance(target, str) and target.startswith("cpu")
 
 
 class SimulatedCuda:
-    """The device path's ``DeviceOps`` on the CPU, for tests of the CUDA scheduling without a GPU.
+    """The device path's ``DeviceOps`` on the CPU, for tests of the CUDA scheduling without a GPU
+    (what it models, and its limits: the comment above this class).
 
-    Device tensors are CPU tensors in buffers of their own; copies on a copy stream run on that
-    stream's thread after ``copy_delay_s`` (so a compute that does not wait for its upload's
-    event reads stale bytes); waits, records and copies follow CUDA's stream order. Events
-    carry completion times, so the device timeline and the GPU idle fraction can be checked.
-    With ``compute_lag_s`` an event recorded by a thread using a stream completes that much
-    later, as the device finishes kernels after the host has enqueued them: a staging slot is
-    then given back through the event bridge, not at once."""
+    Copies on a copy stream run on that stream's thread after ``copy_delay_s`` (so a compute that
+    does not wait for its upload's event reads stale bytes); waits, records and copies follow
+    CUDA's stream order. Events carry completion times, so the device timeline and the GPU idle
+    fraction can be checked. With ``compute_lag_s`` an event recorded by a thread using a stream
+    completes that much later: a staging slot is then given back through the event bridge, not
+    at once, and a block freed or rewritten before the device is done with it is a hazard.
+    ``index`` simulates ``cuda:<index>``."""
 
     kind = "cuda"
 
-    def __init__(self, copy_delay_s: float = 0.0, compute_lag_s: float = 0.0) -> None:
+    def __init__(self, copy_delay_s: float = 0.0, compute_lag_s: float = 0.0, *, index: int = 0) -> None:
         self.device = torch.device("cpu")
+        self.index = index
         self.copy_delay_s, self.compute_lag_s = copy_delay_s, compute_lag_s
         self._local = threading.local()
+        self._lock = threading.RLock()
         self._streams: list[SimulatedStream] = []
+        self.default_stream = SimulatedStream("simulated-default-stream", self, threaded=False)
         self._lag = self.stream() if compute_lag_s else None      # completes lagging events, in order
+        self._tensor = type("_SimulatedDeviceTensor", (_DeviceTensor,), {"_sim": self})
+        self._mode = _FactoryMode(self)
+        self._blocks: dict[int, _Block] = {}
+        self._pins: dict[int, int] = {}          # data pointer → bytes registered
         self.pinned: list[int] = []              # data pointers of the buffers pinned, then unpinned
         self.unpinned: list[int] = []
         self.copies = 0
+        self.hazards: list[str] = []
+        self.syncs: list[tuple[str, str]] = []   # (thread, what) of every host synchronisation
+        self.unbound: set[str] = set()           # threads that touched cuda:<index> without binding it
+        self.reserved = self.peak_reserved = 0
+
+    # -- streams and events --------------------------------------------------------------------
+
+    def _current(self) -> SimulatedStream:
+        return getattr(self._local, "stream", None) or self.default_stream
 
     def _inline(self, stream: SimulatedStream) -> bool:
         return getattr(self._local, "stream", None) is stream
 
     def _run(self, stream: SimulatedStream, work: Any) -> None:
         if self._inline(stream):
+            stream.drain()
             work()
         else:
             stream.submit(work)
 
+    def _position(self, stream: SimulatedStream) -> int:
+        """The stream position of work the calling thread does now on ``stream``."""
+        thread = getattr(stream, "_thread", None)
+        if thread is threading.current_thread():          # queued work, running on the stream's thread
+            return getattr(self._local, "seq", stream.enqueued)
+        if thread is not None:
+            stream.drain()                                # inline work comes after what is queued
+        return stream.step(complete=stream is self.default_stream or self._lag is None)
+
     def stream(self) -> SimulatedStream:
-        stream = SimulatedStream(f"simulated-stream-{len(self._streams)}")
+        self._touch("stream")
+        stream = SimulatedStream(f"simulated-stream-{len(self._streams)}", self)
         self._streams.append(stream)
         return stream
 
     def record(self, stream: SimulatedStream) -> SimulatedEvent:
-        event = SimulatedEvent()
-        if self._lag is not None and self._inline(stream):
-            due = time.perf_counter() + self.compute_lag_s
+        self._touch("record")
+        if self._inline(stream):
+            stream.drain()
+            seq = stream.step(complete=self._lag is None)
+            event = SimulatedEvent(self, stream, seq)
+            if self._lag is not None:
+                due = time.perf_counter() + self.compute_lag_s
 
-            def complete_when_due() -> None:
-                time.sleep(max(0.0, due - time.perf_counter()))
+                def complete_when_due() -> None:
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                    event.complete()
+
+                self._lag.submit(complete_when_due)
+            else:
                 event.complete()
-
-            self._lag.submit(complete_when_due)
-        else:
-            self._run(stream, event.complete)
+            return event
+        with stream.lock:
+            event = SimulatedEvent(self, stream, stream.enqueued + 1)
+            stream.submit(event.complete)
         return event
 
     def wait(self, stream: SimulatedStream, event: SimulatedEvent) -> None:
-        self._run(stream, event.synchronize)
+        self._touch("wait")
+
+        def work() -> None:
+            event._done.wait()
+            with self._lock:
+                for other, seq in event.clock.items():
+                    stream.clock[other] = max(stream.clock.get(other, 0), seq)
+
+        self._run(stream, work)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: SimulatedStream) -> None:
+        self._touch("copy")
+        host = src if not isinstance(src, _DeviceTensor) else dst if not isinstance(dst, _DeviceTensor) else None
+        if host is not None and not self._is_pinned(host):
+            self._sync(f"an asynchronous copy from or to pageable host memory ({host.numel() * host.element_size()} "
+                       "bytes): CUDA stages it through a blocking copy")
+
         def work() -> None:
             if self.copy_delay_s:
                 time.sleep(self.copy_delay_s)
-            dst.copy_(src)
+            dst.copy_(src, non_blocking=True)
             self.copies += 1
 
         self._run(stream, work)
 
     @contextmanager
     def using(self, stream: SimulatedStream) -> Iterator[SimulatedStream]:
+        self._touch("using")
         before = getattr(self._local, "stream", None)
         self._local.stream = stream
         try:
-            yield stream
+            with self._mode:
+                yield stream
         finally:
             self._local.stream = before
 
-    def empty(self, nbytes: int) -> torch.Tensor:
-        return torch.full((nbytes,), 0xAB, dtype=torch.uint8)     # not zeros: stale bytes must show
-
-    def pin(self, buffer: torch.Tensor) -> None:
-        self.pinned.append(buffer.data_ptr())
-
-    def unpin(self, buffer: torch.Tensor) -> None:
-        self.unpinned.append(buffer.data_ptr())
-
     def synchronize(self) -> None:
+        self._touch("synchronize")
         for stream in self._streams:
             done = SimulatedEvent()
             stream.submit(done.complete)
             done.synchronize()
+        for stream in [*self._streams, self.default_stream]:      # everything enqueued has run
+            with stream.lock:
+                stream.completed = stream.enqueued
+
+    def bind_thread(self) -> None:
+        """Make this simulated device the calling thread's current device."""
+        self._local.bound = True
+
+    def _touch(self, what: str) -> None:
+        if self.index and not getattr(self._local, "bound", False):
+            self.unbound.add(threading.current_thread().name)
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        # not zeros: stale bytes must show
+        return self._adopt(torch.full((nbytes,), 0xAB, dtype=torch.uint8), "empty")
+
+    def alloc(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        t = torch.empty(tuple(shape), dtype=dtype)
+        if t.is_floating_point():
+            t.fill_(float("nan"))           # uninitialised device memory: never zeros
+        return self._adopt(t, "alloc")
+
+    def to_device(self, tensor: torch.Tensor, *, non_blocking: bool = False) -> torch.Tensor:
+        """A device copy of host ``tensor`` on the calling thread's stream (the legacy default
+        stream when it uses none): complete when this returns, or with ``non_blocking`` (from
+        pinned memory only) in that stream's order."""
+        self._touch("to_device")
+        if isinstance(tensor, _DeviceTensor):
+            raise AssertionError("to_device() of a tensor already on the simulated device")
+        if not non_blocking:
+            self._sync("to_device(): a blocking copy from the host")
+        elif not self._is_pinned(tensor):
+            self._sync("to_device(non_blocking=True) from pageable host memory")
+        stream = self._current()
+        if getattr(stream, "_thread", None) is not None:
+            stream.drain()
+        copy = self._adopt(tensor.detach().clone(), "to_device")
+        self._use(copy, True, "to_device")
+        return copy
+
+    def record_stream(self, tensor: torch.Tensor, stream: SimulatedStream) -> None:
+        block = self._block(tensor)
+        if block is None:
+            raise AssertionError("record_stream() of a tensor that is not in device memory")
+        block.recorded.add(stream)
+
+    def memory_reserved(self) -> int:
+        return self.reserved
+
+    def max_memory_reserved(self) -> int:
+        return self.peak_reserved
+
+    def reset_peak_memory(self) -> None:
+        self.peak_reserved = self.reserved
+
+    def is_device_tensor(self, tensor: torch.Tensor) -> bool:
+        return isinstance(tensor, self._tensor)
+
+    def _adopt(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """``tensor``'s memory becomes device memory, allocated on the calling thread's stream."""
+        with torch._C.DisableTorchFunctionSubclass():
+            storage = tensor.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes and ptr not in self._blocks:
+            with self._lock:
+                self._blocks[ptr] = _Block(nbytes, self._current(), what)
+                self.reserved += nbytes
+                self.peak_reserved = max(self.peak_reserved, self.reserved)
+            weakref.finalize(storage, self._freed, ptr)
+        return tensor if isinstance(tensor, self._tensor) else tensor.as_subclass(self._tensor)
+
+    def _block(self, tensor: torch.Tensor) -> _Block | None:
+        with torch._C.DisableTorchFunctionSubclass():
+            return self._blocks.get(tensor.untyped_storage().data_ptr())
+
+    def _freed(self, ptr: int) -> None:
+        with self._lock:
+            block = self._blocks.pop(ptr, None)
+            if block is None:
+                return
+            self.reserved -= block.nbytes
+            for stream, (seq, _) in block.uses.items():
+                if stream is block.stream or stream in block.recorded or self._ordered(stream, seq, block.stream):
+                    continue
+                self.hazards.append(
+                    f"use after free: a device block of {block.nbytes} bytes ({block.what}, allocated on "
+                    f"{block.stream.name}) was freed while {stream.name} had not finished using it (position {seq}, "
+                    f"done {stream.completed}); without record_stream or an event the caching allocator gives it "
+                    f"to the next allocation on {block.stream.name} at once")
+
+    @staticmethod
+    def _ordered(other: SimulatedStream, seq: int, stream: SimulatedStream) -> bool:
+        """Whether ``other``'s work up to ``seq`` is done, or ``stream`` waited for it."""
+        return other.completed >= seq or stream.clock.get(other, 0) >= seq
+
+    def _use(self, tensor: torch.Tensor, wrote: bool, what: str) -> None:
+        block = self._block(tensor)
+        if block is None:
+            return
+        stream = self._current()
+        seq = self._position(stream)
+        with self._lock:
+            for other, (used, written) in block.uses.items():
+                last = used if wrote else written          # a write conflicts with any use, a read with a write
+                if other is stream or not last or self._ordered(other, last, stream):
+                    continue
+                self.hazards.append(
+                    f"race: {what} on {stream.name} {'writes' if wrote else 'reads'} a device block ({block.what}, "
+                    f"{block.nbytes} bytes) that {other.name} {'used' if wrote else 'wrote'} at position {last} "
+                    f"(done {other.completed}), with no event ordering the two")
+            written = seq if wrote else block.uses.get(stream, (0, 0))[1]
+            block.uses[stream] = (seq, written)
+
+    # -- pinned memory -------------------------------------------------------------------------
+
+    def pin(self, buffer: torch.Tensor) -> None:
+        from tierflow.pipeline.cuda import pinned_range
+
+        self._touch("pin")
+        ptr, nbytes = pinned_range(buffer)
+        if not nbytes:                   # nothing to register (TorchCuda makes no call)
+            self.pinned.append(ptr)
+            return
+        if ptr % 4096:
+            raise AssertionError(f"cudaHostRegister of {nbytes} bytes at {ptr:#x}: not page-aligned")
+        for start, size in self._pins.items():
+            if start < ptr + nbytes and ptr < start + size:
+                raise AssertionError(f"cudaHostRegister of {ptr:#x}..{ptr + nbytes:#x}: overlaps a registered range "
+                                     "(cudaErrorHostMemoryAlreadyRegistered)")
+        self._pins[ptr] = nbytes
+        self.pinned.append(ptr)
+
+    def unpin(self, buffer: torch.Tensor) -> None:
+        self._touch("unpin")
+        ptr = buffer.data_ptr()
+        if not buffer.numel():
+            self.unpinned.append(ptr)
+            return
+        if self._pins.pop(ptr, None) is None:
+            raise AssertionError(f"cudaHostUnregister of {ptr:#x}: not registered")
+        self.unpinned.append(ptr)
+
+    def _is_pinned(self, tensor: torch.Tensor) -> bool:
+        with torch._C.DisableTorchFunctionSubclass():
+            ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        return any(start <= ptr and ptr + nbytes <= start + size for start, size in self._pins.items())
+
+    # -- host synchronisation ------------------------------------------------------------------
+
+    def _sync(self, what: str) -> None:
+        with self._lock:
+            self.syncs.append((threading.current_thread().name, what))
+
+    @contextmanager
+    def count_syncs(self) -> Iterator[list[tuple[str, str]]]:
+        """The host synchronisations made inside the block: (thread, what) each."""
+        first = len(self.syncs)
+        found: list[tuple[str, str]] = []
+        try:
+            yield found
+        finally:
+            found.extend(self.syncs[first:])
+
+    def check(self) -> None:
+        """Raise AssertionError if the run had a hazard or touched the device from an unbound thread."""
+        problems = list(self.hazards) + [f"thread {name} touched cuda:{self.index} without binding it: CUDA makes "
+                                         "it a context on GPU 0" for name in sorted(self.unbound)]
+        if problems:
+            raise AssertionError(f"{len(problems)} device hazard(s):\n" + "\n".join(problems[:20]))
+
+    # -- the torch calls on device tensors -----------------------------------------------------
+
+    def _dispatch(self, cls: type, func: Any, args: Any, kwargs: Any) -> Any:
+        name = getattr(func, "__name__", "")
+        self._touch(name)
+        tensors = [t for t in _flatten((args, kwargs)) if isinstance(t, torch.Tensor)]
+        device = [t for t in tensors if isinstance(t, cls)]
+        reason = self._sync_reason(name, func, args, kwargs, cls)
+        if reason:
+            self._sync(reason)
+        written = _written(name, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if name not in _VIEWS or reason:
+            for t in device:
+                self._use(t, any(t is w for w in written), name)
+        if name in ("cpu", "numpy") or (name == "to" and _to_host_arg(args[1:], kwargs)):
+            with torch._C.DisableTorchFunctionSubclass():
+                return out.clone() if isinstance(out, torch.Tensor) else out     # a host copy, not an alias
+        if written and out is written[0]:
+            return out                         # an in-place call returns its (unconverted) target
+        with torch._C.DisableTorchFunctionSubclass():
+            host = {t.untyped_storage().data_ptr() for t in tensors if not isinstance(t, cls)}
+        return self._wrap(out, cls, host)
+
+    def _wrap(self, out: Any, cls: type, host: set[int]) -> Any:
+        if isinstance(out, torch.Tensor):
+            if isinstance(out, cls) or type(out) is not torch.Tensor:
+                return out
+            with torch._C.DisableTorchFunctionSubclass():
+                if out.untyped_storage().data_ptr() in host:      # an alias of a host input stays a host tensor
+                    return out
+            return self._adopt(out, "result")
+        if isinstance(out, (tuple, list)):
+            return type(out)([self._wrap(o, cls, host) for o in out])
+        return out
+
+    def _sync_reason(self, name: str, func: Any, args: Any, kwargs: Any, cls: type) -> str | None:
+        target = args[0] if args else None
+        on_device = isinstance(target, cls)
+        if name in _SYNC_METHODS and on_device:
+            return f"Tensor.{name}() of a device tensor"
+        if name == "where" and len(args) + len(kwargs) == 1:
+            return "torch.where(condition): nonzero"
+        if name == "to" and on_device and _to_host_arg(args[1:], kwargs):
+            return "Tensor.to('cpu') of a device tensor"
+        if name == "repeat_interleave" and "output_size" not in kwargs and \
+                any(isinstance(a, cls) for a in args[1:2]):
+            return "repeat_interleave without output_size"
+        if name in ("__getitem__", "__setitem__", "index_put_", "index_put") and on_device and len(args) > 1:
+            for index in _flatten(args[1]):
+                if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+                    return f"{name} with a boolean mask: nonzero"
+                if isinstance(index, torch.Tensor) and not isinstance(index, cls) and index.dim() > 0:
+                    return f"{name} with a host index tensor: a blocking copy"
+        if name == "copy_" and len(args) > 1:
+            dst, src = args[0], args[1]
+            if isinstance(dst, cls) != isinstance(src, cls):
+                host = src if isinstance(dst, cls) else dst
+                if not (kwargs.get("non_blocking") or (len(args) > 2 and args[2])):
+                    return "a blocking copy between the device and the host"
+                if not self._is_pinned(host):
+                    return "an asynchronous copy from or to pageable host memory"
+        return None
+
+
+def _flatten(value: Any) -> Iterator[Any]:
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _flatten(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+    else:
+        yield value
+
+
+def _written(name: str, args: Any, kwargs: Any) -> list[torch.Tensor]:
+    """The tensors a torch call writes: an in-place method's target, ``out=``."""
+    written = []
+    if args and isinstance(args[0], torch.Tensor) and (name == "__setitem__" or
+                                                       (name.endswith("_") and not name.startswith("__")) or
+                                                       name.startswith("__i")):
+        written.append(args[0])
+    out = kwargs.get("out")
+    written.extend(t for t in _flatten(out) if isinstance(t, torch.Tensor))
+    return written

@@ -154,7 +154,7 @@ async def _start(rt: Runtime) -> None:
         rt.kvikio = KvikioReader(rt.index.files, threads=plan.io_threads, task_bytes=plan.io_block_bytes)
         stack.callback(rt.kvikio.close)
     if config.paged_kv:
-        rt.kv_store = open_kv_store(config, plan, rt.spec, rt.dtype, rt.device, rt.tracer)
+        rt.kv_store = open_kv_store(config, plan, rt.spec, rt.dtype, rt.device, rt.tracer, ops)
         stack.callback(rt.kv_store.close)
         if ops is not None:
             rt.kv_store.pin_host_memory(ops.pin, ops.unpin)
@@ -181,7 +181,8 @@ async def _start(rt: Runtime) -> None:
         capacity = config.expert_cache_bytes
         rt.experts = ExpertStage(rt.index.experts, rt.reader, rt.dtype,
                                  plan.expert_cache_bytes if capacity is None else capacity,
-                                 read_all=config.expert_reads == "all", tracer=rt.tracer, device=rt.device)
+                                 read_all=config.expert_reads == "all", tracer=rt.tracer, ops=ops,
+                                 compute=rt.device_path.compute if rt.device_path is not None else None)
         stack.push_async_callback(rt.experts.close)
         if rt.experts.capacity_bytes >= rt.experts.total_bytes:   # every expert fits: keep them all
             await rt.experts.preload()
@@ -216,7 +217,7 @@ def disk_kv_bytes(config: EngineConfig) -> int:
 
 
 def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                  tracer: Tracer = NULL_TRACER) -> KVStore:
+                  tracer: Tracer = NULL_TRACER, ops: DeviceOps | None = None) -> KVStore:
     """Pools for an engine's paged KV cache, as large as its tiers hold: the device share from
     ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
     plan's), the disk share from ``kv_disk_bytes`` (else the free space of ``kv_cache_dir``
@@ -243,4 +244,5 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
                           settings=("kv_cache_dir", "kv_disk_bytes", "kv_device_bytes", "kv_host_bytes"))
     return KVStore(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                    device=device, block_tokens=bt, device_blocks=device_blocks, host_blocks=host_blocks,
-                   disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer, layout=layout)
+                   disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer, layout=layout,
+                   allocate=ops.alloc if ops is not None else None)

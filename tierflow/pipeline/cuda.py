@@ -33,7 +33,7 @@ import threading
 from dataclasses import dataclass
 import time
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -68,11 +68,33 @@ class DeviceOps(Protocol):
 
     def empty(self, nbytes: int) -> torch.Tensor: ...
 
+    def alloc(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def to_device(self, tensor: torch.Tensor, *, non_blocking: bool = False) -> torch.Tensor: ...
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None: ...
+
     def pin(self, buffer: torch.Tensor) -> None: ...
 
     def unpin(self, buffer: torch.Tensor) -> None: ...
 
     def synchronize(self) -> None: ...
+
+    def bind_thread(self) -> None: ...
+
+    def memory_reserved(self) -> int: ...
+
+    def max_memory_reserved(self) -> int: ...
+
+    def reset_peak_memory(self) -> None: ...
+
+
+def pinned_range(buffer: torch.Tensor) -> tuple[int, int]:
+    """(address, bytes) that registering ``buffer`` as pinned memory must cover: all of its
+    elements, whatever their size. A buffer that is not contiguous has no such range."""
+    if not buffer.is_contiguous():
+        raise ValueError("only a contiguous buffer can be pinned: its bytes must be one range")
+    return buffer.data_ptr(), buffer.numel() * buffer.element_size()
 
 
 class TorchCuda:
@@ -107,10 +129,22 @@ class TorchCuda:
     def empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
+    def alloc(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(tuple(shape), dtype=dtype, device=self.device)
+
+    def to_device(self, tensor: torch.Tensor, *, non_blocking: bool = False) -> torch.Tensor:
+        """A copy of host ``tensor`` on the device, on the current stream: complete when this
+        returns, or (``non_blocking``, from pinned memory) in that stream's order."""
+        return tensor.to(self.device, copy=True, non_blocking=non_blocking)
+
+    def record_stream(self, tensor: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        tensor.record_stream(stream)
+
     def pin(self, buffer: torch.Tensor) -> None:
-        if buffer.numel():
+        ptr, nbytes = pinned_range(buffer)
+        if nbytes:
             with torch.cuda.device(self.device):      # registered for this device's context
-                _check_cuda(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0), "register")
+                _check_cuda(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0), "register")
 
     def unpin(self, buffer: torch.Tensor) -> None:
         if buffer.numel():
@@ -120,12 +154,30 @@ class TorchCuda:
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def bind_thread(self) -> None:
+        """Make this device the calling thread's current one: a thread that makes CUDA calls
+        without it would create (and hold memory for) a context on GPU 0."""
+        torch.cuda.set_device(self.device)
+
+    def memory_reserved(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+    def max_memory_reserved(self) -> int:
+        return torch.cuda.max_memory_reserved(self.device)
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
 
 def _check_cuda(status: Any, what: str) -> None:
     if isinstance(status, tuple):        # some bindings return (error, ...)
         status = status[0]
     code = int(getattr(status, "value", status))
     if code:
+        try:      # a failed call leaves a sticky error that the next kernel launch check would report as its own
+            torch.cuda.cudart().cudaGetLastError()
+        except Exception:  # noqa: BLE001 - clearing is best effort; the error below says what failed
+            pass
         raise PinnedMemoryError(f"cudaHost{what.capitalize()} failed with CUDA error {code}: pinning host memory "
                                 "needs the RAM to be available (see `ulimit -l` in containers); lower the host "
                                 "budgets (EngineConfig.host_memory_bytes, kv_host_bytes) or raise the limit")
@@ -152,7 +204,9 @@ class BridgeStats:
 
 
 class EventBridge:
-    def __init__(self, threads: int = 1, name: str = "tierflow-cuda-events") -> None:
+    def __init__(self, threads: int = 1, name: str = "tierflow-cuda-events",
+                 bind_thread: Callable[[], None] | None = None) -> None:
+        self._bind = bind_thread
         self._queue: queue.SimpleQueue[tuple[Event, asyncio.AbstractEventLoop, asyncio.Future[None]] | None] = \
             queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True) for i in range(threads)]
@@ -185,6 +239,8 @@ class EventBridge:
         return future
 
     def _serve(self) -> None:
+        if self._bind is not None:       # the waiters' CUDA calls go to the engine's device, not GPU 0
+            self._bind()
         while (item := self._queue.get()) is not None:
             event, loop, future = item
             error: BaseException | None = None

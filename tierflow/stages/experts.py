@@ -27,12 +27,13 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from tierflow.pipeline.cuda import DeviceOps
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.stages.upload import to_device, unit_views
+from tierflow.stages.upload import unit_views
 from tierflow.stages.read import cast_weights
 from tierflow.tiers.checkpoint.index import UnitLayout
 from tierflow.tiers.io.reader import DiskReader, aligned_empty
@@ -62,9 +63,9 @@ class ExpertStats:
 class ExpertStage:
     def __init__(self, layouts: Mapping[Key, UnitLayout], reader: DiskReader, dtype: torch.dtype,
                  capacity_bytes: int, *, prefetch: bool = True, read_all: bool = False,
-                 tracer: Tracer = NULL_TRACER, device: torch.device | None = None) -> None:
+                 tracer: Tracer = NULL_TRACER, ops: DeviceOps | None = None, compute: Any = None) -> None:
         self._layouts, self._reader, self._dtype, self._tracer = layouts, reader, dtype, tracer
-        self._device = device if device is not None and device.type != "cpu" else None
+        self._ops, self._compute = ops, compute
         self.capacity_bytes, self.read_all = capacity_bytes, read_all
         # reading ahead keeps experts between layers: only with an expert cache to keep them in
         self.prefetch_enabled = prefetch and not read_all and capacity_bytes > 0
@@ -180,8 +181,8 @@ class ExpertStage:
             views = unit_views(layout, buffer)
             weights = views if all(v.dtype == self._dtype for v in views.values()) else \
                 await asyncio.to_thread(cast_weights, views, self._dtype)
-            if self._device is not None:
-                weights = await asyncio.to_thread(to_device, weights, self._device)
+            if self._ops is not None:
+                weights = await asyncio.to_thread(self._to_device, weights)
         finally:
             self._reads.pop(key, None)
         self._bytes_read += nbytes
@@ -198,6 +199,18 @@ class ExpertStage:
             self._cache[layer].move_to_end(expert, last=False)
         self._evict(layer)
         return weights
+
+    def _to_device(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """On a worker thread: device copies of an expert's weights, complete when this returns.
+        The compute stream's use of them is recorded with the caching allocator, so when the
+        cache evicts an expert — as soon as its layer's kernels are *queued* — its memory goes
+        to no other allocation before those kernels have run."""
+        ops = self._ops
+        assert ops is not None
+        on_device = {name: ops.to_device(t) for name, t in weights.items()}
+        for t in on_device.values():
+            ops.record_stream(t, self._compute)
+        return on_device
 
     def _evict(self, layer: int) -> None:
         """Bring ``layer``'s part within its share, least recently used first, never what is held.

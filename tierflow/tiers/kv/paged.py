@@ -71,7 +71,10 @@ class KVStore:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, block_tokens: int, device_blocks: int, host_blocks: int, disk_blocks: int,
                  spill_dir: str | os.PathLike[str] | None, tracer: Tracer = NULL_TRACER,
-                 layout: KVLayout | None = None) -> None:
+                 layout: KVLayout | None = None,
+                 allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+        """``allocate(shape, dtype)`` makes the device pool (on CUDA the device's own allocator;
+        by default ``torch.empty`` on ``device``)."""
         layout = layout if layout is not None else KVLayout.full(num_layers, block_tokens)
         if (layout.num_layers, layout.block_tokens) != (num_layers, block_tokens):
             raise ValueError(f"KVStore layout: {layout.num_layers} layers of {layout.block_tokens}-token blocks, but "
@@ -82,8 +85,11 @@ class KVStore:
         self.block_bytes = block_bytes(num_kv_heads, head_dim, block_tokens, dtype)
         self.tables = KVBlockTables({"device": device_blocks, "host": host_blocks, "disk": disk_blocks},
                                     num_layers=num_layers, block_tokens=block_tokens)
-        self._pools = {"device": torch.empty((device_blocks, *self.block_shape), dtype=dtype, device=device),
-                       "host": torch.empty((host_blocks, *self.block_shape), dtype=dtype)}
+        allocate = allocate or (lambda shape, dt: torch.empty(shape, dtype=dt, device=device))
+        # the host pool starts on a page, as pinning it (cudaHostRegister) requires
+        self._pools = {"device": allocate((device_blocks, *self.block_shape), dtype),
+                       "host": aligned_empty(host_blocks * self.block_bytes).view(dtype).view(host_blocks,
+                                                                                          *self.block_shape)}
         self.spill: SpillFile | None = None
         if disk_blocks:
             if spill_dir is None:
