@@ -158,8 +158,9 @@ def streaming_budget(path: str | Path, config: Any = None) -> int:
 #   (``syncs``, ``count_syncs()``);
 # - ``pin`` checks what ``cudaHostRegister`` checks: byte size, alignment, no double
 #   registration; a copy between the device and host memory that is not wholly pinned is a sync;
-# - a thread that touches the device before binding it (``bind_thread``) is recorded when the
-#   device index is not 0: CUDA would have made it a context on GPU 0;
+# - an engine thread that blocks on an event before binding the device (``bind_thread``) is recorded when
+#   the device index is not 0: CUDA would have made it a context on GPU 0 (``TorchCuda``'s own
+#   calls carry a device guard; a thread the engine makes to wait on events binds itself);
 # - device memory is accounted: ``memory_reserved()`` / ``max_memory_reserved()``.
 #
 # Limits: tensors a factory makes outside a compute stream's ``using`` block are host tensors
@@ -210,8 +211,6 @@ class SimulatedEvent:
         self._done.set()
 
     def query(self) -> bool:
-        if self._sim is not None:
-            self._sim._touch("event.query")
         return self._done.is_set()
 
     def synchronize(self) -> None:
@@ -351,12 +350,14 @@ class SimulatedCuda:
     def __init__(self, copy_delay_s: float = 0.0, compute_lag_s: float = 0.0, *, index: int = 0) -> None:
         self.device = torch.device("cpu")
         self.index = index
+        self.unbound: set[str] = set()           # threads that touched cuda:<index> without binding it
         self.copy_delay_s, self.compute_lag_s = copy_delay_s, compute_lag_s
         self._local = threading.local()
         self._lock = threading.RLock()
         self._streams: list[SimulatedStream] = []
         self.default_stream = SimulatedStream("simulated-default-stream", self, threaded=False)
-        self._lag = self.stream() if compute_lag_s else None      # completes lagging events, in order
+        # completes lagging events, in order (the simulation's own: not a stream the engine made)
+        self._lag = SimulatedStream("simulated-lag", self) if compute_lag_s else None
         self._tensor = type("_SimulatedDeviceTensor", (_DeviceTensor,), {"_sim": self})
         self._mode = _FactoryMode(self)
         self._blocks: dict[int, _Block] = {}
@@ -366,7 +367,6 @@ class SimulatedCuda:
         self.copies = 0
         self.hazards: list[str] = []
         self.syncs: list[tuple[str, str]] = []   # (thread, what) of every host synchronisation
-        self.unbound: set[str] = set()           # threads that touched cuda:<index> without binding it
         self.reserved = self.peak_reserved = 0
 
     # -- streams and events --------------------------------------------------------------------
@@ -394,13 +394,11 @@ class SimulatedCuda:
         return stream.step(complete=stream is self.default_stream or self._lag is None)
 
     def stream(self) -> SimulatedStream:
-        self._touch("stream")
         stream = SimulatedStream(f"simulated-stream-{len(self._streams)}", self)
         self._streams.append(stream)
         return stream
 
     def record(self, stream: SimulatedStream) -> SimulatedEvent:
-        self._touch("record")
         if self._inline(stream):
             stream.drain()
             seq = stream.step(complete=self._lag is None)
@@ -422,7 +420,6 @@ class SimulatedCuda:
         return event
 
     def wait(self, stream: SimulatedStream, event: SimulatedEvent) -> None:
-        self._touch("wait")
 
         def work() -> None:
             event._done.wait()
@@ -433,7 +430,6 @@ class SimulatedCuda:
         self._run(stream, work)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: SimulatedStream) -> None:
-        self._touch("copy")
         host = src if not isinstance(src, _DeviceTensor) else dst if not isinstance(dst, _DeviceTensor) else None
         if host is not None and not self._is_pinned(host):
             self._sync(f"an asynchronous copy from or to pageable host memory ({host.numel() * host.element_size()} "
@@ -449,7 +445,6 @@ class SimulatedCuda:
 
     @contextmanager
     def using(self, stream: SimulatedStream) -> Iterator[SimulatedStream]:
-        self._touch("using")
         before = getattr(self._local, "stream", None)
         self._local.stream = stream
         try:
@@ -459,7 +454,6 @@ class SimulatedCuda:
             self._local.stream = before
 
     def synchronize(self) -> None:
-        self._touch("synchronize")
         for stream in self._streams:
             done = SimulatedEvent()
             stream.submit(done.complete)
@@ -473,8 +467,11 @@ class SimulatedCuda:
         self._local.bound = True
 
     def _touch(self, what: str) -> None:
-        if self.index and not getattr(self._local, "bound", False):
-            self.unbound.add(threading.current_thread().name)
+        """An engine thread ("tierflow-...") blocks on the device: it must have bound it. (Other
+        threads — the caller's — reach the device only through guarded calls.)"""
+        thread = threading.current_thread().name
+        if self.index and thread.startswith("tierflow") and not getattr(self._local, "bound", False):
+            self.unbound.add(thread)
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -492,7 +489,6 @@ class SimulatedCuda:
         """A device copy of host ``tensor`` on the calling thread's stream (the legacy default
         stream when it uses none): complete when this returns, or with ``non_blocking`` (from
         pinned memory only) in that stream's order."""
-        self._touch("to_device")
         if isinstance(tensor, _DeviceTensor):
             raise AssertionError("to_device() of a tensor already on the simulated device")
         if not non_blocking:
@@ -584,7 +580,6 @@ class SimulatedCuda:
     def pin(self, buffer: torch.Tensor) -> None:
         from tierflow.pipeline.cuda import pinned_range
 
-        self._touch("pin")
         ptr, nbytes = pinned_range(buffer)
         if not nbytes:                   # nothing to register (TorchCuda makes no call)
             self.pinned.append(ptr)
@@ -599,7 +594,6 @@ class SimulatedCuda:
         self.pinned.append(ptr)
 
     def unpin(self, buffer: torch.Tensor) -> None:
-        self._touch("unpin")
         ptr = buffer.data_ptr()
         if not buffer.numel():
             self.unpinned.append(ptr)
@@ -640,7 +634,6 @@ class SimulatedCuda:
 
     def _dispatch(self, cls: type, func: Any, args: Any, kwargs: Any) -> Any:
         name = getattr(func, "__name__", "")
-        self._touch(name)
         tensors = [t for t in _flatten((args, kwargs)) if isinstance(t, torch.Tensor)]
         device = [t for t in tensors if isinstance(t, cls)]
         reason = self._sync_reason(name, func, args, kwargs, cls)

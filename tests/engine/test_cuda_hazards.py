@@ -67,3 +67,77 @@ def test_expert_weights_outlive_the_kernels_that_read_them(mixtral, tmp_path):
     assert stats.expert_requests > stats.expert_hits > 0, "the cache this test is about did not run"
     ops.check()
     _check_oracle(mixtral, logits, out.token_ids, 8)
+
+
+MIXED = {"embed": "host", "layers.0": "host", "layers.1": "disk", "layers.2": "device", "head": "disk"}
+PER_TOKEN = 2 * 3 * 2 * 16 * 4      # K and V, 3 layers, 2 KV heads, head_dim 16, fp32
+
+
+def _paged(tmp_path: Path, **more: object) -> EngineConfig:
+    """Weights on every tier and a paged KV over device, host and disk."""
+    return EngineConfig(device="cuda", profile=_profile(tmp_path, MIXED), kv_reserve_tokens=1024,
+                        prefill_chunk_tokens=256, kv_cache_dir=str(tmp_path / "kv"),
+                        kv_device_bytes=PER_TOKEN * 256, kv_host_bytes=PER_TOKEN * 256, **more)
+
+
+def test_a_decode_sweep_synchronises_the_host_once(tiny_models, tmp_path):
+    """The only host synchronisation of a decode sweep on the compute thread is the copy of its
+    logits to the host: batch tensors go up through pinned memory, KV blocks move on the copy
+    stream, nothing inside attention waits for the device."""
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(700)]      # KV on the device, the host and the disk
+    ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.002)
+
+    async def main():
+        async with await Engine.open(path, _paged(tmp_path), device_ops=ops) as engine:
+            counts = {}
+            # the first sweep fills the rope tables' device cache: one blocking copy, once
+            await engine.generate(prompt[:20], SamplingParams(max_new_tokens=1))
+            for new_tokens in (2, 10):
+                with ops.count_syncs() as syncs:
+                    out = await engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+                counts[new_tokens] = [what for thread, what in syncs if thread.startswith("tierflow-compute")]
+            return counts, list(out.token_ids), engine.pipeline_statistics().kv_blocks
+
+    counts, tokens, kv = asyncio.run(main())
+    assert kv.disk.capacity > 0 and kv.host.capacity > 0
+    assert len(counts[10]) - len(counts[2]) == 8, counts          # eight more decode sweeps, a sync each
+    assert all("to('cpu')" in what for what in counts[10]), counts[10]     # the logits, and nothing else
+    assert tokens == oracle_greedy(path, prompt, 10)
+
+
+def test_the_prefix_cache_on_the_device_path(tiny_models, tmp_path):
+    """Attaching a cached prefix writes the sequence's device KV, and remembering reads it: both
+    on the compute stream, ordered with the sweeps' kernels."""
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(300)]
+    ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.005)
+
+    async def main():
+        async with await Engine.open(path, _paged(tmp_path, prefix_cache_bytes=2**22), device_ops=ops) as engine:
+            first = await engine.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+            second = await engine.generate(prompt + [7, 8], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            return first, second, engine.stats()
+
+    first, second, stats = asyncio.run(main())
+    assert stats.prompt_tokens_cached > 0
+    ops.check()
+    assert list(first.token_ids) == oracle_greedy(path, prompt, 4)
+    assert list(second.token_ids) == oracle_greedy(path, prompt + [7, 8], 4)
+
+
+def test_every_thread_that_touches_cuda_1_binds_it(tiny_models, tmp_path):
+    """On ``cuda:1`` every thread that makes a CUDA call (the compute worker, the event waiters,
+    the KV readers and writer, the loop) first makes that device its own: an unbound thread's
+    first call would create a context on GPU 0."""
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(700)]
+    ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.002, index=1)
+
+    async def main():
+        async with await Engine.open(path, _paged(tmp_path), device_ops=ops) as engine:
+            return await engine.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+
+    out = asyncio.run(main())
+    assert ops.unbound == set(), f"threads that touched cuda:1 unbound: {sorted(ops.unbound)}"
+    assert list(out.token_ids) == oracle_greedy(path, prompt, 4)

@@ -137,7 +137,7 @@ async def build_runtime(model: str | Path, config: EngineConfig, device_ops: Dev
     stack.callback(reader.close)
     if config.trace_path is not None:           # runs last: the trace covers the whole run
         stack.push_async_callback(_write_trace, tracer, config.trace_path)
-    worker = ComputeWorker()
+    worker = ComputeWorker(bind_thread=ops.bind_thread if ops is not None else None)
     stack.callback(worker.close)
     rt = Runtime(index, config, device, dtype, tokenizer, planned, reader, worker, tracer, stack, ops=ops)
     try:
@@ -172,6 +172,8 @@ async def _start(rt: Runtime) -> None:
             stack.callback(rt.placement.arena.close)
         if rt.placement.bridge is not None:
             stack.callback(rt.placement.bridge.close)
+        if rt.placement.path is not None:
+            stack.callback(rt.placement.path.close)
         stack.callback(ops.synchronize)         # the device is done with pinned memory before it is freed
     stack.callback(rt.worker.close)             # compute stops before the device drains
     if rt.stream is not None:
@@ -245,4 +247,5 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
     return KVStore(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                    device=device, block_tokens=bt, device_blocks=device_blocks, host_blocks=host_blocks,
                    disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer, layout=layout,
-                   allocate=ops.alloc if ops is not None else None)
+                   allocate=ops.alloc if ops is not None else None,
+                   bind_thread=ops.bind_thread if ops is not None else None)

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import time
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -34,6 +35,8 @@ from tierflow.tiers.kv.contiguous import SequenceKV
 from tierflow.tiers.kv.handle import KVHandle
 from tierflow.tiers.kv.layout import ContiguousLayout, KVLayout
 from tierflow.tiers.plan.costmodel import DEVICE
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 TRIM_AFTER_TOKENS = 256     # sweeps of at least this many tokens return their freed heap memory to the OS
@@ -268,6 +271,16 @@ class Driver:
         return keep_s < recompute_s
 
     # ----------------------------------------------------------------------------- prefix cache
+    def _on_device(self, fn: Callable[..., R], *args: Any) -> R:
+        """In the compute worker: ``fn`` with its device work on the compute stream (on CUDA), so
+        it is ordered with the sweeps' kernels and what it allocates belongs to that stream, not
+        to the legacy default stream."""
+        path = self.rt.device_path
+        if path is None:
+            return fn(*args)
+        with path.ops.using(path.compute):
+            return fn(*args)
+
     async def _attach_prefix(self, req: Request) -> None:
         """Reuse the longest cached prefix of a just-admitted request's tokens (its prompt, and
         after a preemption what it generated too)."""
@@ -277,7 +290,7 @@ class Driver:
         started = time.perf_counter()
         known = req.prompt_ids + req.output_ids
         try:
-            cached = await self.rt.worker.run(prefix.attach, req.kv, known)
+            cached = await self.rt.worker.run(self._on_device, prefix.attach, req.kv, known)
         except Exception as exc:     # the KV it was copied into failed (a spill fault): only this request fails
             log.warning("request %d failed while reusing its cached prefix: %s", req.id, exc)
             self.finish(req, error=exc if isinstance(exc, TierflowError) else
@@ -299,7 +312,7 @@ class Driver:
         if prefix is None or req.score:
             return
         try:
-            req.remembered_blocks = await self.rt.worker.run(prefix.remember, req.kv,
+            req.remembered_blocks = await self.rt.worker.run(self._on_device, prefix.remember, req.kv,
                                                              req.prompt_ids + req.output_ids, req.remembered_blocks)
         except Exception as exc:     # noqa: BLE001 - the cache only misses these blocks
             log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)

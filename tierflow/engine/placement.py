@@ -82,7 +82,7 @@ async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, d
                               [packed(homes[u])[1] for u in streamed if u in homes])
             device_slots = [ops.empty(device_slot) for _ in range(slots)]
             uploader = StreamUploader(ops, streams, device_slots, timeline, tracer)
-            bridge = EventBridge()
+            bridge = EventBridge(bind_thread=ops.bind_thread)
             ring = SlotRing(device_slots if direct else [arena.take(read_slot) for _ in range(slots)])
             stream = WeightStream([index.units[u] for u in streamed], direct_reader or reader, ring, uploader, tracer,
                                   homes={u: homes[u] for u in streamed if u in homes}, bridge=bridge)

@@ -111,13 +111,13 @@ class TorchCuda:
     def stream(self) -> torch.cuda.Stream:
         return torch.cuda.Stream(self.device)
 
-    def record(self, stream: torch.cuda.Stream) -> torch.cuda.Event:
+    def record(self, stream: torch.cuda.Stream) -> "GuardedEvent":
         event = torch.cuda.Event(enable_timing=True, blocking=True)
         event.record(stream)
-        return event
+        return GuardedEvent(event, self.device)
 
-    def wait(self, stream: torch.cuda.Stream, event: torch.cuda.Event) -> None:
-        stream.wait_event(event)
+    def wait(self, stream: torch.cuda.Stream, event: "GuardedEvent") -> None:
+        stream.wait_event(event.event)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: torch.cuda.Stream) -> None:
         with torch.cuda.stream(stream):
@@ -167,6 +167,28 @@ class TorchCuda:
 
     def reset_peak_memory(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
+
+
+class GuardedEvent:
+    """A CUDA event whose calls run with its device current, from whatever thread makes them:
+    a thread that has never set its device would otherwise create a context on GPU 0."""
+
+    __slots__ = ("event", "device")
+
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
+        self.event, self.device = event, device
+
+    def query(self) -> bool:
+        with torch.cuda.device(self.device):
+            return self.event.query()
+
+    def synchronize(self) -> None:
+        with torch.cuda.device(self.device):
+            self.event.synchronize()
+
+    def elapsed_time(self, end: "GuardedEvent") -> float:
+        with torch.cuda.device(self.device):
+            return self.event.elapsed_time(end.event)
 
 
 def _check_cuda(status: Any, what: str) -> None:

@@ -22,8 +22,9 @@ class WorkerStats:
 
 
 class ComputeWorker:
-    def __init__(self, name: str = "tierflow-compute") -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    def __init__(self, name: str = "tierflow-compute", bind_thread: Callable[[], None] | None = None) -> None:
+        """``bind_thread`` runs first on the worker's thread (on CUDA: make the engine's device its own)."""
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=bind_thread)
         self._calls = 0
         self._busy_s = 0.0
 

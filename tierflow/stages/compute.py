@@ -43,6 +43,7 @@ from tierflow.stages.kv_device import DeviceKV
 from tierflow.stages.upload import StreamUploader
 from tierflow.stages.read import WeightStream, cast_weights
 from tierflow.tiers.kv.handle import KVHandle
+from tierflow.tiers.io.reader import aligned_empty
 from tierflow.tiers.kv.paged import KVStore
 
 
@@ -76,9 +77,67 @@ class DevicePath:
     gpu_busy_s: float = 0.0                        # device time inside units' kernels, summed over sweeps
     gpu_span_s: float = 0.0                        # device time from each sweep's first kernel to its last
 
+    staging: "HostStaging | None" = None          # pinned host memory the sweep's small uploads go through
+
+    def upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In the compute worker, using the compute stream: ``tensor`` (host) on the device,
+        through pinned memory, in stream order — the host does not wait for the copy."""
+        if self.staging is None:
+            self.staging = HostStaging(self.ops)
+        return self.ops.to_device(self.staging.put(tensor), non_blocking=True)
+
     def to_device(self, batch: "SweepBatch") -> "SweepBatch":
-        device = self.ops.device
-        return replace(batch, positions=batch.positions.to(device), logit_rows=batch.logit_rows.to(device))
+        """The batch's positions, logit rows and token ids on the device: one copy."""
+        parts = (batch.positions, batch.logit_rows, batch.token_ids)
+        packed = self.upload(torch.cat([p.to(torch.int64) for p in parts]))
+        positions, logit_rows, token_ids = packed.split([len(p) for p in parts])
+        return replace(batch, positions=positions, logit_rows=logit_rows, token_ids=token_ids)
+
+    def close(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+
+
+class HostStaging:
+    """Pinned host memory for a sweep's small host → device copies (the batch's token ids and
+    positions, a host-resident embedding's rows). Copies from it are asynchronous, so a region
+    is reused only in a later sweep: each sweep ends by waiting for its logits, after every copy
+    it enqueued. A sweep that needs more than the buffer holds gets a larger one; the old one
+    is given back at the next sweep."""
+
+    def __init__(self, ops: DeviceOps, nbytes: int = 1 << 20) -> None:
+        self.ops = ops
+        self._buffer = self._pinned(nbytes)
+        self._offset = 0
+        self._retired: list[torch.Tensor] = []
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        buffer = aligned_empty(nbytes)
+        self.ops.pin(buffer)
+        return buffer
+
+    def begin_sweep(self) -> None:
+        """The previous sweep's copies have all completed (its logits are on the host)."""
+        self._offset = 0
+        for buffer in self._retired:
+            self.ops.unpin(buffer)
+        self._retired.clear()
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        start = -(-self._offset // 64) * 64
+        if start + nbytes > self._buffer.numel():
+            self._retired.append(self._buffer)
+            self._buffer = self._pinned(max(2 * self._buffer.numel(), -(-nbytes // 4096) * 4096))
+            start = 0
+        self._offset = start + nbytes
+        view = self._buffer[start:start + nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        return view
+
+    def close(self) -> None:
+        self.begin_sweep()
+        self.ops.unpin(self._buffer)
 
 
 class SweepRunner:
@@ -110,6 +169,8 @@ class SweepRunner:
         busy_before, span_before = (self.device.gpu_busy_s, self.device.gpu_span_s) if self.device else (0.0, 0.0)
         started = time.perf_counter()
         self._events = []
+        if self.device is not None and self.device.staging is not None:
+            self.device.staging.begin_sweep()
         if self.kv is not None:
             self.kv.begin(plan_loads(self.spec, batch.kv, batch.seq_starts, lambda i: batch.kv[i].failure is not None),
                           batch.kv)
@@ -217,12 +278,12 @@ class SweepRunner:
                                             placed.kv, placed.logit_rows, self.dtype)
             self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens,
                                 experts=self._fetch_experts if self.experts is not None else None)
-            hidden = batch.token_ids if on_host or self.device is None else batch.token_ids.to(self.device.ops.device)
+            hidden = placed.token_ids if not on_host else batch.token_ids
         weights = cast_weights(dict(weights), self.dtype)
         with torch.inference_mode():
             out = self.adapter.forward_unit(self.spec, unit, weights, hidden, self._ctx)
         if on_host:        # only the looked-up rows go to the device
-            out = out.to(self.device.ops.device)
+            out = self.device.upload(out)
         return out
 
     async def _skip_rest(self, first: int) -> None:

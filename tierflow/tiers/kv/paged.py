@@ -72,9 +72,11 @@ class KVStore:
                  device: torch.device, block_tokens: int, device_blocks: int, host_blocks: int, disk_blocks: int,
                  spill_dir: str | os.PathLike[str] | None, tracer: Tracer = NULL_TRACER,
                  layout: KVLayout | None = None,
-                 allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+                 allocate: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+                 bind_thread: Callable[[], None] | None = None) -> None:
         """``allocate(shape, dtype)`` makes the device pool (on CUDA the device's own allocator;
-        by default ``torch.empty`` on ``device``)."""
+        by default ``torch.empty`` on ``device``); ``bind_thread`` runs first on each reader and
+        writer thread (on CUDA they wait on events: the device must be theirs)."""
         layout = layout if layout is not None else KVLayout.full(num_layers, block_tokens)
         if (layout.num_layers, layout.block_tokens) != (num_layers, block_tokens):
             raise ValueError(f"KVStore layout: {layout.num_layers} layers of {layout.block_tokens}-token blocks, but "
@@ -109,9 +111,9 @@ class KVStore:
             if self.spill is not None else None
         self._replacing = threading.Lock()
         self._retired: list[SpillFile] = []     # spill files deleted under the engine, closed at detach
-        self.reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv-read") \
+        self.reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv-read", initializer=bind_thread) \
             if self.spill is not None else None
-        self.writes = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv-spill")
+        self.writes = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv-spill", initializer=bind_thread)
         self.io: BlockIO = DirectIO(self)
         self._pinned: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
 
