@@ -3,18 +3,30 @@
 ``attend_kv`` is what the decoder calls: it takes the KV handle's blocks (``KVBlocks``, one
 shape whatever the store) and picks the kernel from that shape alone — a single block from
 position 0 (the contiguous store, or a paged sequence whose KV is still all in its tail) goes
-to ``attend``'s fused call, anything else to ``attend_blocks``. It first checks on the host,
-from the blocks' spans, that every query sees at least one key: nothing inside attention
-waits for the device (no ``.item()``, no ``bool(tensor)``), so on CUDA the host enqueues a
-layer's attention and moves on while copies and kernels run.
+to ``attend`` (one fused call where no mask is needed, key tiles otherwise), anything else to
+``attend_blocks``. It first checks on the host, from the blocks' spans, that every query sees
+at least one key: nothing inside attention waits for the device (no ``.item()``, no
+``bool(tensor)``), so on CUDA the host enqueues a layer's attention and moves on while copies
+and kernels run.
 
-``attend`` takes the whole KV as contiguous tensors and makes one fused SDPA call. When the
-model soft-caps its attention scores (Gemma 2), SDPA cannot apply the cap, so the keys go
-through ``attend_blocks`` in tiles of ``KEY_TILE_TOKENS`` instead: the memory stays
-O(queries × tile) rather than the whole score matrix. On a CUDA device, when the ``flash-attn``
-package is importable and takes the call (fp16/bf16, head_dim <= 256; see ``flash``), ``attend``
-hands it to ``flash_attend`` instead, which applies the window and the softcap inside the
-kernel; ``attention_backend`` says which of these a device and dtype get.
+``attend`` takes the whole KV as contiguous tensors. One fused SDPA call serves the calls that
+need no explicit mask: a single query (decode: it sees every key from its window's first,
+which is where the keys are cut) and a causal chunk from position 0 that no narrower window
+cuts (``is_causal``). Every other chunk needs a mask — it starts mid-sequence (a later prefill
+chunk), or its window is narrower than the chunk — and SDPA with a mask is not a bounded
+kernel: on CUDA its flash backend refuses a mask and its memory-efficient one refuses
+grouped-query attention, so a masked GQA call falls to the math backend, which builds the
+whole [heads, queries, keys] score matrix and repeats K/V per query head (gigabytes at 32k
+context); on any device the mask itself is [queries, keys]. Those calls, and soft-capped ones
+(SDPA cannot apply the cap), go through ``attend_blocks`` in tiles of ``KEY_TILE_TOKENS`` keys
+on every device alike: memory stays O(queries × tile), as the planner budgets it
+(``tiers/plan/costmodel.py:ModelCosts.attention_bytes``, tiling by the same count). On the CPU,
+whose flash kernel would take the mask, the tiles cost some speed on long chunks (measured on
+one thread: 10-30% on a 512-query chunk over 4k keys); one bounded path the planner counts is
+worth it. On a CUDA device, when the ``flash-attn`` package is importable and takes the call
+(fp16/bf16, head_dim <= 256; see ``flash``), ``attend`` hands it to ``flash_attend`` instead,
+which applies the window and the softcap inside the kernel; ``attention_backend`` says which of
+these a device and dtype get.
 
 ``attend_blocks`` is for KV that lives in blocks (some on the device, some still arriving
 from host memory or disk), where attention cannot see the whole key matrix at once. It takes
@@ -40,7 +52,7 @@ import torch.nn.functional as F
 from tierflow.adapters.flash import flash_attend, flash_device_supported, flash_head_dim_supported, flash_supported
 from tierflow.adapters.kv import KVBlock, KVBlocks, first_visible
 
-KEY_TILE_TOKENS = 512     # keys per tile when contiguous KV goes through the online softmax
+KEY_TILE_TOKENS = 512     # keys per tile of contiguous KV in the online softmax (the planner's ATTENTION_KEY_TILE)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, *, scale: float | None = None,
@@ -52,19 +64,19 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
     n, num_heads, d = q.shape
     first = first_visible(start, window)     # the earliest key any query sees
     keys, values = keys[:, first:], values[:, first:]
-    if softcap is not None:
-        blocks = [(keys[:, s:s + KEY_TILE_TOKENS], values[:, s:s + KEY_TILE_TOKENS], first + s)
-                  for s in range(0, keys.shape[1], KEY_TILE_TOKENS)]
-        return attend_blocks(q, blocks, start, scale=scale, window=window, softcap=softcap)
-    query = q.transpose(0, 1)[None]
-    gqa = num_heads != keys.shape[0]
-    if n == 1 or (start == 0 and (window is None or window >= n)):
-        out = F.scaled_dot_product_attention(query, keys[None], values[None], is_causal=n > 1, scale=scale,
-                                             enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(query, keys[None], values[None], enable_gqa=gqa, scale=scale,
-                                             attn_mask=_visible(start, n, first, keys.shape[1], window, q.device))
+    if softcap is not None or _needs_mask(start, n, window):
+        return attend_blocks(q, split_blocks(keys, values, KEY_TILE_TOKENS, first=first), start, scale=scale,
+                             window=window, softcap=softcap)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=n > 1,
+                                         scale=scale, enable_gqa=num_heads != keys.shape[0])
     return out[0].transpose(0, 1).reshape(n, num_heads * d)
+
+
+def _needs_mask(start: int, n: int, window: int | None) -> bool:
+    """Whether ``n`` queries from ``start`` over the keys from ``first_visible(start, window)`` need
+    an explicit mask: not for one query (it sees every key from there), nor for a causal chunk
+    from position 0 that its window does not narrow (SDPA's ``is_causal`` is that mask)."""
+    return n > 1 and (start > 0 or (window is not None and window < n))
 
 
 def attend_kv(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None = None,
@@ -101,7 +113,8 @@ def check_coverage(spans: Sequence[tuple[int, int]], start: int, n: int, window:
 def attention_backend(device: torch.device | str, dtype: torch.dtype, *, head_dim: int | None = None) -> str:
     """Which kernel ``attend`` uses for queries on ``device`` in ``dtype`` (and ``head_dim``, if
     given): "flash-attn", "sdpa" (CUDA without flash-attn) or "sdpa-<device type>" ("sdpa-cpu").
-    Soft-capped attention takes the online softmax instead of SDPA."""
+    Under SDPA, calls that need a mask (a chunk after position 0, a window narrower than the
+    chunk) and soft-capped ones take the online softmax in key tiles instead."""
     device = torch.device(device)
     if (head_dim is None or flash_head_dim_supported(head_dim)) and flash_device_supported(device, dtype):
         return "flash-attn"
@@ -137,7 +150,8 @@ def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: flo
     n, num_heads, d = q.shape
     check_coverage(blocks.spans, start, n, window)
     last = start + n - 1
-    query = (q.transpose(0, 1).float() * (1.0 / math.sqrt(d) if scale is None else scale)).contiguous()  # [H, n, D]
+    query = torch.empty((num_heads, n, d), device=q.device)      # [H, n, D] in float32, scaled
+    query.copy_(q.transpose(0, 1)).mul_(1.0 / math.sqrt(d) if scale is None else scale)
     m = torch.full((num_heads, n, 1), -math.inf, device=q.device)
     l = torch.zeros((num_heads, n, 1), device=q.device)
     acc = torch.zeros((num_heads, n, d), device=q.device)
@@ -176,12 +190,15 @@ def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: flo
         l_g.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
         acc_g.mul_(alpha).baddbmm_(p, values.float())
         m_g.copy_(m_new)
-    out = acc / l
-    return out.transpose(0, 1).reshape(n, num_heads * d).to(q.dtype)
+    out = torch.empty((n, num_heads, d), dtype=q.dtype, device=q.device)
+    out.copy_(acc.div_(l).transpose(0, 1))
+    return out.view(n, num_heads * d)
 
 
-def split_blocks(keys: torch.Tensor, values: torch.Tensor, block_tokens: int
+def split_blocks(keys: torch.Tensor, values: torch.Tensor, block_tokens: int, *, first: int = 0
                  ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """A contiguous KV [KVH, T, D] as blocks of ``block_tokens`` (views, no copies)."""
+    """A contiguous KV [KVH, T, D] whose first key is at position ``first`` as blocks of
+    ``block_tokens`` (views, no copies)."""
     total = keys.shape[1]
-    return [(keys[:, s:s + block_tokens], values[:, s:s + block_tokens], s) for s in range(0, total, block_tokens)]
+    return [(keys[:, s:s + block_tokens], values[:, s:s + block_tokens], first + s)
+            for s in range(0, total, block_tokens)]

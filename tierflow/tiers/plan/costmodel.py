@@ -145,11 +145,21 @@ class ModelCosts:
         return tokens * (3 * h * b + qkv + 2 * h * 4) + min(tokens, mlp_tokens) * 3 * self.intermediate_size * b
 
     def attention_bytes(self, tokens: int, context: int) -> int:
-        """Attention workspace of one sequence: ``tokens`` queries over ``context`` keys. The
-        attention kernels (memory-efficient SDPA on CPU, flash kernels on CUDA) never hold
-        the whole score matrix, only a tile of keys per query (measured on CPU: 1024 queries
-        over 16k keys, 32 heads, grow memory by 76 MiB, not the 2 GiB of full scores)."""
-        return tokens * self.num_heads * min(context, ATTENTION_KEY_TILE) * 4
+        """Attention workspace of one sequence: ``tokens`` queries over ``context`` keys. No
+        kernel holds the whole score matrix. The fused ones (flash-attn, SDPA without a mask)
+        tile inside the kernel; every call with a mask (a prefill chunk after position 0, a
+        window narrower than the chunk) or a soft-cap runs the online softmax of
+        ``adapters/attention.py`` over ATTENTION_KEY_TILE keys at a time (a paged store's blocks
+        are smaller still), and that path is the bound. Per query and head: a tile of float32
+        scores, the float32 copy of the query and the running weighted sum (head_dim each), the
+        running maximum and sum with their per-tile temporaries (8 values), the output in the
+        compute dtype; per query, the tile's mask (4 bytes a key covers its temporaries); once,
+        a tile of keys or of values cast to float32 (none when the compute dtype is float32)."""
+        tile = min(context, ATTENTION_KEY_TILE)
+        d, b = self.head_dim, self.dtype_bytes
+        kv_width = self.kv_bytes_per_token_layer // (2 * b)         # KV heads x head_dim
+        per_query = self.num_heads * (4 * tile + 4 * (2 * d + 8) + b * d) + 4 * tile
+        return tokens * per_query + (4 * tile * kv_width if b != 4 else 0)
 
 
 def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]]], unit_kinds: Sequence[str],
