@@ -8,6 +8,15 @@ provider (``SweepContext.experts``) for exactly the experts its tokens picked â€
 behind it reads only those â€” and combines their outputs as transformers does: softmax in
 float32, top-k, optional renormalisation, experts in ascending order, each token's outputs
 added with its routing weight.
+
+The host must learn which experts were picked (it asks for their weights), and that is the
+layer's only wait for the device: one stable sort of the token-slots by expert, each
+expert's count (a scatter-add: ``bincount`` on CUDA reads the input's minimum and maximum
+back to size its result, two more waits), and one ``tolist`` of the counts, which names the
+picked experts and sizes each one's group. Splitting the sorted slots by those host-side
+sizes, gathering rows with ``index_select`` and adding back with ``index_add_`` wait for
+nothing (a per-expert ``torch.where(top_i == e)`` would be a ``nonzero``: one more wait per
+expert).
 """
 
 from __future__ import annotations
@@ -83,15 +92,23 @@ class MoEAdapter(DecoderAdapter):
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         if not self.routing_in_float32:
             top_w = top_w.to(logits.dtype)
-        picked = sorted(set(top_i.flatten().tolist()))
+        slots = top_i.flatten()                      # token t's j-th pick at t * k + j
+        order = torch.argsort(slots, stable=True)    # grouped by expert, tokens ascending within each
+        counts = torch.zeros(spec.num_experts, dtype=torch.long, device=h.device)
+        counts.scatter_add_(0, slots, torch.ones_like(slots))
+        sizes = counts.tolist()                      # the layer's one wait for the device
+        picked = [expert for expert, size in enumerate(sizes) if size]
         experts = ctx.experts(layer, picked)
         act = ACTIVATIONS[spec.hidden_act]
         out = torch.zeros_like(h)
-        for expert in picked:
-            tokens, slot = torch.where(top_i == expert)
-            e = experts[expert]
-            y = F.linear(act(F.linear(h[tokens], e["gate_proj"])) * F.linear(h[tokens], e["up_proj"]), e["down_proj"])
-            out.index_add_(0, tokens, (y * top_w[tokens, slot, None]).to(out.dtype))
+        groups = zip(order.div(spec.experts_per_token, rounding_mode="floor").split(sizes),
+                     top_w.flatten().index_select(0, order).split(sizes))
+        for expert, (tokens, weight) in enumerate(groups):
+            if not sizes[expert]:
+                continue
+            e, x = experts[expert], h.index_select(0, tokens)
+            y = F.linear(act(F.linear(x, e["gate_proj"])) * F.linear(x, e["up_proj"]), e["down_proj"])
+            out.index_add_(0, tokens, (y * weight[:, None]).to(out.dtype))
         if spec.shared_expert_intermediate_size:
             shared = F.linear(act(F.linear(h, w["shared_gate_proj"])) * F.linear(h, w["shared_up_proj"]),
                               w["shared_down_proj"])
