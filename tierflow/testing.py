@@ -557,12 +557,12 @@ class SimulatedCuda:
         """Whether ``other``'s work up to ``seq`` is done, or ``stream`` waited for it."""
         return other.completed >= seq or stream.clock.get(other, 0) >= seq
 
-    def _use(self, tensor: torch.Tensor, wrote: bool, what: str) -> None:
+    def _use(self, tensor: torch.Tensor, wrote: bool, what: str, seq: int | None = None) -> None:
         block = self._block(tensor)
         if block is None:
             return
         stream = self._current()
-        seq = self._position(stream)
+        seq = self._position(stream) if seq is None else seq
         with self._lock:
             for other, (used, written) in block.uses.items():
                 last = used if wrote else written          # a write conflicts with any use, a read with a write
@@ -640,11 +640,14 @@ class SimulatedCuda:
         if reason:
             self._sync(reason)
         written = _written(name, args, kwargs)
+        kernel = name not in _VIEWS or reason is not None
+        # a kernel runs in its stream's order: after the work already queued on it
+        seq = self._position(self._current()) if kernel and device else 0
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        if name not in _VIEWS or reason:
+        if seq:
             for t in device:
-                self._use(t, any(t is w for w in written), name)
+                self._use(t, any(t is w for w in written), name, seq)
         if name in ("cpu", "numpy") or (name == "to" and _to_host_arg(args[1:], kwargs)):
             with torch._C.DisableTorchFunctionSubclass():
                 return out.clone() if isinstance(out, torch.Tensor) else out     # a host copy, not an alias

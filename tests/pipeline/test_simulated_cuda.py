@@ -50,7 +50,7 @@ class _Nothing:
 
 
 def test_a_block_freed_under_a_lagging_stream_is_a_hazard():
-    ops = SimulatedCuda(compute_lag_s=0.05)
+    ops = SimulatedCuda(compute_lag_s=0.5)      # long: the copy runs well before, even on a busy machine
     compute = ops.stream()
     weights = ops.to_device(torch.ones(64))          # allocated on the legacy default stream
     with ops.using(compute):
@@ -69,7 +69,7 @@ def test_a_block_freed_under_a_lagging_stream_is_a_hazard():
 
 
 def test_a_write_on_another_stream_without_an_event_is_a_race():
-    ops = SimulatedCuda(compute_lag_s=0.05)
+    ops = SimulatedCuda(compute_lag_s=0.5)      # long: the copy runs well before, even on a busy machine
     compute, copy = ops.stream(), ops.stream()
     slot = ops.empty(256)
     with ops.using(compute):

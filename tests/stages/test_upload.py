@@ -16,6 +16,7 @@ from tierflow.stages.upload import TENSOR_ALIGN, SameDevice, StreamUploader, Upl
 from tierflow.testing import SimulatedCuda
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES, TensorSlice, UnitLayout
 from tierflow.tiers.io.pinned import PinnedArena
+from tierflow.tiers.io.reader import aligned_empty
 
 
 def _uploader(delay: float = 0.0, slot_bytes: int = 1 << 16, tracer: Tracer | None = None):
@@ -109,3 +110,35 @@ def test_the_same_device_uploads_nothing():
     assert stats == UploadStats(upload_bytes=0, upload_s=0.0, uploads=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.uploads = 1        # type: ignore[misc]
+
+
+def _misaligned_layout() -> UnitLayout:
+    """One float32 tensor 2 bytes into its unit's buffer: it must be cloned to be viewed."""
+    return UnitLayout(1, "layer.0", (), (TensorSlice("w", torch.float32, (2, 2), 2, 16),), ALIGN_BYTES, 18)
+
+
+@pytest.mark.parametrize("into_slot", [False, True], ids=["staged", "read-into-slot"])
+def test_a_misaligned_tensor_is_cloned_in_stream_order_and_outlives_the_compute(into_slot):
+    """The clone of a misaligned tensor runs on the copy stream after the unit's upload (never on
+    the legacy default stream, never before the bytes land), the compute waits for it through the
+    upload's event, and its memory is kept from reuse until the compute stream is done with it."""
+    ops = SimulatedCuda(copy_delay_s=0.02, compute_lag_s=0.05)
+    streams = StreamPool(ops.stream)
+    uploader = StreamUploader(ops, streams, [ops.empty(1 << 16) for _ in range(2)], DeviceTimeline(ops, streams.compute))
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    host = aligned_empty(ALIGN_BYTES)
+    host[2:18] = values.view(torch.uint8)
+    if into_slot:                                   # as a kvikio read leaves it: in the slot already
+        uploader.slots[0][:ALIGN_BYTES].copy_(host)
+        host = uploader.slots[0]
+    weights, ready = uploader.upload(host, 0, _misaligned_layout())
+    compute = streams.compute
+    with ops.using(compute):
+        if ready is not None:
+            ops.wait(compute, ready)
+        total = weights["w"].sum()
+        done = ops.record(compute)
+    del weights                                     # the layer is done with it on the host side
+    done.synchronize()
+    assert total.cpu().item() == 10.0
+    ops.check()

@@ -156,8 +156,8 @@ async def _start(rt: Runtime) -> None:
     if config.paged_kv:
         rt.kv_store = open_kv_store(config, plan, rt.spec, rt.dtype, rt.device, rt.tracer, ops)
         stack.callback(rt.kv_store.close)
-        if ops is not None:
-            rt.kv_store.pin_host_memory(ops.pin, ops.unpin)
+        if ops is not None:          # page-locking the KV host pool takes a while: off the event loop
+            await asyncio.to_thread(rt.kv_store.pin_host_memory, ops.pin, ops.unpin)
     if config.prefix_cache:
         rt.prefix = await asyncio.to_thread(functools.partial(
             PrefixReuse.for_model, rt.index, rt.dtype, plan.kv_block_tokens, memory_bytes=config.prefix_cache_bytes,

@@ -14,7 +14,9 @@ host. Everything made here is given back if a later step fails.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,9 @@ from tierflow.tiers.plan.costmodel import HOST
 from tierflow.tiers.io.pinned import PinnedArena, aligned
 from tierflow.tiers.plan.plan import TierPlan
 from tierflow.tiers.io.reader import DiskReader, UnitReader, aligned_empty
+
+log = logging.getLogger(__name__)
+PIN_NOTICE_BYTES = 1 << 30       # pinning this much or more is announced: it takes a while
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +74,11 @@ async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, d
     streamed = sorted(set(plan.streamed) | (set(host_units) - {0}))
     slots = plan.num_slots if streamed else 0
     direct = direct_reader is not None
-    arena = PinnedArena(sum(home_bytes(index, u, plan.tiers, dtype) for u in host_units) +
-                        (0 if direct else slots * read_slot), ops.pin, ops.unpin)
+    arena_bytes = sum(home_bytes(index, u, plan.tiers, dtype) for u in host_units) + (0 if direct else slots * read_slot)
+    if arena_bytes >= PIN_NOTICE_BYTES:
+        log.info("pinning %.1f GiB of host memory for the host tier and the read buffers", arena_bytes / 2**30)
+    # page-locking gigabytes takes seconds: off the event loop
+    arena = await asyncio.to_thread(PinnedArena, arena_bytes, ops.pin, ops.unpin)
     bridge = None
 
     try:

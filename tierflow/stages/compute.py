@@ -287,12 +287,22 @@ class SweepRunner:
         return out
 
     async def _skip_rest(self, first: int) -> None:
+        """Take and release the rest of a failed sweep's streamed units. On CUDA a unit's upload
+        may still be in flight: its slot goes back only after an event of the compute stream,
+        made to wait for the upload first — never while a copy still reads or writes it."""
         if self.stream is None:
             return
         for unit in range(first, self.spec.num_units):
             if unit in self.resident:
                 continue
             try:
-                self.stream.release(await self.stream.next(unit))
+                loaded = await self.stream.next(unit)
             except Exception:  # the sweep already failed; this unit only needs its slot back
                 continue
+            after: Event | None = None
+            if self.device is not None:
+                ops, compute = self.device.ops, self.device.compute
+                if loaded.ready is not None:
+                    ops.wait(compute, loaded.ready)
+                after = ops.record(compute)
+            self.stream.release(loaded, after=after)

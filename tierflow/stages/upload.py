@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -30,15 +30,24 @@ from tierflow.tiers.checkpoint.index import UnitLayout
 TENSOR_ALIGN = 256          # bytes: where each host-resident tensor starts in a device slot
 
 
-def unit_views(layout: UnitLayout, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The unit's tensors as views into ``buffer`` (no copies, except a misaligned tensor)."""
+def unit_views(layout: UnitLayout, buffer: torch.Tensor,
+               cloned: Callable[[torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+    """The unit's tensors as views into ``buffer`` (no copies, except a misaligned tensor, whose
+    clone is handed to ``cloned``)."""
     views = {}
     for t in layout.tensors:
         raw = buffer[t.buffer_offset:t.buffer_offset + t.nbytes]
         if raw.data_ptr() % t.dtype.itemsize:
             raw = raw.clone()   # safetensors does not promise element alignment; rare, explicit
+            if cloned is not None:
+                cloned(raw)
         views[t.local] = raw.view(t.dtype).view(t.shape)
     return views
+
+
+def misaligned(layout: UnitLayout, buffer: torch.Tensor) -> bool:
+    """Whether some tensor of the unit does not start on a multiple of its element size."""
+    return any((buffer.data_ptr() + t.buffer_offset) % t.dtype.itemsize for t in layout.tensors)
 
 
 def to_device(weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -120,15 +129,24 @@ class StreamUploader:
     def upload(self, host_buffer: torch.Tensor, slot: int, layout: UnitLayout
                ) -> tuple[dict[str, torch.Tensor], Event | None]:
         target = self.slots[slot]
-        if host_buffer.data_ptr() == target.data_ptr():     # the read landed in device memory already
+        landed = host_buffer.data_ptr() == target.data_ptr()     # the read landed in device memory already
+        if landed and not misaligned(layout, target):
             return unit_views(layout, target), None
         stream = self._streams.copy_stream()
         start = self._ops.record(stream)
-        nbytes = layout.buffer_bytes
-        self._ops.copy(target[:nbytes], host_buffer[:nbytes], stream)
-        with self._ops.using(stream):      # a misaligned tensor's copy is ordered after the upload
-            views = unit_views(layout, target)
+        nbytes = 0 if landed else layout.buffer_bytes
+        if not landed:
+            self._ops.copy(target[:nbytes], host_buffer[:nbytes], stream)
+        # A misaligned tensor's clone runs on the copy stream, after the upload, and the compute
+        # waits for it through the event below; its memory is allocated on the copy stream and
+        # freed once the unit's compute is merely queued, so the compute stream's use of it is
+        # recorded: the allocator reuses it only after those kernels.
+        with self._ops.using(stream):
+            views = unit_views(layout, target, cloned=self._for_compute)
         return views, self._done(stream, start, layout.name, nbytes)
+
+    def _for_compute(self, tensor: torch.Tensor) -> None:
+        self._ops.record_stream(tensor, self._streams.compute)
 
     def upload_tensors(self, tensors: Mapping[str, torch.Tensor], slot: int, name: str = ""
                        ) -> tuple[dict[str, torch.Tensor], Event | None]:
