@@ -102,7 +102,8 @@ def test_rings_over_device_host_and_disk_on_the_device_path(mistral, tmp_path):
     prompt = PROMPT[:1500]
 
     async def main():
-        async with await Engine.open(mistral, config, device_ops=SimulatedCuda(copy_delay_s=0.001)) as engine:
+        async with await Engine.open(mistral, config, device_ops=SimulatedCuda(copy_delay_s=0.001,
+                                                                               compute_lag_s=0.002)) as engine:
             out = await engine.generate(prompt, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
             return list(out.token_ids), engine.pipeline_statistics().kv_blocks
 

@@ -75,9 +75,9 @@ PER_TOKEN = 2 * 3 * 2 * 16 * 4      # K and V, 3 layers, 2 KV heads, head_dim 16
 
 def _paged(tmp_path: Path, **more: object) -> EngineConfig:
     """Weights on every tier and a paged KV over device, host and disk."""
-    return EngineConfig(device="cuda", profile=_profile(tmp_path, MIXED), kv_reserve_tokens=1024,
-                        prefill_chunk_tokens=256, kv_cache_dir=str(tmp_path / "kv"),
-                        kv_device_bytes=PER_TOKEN * 256, kv_host_bytes=PER_TOKEN * 256, **more)
+    settings = dict(kv_reserve_tokens=1024, prefill_chunk_tokens=256, kv_cache_dir=str(tmp_path / "kv"),
+                    kv_device_bytes=PER_TOKEN * 256, kv_host_bytes=PER_TOKEN * 256)
+    return EngineConfig(device="cuda", profile=_profile(tmp_path, MIXED), **{**settings, **more})
 
 
 def test_a_decode_sweep_synchronises_the_host_once(tiny_models, tmp_path):
@@ -141,3 +141,60 @@ def test_every_thread_that_touches_cuda_1_binds_it(tiny_models, tmp_path):
     out = asyncio.run(main())
     assert ops.unbound == set(), f"threads that touched cuda:1 unbound: {sorted(ops.unbound)}"
     assert list(out.token_ids) == oracle_greedy(path, prompt, 4)
+
+
+def test_several_sequences_share_sweeps_on_the_device_path(tiny_models, tmp_path):
+    """Prefill chunks that start mid-sequence ride in the same sweeps as other sequences' decode
+    tokens, over KV on every tier, with the device lagging the host."""
+    path = tiny_models["gqa-untied-fp32"]
+    prompts = [[(i * 37 + k) % 500 + 1 for i in range(n)] for k, n in enumerate((600, 40, 300, 5))]
+    ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.002)
+
+    async def main():
+        async with await Engine.open(path, _paged(tmp_path, prefill_chunk_tokens=128), device_ops=ops) as engine:
+            params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+            return await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+
+    outs = asyncio.run(main())
+    ops.check()
+    for prompt, out in zip(prompts, outs):
+        assert list(out.token_ids) == oracle_greedy(path, prompt, 6)
+
+
+def test_cancelled_and_failed_requests_leave_the_device_path_sound(tiny_models, tmp_path, monkeypatch):
+    """A request cancelled while its uploads and KV copies are in flight, and a sweep that fails
+    half-way (its remaining slots handed back after their uploads), leave nothing racing: the
+    next request is exact and every KV block is free again."""
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(700)]
+    ops = SimulatedCuda(copy_delay_s=0.002, compute_lag_s=0.003)
+
+    async def main():
+        async with await Engine.open(path, _paged(tmp_path), device_ops=ops) as engine:
+            params = SamplingParams(max_new_tokens=50, ignore_eos=True)
+            task = asyncio.create_task(engine.generate(prompt, params))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            adapter = engine.index.adapter
+            forward = adapter.forward_unit
+            failed = []
+
+            def fail_once(spec, unit, weights, hidden, *args, **kwargs):
+                if unit == 2 and hidden.shape[0] == 100 and not failed:     # the 100-token request's sweep
+                    failed.append(unit)
+                    raise RuntimeError("an injected fault in layer 1")
+                return forward(spec, unit, weights, hidden, *args, **kwargs)
+
+            monkeypatch.setattr(adapter, "forward_unit", fail_once)
+            with pytest.raises(Exception, match="injected fault"):
+                await engine.generate(prompt[:100], SamplingParams(max_new_tokens=4, ignore_eos=True))
+            out = await engine.generate(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True))
+            return out, failed, engine.pipeline_statistics().kv_blocks
+
+    out, failed, kv = asyncio.run(main())
+    assert failed == [2]
+    ops.check()
+    assert list(out.token_ids) == oracle_greedy(path, prompt, 4)
+    assert kv.device.used == kv.host.used == kv.disk.used == 0
