@@ -191,3 +191,21 @@ def test_masked_gqa_memory_is_bounded_by_the_tile_not_the_context():
     with sdpa_kernel([SDPBackend.MATH]):
         math_peak = peak_bytes(_sdpa_with_mask, q, keys, values, 4096 - n)
     assert math_peak >= heads * n * 4096 * 4 > 4 * budget
+
+
+def test_cuda_gqa_without_the_flash_backend_takes_the_tiles():
+    """On CUDA, unmasked grouped-query calls that PyTorch's flash backend cannot take (fp32, or
+    head_dim > 256) would fall to the math backend too: they go to the tiles instead."""
+    from types import SimpleNamespace
+
+    from tierflow.adapters.attention import fused_sdpa_is_lean
+
+    def query(dtype, heads=8, d=64, device="cuda"):
+        return SimpleNamespace(device=torch.device(device), shape=(4, heads, d), dtype=dtype)
+
+    keys = SimpleNamespace(shape=(2, 100, 64))
+    assert fused_sdpa_is_lean(query(torch.bfloat16), keys)
+    assert not fused_sdpa_is_lean(query(torch.float32), keys)
+    assert not fused_sdpa_is_lean(query(torch.bfloat16, d=512), keys)
+    assert fused_sdpa_is_lean(query(torch.float32, heads=2), keys)             # MHA: the efficient backend
+    assert fused_sdpa_is_lean(query(torch.float32, device="cpu"), keys)

@@ -23,7 +23,9 @@ on every device alike: memory stays O(queries × tile), as the planner budgets i
 (``tiers/plan/costmodel.py:ModelCosts.attention_bytes``, tiling by the same count). On the CPU,
 whose flash kernel would take the mask, the tiles cost some speed on long chunks (measured on
 one thread: 10-30% on a 512-query chunk over 4k keys); one bounded path the planner counts is
-worth it. On a CUDA device, when the ``flash-attn`` package is importable and takes the call
+worth it. The same holds for an unmasked grouped-query call on CUDA that the flash backend cannot
+take (fp32, or head_dim > 256: ``fused_sdpa_is_lean``): it would fall to the math backend as
+well, so it takes the tiles too. On a CUDA device, when the ``flash-attn`` package is importable and takes the call
 (fp16/bf16, head_dim <= 256; see ``flash``), ``attend`` hands it to ``flash_attend`` instead,
 which applies the window and the softcap inside the kernel; ``attention_backend`` says which of
 these a device and dtype get.
@@ -64,7 +66,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
     n, num_heads, d = q.shape
     first = first_visible(start, window)     # the earliest key any query sees
     keys, values = keys[:, first:], values[:, first:]
-    if softcap is not None or _needs_mask(start, n, window):
+    if softcap is not None or _needs_mask(start, n, window) or not fused_sdpa_is_lean(q, keys):
         return attend_blocks(q, split_blocks(keys, values, KEY_TILE_TOKENS, first=first), start, scale=scale,
                              window=window, softcap=softcap)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=n > 1,
@@ -77,6 +79,15 @@ def _needs_mask(start: int, n: int, window: int | None) -> bool:
     an explicit mask: not for one query (it sees every key from there), nor for a causal chunk
     from position 0 that its window does not narrow (SDPA's ``is_causal`` is that mask)."""
     return n > 1 and (start > 0 or (window is not None and window < n))
+
+
+def fused_sdpa_is_lean(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether one unmasked SDPA call avoids the math backend's full score matrix and per-head
+    copies of K/V. On CUDA grouped-query attention is taken only by the flash backend (fp16/bf16,
+    head_dim <= 256; the memory-efficient one refuses GQA); elsewhere the call is lean."""
+    if q.device.type != "cuda" or q.shape[1] == keys.shape[0]:
+        return True
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
 
 
 def attend_kv(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None = None,
