@@ -198,3 +198,27 @@ def test_cancelled_and_failed_requests_leave_the_device_path_sound(tiny_models, 
     ops.check()
     assert list(out.token_ids) == oracle_greedy(path, prompt, 4)
     assert kv.device.used == kv.host.used == kv.disk.used == 0
+
+
+def test_a_moe_decode_sweep_waits_once_per_moe_layer(mixtral, tmp_path):
+    """Beyond the logits, a mixture-of-experts decode sweep waits for the device once per MoE
+    layer: the router's picks must reach the host to say which experts to read."""
+    index = CheckpointIndex.open(mixtral)
+    layers = len({layer for layer, _ in index.experts})
+    tiers = {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, tiers), **SMALL)
+    ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.002)
+
+    async def main():
+        async with await Engine.open(mixtral, config, device_ops=ops) as engine:
+            await engine.generate(PROMPT, SamplingParams(max_new_tokens=1))
+            counts = {}
+            for new_tokens in (2, 6):
+                with ops.count_syncs() as syncs:
+                    await engine.generate(PROMPT, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+                counts[new_tokens] = [what for thread, what in syncs if thread.startswith("tierflow-compute")]
+            return counts
+
+    counts = asyncio.run(main())
+    assert len(counts[6]) - len(counts[2]) == 4 * (1 + layers), counts
+    assert {what.split(" ")[0] for what in counts[6]} == {"Tensor.tolist()", "Tensor.to('cpu')"}, counts[6]
