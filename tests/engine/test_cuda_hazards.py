@@ -222,3 +222,91 @@ def test_a_moe_decode_sweep_waits_once_per_moe_layer(mixtral, tmp_path):
     counts = asyncio.run(main())
     assert len(counts[6]) - len(counts[2]) == 4 * (1 + layers), counts
     assert {what.split(" ")[0] for what in counts[6]} == {"Tensor.tolist()", "Tensor.to('cpu')"}, counts[6]
+
+
+# ----------------------------------------------------------------------------- on a GPU
+# The same paths on a real device (skipped without CUDA): exact against transformers within the
+# GPU's kernels' tolerance, and with PyTorch's own sync detector counting what waits.
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _gpu_profile(tmp_path: Path, tiers: dict[str, str]) -> str:
+    hardware = {**GPU_HARDWARE, "device_memory_bytes": torch.cuda.mem_get_info()[0]}
+    path = tmp_path / "gpu-profile.json"
+    path.write_text(json.dumps({"version": 1, "hardware": hardware, "overrides": {"tiers": tiers}}))
+    return str(path)
+
+
+async def _gpu_generate(path: Path, config: EngineConfig, prompts: list[list[int]], new_tokens: int):
+    async with await Engine.open(path, config) as engine:
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        return await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+
+
+@pytest.mark.gpu
+@gpu
+def test_experts_with_a_cache_and_read_ahead_on_cuda(mixtral, tmp_path):
+    index = CheckpointIndex.open(mixtral)
+    expert = max(layout.buffer_bytes for layout in index.experts.values())
+    layers = len({layer for layer, _ in index.experts})
+    tiers = {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+    config = EngineConfig(device="cuda", profile=_gpu_profile(tmp_path, tiers), expert_cache_bytes=layers * 2 * expert,
+                          **SMALL)
+    [out] = asyncio.run(_gpu_generate(mixtral, config, [PROMPT], 8))
+    assert list(out.token_ids) == oracle_greedy(mixtral, PROMPT, 8)
+
+
+@pytest.mark.gpu
+@gpu
+def test_paged_kv_prefix_cache_and_several_sequences_on_cuda(tiny_models, tmp_path):
+    path = tiny_models["gqa-untied-fp32"]
+    prompts = [[(i * 37 + k) % 500 + 1 for i in range(n)] for k, n in enumerate((700, 40, 300))]
+    settings = dict(kv_reserve_tokens=1024, prefill_chunk_tokens=128, kv_cache_dir=str(tmp_path / "kv"),
+                    kv_device_bytes=PER_TOKEN * 256, kv_host_bytes=PER_TOKEN * 256, prefix_cache_bytes=2**22)
+    config = EngineConfig(device="cuda", profile=_gpu_profile(tmp_path, MIXED), **settings)
+    outs = asyncio.run(_gpu_generate(path, config, prompts + [prompts[0] + [7]], 6))
+    for prompt, out in zip(prompts + [prompts[0] + [7]], outs):
+        assert list(out.token_ids) == oracle_greedy(path, prompt, 6)
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_decode_sweep_does_not_wait_for_the_device_on_cuda(tiny_models, tmp_path):
+    """PyTorch's sync debug mode warns on every call that waits for the device: a decode sweep
+    makes one (its logits)."""
+    import warnings
+
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(700)]
+    config = EngineConfig(device="cuda", profile=_gpu_profile(tmp_path, MIXED), kv_reserve_tokens=1024,
+                          prefill_chunk_tokens=256, kv_cache_dir=str(tmp_path / "kv"),
+                          kv_device_bytes=PER_TOKEN * 256, kv_host_bytes=PER_TOKEN * 256)
+
+    async def main():
+        async with await Engine.open(path, config) as engine:
+            await engine.generate(prompt[:20], SamplingParams(max_new_tokens=1))
+            counts = {}
+            for new_tokens in (2, 10):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        await engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                counts[new_tokens] = len(caught)
+            return counts
+
+    counts = asyncio.run(main())
+    assert counts[10] - counts[2] <= 8, counts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_an_engine_on_the_second_gpu_leaves_the_first_alone(tiny_models, tmp_path):
+    path = tiny_models["gqa-untied-fp32"]
+    before = torch.cuda.memory_reserved(0)
+    config = EngineConfig(device="cuda:1", profile=_gpu_profile(tmp_path, MIXED), **SMALL)
+    [out] = asyncio.run(_gpu_generate(path, config, [PROMPT], 4))
+    assert list(out.token_ids) == oracle_greedy(path, PROMPT, 4)
+    assert torch.cuda.memory_reserved(0) == before
