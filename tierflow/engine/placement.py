@@ -74,7 +74,8 @@ async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, d
     streamed = sorted(set(plan.streamed) | (set(host_units) - {0}))
     slots = plan.num_slots if streamed else 0
     direct = direct_reader is not None
-    arena_bytes = sum(home_bytes(index, u, plan.tiers, dtype) for u in host_units) + (0 if direct else slots * read_slot)
+    arena_bytes = (sum(home_bytes(index, u, plan.tiers, dtype) for u in host_units) +
+                   (0 if direct else slots * read_slot))
     if arena_bytes >= PIN_NOTICE_BYTES:
         log.info("pinning %.1f GiB of host memory for the host tier and the read buffers", arena_bytes / 2**30)
     # page-locking gigabytes takes seconds: off the event loop
@@ -83,7 +84,7 @@ async def start_device(ops: DeviceOps, index: CheckpointIndex, plan: TierPlan, d
 
     try:
         resident, homes = await load_units(index, plan.tiers, reader, worker, dtype,
-                                           to_device=functools.partial(to_device, device=ops.device), arena=arena)
+                                           to_device=functools.partial(to_device, ops=ops), arena=arena)
         uploader = stream = None
         if streamed:
             device_slot = max([plan.device_slot_bytes, read_slot] +

@@ -50,11 +50,10 @@ def misaligned(layout: UnitLayout, buffer: torch.Tensor) -> bool:
     return any((buffer.data_ptr() + t.buffer_offset) % t.dtype.itemsize for t in layout.tensors)
 
 
-def to_device(weights: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Copies of ``weights`` on ``device``: synchronous (complete when this returns, so the
-    source may be reused and any stream may read them), and copies even where the device is
-    the host."""
-    return {k: v.to(device, copy=True) for k, v in weights.items()}
+def to_device(weights: Mapping[str, torch.Tensor], ops: DeviceOps) -> dict[str, torch.Tensor]:
+    """Copies of ``weights`` in ``ops``' device memory: synchronous (complete when this
+    returns, so the source may be reused and any stream may read them)."""
+    return {k: ops.to_device(v) for k, v in weights.items()}
 
 
 @dataclass(frozen=True, slots=True)
