@@ -6,6 +6,7 @@ from __future__ import annotations
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine.api import Engine
 from tierflow.errors import (CheckpointError, ClosedResourceError, ConfigError, DemoModelMissingError, EngineClosedError,
+                             EventLoopError,
                              FlashAttnUnavailableError, KVCapacityError, KVCorruptionError, PinnedMemoryError,
                              ProfileError, PromptError, RequestError, RequestTimeoutError, SamplingError,
                              ShapeMismatchError, TierCapacityError, TierflowError, TransferError, UnsupportedModelError,
@@ -16,7 +17,7 @@ from tierflow.engine.sync import SyncEngine
 __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ClosedResourceError", "Completion", "ConfigError", "DemoModelMissingError", "Engine",
-           "EngineClosedError", "EngineConfig", "EngineStats", "FlashAttnUnavailableError", "KVCapacityError",
+           "EngineClosedError", "EngineConfig", "EventLoopError", "EngineStats", "FlashAttnUnavailableError", "KVCapacityError",
            "KVCorruptionError", "PinnedMemoryError", "ProfileError", "PromptError", "RequestError",
            "RequestTimeoutError", "SamplingError", "SamplingParams", "ShapeMismatchError", "StreamChunk", "SyncEngine",
            "TierCapacityError", "TierflowError", "TransferError", "UnsupportedModelError", "WouldBlock"]

@@ -107,6 +107,13 @@ class EngineClosedError(TierflowError):
     """The engine was closed; open a new one with ``Engine.open``."""
 
 
+class EventLoopError(TierflowError, RuntimeError):
+    """An engine was used from an event loop other than the one it was opened on (one
+    ``asyncio.run`` per call, as notebooks invite). Its driver, reads and device events belong to
+    that loop: open and use the engine inside one loop, or use ``tierflow.SyncEngine``, which
+    keeps its own."""
+
+
 class RequestError(TierflowError):
     """A single request failed; the engine keeps serving the others."""
 

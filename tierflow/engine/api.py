@@ -22,7 +22,7 @@ from tierflow.engine.build import Runtime, build_runtime, context_window
 from tierflow.engine.driver import Driver
 from tierflow.engine.metrics import PipelineStats, engine_stats, pipeline_stats
 from tierflow.engine.requests import Prompt, Request, deadline_after, encode_prompt
-from tierflow.errors import EngineClosedError, PromptError, RequestTimeoutError
+from tierflow.errors import EngineClosedError, EventLoopError, PromptError, RequestTimeoutError
 from tierflow.outputs import Completion, EngineStats, StreamChunk
 from tierflow.pipeline.cuda import DeviceOps
 
@@ -41,6 +41,7 @@ class Engine:
         self.max_context_tokens = context_window(rt.config, self.spec)
         self._driver = Driver(rt, self.max_context_tokens)
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
 
     @classmethod
@@ -55,6 +56,7 @@ class Engine:
         except BaseException:
             await rt.aclose()
             raise
+        engine._loop = asyncio.get_running_loop()
         engine._task = asyncio.create_task(engine._driver.run(), name="tierflow-driver")
         plan = rt.plan
         log.info("opened %s on %s: %d units resident, %d streamed, dtype %s, attention %s; predicted %.4f s per "
@@ -63,9 +65,19 @@ class Engine:
                  plan.predicted.bottleneck)
         return engine
 
+    def _check_loop(self) -> None:
+        """Raise at once when called from a loop other than the engine's: its driver task lives
+        there (and is gone if that loop has ended), so a request would never be served."""
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            ended = " (and that loop has ended)" if self._loop.is_closed() else ""
+            raise EventLoopError(f"this engine was opened on another event loop{ended}: an Engine serves the loop it "
+                                 "was opened on, so open and use it inside one loop (one asyncio.run around all of "
+                                 "it), or use tierflow.SyncEngine, which runs its own")
+
     async def close(self) -> None:
         if self._closed:
             return
+        self._check_loop()
         self._closed = True
         if self._task is not None:
             self._task.cancel()
@@ -133,6 +145,7 @@ class Engine:
     def _submit(self, prompt: Prompt, params: SamplingParams, score: bool = False) -> Request:
         if self._closed:
             raise EngineClosedError("the engine is closed; open a new one with Engine.open()")
+        self._check_loop()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = encode_prompt(prompt, self.tokenizer, self.spec.vocab_size)

@@ -11,6 +11,7 @@ from typing import Any, Coroutine, Iterator, TypeVar
 from tierflow.config import EngineConfig, SamplingParams
 from tierflow.engine.api import Engine
 from tierflow.engine.loop import new_event_loop
+from tierflow.errors import EngineClosedError
 from tierflow.outputs import Completion, EngineStats, StreamChunk
 from tierflow.engine.requests import Prompt
 
@@ -31,6 +32,9 @@ class SyncEngine:
             raise
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise EngineClosedError("the engine is closed; open a new SyncEngine")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
