@@ -66,6 +66,14 @@ def plan_document(plan: TierPlan, hw: HardwareProfile, model: ModelCosts, hardwa
     return doc
 
 
+_KVIKIO_MODES = {
+    "gds": "GPUDirect Storage through kvikio (disk → GPU memory)",
+    "compat": "O_DIRECT → pinned host → PCIe (kvikio is in its compatibility mode: no GPUDirect Storage)",
+    "absent": "O_DIRECT → pinned host → PCIe (kvikio is not installed)",
+    "": "O_DIRECT → pinned host → PCIe (GPUDirect Storage not probed)",
+}
+
+
 def _hardware_table(hw: HardwareProfile, source: str) -> Table:
     t = Table(title=f"hardware ({source})", show_header=False, box=None, title_justify="left")
     cpu = hw.is_cpu
@@ -80,6 +88,13 @@ def _hardware_table(hw: HardwareProfile, source: str) -> Table:
             most = f", {hw.pcie_link_gbps:.1f} GB/s each way at most" if hw.pcie_link_gbps else ""
             link = f" (link {hw.pcie_link}{most})"
         t.add_row("PCIe", f"{hw.h2d_gbps:.1f} GB/s to the device, {hw.d2h_gbps:.1f} GB/s back{link}")
+    if not cpu:
+        t.add_row("weights to the GPU", _KVIKIO_MODES.get(hw.kvikio_mode, hw.kvikio_mode))
+        assumed = " assumed, not measured" if hw.device_overhead_bytes is None else ""
+        t.add_row("runtime overhead", f"{format_bytes(hw.runtime_overhead_bytes)}{assumed} (cuBLAS workspaces, "
+                                      "cuFile's GPU buffers)")
+    elif hw.device_overhead_bytes:
+        t.add_row("runtime overhead", format_bytes(hw.device_overhead_bytes))
     t.add_row("disk (checkpoint)", f"{hw.disk_read_gbps:.2f} GB/s O_DIRECT reads")
     if hw.kv_disk_read_gbps and hw.kv_disk_read_gbps != hw.disk_read_gbps:
         t.add_row("disk (KV spill)", f"{hw.kv_disk_read_gbps:.2f} GB/s reads")
@@ -105,12 +120,19 @@ def _placement_table(plan: TierPlan, model: ModelCosts) -> Table:
 
 def _memory_table(plan: TierPlan) -> Table:
     t = Table(title="memory per tier", title_justify="left")
-    for col in ("tier", "weights", "staging", "KV", "activations", "total", "budget"):
+    for col in ("tier", "weights", "staging", "KV", "activations", "overhead", "total", "budget"):
         t.add_column(col, justify="right" if col != "tier" else "left")
     for tier, m in plan.memory.items():
         if tier == HOST and plan.device == "cpu":
             continue
-        t.add_row(tier, *(format_bytes(x) for x in (m.weights, m.staging, m.kv, m.workspace, m.total, m.budget)))
+        t.add_row(tier, *(format_bytes(x) for x in (m.weights, m.staging, m.kv, m.workspace, m.overhead, m.total,
+                                                     m.budget)))
+    o = plan.device_overhead
+    if o.total_bytes:
+        t.caption = (f"device overhead {format_bytes(o.total_bytes)}: runtime {format_bytes(o.runtime_bytes)}"
+                     f"{' (assumed)' if o.runtime_assumed else ''}, allocator rounding "
+                     f"{format_bytes(o.rounding_bytes)}, KV growth {format_bytes(o.kv_growth_bytes)}")
+        t.caption_justify = "left"
     return t
 
 

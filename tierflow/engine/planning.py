@@ -62,7 +62,8 @@ def config_spec(model: str | Path) -> tuple[ModelSpec, Any, Path]:
 def engine_overrides(config: EngineConfig, profile: Profile | None, kv_bytes_per_token: int = 0,
                      kind: str | None = None) -> Overrides:
     """The profile's overrides with the EngineConfig's explicit fields on top. Without a paged
-    KV cache the engine holds all KV in device memory, so the plan keeps every block there;
+    KV cache the engine holds all KV in device memory, so the plan keeps every block there (and,
+    seeing no other tier may hold KV, room for the contiguous store's growth: tiers.plan.overhead);
     with one, KV budgets per tier come from the config and the rest may spill to disk. ``kind``: the
     device the engine runs on, "cpu" or "cuda" (default: as ``config.device`` says)."""
     on_cpu = (kind or ("cuda" if config.device.startswith("cuda") else "cpu")) == "cpu"

@@ -2,7 +2,8 @@
 what DiskReader reads, turns short reads into TransferErrors naming the file, returns from a
 cancelled or failed read only after every pread it issued completed, never blocks the event
 loop, and keeps its own parallelism and task size where kvikio's are process-wide. Plus
-``choose_reader`` and ``kvikio_available`` with kvikio present and absent."""
+``choose_reader`` and ``kvikio_available`` with kvikio present and absent (how the mode is told
+apart, and what "auto" picks by it: ``test_kvikio_mode.py``)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class FakeKvikio:
     threads (``KVIKIO_NTHREADS``, else 1, until ``defaults.set`` changes it), whoever issued them."""
 
     def __init__(self, *, compat: bool = True, inline: bool = False, fail_at: tuple[str, int] | None = None,
-                 fail_after_issued: int = 0, delay_s: float = 0.0) -> None:
+                 fail_after_issued: int = 0, delay_s: float = 0.0, gds: bool | None = None) -> None:
         self.inline, self.fail_at, self.delay_s = inline, fail_at, delay_s
         self.fail_after_issued = fail_after_issued
         self.gate, self.started, self.lock = threading.Event(), threading.Event(), threading.Lock()
@@ -123,6 +124,9 @@ class FakeKvikio:
         self.module.CuFile = functools.partial(_CuFile, self)
         self.module.defaults = types.SimpleNamespace(is_compat_mode_preferred=lambda: compat, set=self._set,
                                                      get=self._get)
+        if gds is not None:          # cuFile's driver properties, as kvikio 25.04 and later expose them
+            self.module.cufile_driver = types.SimpleNamespace(
+                properties=types.SimpleNamespace(is_gds_available=gds, max_device_cache_size=128 * 1024))
 
     def _set(self, name: str, value: int) -> None:
         with self.pool:
@@ -210,8 +214,8 @@ def test_reads_every_unit_as_the_disk_reader_does(checkpoint, install):
     assert {task for _, _, _, task, _ in fake.preads} == {2 * 2**20}
 
 
-def test_mode_is_gds_when_kvikio_prefers_it(checkpoint, install):
-    install(compat=False)
+def test_mode_is_gds_when_kvikio_prefers_it_and_cufile_has_nvidia_fs(checkpoint, install):
+    install(compat=False, gds=True)
     reader = kv.KvikioReader(checkpoint.files)
     try:
         assert reader.statistics().mode == "gds"
@@ -461,9 +465,8 @@ def test_choose_reader(install, monkeypatch, requested, device, present):
     elif requested == "kvikio" and not present:
         with pytest.raises(ConfigError, match=r"needs the kvikio package.*pip install \"tierflow\[cuda"):
             setup.choose_reader(requested, device)
-    else:
-        want = "kvikio" if requested == "kvikio" or (requested != "direct" and present and device == "cuda") \
-            else "direct"
+    else:       # the stand-in runs in compatibility mode: "auto" never takes it (tests/tiers/io/test_kvikio_mode.py)
+        want = "kvikio" if requested == "kvikio" else "direct"
         assert setup.choose_reader(requested, device) == want
 
 

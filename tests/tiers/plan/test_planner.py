@@ -222,10 +222,19 @@ margins = st.none() | st.floats(0.0, 0.5)
 PROPERTY = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def overhead_floor(model, hw, work):
+    """About the device overhead of any plan of ``model`` on ``hw`` (the runtime's, the allocator's
+    rounding): a roomy plan's, which keeps every tensor resident, and a little more for slots."""
+    roomy = replace(hw, device_memory_bytes=2**50, host_memory_bytes=2**50)
+    return plan(model, roomy, work).device_overhead.total_bytes + (4 * MiB if hw.device == "cuda" else 0)
+
+
 @st.composite
 def scenarios(draw):
-    """(model, machine, workload, memory): a small model, a CPU or CUDA machine, and the strategy
-    its memory figures (and caps) are drawn from: between nearly all streamed and all resident."""
+    """(model, machine, workload, memory, device memory): a small model, a CPU or CUDA machine,
+    and the strategies its memory figures (and caps) are drawn from: between nearly all streamed
+    and all resident, device memory (and device caps) above the device overhead, which on CUDA
+    is far larger than these models."""
     model = draw(small_models())
     work = draw(st.builds(Workload, context_tokens=st.integers(16, 4096), concurrency=st.integers(1, 3),
                           new_tokens=st.integers(1, 256)))
@@ -233,10 +242,13 @@ def scenarios(draw):
     memory = st.integers(least * 9 // 10, least + spread * 3 // 2)
     device = draw(st.sampled_from(["cpu", "cuda"]))
     link = {} if device == "cpu" else {"h2d_gbps": draw(gbps), "d2h_gbps": draw(gbps)}
-    hw = HardwareProfile(device=device, device_memory_bytes=draw(memory), host_memory_bytes=draw(memory),
+    hw = HardwareProfile(device=device, device_memory_bytes=1, host_memory_bytes=draw(memory),
                          disk_read_gbps=draw(gbps), decode_gbps=draw(gbps),
                          prefill_tflops=draw(st.floats(0.1, 100.0)), **link)
-    return model, hw, work, memory
+    floor = overhead_floor(model, hw, work)
+    device_memory = memory.map(lambda n: n + floor)       # caps: no margin is taken off them
+    free = draw(memory) + 2 * floor                       # a margin of up to half still leaves the floor
+    return model, replace(hw, device_memory_bytes=free), work, memory, device_memory
 
 
 def cap(memory, draw):
@@ -255,11 +267,11 @@ def plan_or_none(*args):
        which=st.sampled_from(["device_memory_bytes", "host_memory_bytes", "device cap", "host cap"]))
 def test_more_memory_never_predicts_slower(scenario, margin, data, which):
     """Slower by the planner's objective: seconds per generated token, prefill amortised."""
-    model, hw, work, memory = scenario
+    model, hw, work, memory, device_memory = scenario
     extra = data.draw(memory, label="extra")
     if which.endswith("cap"):      # the same machine, a larger cap
         key = which.replace(" cap", "_memory_bytes")
-        limit, small_hw, big_hw = data.draw(memory, label="cap"), hw, hw
+        limit, small_hw, big_hw = data.draw(device_memory if key.startswith("device") else memory, label="cap"), hw, hw
         small_overrides = Overrides(safety_margin=margin, **{key: limit})
         big_overrides = Overrides(safety_margin=margin, **{key: limit + extra})
     else:                          # a machine with more memory
@@ -274,8 +286,8 @@ def test_more_memory_never_predicts_slower(scenario, margin, data, which):
 @PROPERTY
 @given(scenario=scenarios(), data=st.data(), faster=st.floats(1.0, 100.0))
 def test_faster_disk_never_predicts_slower(scenario, data, faster):
-    model, hw, work, memory = scenario
-    overrides = Overrides(device_memory_bytes=cap(memory, data.draw))
+    model, hw, work, memory, device_memory = scenario
+    overrides = Overrides(device_memory_bytes=cap(device_memory, data.draw))
     slow = plan_or_none(model, hw, work, overrides)
     assume(slow is not None)
     fast = plan(model, replace(hw, disk_read_gbps=hw.disk_read_gbps * faster), work, overrides)
@@ -285,8 +297,8 @@ def test_faster_disk_never_predicts_slower(scenario, data, faster):
 @PROPERTY
 @given(scenario=scenarios(), data=st.data(), margin=margins)
 def test_no_plan_exceeds_a_budget(scenario, data, margin):
-    model, hw, work, memory = scenario
-    device_cap, host_cap = cap(memory, data.draw), cap(memory, data.draw)
+    model, hw, work, memory, device_memory = scenario
+    device_cap, host_cap = cap(device_memory, data.draw), cap(memory, data.draw)
     overrides = Overrides(device_memory_bytes=device_cap, host_memory_bytes=host_cap, safety_margin=margin)
     p = plan_or_none(model, hw, work, overrides)
     if p is None:

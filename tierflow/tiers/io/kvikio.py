@@ -2,8 +2,11 @@
 
 With GPUDirect Storage (GDS) the NVMe drive DMAs straight into GPU memory: no pinned host
 staging buffer, no host → device copy, no CPU time per byte. Where GDS is not set up, kvikio
-runs in its compatibility mode (POSIX reads into its own bounce buffers, then copies); that
-still needs no pinned budget of ours. ``statistics().mode`` says which of the two ran.
+runs in its compatibility mode (buffered POSIX reads into its own pinned bounce buffers, then
+copies): the reads fill the page cache and miss the O_DIRECT bandwidth the plan assumed, so
+``choose_reader("auto")`` builds this reader only where GDS is verified, and a reader asked
+for explicitly warns when it runs in compatibility mode. ``statistics().mode`` says which of
+the two runs ("gds" only when verified, see ``kvikio_setup.gds_status``).
 
 Settings are per reader, because kvikio's are per process: one thread pool (``num_threads``)
 and one default task size for the whole process, and resetting the pool waits for every task
@@ -48,7 +51,7 @@ import torch
 
 from tierflow.errors import ConfigError, TransferError
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES, UnitLayout
-from tierflow.tiers.io.kvikio_setup import choose_reader, require_kvikio, size_process_pool, transfer_mode
+from tierflow.tiers.io.kvikio_setup import choose_reader, gds_status, require_kvikio, size_process_pool
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class KvikioStats:
     busy_s: float        # summed time from the start of a unit's read to the completion of its last pread
     threads: int         # this reader's own pool: the most of its tasks in flight at once
     task_bytes: int      # the most one task asks for, passed to kvikio with each pread
-    mode: str            # "gds" | "compat"
+    mode: str            # "gds" (GPUDirect Storage, verified) | "compat" (kvikio's POSIX reads and bounce buffers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +105,12 @@ class KvikioReader:
         if pool is not None and pool < threads:
             log.warning("kvikio's process-wide thread pool has %d threads, fewer than this reader's %d: its larger "
                         "reads queue there; unset KVIKIO_NTHREADS, or set it to at least %d", pool, threads, threads)
-        self._threads, self._task_bytes, self._mode = threads, task_bytes, transfer_mode(kvikio)
+        mode, why, _ = gds_status(kvikio)
+        if mode != "gds":
+            log.warning("kvikio runs in its compatibility mode (%s): buffered reads through the page cache and "
+                        "kvikio's bounce buffers, slower than the O_DIRECT reader; set the reader to 'direct' or "
+                        "'auto' unless GPUDirect Storage is meant to be set up here", why)
+        self._threads, self._task_bytes, self._mode = threads, task_bytes, mode
         self._files: dict[str, _File] = {}
         self._closed = False
         try:

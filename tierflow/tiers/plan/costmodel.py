@@ -49,6 +49,7 @@ class UnitCost:
     resident_bytes: int      # bytes once its weights are in the compute dtype
     convert_bytes: int       # workspace to cast a streamed unit into the compute dtype (0: no cast)
     matmul_params: int       # weights multiplied per token (0 for the embedding lookup)
+    tensor_bytes: tuple[int, ...] = ()   # each tensor's resident bytes, as a device allocates them (): unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,7 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
         read = stream_bytes[unit] if stream_bytes is not None else payload
         unit_name = {EMBED: "embed", HEAD: "head"}.get(kind, f"layer.{unit - 1}")
         units.append(UnitCost(unit_name, kind, read, resident,
-                              resident if cast else 0, matmul))
+                              resident if cast else 0, matmul, tuple(n * dtype_bytes for n in numels.values())))
     return ModelCosts(name, tuple(units), num_layers, hidden_size, num_heads, head_dim, intermediate_size,
                       vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied, experts,
                       tuple(windows) if any(w is not None for w in windows) else ())

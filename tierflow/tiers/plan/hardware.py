@@ -24,6 +24,11 @@ VERSION = 1
 TIERS = ("device", "host", "disk")
 DEVICE_KINDS = ("cpu", "cuda")
 READERS = ("auto", "direct", "kvikio")   # how weights reach the device; see tierflow.tiers.io.kvikio.choose_reader
+KVIKIO_MODES = ("", "gds", "compat", "absent")   # HardwareProfile.kvikio_mode; "" not probed (or a CPU device)
+# The runtime's device overhead where the profile does not say: two cuBLAS workspaces (the
+# compute stream's and one more stream's) of PyTorch's largest default size, 32 MiB (sm90 and
+# later; 8.125 MiB before, which the caching allocator serves from a 20 MiB segment).
+DEFAULT_DEVICE_OVERHEAD_BYTES = 2 * 32 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +57,24 @@ class HardwareProfile:
     compute_dtype: str = "bfloat16"          # the dtype the compute figures were measured in
     pcie_link: str = ""                      # the GPU's PCIe link as NVML reports it, e.g. "gen4 x16"
     pcie_link_gbps: float | None = None      # what that link could carry one way, before overheads
+    # Device memory the runtime holds beside the plan's own buffers, for the engine's life: cuBLAS
+    # workspaces (one per stream that multiplies, kept by PyTorch's caching allocator) and, where
+    # GPUDirect Storage is used, cuFile's GPU bounce buffers. The probe measures it on CUDA (0 on
+    # CPU); None: not measured, and the planner assumes ``DEFAULT_DEVICE_OVERHEAD_BYTES`` on CUDA.
+    device_overhead_bytes: int | None = None
+    kvikio_mode: str = ""                    # how kvikio would read here: one of KVIKIO_MODES (see kvikio_setup)
 
     @property
     def is_cpu(self) -> bool:
         return self.device == "cpu"
+
+    @property
+    def runtime_overhead_bytes(self) -> int:
+        """``device_overhead_bytes``, or where it was not measured what the planner assumes:
+        ``DEFAULT_DEVICE_OVERHEAD_BYTES`` on CUDA, nothing on CPU."""
+        if self.device_overhead_bytes is not None:
+            return self.device_overhead_bytes
+        return 0 if self.is_cpu else DEFAULT_DEVICE_OVERHEAD_BYTES
 
     @property
     def kv_read_gbps(self) -> float:
@@ -75,7 +94,9 @@ class Overrides:
     "layers.N" or "layers.A-B" (inclusive), "all"."""
 
     tiers: Mapping[str, str] = field(default_factory=dict)
-    device_memory_bytes: int | None = None     # caps, used as they are (no safety margin)
+    # caps, used as they are (no safety margin); the device's is a cap on all the engine takes from
+    # the device, the runtime's overhead and the allocator's rounding included (tiers.plan.overhead)
+    device_memory_bytes: int | None = None
     host_memory_bytes: int | None = None
     prefetch_depth: int | None = None
     io_threads: int | None = None
@@ -114,8 +135,9 @@ _HARDWARE_TYPES = {
     "decode_gbps": _FLOAT, "prefill_tflops": _FLOAT, "h2d_gbps": _FLOAT, "d2h_gbps": _FLOAT,
     "device_name": _STR, "device_total_bytes": _INT, "pinned_memory_bytes": _INT,
     "kv_disk_read_gbps": _FLOAT, "kv_disk_write_gbps": _FLOAT, "disk_free_bytes": _INT, "compute_dtype": _STR,
-    "pcie_link": _STR, "pcie_link_gbps": _FLOAT,
+    "pcie_link": _STR, "pcie_link_gbps": _FLOAT, "device_overhead_bytes": _INT, "kvikio_mode": _STR,
 }
+_HARDWARE_ZERO_OK = ("device_overhead_bytes",)     # >= 0 (every other number must be > 0)
 _HARDWARE_REQUIRED = ("device", "device_memory_bytes", "host_memory_bytes", "disk_read_gbps", "decode_gbps",
                       "prefill_tflops")
 _OVERRIDE_INTS = ("prefetch_depth", "io_threads", "io_block_bytes", "prefill_chunk_tokens", "mlp_chunk_tokens",
@@ -150,8 +172,14 @@ def parse_hardware(doc: Any, where: str = "hardware") -> HardwareProfile:
         if doc.get(key) is None:
             raise ProfileError(f"{where}.{key} is required (keys every hardware section needs: "
                                f"{', '.join(_HARDWARE_REQUIRED)})")
-    values = {key: None if doc.get(key) is None else _typed(f"{where}.{key}", doc[key], kind)
+    values = {key: None if doc.get(key) is None else
+              _typed(f"{where}.{key}", doc[key], kind, positive=key not in _HARDWARE_ZERO_OK)
               for key, kind in _HARDWARE_TYPES.items() if key in doc}
+    for key in _HARDWARE_ZERO_OK:
+        if values.get(key) is not None and values[key] < 0:
+            raise ProfileError(f"{where}.{key} must be >= 0, got {values[key]!r}")
+    if values.get("kvikio_mode") is not None and values["kvikio_mode"] not in KVIKIO_MODES:
+        raise ProfileError(f"{where}.kvikio_mode must be one of {KVIKIO_MODES}, got {values['kvikio_mode']!r}")
     if values["device"] not in DEVICE_KINDS:
         raise ProfileError(f"{where}.device must be one of {DEVICE_KINDS}, got {values['device']!r}")
     if values["device"] == "cuda":

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from tierflow.tiers.plan.costmodel import DISK, SweepTimes, Workload
+from tierflow.tiers.plan.overhead import DeviceOverhead
 
 DEFAULT_MARGIN = 0.10
 
@@ -17,10 +18,11 @@ class TierMemory:
     staging: int = 0
     kv: int = 0
     workspace: int = 0
+    overhead: int = 0       # device: what the runtime and the allocator hold beside the rest (DeviceOverhead)
 
     @property
     def total(self) -> int:
-        return self.weights + self.staging + self.kv + self.workspace
+        return self.weights + self.staging + self.kv + self.workspace + self.overhead
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ class TierPlan:
     predicted: Prediction
     margin: float = DEFAULT_MARGIN
     expert_cache_bytes: int = 0         # device memory for routed experts (mixture-of-experts models)
+    device_overhead: DeviceOverhead = DeviceOverhead()   # its parts; memory["device"].overhead is their total
 
     def units_in(self, tier: str) -> tuple[int, ...]:
         return tuple(u for u, t in enumerate(self.tiers) if t == tier)
@@ -68,7 +71,7 @@ class TierPlan:
         return self.units_in(DISK)
 
     def to_json(self) -> dict[str, Any]:
-        p = self.predicted
+        p, o = self.predicted, self.device_overhead
         return {
             "model": self.model, "device": self.device,
             "workload": {"context_tokens": self.workload.context_tokens, "concurrency": self.workload.concurrency,
@@ -82,7 +85,10 @@ class TierPlan:
             "io_block_bytes": self.io_block_bytes, "safety_margin": self.margin,
             "expert_cache_bytes": self.expert_cache_bytes,
             "memory": {tier: {"budget": m.budget, "weights": m.weights, "staging": m.staging, "kv": m.kv,
-                              "workspace": m.workspace, "total": m.total} for tier, m in self.memory.items()},
+                              "workspace": m.workspace, "overhead": m.overhead, "total": m.total}
+                       for tier, m in self.memory.items()},
+            "device_overhead": {"runtime_bytes": o.runtime_bytes, "rounding_bytes": o.rounding_bytes,
+                                "kv_growth_bytes": o.kv_growth_bytes, "runtime_assumed": o.runtime_assumed},
             "predicted": {"decode_s_per_token": p.decode_s_per_token, "tokens_per_s": p.tokens_per_s,
                           "prefill_s": p.prefill_s, "peak_device_bytes": p.peak_device_bytes,
                           "peak_host_bytes": p.peak_host_bytes, "disk_bytes": p.disk_bytes, "kv_bytes": p.kv_bytes,

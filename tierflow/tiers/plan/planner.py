@@ -4,7 +4,9 @@
 I/O), so it is tested with synthetic machines and can plan for a machine one does not have.
 
 Objective: the least predicted seconds per generated token of the workload within the
-memory budgets (each measured budget less a safety margin): decode seconds per token plus
+memory budgets (each measured budget less a safety margin, or the user's cap; the device's
+holds the runtime's overhead, the allocator's rounding and the KV growth transient too, as
+``TierMemory.overhead``: see ``tiers.plan.overhead``): decode seconds per token plus
 the prefill amortised over the new tokens, so memory goes to a larger prefill chunk only
 when that saves more time than it costs decoding. Bytes of device (then host) memory go to what saves
 the most time per byte: a layer kept resident saves its read (and copy) on every sweep; a
@@ -69,15 +71,18 @@ def plan(model: ModelCosts, hw: HardwareProfile, work: Workload | None = None,
                     dict(st.kv), KV_BLOCK_TOKENS, st.depth, st.depth + 1 if streams else 0,
                     device_slot if streams else 0, host_slot, convert, st.chunk, st.mlp_chunk,
                     threads, overrides.io_block_bytes or io_block_for(largest_read(model), threads),
-                    memory, prediction, s.margin, expert_cache_bytes(s, st.memory()))
+                    memory, prediction, s.margin, expert_cache_bytes(s, st.memory()), st.device_overhead())
 
 
 def minimum_device_bytes(model: ModelCosts, hw: HardwareProfile, work: Workload | None = None,
                          overrides: Overrides | None = None) -> int:
     """The smallest device budget (a cap, no margin) at which a plan exists."""
-    low, high = 0, max(1, sum(u.resident_bytes + 2 * u.stream_bytes for u in model.units) * 4)
-    big = replace(hw, device_memory_bytes=10 * high)
     overrides = overrides or Overrides()
+    # room for every unit twice over, and for the device overhead (which on CUDA may dwarf a small model)
+    low, high = 0, max(1, sum(u.resident_bytes + 2 * u.stream_bytes for u in model.units) * 4
+                       + 2 * plan(model, replace(hw, device_memory_bytes=2**60), work,
+                                  replace(overrides, device_memory_bytes=None)).device_overhead.total_bytes)
+    big = replace(hw, device_memory_bytes=10 * high)
     plan(model, big, work, replace(overrides, device_memory_bytes=high))   # raises if even that cannot fit
     while high - low > 1:
         mid = (low + high) // 2

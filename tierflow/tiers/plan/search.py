@@ -23,6 +23,8 @@ from tierflow.errors import ProfileError, TierCapacityError
 from tierflow.tiers.plan.costmodel import (DEVICE, DISK, EMBED, HOST, LAYER, ModelCosts, UnitCost,
                                            Workload, kv_read_window, sweep_times)
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, parse_selector
+from tierflow.tiers.plan.overhead import (ACTIVATION_ROUNDING_BYTES, POOL_SLACK_BYTES, DeviceOverhead,
+                                          reserved_bytes, rounding_bytes)
 from tierflow.tiers.plan.plan import DEFAULT_MARGIN, Prediction, TierMemory
 
 KV_BLOCK_TOKENS = 256
@@ -43,6 +45,14 @@ class Search:
     groups: list[tuple[int, ...]]
     kv_block_bytes: int
     kv_caps: dict[str, int] = field(default_factory=dict)
+    unit_rounding: tuple[int, ...] = ()     # per unit: what the allocator rounds its resident tensors up by
+    kv_tensor_bytes: int = 0                # one layer's keys of one sequence at the full context
+
+    @property
+    def kv_contiguous(self) -> bool:
+        """KV that may leave the device for no other tier: the engine keeps it in the contiguous
+        store (``engine_overrides`` without a paged cache), which grows by copying."""
+        return self.kv_caps.get(HOST) == 0 and self.kv_caps.get(DISK) == 0
 
     def kv_blocks(self, chunk: int) -> int:
         """Blocks the workload's sequences hold at most, computed ``chunk`` tokens a sweep."""
@@ -142,10 +152,33 @@ class State:
         spills = self.kv[DISK] if s.kv_caps.get(DISK) != 0 else 0
         kv_reads = kv_read_window(spills, s.kv_block_bytes) * -(-s.kv_block_bytes // 4096) * 4096
         device = TierMemory(s.device_budget, self.weights(DEVICE), slots * device_slot + convert,
-                            self.kv[DEVICE] * s.kv_block_bytes, self.workspace + (kv_reads if s.hw.is_cpu else 0))
+                            self.kv[DEVICE] * s.kv_block_bytes, self.workspace + (kv_reads if s.hw.is_cpu else 0),
+                            self._overhead(slots, device_slot, convert).total_bytes)
         host = TierMemory(s.host_budget, self.weights(HOST), slots * host_slot + (0 if s.hw.is_cpu else kv_reads),
                           self.kv[HOST] * s.kv_block_bytes)
         return {DEVICE: device, HOST: host}
+
+    def device_overhead(self) -> DeviceOverhead:
+        """What the device holds beside this placement's buffers (see ``tiers.plan.overhead``)."""
+        device_slot, _, convert = self.staging()
+        return self._overhead(self.depth + 1, device_slot, convert)
+
+    def _overhead(self, slots: int, device_slot: int, convert: int) -> DeviceOverhead:
+        s, hw = self.s, self.s.hw
+        kv_bytes = self.kv[DEVICE] * s.kv_block_bytes
+        contiguous = s.kv_contiguous and kv_bytes > 0
+        growth = s.kv_tensor_bytes if contiguous else 0
+        if hw.is_cpu:
+            return DeviceOverhead(hw.runtime_overhead_bytes, 0, growth, hw.device_overhead_bytes is None)
+        weights = sum(r for r, t in zip(s.unit_rounding, self.tiers) if t == DEVICE)
+        buffers = slots * rounding_bytes((device_slot,)) + rounding_bytes((convert,))
+        if contiguous:      # keys and values of every layer of every sequence, one tensor each
+            kv = 2 * s.model.num_layers * s.work.concurrency * rounding_bytes((s.kv_tensor_bytes,))
+        else:               # one pool
+            kv = rounding_bytes((kv_bytes,))
+        rounding = POOL_SLACK_BYTES + ACTIVATION_ROUNDING_BYTES + weights + buffers + kv
+        return DeviceOverhead(hw.runtime_overhead_bytes, rounding, reserved_bytes(growth),
+                              hw.device_overhead_bytes is None)
 
     def fits(self) -> bool:
         return all(m.total <= m.budget for m in self.memory().values())
@@ -168,6 +201,12 @@ class State:
         moved = min(self.kv[DISK], cap, room)
         self.kv[DISK] -= moved
         self.kv[tier] += moved
+        while moved and not self.fits():     # the device's overhead grows with its KV (rounding, growth)
+            over = max(m.total - m.budget for m in self.memory().values())
+            back = min(moved, max(1, -(-over // max(1, self.s.kv_block_bytes))))
+            self.kv[DISK] += back
+            self.kv[tier] -= back
+            moved -= back
         return self.kv[DISK] == 0
 
 
@@ -283,8 +322,9 @@ def make_search(model: ModelCosts, hw: HardwareProfile, work: Workload, override
     block_bytes = KV_BLOCK_TOKENS * model.kv_bytes_per_token_layer
     caps = {tier: math.ceil(tokens / KV_BLOCK_TOKENS) * model.num_layers
             for tier, tokens in overrides.kv_budget_tokens.items()}
+    rounding = tuple(rounding_bytes(u.tensor_bytes or (u.resident_bytes,)) for u in model.units)
     return Search(model, hw, work, overrides, margin, device_budget, host_budget, _pins(model, hw, overrides),
-                  groups, block_bytes, caps)
+                  groups, block_bytes, caps, rounding, work.context_tokens * model.kv_bytes_per_token_layer // 2)
 
 
 def least_state(s: Search, depth: int, chunk: int, cap: float) -> State:
@@ -307,6 +347,14 @@ def largest_read(model: ModelCosts) -> int:
     return max((u.stream_bytes for u in model.units if u.kind == LAYER), default=0)
 
 
+def _overhead_text(st: State) -> str:
+    o = st.device_overhead()
+    if not o.total_bytes:
+        return ""
+    return (f", overhead {o.total_bytes}: runtime {o.runtime_bytes}{' (assumed)' if o.runtime_assumed else ''}, "
+            f"allocator rounding {o.rounding_bytes}, KV growth {o.kv_growth_bytes}")
+
+
 def capacity_error(s: Search, depths: Sequence[int], chunks: Sequence[int]) -> TierCapacityError:
     """Name the budget that is short, and by how much, for the least demanding placement."""
     def shortfall(st: State) -> int:
@@ -318,7 +366,8 @@ def capacity_error(s: Search, depths: Sequence[int], chunks: Sequence[int]) -> T
         if m.total > m.budget:
             parts.append(f"{tier} memory is short by {m.total - m.budget} bytes: the least it needs is {m.total} "
                          f"(weights that cannot stream {m.weights}, staging {m.staging}, KV {m.kv}, "
-                         f"activations {m.workspace}) and its budget is {m.budget}")
+                         f"activations {m.workspace}{_overhead_text(least) if tier == DEVICE else ''}) and its "
+                         f"budget is {m.budget}")
     if least.kv[DISK] > s.kv_caps.get(DISK, least.kv[DISK]):
         parts.append(f"{least.kv[DISK] * s.kv_block_bytes} bytes of KV cache fit no tier that may hold them")
     if not parts:

@@ -196,4 +196,38 @@ def _time(fn: Callable[[int], None], tokens: int, device: torch.device, seconds:
     return statistics.median(times)
 
 
+# ----------------------------------------------------------------------------- device overhead
+MATMUL_STREAMS = 2      # the engine's compute stream, and one more (planner: hardware.DEFAULT_DEVICE_OVERHEAD_BYTES)
+
+
+def release_cached_blocks(device: torch.device) -> None:
+    """Wait for the device, then hand the caching allocator's free cached blocks back to the
+    driver, so free and reserved memory show what is held rather than what a measurement left
+    cached. Only the probe does this, once per measurement, never the engine's hot path (which
+    ``tests/test_memory.py`` keeps free of cache-emptying calls, spelled out)."""
+    torch.cuda.synchronize(device)
+    release = torch.cuda.empty_cache
+    release()
+
+
+def measure_device_overhead(device: torch.device, dtype: torch.dtype, *, streams: int = MATMUL_STREAMS) -> int:
+    """Device memory the caching allocator holds after one matmul in ``dtype`` on each of
+    ``streams`` new streams, with and without a bias (cuBLAS and cuBLASLt), once their inputs
+    are freed: PyTorch gives each (cuBLAS handle, stream) pair a workspace from the allocator on
+    its first matmul and keeps it until the process exits. What the allocator rounds that
+    workspace to is part of the figure (an 8.125 MiB workspace takes a 20 MiB segment). 0 on CPU."""
+    if device.type != "cuda":
+        return 0
+    release_cached_blocks(device)
+    before = torch.cuda.memory_reserved(device)
+    for stream in [torch.cuda.Stream(device) for _ in range(streams)]:
+        with torch.cuda.stream(stream), torch.inference_mode():
+            x = torch.ones(256, 256, device=device, dtype=dtype)
+            torch.nn.functional.linear(x, x, torch.ones(256, device=device, dtype=dtype))
+            torch.matmul(x, x)
+            del x
+    release_cached_blocks(device)
+    return max(0, torch.cuda.memory_reserved(device) - before)
+
+
 # ----------------------------------------------------------------------------- the cache

@@ -1,6 +1,14 @@
 """The probe: measure the machine the planner plans for.
 
-- memory: free and total device memory (CUDA), available RAM and how much can be pinned;
+- memory: free and total device memory (CUDA), available RAM and how much can be pinned. Free
+  device memory is read last, after the probe's own tensors are gone and the caching
+  allocator has handed its cached blocks back (synchronize, then empty its cache): otherwise
+  the blocks the PCIe and compute measurements left cached would read as memory in use;
+- device overhead (CUDA): what the runtime holds beside the plan's buffers, for the engine's
+  life — the cuBLAS workspaces of the streams that multiply (measured:
+  ``measure.measure_device_overhead``) and, where GPUDirect Storage is verified, cuFile's GPU
+  bounce buffers (``kvikio_setup.kvikio_status``), which also gives the profile's
+  ``kvikio_mode`` ("gds", "compat" or "absent": what ``reader="auto"`` goes by);
 - disk: O_DIRECT read bandwidth of a directory's filesystem, through the engine's own
   ``DiskReader`` (same block size, same queue depth, the weight stream's chunked access),
   on a file the probe writes with O_DIRECT and removes — the page cache never answers —
@@ -34,7 +42,9 @@ from tierflow.errors import TierflowError
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES
 from tierflow.tiers.plan.costmodel import ModelCosts, io_block_for
 from tierflow.tiers.plan.planner import largest_read
-from tierflow.tiers.probe.measure import CHUNK_BYTES, measure_compute, measure_disk, measure_pcie
+from tierflow.tiers.io.kvikio_setup import kvikio_status
+from tierflow.tiers.probe.measure import (CHUNK_BYTES, MATMUL_STREAMS, measure_compute, measure_device_overhead,
+                                          measure_disk, measure_pcie, release_cached_blocks)
 from tierflow.tiers.probe.nvml import device_figures
 from tierflow.tiers.plan.hardware import HardwareProfile
 from tierflow.tiers.io.cachedir import default_cache_dir
@@ -67,6 +77,7 @@ def memory_figures(device: torch.device) -> dict[str, Any]:
     vm = psutil.virtual_memory()
     out: dict[str, Any] = {"host_memory_bytes": int(vm.available), "host_total_bytes": int(vm.total)}
     if device.type == "cuda":
+        release_cached_blocks(device)
         free, total = torch.cuda.mem_get_info(device)
         out |= {"device_memory_bytes": int(free), "device_total_bytes": int(total),
                 "device_name": torch.cuda.get_device_name(device), **nvml_figures(device.index or 0),
@@ -77,6 +88,21 @@ def memory_figures(device: torch.device) -> dict[str, Any]:
         out |= {"device_memory_bytes": int(vm.available), "device_total_bytes": int(vm.total),
                 "device_name": _cpu_name()}
     return out
+
+
+def device_overhead(device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the runtime's device memory beside the plan's buffers, ``bytes``, with its parts; how
+    streamed weights would reach the device). Measured on every call, as memory is; on CPU
+    there is neither overhead nor kvikio."""
+    if device.type != "cuda":
+        return {"bytes": 0, "cublas_workspace_bytes": 0, "cufile_cache_bytes": 0}, {"kvikio_mode": ""}
+    workspaces = measure_device_overhead(device, dtype)
+    status = kvikio_status()
+    overhead = {"bytes": workspaces + status.cufile_cache_bytes, "cublas_workspace_bytes": workspaces,
+                "matmul_streams": MATMUL_STREAMS, "cufile_cache_bytes": status.cufile_cache_bytes}
+    reader = {"kvikio_mode": status.mode, "why_not_gds": status.reason,
+              "auto": "kvikio" if status.mode == "gds" else "direct"}
+    return overhead, reader
 
 
 def _cpu_name() -> str:
@@ -197,6 +223,7 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
 
     kind = "layer" if layer is not None else "matmul"
     flops = await cached(f"compute/{device.type}/{dtype}/{shape}/{kind}/{torch.get_num_threads()}", "compute", compute)
+    layer = None    # the benchmark's weights (``compute`` shares this binding) are freed before memory is read
     h2d = d2h = None
     if device.type == "cuda":
         async def pcie() -> dict[str, Any]:
@@ -204,6 +231,9 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
             return {"h2d_gbps": up, "d2h_gbps": down}
         link = await cached(f"pcie/{torch.cuda.get_device_name(device)}", "pcie", pcie)
         h2d, d2h = link["h2d_gbps"], link["d2h_gbps"]
+    overhead, reader = await asyncio.to_thread(device_overhead, device, dtype)
+    provenance["device_overhead"] = {"source": "measured", **overhead}
+    provenance["reader"] = {"source": "measured", **reader}
     mem = memory_figures(device)
     provenance["memory"] = {"source": "measured", **mem}
     hw = HardwareProfile(
@@ -212,7 +242,8 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
         h2d_gbps=h2d, d2h_gbps=d2h, device_name=mem["device_name"], device_total_bytes=mem["device_total_bytes"],
         pcie_link=mem.get("pcie_link", ""), pcie_link_gbps=mem.get("pcie_link_gbps"),
         pinned_memory_bytes=mem.get("pinned_memory_bytes"), kv_disk_read_gbps=kv_disk["read_gbps"], kv_disk_write_gbps=kv_disk["write_gbps"],
-        disk_free_bytes=psutil.disk_usage(str(spill)).free, compute_dtype=str(dtype).removeprefix("torch."))
+        disk_free_bytes=psutil.disk_usage(str(spill)).free, compute_dtype=str(dtype).removeprefix("torch."),
+        device_overhead_bytes=overhead["bytes"], kvikio_mode=reader["kvikio_mode"])
     return hw, provenance
 
 
