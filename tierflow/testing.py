@@ -454,10 +454,12 @@ class SimulatedCuda:
             self._local.stream = before
 
     def synchronize(self) -> None:
+        # the queued work of every stream runs first (a copy still queued must meet the device as
+        # it is, not as if everything had completed), then the lagging events complete
         for stream in self._streams:
-            done = SimulatedEvent()
-            stream.submit(done.complete)
-            done.synchronize()
+            stream.drain()
+        if self._lag is not None:
+            self._lag.drain()
         for stream in [*self._streams, self.default_stream]:      # everything enqueued has run
             with stream.lock:
                 stream.completed = stream.enqueued

@@ -310,3 +310,57 @@ def test_an_engine_on_the_second_gpu_leaves_the_first_alone(tiny_models, tmp_pat
     [out] = asyncio.run(_gpu_generate(path, config, [PROMPT], 4))
     assert list(out.token_ids) == oracle_greedy(path, PROMPT, 4)
     assert torch.cuda.memory_reserved(0) == before
+
+
+# ----------------------------------------------------------------------------- device memory
+PLACEMENTS = {
+    "resident": {"all": "device"},
+    "host": {"all": "host"},
+    "disk": {"layers.0-2": "disk", "embed": "device", "head": "device"},
+    "mixed": MIXED,
+}
+
+
+@pytest.mark.parametrize("kv", ["contiguous", "paged"])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_peak_device_memory_stays_within_the_plan(tiny_models, tmp_path, placement, kv):
+    """The simulation accounts every device allocation (weights, staging slots, KV, the
+    activations and attention workspace of a prefill chunk, the KV's growth); its peak stays
+    within what the plan counted for them. (The runtime's fixed overheads, which the plan adds
+    on top — cuBLAS workspaces, the allocator's rounding — do not exist in the simulation.)"""
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [(i * 37) % 500 + 1 for i in range(500)]
+    more = dict(kv_cache_dir=str(tmp_path / "kv"), kv_device_bytes=PER_TOKEN * 256, kv_host_bytes=PER_TOKEN * 256) \
+        if kv == "paged" else {}
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS[placement]), kv_reserve_tokens=1024,
+                          prefill_chunk_tokens=256, max_num_seqs=2, **more)
+    ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.001)
+
+    async def main():
+        async with await Engine.open(path, config, device_ops=ops) as engine:
+            params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+            await asyncio.gather(engine.generate(prompt, params), engine.generate(prompt[:300], params))
+            return engine.plan.memory["device"]
+
+    memory = asyncio.run(main())
+    counted = memory.total - memory.overhead
+    assert 0 < ops.max_memory_reserved() <= counted, (ops.max_memory_reserved(), memory)
+    assert memory.total <= memory.budget
+
+
+def test_peak_device_memory_with_an_expert_cache_stays_within_the_plan(mixtral, tmp_path):
+    index = CheckpointIndex.open(mixtral)
+    layers = len({layer for layer, _ in index.experts})
+    tiers = {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, tiers), **SMALL)
+    ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.001)
+
+    async def main():
+        async with await Engine.open(mixtral, config, device_ops=ops) as engine:
+            await engine.generate(PROMPT * 10, SamplingParams(max_new_tokens=6, ignore_eos=True))
+            return engine.plan, engine.stats()
+
+    plan, stats = asyncio.run(main())
+    memory = plan.memory["device"]
+    assert plan.expert_cache_bytes > 0 and stats.expert_hits > 0
+    assert 0 < ops.max_memory_reserved() <= memory.total - memory.overhead, (ops.max_memory_reserved(), memory)
