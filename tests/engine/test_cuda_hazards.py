@@ -46,6 +46,14 @@ def _check_oracle(path: Path, logits: torch.Tensor, tokens: tuple[int, ...], new
     assert list(tokens) == oracle_greedy(path, PROMPT, new_tokens)
 
 
+def _moe_layout(mixtral: Path) -> tuple[int, int, dict[str, str]]:
+    """The largest expert's bytes, the MoE layers, and tiers that stream every layer from disk."""
+    index = CheckpointIndex.open(mixtral)
+    layers = len({layer for layer, _ in index.experts})
+    expert = max(layout.buffer_bytes for layout in index.experts.values())
+    return expert, layers, {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+
+
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_random_checkpoint(tmp_path_factory.mktemp("mixtral") / "mixtral", "mixtral", seed=3)
@@ -56,10 +64,7 @@ def test_expert_weights_outlive_the_kernels_that_read_them(mixtral, tmp_path):
     evicted as soon as its kernels are queued, and layer l+1's read-ahead allocates their
     blocks. The caching allocator would hand it the very blocks the queued kernels still read
     unless the compute stream's use of them is recorded."""
-    index = CheckpointIndex.open(mixtral)
-    expert = max(layout.buffer_bytes for layout in index.experts.values())
-    layers = len({layer for layer, _ in index.experts})
-    tiers = {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+    expert, layers, tiers = _moe_layout(mixtral)
     config = EngineConfig(device="cuda", profile=_profile(tmp_path, tiers), expert_cache_bytes=layers * 2 * expert,
                           **SMALL)
     ops = SimulatedCuda(copy_delay_s=0.001, compute_lag_s=0.02)
@@ -203,9 +208,7 @@ def test_cancelled_and_failed_requests_leave_the_device_path_sound(tiny_models, 
 def test_a_moe_decode_sweep_waits_once_per_moe_layer(mixtral, tmp_path):
     """Beyond the logits, a mixture-of-experts decode sweep waits for the device once per MoE
     layer: the router's picks must reach the host to say which experts to read."""
-    index = CheckpointIndex.open(mixtral)
-    layers = len({layer for layer, _ in index.experts})
-    tiers = {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+    _, layers, tiers = _moe_layout(mixtral)
     config = EngineConfig(device="cuda", profile=_profile(tmp_path, tiers), **SMALL)
     ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.002)
 
@@ -246,10 +249,7 @@ async def _gpu_generate(path: Path, config: EngineConfig, prompts: list[list[int
 @pytest.mark.gpu
 @gpu
 def test_experts_with_a_cache_and_read_ahead_on_cuda(mixtral, tmp_path):
-    index = CheckpointIndex.open(mixtral)
-    expert = max(layout.buffer_bytes for layout in index.experts.values())
-    layers = len({layer for layer, _ in index.experts})
-    tiers = {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+    expert, layers, tiers = _moe_layout(mixtral)
     config = EngineConfig(device="cuda", profile=_gpu_profile(tmp_path, tiers), expert_cache_bytes=layers * 2 * expert,
                           **SMALL)
     [out] = asyncio.run(_gpu_generate(mixtral, config, [PROMPT], 8))
@@ -349,9 +349,7 @@ def test_peak_device_memory_stays_within_the_plan(tiny_models, tmp_path, placeme
 
 
 def test_peak_device_memory_with_an_expert_cache_stays_within_the_plan(mixtral, tmp_path):
-    index = CheckpointIndex.open(mixtral)
-    layers = len({layer for layer, _ in index.experts})
-    tiers = {f"layers.0-{layers - 1}": "disk", "embed": "device", "head": "device"}
+    _, layers, tiers = _moe_layout(mixtral)
     config = EngineConfig(device="cuda", profile=_profile(tmp_path, tiers), **SMALL)
     ops = SimulatedCuda(copy_delay_s=0.0005, compute_lag_s=0.001)
 
