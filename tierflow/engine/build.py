@@ -40,6 +40,7 @@ from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.io.kvikio import KvikioReader, choose_reader
 from tierflow.tiers.io.pinned import PinnedArena
 from tierflow.tiers.io.reader import DiskReader
+from tierflow.tiers.io.spill import remove_orphaned_spills
 from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.kv.paged import KVStore, block_bytes
 from tierflow.tiers.plan.costmodel import ModelCosts
@@ -212,6 +213,7 @@ def disk_kv_bytes(config: EngineConfig) -> int:
     if config.kv_disk_bytes is not None:
         return config.kv_disk_bytes
     directory = Path(config.kv_cache_dir).expanduser().absolute()
+    remove_orphaned_spills(directory)       # the spill files of dead processes are free space
     while not directory.exists() and directory != directory.parent:
         directory = directory.parent
     free = shutil.disk_usage(directory).free

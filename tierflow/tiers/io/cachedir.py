@@ -1,9 +1,41 @@
-"""Where tierflow keeps what it makes for later runs (converted models, probe results)."""
+"""Where tierflow keeps what it makes for later runs (converted models, probe results), and how a
+later process tells what a crashed one left behind from what a live one is using.
+
+Files a process makes for itself — a KV spill file, a prefix block being written under a
+temporary name, a conversion in progress — are held under an advisory lock (``flock``,
+LOCK_EX) on their own descriptor for as long as their owner uses them (``claim``). The kernel
+drops a lock when the last descriptor of it closes, on any exit, SIGKILL included. So a later
+process that can take the lock of such a leftover knows its owner is gone and removes it
+(``remove_orphans``); one whose lock is held is in use and is left alone. A lock is chosen over
+a PID (plus boot id) in the name because it cannot be fooled by PID reuse or by a process in
+another PID namespace sharing the directory, and it needs no clock.
+
+Taking an orphan is race-free: the remover takes the lock without waiting, checks that the name
+still names the inode it locked, then unlinks it. A new owner creates its file, locks it and
+checks the same: if a remover took the file in the instant between creating and locking it,
+``claim`` says so and the owner makes another. On a filesystem without locks (some FUSE or
+network mounts) nothing can be told: files there are used unlocked and kept, unless the caller
+gives an age past which a leftover is taken for an orphan.
+
+``exclusive`` serialises one job across processes (the demo model's first conversion) with a lock
+file that stays in place: removing a lock file is itself racy.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
+import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL})   # flock unsupported here
 
 
 def default_cache_dir() -> Path:
@@ -15,3 +47,105 @@ def default_cache_dir() -> Path:
     if xdg_cache_home and Path(xdg_cache_home).is_absolute():  # the XDG spec ignores relative paths
         return Path(xdg_cache_home) / "tierflow"
     return Path.home() / ".cache" / "tierflow"
+
+
+def claim(fd: int, path: Path) -> bool:
+    """Lock ``fd``, just made at ``path``, for as long as it stays open. False when a remover
+    took ``path`` for an orphan before the lock was taken: close ``fd`` and make another file.
+    On a filesystem without locks the file is used unlocked (True)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False                    # a remover holds it, for the instant before it unlinks it
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
+        log.debug("no advisory locks on the filesystem of %s: a crash would leave it behind", path)
+        return True
+    return _names(path, fd)
+
+
+def remove_orphans(directory: Path, pattern: str, *, unlocked_older_than_s: float | None = None) -> list[Path]:
+    """Remove the entries of ``directory`` matching ``pattern`` (files or directories) whose
+    owner is gone: their lock can be taken. On a filesystem without locks, remove those not
+    modified for ``unlocked_older_than_s`` (None: keep them). Returns what was removed; entries
+    that cannot be opened or removed (another user's, a read-only directory) are left."""
+    removed = []
+    try:
+        candidates = sorted(directory.glob(pattern))
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue                    # gone already, a symlink, or not ours to open
+        try:
+            if _orphaned(fd, path, unlocked_older_than_s) and _names(path, fd):
+                _remove(path)
+                removed.append(path)
+        except OSError as exc:
+            log.warning("could not remove %s, left behind by a process that ended: %s", path, exc)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold ``lock_path`` (created if need be, never removed) exclusively, waiting for another
+    process that holds it; where it cannot be made (a read-only directory) or locked, go on
+    unserialised: what needs serialising there fails on its own writes."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        log.debug("cannot make the lock file %s (%s): going on without it", lock_path, exc.strerror)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that holds %s", lock_path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def _orphaned(fd: int, path: Path, unlocked_older_than_s: float | None) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False                    # its owner is alive
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS or unlocked_older_than_s is None:
+            return False
+        return time.time() - os.fstat(fd).st_mtime > unlocked_older_than_s
+    return True
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        st, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _remove(path: Path) -> None:
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    for _ in range(3):                  # another remover may be deleting the same tree
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            if not path.exists():
+                return
+    shutil.rmtree(path)

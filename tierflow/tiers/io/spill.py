@@ -8,25 +8,53 @@ is reserved (``posix_fallocate``) in extents of EXTENT_BYTES as writes reach hig
 first one when the file is made, so a full disk is found then, as ``TierCapacityError``; a
 disk that fills later is reported the same way by the write that finds it. A file deleted while in use is
 detected (its link count drops to zero) and reported as ``TransferError`` rather than
-silently read from the unlinked inode. ``close()`` removes the file. Slots are 4 KiB aligned
-and move whole through an aligned buffer, with O_DIRECT where the filesystem allows it, so
-spilled KV does not fill RAM through the page cache.
+silently read from the unlinked inode. Slots are 4 KiB aligned and move whole through an aligned
+buffer, with O_DIRECT where the filesystem allows it, so spilled KV does not fill RAM through the
+page cache.
+
+Nothing is left behind. ``close()`` removes the file; so does a spill file's finaliser when it is
+dropped unclosed or the interpreter exits. A process killed outright (SIGKILL, the OOM killer, a
+SIGTERM nobody handles) cannot, so the file is made recognisable as an orphan instead: it holds an
+advisory lock (``flock`` LOCK_EX, ``cachedir.claim``) for as long as it is open, which the kernel
+drops when its process dies, and ``remove_orphaned_spills`` — run by every KV store that opens in
+the directory, and before an engine sizes its KV by the disk's free space — removes each
+``tierflow-kv-*.spill`` whose lock it can take. A lock, not the owner's PID in the name, because PIDs are reused (and
+differ between PID namespaces sharing a directory). ``SpillFile.create`` names files
+``tierflow-kv-<pid>-<n>.spill``, the PID only to keep live processes' names apart.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
+import logging
 import os
+import weakref
 import zlib
 from pathlib import Path
 
 import torch
 
 from tierflow.errors import KVCorruptionError, TierCapacityError, TransferError
+from tierflow.tiers.io.cachedir import claim, remove_orphans
 from tierflow.tiers.io.reader import aligned_empty
+
+log = logging.getLogger(__name__)
 
 ALIGN = 4096
 EXTENT_BYTES = 64 << 20         # space is reserved this much at a time as slots fill
+PATTERN = "tierflow-kv-*.spill"
+_ids = itertools.count()        # keeps the names of one process's spill files apart
+
+
+def remove_orphaned_spills(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove the spill files in ``directory`` whose process is gone (their lock is free);
+    returns them. A directory that does not exist holds none."""
+    removed = remove_orphans(Path(directory), PATTERN)
+    if removed:
+        log.info("removed %d KV spill file(s) left in %s by processes that ended without closing their engine: %s",
+                 len(removed), directory, ", ".join(path.name for path in removed))
+    return removed
 
 
 class SpillFile:
@@ -36,16 +64,8 @@ class SpillFile:
         self.path, self.block_bytes, self.num_slots = Path(path), block_bytes, num_slots
         self.stride = -(-block_bytes // ALIGN) * ALIGN
         self._crc: dict[int, int] = {}        # slot -> CRC32 of the complete block it holds
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self.direct = False
-        if hasattr(os, "O_DIRECT"):      # bypass the page cache, which would otherwise fill RAM with KV
-            try:
-                direct_fd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
-            except OSError:
-                pass                     # the filesystem refuses O_DIRECT: buffered I/O
-            else:
-                os.close(self._fd)
-                self._fd, self.direct = direct_fd, True
+        self._fd, self.direct = self._open(self.path)
+        self._finalizer = weakref.finalize(self, _release, self._fd, self.path)
         self._bounce = aligned_empty(self.stride)     # whole aligned slots move through it
         self._reserved = 0               # bytes reserved so far (slots below reserved // stride)
         try:
@@ -53,6 +73,41 @@ class SpillFile:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike[str], block_bytes: int, num_slots: int) -> "SpillFile":
+        """A new spill file in ``directory`` under a name no other file there has."""
+        for _ in range(1000):
+            path = Path(directory) / f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill"
+            try:
+                return cls(path, block_bytes, num_slots)
+            except FileExistsError:
+                continue                # a name left by a process with our PID, still in use
+        raise TransferError(f"cannot create a KV spill file in {directory}: every name tried exists")
+
+    @staticmethod
+    def _open(path: Path) -> tuple[int, bool]:
+        """Create ``path`` and hold its lock; the descriptor and whether it is O_DIRECT."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        direct = False
+        if hasattr(os, "O_DIRECT"):      # bypass the page cache, which would otherwise fill RAM with KV
+            try:
+                direct_fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+            except OSError:
+                pass                     # the filesystem refuses O_DIRECT: buffered I/O
+            else:
+                os.close(fd)
+                fd, direct = direct_fd, True
+        try:
+            claimed = claim(fd, path)    # on the descriptor kept: closing another would drop the lock
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise TransferError(f"cannot lock the KV spill file {path}: {exc.strerror}") from exc
+        if not claimed:
+            os.close(fd)
+            raise FileExistsError(errno.EEXIST, "taken for an orphan while it was made", str(path))
+        return fd, direct
 
     def _reserve(self, slot: int) -> None:
         """Reserve space through ``slot``, an extent at a time (never past the last slot)."""
@@ -153,13 +208,26 @@ class SpillFile:
 
     def close(self) -> None:
         """Close and remove the file (idempotent)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.path.unlink(missing_ok=True)
+        self._fd = -1
+        self._finalizer()
 
     def __enter__(self) -> "SpillFile":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _release(fd: int, path: Path) -> None:
+    """Remove the spill file, then close it (dropping its lock): on close, when a spill file is
+    dropped unclosed, or at interpreter exit."""
+    try:
+        if os.path.samestat(os.stat(path), os.fstat(fd)):   # not a later file of the same name
+            path.unlink()
+    except FileNotFoundError:
+        pass                            # deleted under the engine: nothing to remove
+    except OSError as exc:
+        log.warning("could not remove the KV spill file %s: %s (a later engine in its directory removes it)",
+                    path, exc.strerror)
+    finally:
+        os.close(fd)

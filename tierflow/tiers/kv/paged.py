@@ -29,11 +29,12 @@ Outside a sweep (the prefix cache attaching or reading blocks between sweeps) th
 gives back: the spill file, the pinned window of disk read buffers (plus, on CUDA, host
 buffers for blocks on their way from the device to disk), READ_THREADS reader threads and one
 writer thread (the spill file writes through one aligned bounce buffer, so writes are serial).
+A store that opens with disk blocks first removes the spill files of dead processes from its
+directory (``spill.remove_orphaned_spills``: their locks are free).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -46,13 +47,12 @@ import torch
 from tierflow.errors import ConfigError, TransferError
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.tiers.io.reader import aligned_empty
-from tierflow.tiers.io.spill import SpillFile
+from tierflow.tiers.io.spill import SpillFile, remove_orphaned_spills
 from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, KVPoolsStats
 from tierflow.tiers.kv.handle import BlockIO, KVBlock, KVBlocks, OffDevice
 from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.plan.costmodel import kv_read_window
 
-_ids = itertools.count()
 # Two reads in flight: on a 2-core machine four reader threads took CPU from the compute they
 # were meant to overlap (bench/long_context.py: 8k decode ~35 ms with two, ~40-45 ms with four).
 READ_THREADS = 2
@@ -98,8 +98,8 @@ class KVStore:
                 raise ConfigError("KV blocks on disk need a spill directory: set EngineConfig.kv_cache_dir (tierflow run --kv-cache-dir), or give the device and host KV budgets room for every block")
             directory = Path(spill_dir)
             directory.mkdir(parents=True, exist_ok=True)
-            self.spill = SpillFile(directory / f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill", self.block_bytes,
-                                   disk_blocks)
+            remove_orphaned_spills(directory)       # what killed processes left (spill.py)
+            self.spill = SpillFile.create(directory, self.block_bytes, disk_blocks)
         # The disk read window (the kv_load stage reads blocks ahead into it) and, after it, host
         # buffers for device → disk spills on CUDA: one allocation (huge-page backed when large
         # enough), so a run of blocks lands in physically contiguous memory and its O_DIRECT read
@@ -193,8 +193,7 @@ class KVStore:
             # other reader threads may be reading the old file right now: it is closed between
             # sweeps (``detach``), not under them
             self._retired.append(spill)
-            self.spill = SpillFile(spill.path.with_name(f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill"),
-                                   self.block_bytes, spill.num_slots)
+            self.spill = SpillFile.create(spill.path.parent, self.block_bytes, spill.num_slots)
             raise TransferError(f"KV spill file {spill.path} was deleted while in use; the blocks it held are lost "
                                 f"and the requests that need them fail (a new spill file replaces it)")
         return spill

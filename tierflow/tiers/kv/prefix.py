@@ -10,7 +10,10 @@ found; only the rest of the prompt is prefilled.
 Blocks live in host memory (an LRU of ``memory_bytes``) and, with a directory, in one file
 per block that later processes reuse. A file records the format version, the model
 fingerprint, its key, dtype, shape and a CRC32 of the payload; it is written to a temporary
-name and renamed, so a reader sees a whole file or none. A file that fails any check is
+name and renamed, so a reader sees a whole file or none. The writer holds the temporary's lock
+until the rename (``cachedir.claim``), so one left by a writer that was killed is told from one
+being written: a cache that opens on the directory removes those whose lock is free (on a
+filesystem without locks, those older than an hour). A file that fails any check is
 removed and counts as a miss — the request prefills those tokens instead, never runs on a
 wrong block. Disk writes run on a writer thread; a full disk or any write error only costs
 the cache that block.
@@ -25,7 +28,6 @@ import logging
 import os
 import struct
 import threading
-import time
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +37,7 @@ from typing import Sequence
 
 import torch
 
+from tierflow.tiers.io.cachedir import claim, remove_orphans
 from tierflow.tiers.kv.prefix_keys import FORMAT_VERSION, block_keys
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"TFPREFIX"
 SUFFIX = ".kvblock"
 _MAX_PENDING_BYTES = 256 * 2**20     # blocks queued for the writer before store() waits
+STALE_UNLOCKED_S = 3600              # without locks, a temporary this old is taken for a dead writer's
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,9 +224,11 @@ class PrefixCache:
         tmp = path.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with open(tmp, "wb") as f:
+                if not claim(f.fileno(), tmp):
+                    raise FileNotFoundError(f"{tmp} was taken for an orphan while it was made")
                 f.write(MAGIC + struct.pack("<I", len(header)) + header)
                 f.write(payload)
-            os.replace(tmp, path)
+                os.replace(tmp, path)   # under the lock: a remover never takes a finished temporary
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             with self._lock:
@@ -278,15 +284,12 @@ class PrefixCache:
         return None
 
     def _remove_stale_temporaries(self) -> None:
-        """Remove what writers killed mid-write left behind (temporaries older than an hour:
-        younger ones may belong to a live process)."""
+        """Remove what writers killed mid-write left behind: temporaries whose lock is free."""
         assert self.directory is not None
-        for p in self.directory.glob(".*.tmp"):
-            try:
-                if time.time() - p.stat().st_mtime > 3600:
-                    p.unlink()
-            except OSError:
-                pass
+        removed = remove_orphans(self.directory, ".*.tmp", unlocked_older_than_s=STALE_UNLOCKED_S)
+        if removed:
+            log.info("prefix cache: removed %d temporaries of writers that ended mid-write in %s",
+                     len(removed), self.directory)
 
     def _evict_files(self) -> None:
         assert self.directory is not None and self.disk_budget is not None
