@@ -33,7 +33,7 @@ import torch
 
 from tierflow.pipeline.cuda import DeviceOps
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.stages.upload import unit_views
+from tierflow.stages.upload import to_device, unit_views
 from tierflow.stages.read import cast_weights
 from tierflow.tiers.checkpoint.index import UnitLayout
 from tierflow.tiers.io.reader import DiskReader, aligned_empty
@@ -207,7 +207,7 @@ class ExpertStage:
         to no other allocation before those kernels have run."""
         ops = self._ops
         assert ops is not None
-        on_device = {name: ops.to_device(t) for name, t in weights.items()}
+        on_device = to_device(weights, ops)
         for t in on_device.values():
             ops.record_stream(t, self._compute)
         return on_device
