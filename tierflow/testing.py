@@ -519,9 +519,6 @@ class SimulatedCuda:
     def reset_peak_memory(self) -> None:
         self.peak_reserved = self.reserved
 
-    def is_device_tensor(self, tensor: torch.Tensor) -> bool:
-        return isinstance(tensor, self._tensor)
-
     def _adopt(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """``tensor``'s memory becomes device memory, allocated on the calling thread's stream."""
         with torch._C.DisableTorchFunctionSubclass():
@@ -639,7 +636,7 @@ class SimulatedCuda:
         tensors = [t for t in _flatten((args, kwargs)) if isinstance(t, torch.Tensor)]
         device = [t for t in tensors if isinstance(t, cls)]
         reason = self._sync_reason(name, func, args, kwargs, cls)
-        if reason:
+        if reason and not hasattr(self._local, "seq"):   # a stream's own work was counted when enqueued
             self._sync(reason)
         written = _written(name, args, kwargs)
         kernel = name not in _VIEWS or reason is not None
