@@ -5,6 +5,12 @@ A decode sweep's measured stage seconds are differences of two ``StageClock`` re
 around it; its prediction is the cost model's for exactly that sweep (its sequences and their
 context lengths, the KV spread over the tiers as the blocks in use are). ``DecodeMeter``
 keeps the two sums, so ``EngineStats`` can show them side by side per decode sweep.
+
+The plan's own prediction (``TierPlan.predicted``) comes from the same function,
+``costmodel.decode_times``, on the same hardware and placement, but for the workload the plan
+was made for: every sequence at the full context the engine reserves. The sweeps that ran
+are usually shorter (less attention, less KV off the device), so their largest stage may
+differ from the plan's bottleneck; the reports say which is which.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from tierflow.stages.experts import ExpertStats
 from tierflow.tiers.io.pinned import ArenaStats
 from tierflow.tiers.kv.blocks import KVPoolsStats
 from tierflow.tiers.kv.prefix import PrefixCacheStats
-from tierflow.tiers.plan.costmodel import DEVICE, sweep_times
+from tierflow.tiers.plan.costmodel import DEVICE, decode_times
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +83,11 @@ class DecodeMeter:
     def add(self, plan: SweepPlan, before: StageClock) -> None:
         """One decode sweep of ``plan`` ended; ``before`` was read when it started."""
         rt, now = self._rt, self.clock()
-        k = len(plan.seqs)
-        tokens = sum(s.start + 1 for s in plan.seqs)
-        kv_bytes = sum(rt.costs.kv_read_bytes(s.start + 1) for s in plan.seqs)   # a window's at most per layer
+        contexts = [s.start + 1 for s in plan.seqs]
+        kv_bytes = sum(rt.costs.kv_read_bytes(c) for c in contexts)   # a window's at most per layer
         kv = rt.kv_store.spread(kv_bytes) if rt.kv_store is not None else {DEVICE: kv_bytes}
-        p = sweep_times(rt.costs, rt.hardware, rt.plan.tiers, kv, tokens=k, logit_rows=k, queries=1,
-                        keys=tokens // k, sequences=k,
-                        expert_cache_bytes=rt.experts.capacity_bytes if rt.experts else 0)
+        p = decode_times(rt.costs, rt.hardware, rt.plan.tiers, kv, contexts,
+                         rt.experts.capacity_bytes if rt.experts else 0)
         self.sweeps += 1
         self.predicted = _add(self.predicted, StageTimes(p.disk_s, p.pcie_s, p.compute_s, p.total_s))
         self.measured = _add(self.measured, now.minus(before))

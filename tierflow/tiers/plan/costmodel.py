@@ -122,6 +122,18 @@ class ModelCosts:
         """Keys, summed over layers, a query after ``keys`` tokens attends to (a window's at most)."""
         return sum(keys if w is None else min(keys, w) for w in self.layer_windows)
 
+    def tier_weight_bytes(self, tiers: Sequence[str], tier: str) -> int:
+        """Bytes of weights the units placed on ``tier`` (one tier per unit) hold there, a tied
+        embedding's tensor once: on disk what their reads move (the checkpoint's dtype),
+        elsewhere their bytes in the compute dtype. The planner's memory and the report's
+        placement both count by this."""
+        def size(u: UnitCost) -> int:
+            return u.stream_bytes if tier == DISK else u.resident_bytes
+        total = sum(size(u) for u, t in zip(self.units, tiers) if t == tier)
+        if self.tied and tiers[0] == tier and tiers[-1] == tier:   # the head's read holds the embedding
+            total -= size(self.units[0])
+        return total
+
     @property
     def checkpoint_bytes(self) -> int:
         tied = self.units[0].stream_bytes if self.tied else 0
@@ -251,11 +263,12 @@ def unit_compute_s(model: ModelCosts, hw: HardwareProfile, unit: UnitCost, token
     return max(_gbps(unit.resident_bytes, hw.decode_gbps), 2 * unit.matmul_params * tokens / (hw.prefill_tflops * 1e12))
 
 
-def attention_compute_s(model: ModelCosts, hw: HardwareProfile, queries: int, keys: int, sequences: int) -> float:
-    """All layers' attention for ``sequences`` sequences of ``queries`` new tokens over ``keys`` each
-    (a sliding-window layer's queries over a window's keys at most)."""
-    kv_bytes = sequences * model.kv_read_bytes(keys)
-    flops = 4 * sequences * queries * model.kv_read_tokens(keys) * model.num_heads * model.head_dim
+def attention_compute_s(model: ModelCosts, hw: HardwareProfile, queries: int, contexts: Sequence[int]) -> float:
+    """All layers' attention for ``queries`` new tokens of each sequence over its ``contexts[i]``
+    keys (a sliding-window layer's queries over a window's keys at most): one roofline for the
+    whole sweep, bound by the KV bytes read or by the flops."""
+    kv_bytes = sum(model.kv_read_bytes(c) for c in contexts)
+    flops = 4 * queries * sum(model.kv_read_tokens(c) for c in contexts) * model.num_heads * model.head_dim
     return max(_gbps(kv_bytes, hw.decode_gbps), flops / (hw.prefill_tflops * 1e12))
 
 
@@ -275,13 +288,15 @@ def expert_times(model: ModelCosts, hw: HardwareProfile, tokens: int, cache_byte
     return read, compute
 
 
-def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv_tier_bytes: Mapping[str, int],
+def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv_tier_bytes: Mapping[str, float],
                 *, tokens: int, logit_rows: int, queries: int, keys: int, sequences: int,
-                kv_read_fraction: float = 1.0, expert_cache_bytes: int = 0) -> SweepTimes:
+                kv_read_fraction: float = 1.0, expert_cache_bytes: int = 0,
+                contexts: Sequence[int] = ()) -> SweepTimes:
     """Predicted seconds of one sweep per resource. Units on disk are read whole; on CUDA every
     unit not on the device is copied to it (an embedding kept on the host is looked up there
     and only the rows move); KV outside the device is read back by every sweep; routed
-    experts the expert cache misses are read from disk (and copied, on CUDA)."""
+    experts the expert cache misses are read from disk (and copied, on CUDA). ``contexts``:
+    each sequence's keys, when they differ (else ``sequences`` of ``keys`` each)."""
     expert_read, expert_compute = expert_times(model, hw, tokens, expert_cache_bytes)
     disk = sum(u.stream_bytes for u, t in zip(model.units, tiers) if t == DISK) + expert_read
     disk_s = _gbps(disk, hw.disk_read_gbps) + _gbps(kv_tier_bytes.get(DISK, 0) * kv_read_fraction, hw.kv_read_gbps)
@@ -294,8 +309,20 @@ def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv
         pcie_s = _gbps(upload + expert_read + off_device_kv, hw.h2d_gbps) + _gbps(new_kv, hw.d2h_gbps)
     compute_s = sum(unit_compute_s(model, hw, u, logit_rows if u.kind == HEAD else tokens) for u in model.units)
     compute_s += expert_compute
-    compute_s += attention_compute_s(model, hw, queries, keys, sequences)
+    compute_s += attention_compute_s(model, hw, queries, contexts or (keys,) * sequences)
     return SweepTimes(disk_s, pcie_s, compute_s)
+
+
+def decode_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv_read_bytes: Mapping[str, float],
+                 contexts: Sequence[int], expert_cache_bytes: int = 0) -> SweepTimes:
+    """Predicted seconds per resource of one decode sweep: one new token for each sequence,
+    the i-th attending to ``contexts[i]`` keys, reading ``kv_read_bytes`` of KV per tier. The
+    plan prices its workload's sweep with this (every sequence at the full context, the KV as
+    it places it), and the engine prices each decode sweep that ran with it (the sequences'
+    own lengths, the KV as its blocks in use lie), so the two differ only by those inputs."""
+    k = len(contexts)
+    return sweep_times(model, hw, tiers, kv_read_bytes, tokens=k, logit_rows=k, queries=1, keys=max(contexts),
+                       sequences=k, expert_cache_bytes=expert_cache_bytes, contexts=contexts)
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

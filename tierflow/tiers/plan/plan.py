@@ -27,15 +27,15 @@ class TierMemory:
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    decode_s_per_token: float           # one decode sweep: every sequence gets one token
+    decode_s_per_token: float           # one decode sweep at the full context: every sequence gets one token
     tokens_per_s: float                 # all sequences together
     prefill_s: float                    # every sequence's prompt
     peak_device_bytes: int
     peak_host_bytes: int                # 0 on CPU, where the device tier is RAM
     disk_bytes: int                     # the checkpoint plus spilled KV
     kv_bytes: int
-    bottleneck: str                     # "disk" | "pcie" | "compute"
-    decode: SweepTimes                  # per resource
+    bottleneck: str                     # "disk" | "pcie" | "compute": the largest stage of ``decode``
+    decode: SweepTimes                  # per resource, of that sweep (costmodel.decode_times)
     s_per_token: float                  # the objective: (prefill_s + new_tokens × decode) / new_tokens
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 from tierflow.errors import ProfileError, TierCapacityError
 from tierflow.tiers.plan.costmodel import (DEVICE, DISK, EMBED, HOST, LAYER, ModelCosts, UnitCost,
-                                           Workload, kv_read_window, sweep_times)
+                                           Workload, decode_times, kv_read_window, sweep_times)
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, parse_selector
 from tierflow.tiers.plan.overhead import (ACTIVATION_ROUNDING_BYTES, POOL_SLACK_BYTES, DeviceOverhead,
                                           reserved_bytes, rounding_bytes)
@@ -123,11 +123,7 @@ class State:
                           + max(1, work.concurrency) * model.vocab_size * 4 + experts)
 
     def weights(self, tier: str) -> int:
-        units = self.s.model.units
-        total = sum(u.resident_bytes for u, t in zip(units, self.tiers) if t == tier)
-        if self.s.model.tied and self.tiers[0] == tier and self.tiers[-1] == tier:
-            total -= units[0].resident_bytes
-        return total
+        return self.s.model.tier_weight_bytes(self.tiers, tier)
 
     def _upload_bytes(self, unit: UnitCost, tier: str) -> int:
         return unit.stream_bytes if tier == DISK else unit.resident_bytes
@@ -291,9 +287,8 @@ def predict(s: Search, st: State) -> tuple[Prediction, dict[str, TierMemory]]:
     k = work.concurrency
     per_seq = max(1, st.kv_blocks // k)        # the blocks one sequence holds at most
     decode_read = model.kv_read_blocks(work.context_tokens, KV_BLOCK_TOKENS) / per_seq
-    decode = sweep_times(model, hw, st.tiers, kv_bytes, tokens=k, logit_rows=k, queries=1,
-                         keys=work.context_tokens, sequences=k, kv_read_fraction=min(1.0, decode_read),
-                         expert_cache_bytes=cache)
+    decode = decode_times(model, hw, st.tiers, {tier: n * min(1.0, decode_read) for tier, n in kv_bytes.items()},
+                          (work.context_tokens,) * k, cache)
     prefill_tokens = k * work.prompt_tokens
     chunk = min(st.chunk, prefill_tokens)
     sweeps = math.ceil(prefill_tokens / chunk)
