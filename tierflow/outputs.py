@@ -6,6 +6,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits, before
+    temperature, top-k and top-p), and the ``SamplingParams.logprobs`` most likely tokens at its
+    position with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     text: str
     token_ids: tuple[int, ...]           # generated tokens (an EOS / stop token included)
@@ -14,6 +25,7 @@ class Completion:
     first_token_s: float                 # time from submission to the first generated token
     total_s: float
     cached_tokens: int = 0               # prompt tokens whose KV came from the prefix cache
+    logprobs: tuple[TokenLogprob, ...] = ()   # per generated token, when SamplingParams.logprobs is set
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +33,9 @@ class StreamChunk:
     text: str                            # new text since the previous chunk
     token_ids: tuple[int, ...]           # new token ids since the previous chunk
     finish_reason: str | None            # set on the last chunk
+    logprobs: tuple[TokenLogprob, ...] = ()   # of token_ids, when SamplingParams.logprobs is set
+    prompt_tokens: int = 0               # the request's prompt tokens
+    cached_tokens: int = 0               # of those, reused from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
