@@ -37,7 +37,7 @@ from typing import Any
 from tierflow.errors import CheckpointError, DemoModelMissingError
 from tierflow.convert import gguf
 from tierflow.convert.gguf import convert_gguf, remove_orphaned_outputs
-from tierflow.tiers.io.cachedir import default_cache_dir, exclusive
+from tierflow.tiers.io.cachedir import default_cache_dir, exclusive, writable_problem
 
 __all__ = [
     "DEMO_GGUF_FILENAME",
@@ -98,6 +98,10 @@ def demo_model_dir(cache_dir: Path | None = None, *, progress: bool = True) -> P
         if problem is None:
             logger.debug("demo model: %s holds a sound conversion of %s", out_dir, gguf_path)
             return out_dir
+        why = writable_problem(root_dir)
+        if why is not None:      # a sound conversion in a read-only cache is used; a new one needs room
+            raise CheckpointError(f"the demo model must be converted into {out_dir}, which {problem}, but no file can "
+                                  f"be written in {root_dir} ({why}); set TIERFLOW_CACHE_DIR to a writable directory")
         if out_dir.exists() or out_dir.is_symlink():
             logger.warning("the cached demo model in %s %s; converting it again", out_dir, problem)
             _discard(out_dir)

@@ -39,6 +39,7 @@ from tierflow.stages.read import WeightStream
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.io.kvikio import KvikioReader, choose_reader
 from tierflow.tiers.io.pinned import PinnedArena
+from tierflow.tiers.io.cachedir import directory_problem, remove_empty_dirs, writable_problem
 from tierflow.tiers.io.reader import DiskReader
 from tierflow.tiers.io.spill import remove_orphaned_spills
 from tierflow.tiers.kv.layout import KVLayout
@@ -110,17 +111,67 @@ class Runtime:
 
 
 def check_trace_path(config: EngineConfig) -> None:
+    """``trace_path`` must name a file (new or not) in a directory that takes new files: the
+    timeline is written beside it under a temporary name and renamed onto it at close."""
     if config.trace_path is None:
         return
-    parent = Path(config.trace_path).expanduser().absolute().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ConfigError(f"EngineConfig.trace_path {str(config.trace_path)!r}: the directory {parent} does "
-                          "not exist or is not writable")
+    path = Path(config.trace_path).expanduser().absolute()
+    where = f"EngineConfig.trace_path {str(config.trace_path)!r}"
+    if path.is_dir():
+        raise ConfigError(f"{where}: {path} is a directory, but trace_path names the JSON file the timeline is "
+                          f"written to when the engine closes; give a file name, e.g. {path / 'trace.json'}",
+                          settings=("trace_path",))
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{where}: the directory {parent} does not exist (or is not a directory); create it, "
+                          "or give a path in a directory that exists", settings=("trace_path",))
+    why = writable_problem(parent)
+    if why is not None:
+        raise ConfigError(f"{where}: no file can be written in {parent} ({why}); give a path in a directory "
+                          "this process can write", settings=("trace_path",))
+
+
+_DIRECTORY_USES = {"kv_cache_dir": "the KV spill file (removed on close), or None to keep the KV cache off the disk",
+                   "prefix_cache_dir": "the prefix cache's block files, or None to keep the prefix cache in memory "
+                                       "only (prefix_cache_bytes)"}
+
+
+def check_directories(config: EngineConfig) -> list[Path]:
+    """Check ``kv_cache_dir`` and ``prefix_cache_dir`` before anything is read or allocated
+    (``cachedir.directory_problem``: a file, a path under a file, a whole missing tree, a
+    directory that takes no files are each a ConfigError naming the field). Returns those that
+    do not exist yet: the open creates them (their last component only; a missing parent is an
+    error, so a mistyped path is never made) and removes them again if it fails."""
+    missing = []
+    for field, use in _DIRECTORY_USES.items():
+        value = getattr(config, field)
+        if value is None:
+            continue
+        path = Path(value).expanduser().absolute()
+        problem = directory_problem(path)
+        if problem is not None:
+            raise ConfigError(f"EngineConfig.{field} {str(value)!r}: {path} {problem}; create the directory or "
+                              f"correct the path: {field} must be a directory this process can create files in, "
+                              f"for {use}", settings=(field,))
+        if not path.exists():
+            missing.append(path)
+    return missing
 
 
 async def build_runtime(model: str | Path, config: EngineConfig, device_ops: DeviceOps | None) -> Runtime:
-    """Open ``model`` and make every part of its runtime; on failure, give back what was made."""
+    """Open ``model`` and make every part of its runtime; on failure, give back what was made
+    (and remove the directories this open created, as far as they are empty)."""
     check_trace_path(config)
+    made_dirs = check_directories(config)
+    try:
+        return await _build(model, config, device_ops)
+    except BaseException:
+        for directory in made_dirs:
+            remove_empty_dirs(directory)
+        raise
+
+
+async def _build(model: str | Path, config: EngineConfig, device_ops: DeviceOps | None) -> Runtime:
     index = await asyncio.to_thread(CheckpointIndex.open, model)
     ops = device_ops
     if ops is None:
@@ -162,7 +213,7 @@ async def _start(rt: Runtime) -> None:
     if config.prefix_cache:
         rt.prefix = await asyncio.to_thread(functools.partial(
             PrefixReuse.for_model, rt.index, rt.dtype, plan.kv_block_tokens, memory_bytes=config.prefix_cache_bytes,
-            directory=config.prefix_cache_dir, disk_bytes=config.prefix_cache_disk_bytes))
+            directory=_expanded(config.prefix_cache_dir), disk_bytes=config.prefix_cache_disk_bytes))
         stack.push_async_callback(asyncio.to_thread, rt.prefix.cache.close)
     if ops is None:
         rt.placement = await start_host(rt.index, plan, rt.dtype, rt.reader, rt.worker, tracer=rt.tracer)
@@ -194,11 +245,18 @@ async def _start(rt: Runtime) -> None:
                             device=rt.device_path, kv_store=rt.kv_store)
 
 
+def _expanded(path: str | os.PathLike[str] | None) -> Path | None:
+    """A configured directory as ``check_directories`` checked it (``~`` expanded)."""
+    return Path(path).expanduser() if path is not None else None
+
+
 async def _write_trace(tracer: Tracer, path: str | os.PathLike[str]) -> None:
     try:
         await asyncio.to_thread(tracer.write, path)
     except OSError as error:
         log.error("could not write the trace to %s: %s", path, error)
+
+
 def context_window(config: EngineConfig, spec: ModelSpec) -> int:
     """The most tokens (prompt and generated) one sequence may reach."""
     return min(config.max_context_tokens or 2**62, spec.max_position_embeddings)
@@ -248,6 +306,6 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
                           settings=("kv_cache_dir", "kv_disk_bytes", "kv_device_bytes", "kv_host_bytes"))
     return KVStore(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                    device=device, block_tokens=bt, device_blocks=device_blocks, host_blocks=host_blocks,
-                   disk_blocks=disk_blocks, spill_dir=config.kv_cache_dir, tracer=tracer, layout=layout,
+                   disk_blocks=disk_blocks, spill_dir=_expanded(config.kv_cache_dir), tracer=tracer, layout=layout,
                    allocate=ops.alloc if ops is not None else None,
                    bind_thread=ops.bind_thread if ops is not None else None)

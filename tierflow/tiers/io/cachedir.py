@@ -19,6 +19,14 @@ gives an age past which a leftover is taken for an orphan.
 
 ``exclusive`` serialises one job across processes (the demo model's first conversion) with a lock
 file that stays in place: removing a lock file is itself racy.
+
+Before tierflow writes into a directory a user named (``EngineConfig.kv_cache_dir``,
+``prefix_cache_dir``, the probe's directory), ``directory_problem`` says what is wrong with it, if
+anything: a file, a path under a file, a whole missing tree, a directory that takes no files.
+Only a path's last directory may be missing (it is then created): a mistyped path fails instead
+of becoming a new tree. Whether files can be made is tried for real (``writable_problem`` makes
+and removes a uniquely named file), as permission bits do not tell: root ignores them, and a
+read-only mount or an exhausted quota does not show in them.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +57,58 @@ def default_cache_dir() -> Path:
     if xdg_cache_home and Path(xdg_cache_home).is_absolute():  # the XDG spec ignores relative paths
         return Path(xdg_cache_home) / "tierflow"
     return Path.home() / ".cache" / "tierflow"
+
+
+def writable_problem(directory: Path) -> str | None:
+    """None when a file can be made (and removed) in ``directory``; else why not (the system's
+    word for it, e.g. "Read-only file system")."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tierflow-write-check-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def directory_problem(path: Path) -> str | None:
+    """What stops ``path`` from being a directory tierflow makes files in, as a phrase that
+    follows the path ("is a file, not a directory"); None when nothing does. A ``path`` that
+    does not exist is fine when its parent is a directory that takes files: the caller creates
+    that last directory (``path.mkdir()``), never a missing tree."""
+    kind = _kind(path)
+    if kind == "directory":
+        why = writable_problem(path)
+        return None if why is None else f"is a directory this process cannot create files in ({why})"
+    if kind != "missing":
+        return kind
+    if path.is_symlink():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    parent = path.parent
+    parent_kind = _kind(parent)
+    if parent_kind == "directory":
+        why = writable_problem(parent)
+        return None if why is None else \
+            f"does not exist and cannot be created: its parent {parent} takes no new files ({why})"
+    ancestor = parent
+    while _kind(ancestor) == "missing" and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if _kind(ancestor) == "is a file, not a directory":
+        return f"lies under {ancestor}, which is a file, not a directory"
+    if parent_kind != "missing":
+        return f"lies under {parent}, which {parent_kind}"
+    return (f"does not exist, nor does its parent {parent} (only the last directory of a path is created, "
+            "so that a mistyped path fails instead of becoming a new tree)")
+
+
+def remove_empty_dirs(directory: Path) -> None:
+    """Remove ``directory`` and the directories under it, deepest first, as far as they are
+    empty: what an open that failed created, never a file anyone wrote."""
+    for root, _, _ in os.walk(directory, topdown=False):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass                        # not empty, or gone already
 
 
 def claim(fd: int, path: Path) -> bool:
@@ -114,6 +176,19 @@ def exclusive(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _kind(path: Path) -> str:
+    """"directory", "missing", or what else ``path`` is, as a phrase that follows it."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    return "is a file, not a directory" if stat.S_ISREG(st.st_mode) else "is not a directory"
 
 
 def _orphaned(fd: int, path: Path, unlocked_older_than_s: float | None) -> bool:

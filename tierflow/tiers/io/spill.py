@@ -6,11 +6,13 @@ what); a read checks it, so a flipped byte raises ``KVCorruptionError`` instead 
 attention a wrong value. ``num_slots`` may be as many as the disk's free space holds: space
 is reserved (``posix_fallocate``) in extents of EXTENT_BYTES as writes reach higher slots, the
 first one when the file is made, so a full disk is found then, as ``TierCapacityError``; a
-disk that fills later is reported the same way by the write that finds it. A file deleted while in use is
-detected (its link count drops to zero) and reported as ``TransferError`` rather than
-silently read from the unlinked inode. Slots are 4 KiB aligned and move whole through an aligned
-buffer, with O_DIRECT where the filesystem allows it, so spilled KV does not fill RAM through the
-page cache.
+disk that fills later (growing the file, or writing to a sparse one) is reported the same way
+by the write that finds it, which fails that block's request only. The error names the setting
+that caps the file (``kv_disk_bytes``) and the one that moves it (``kv_cache_dir``). A file
+deleted while in use is detected (its link count drops to zero) and reported as
+``TransferError`` rather than silently read from the unlinked inode. Slots are 4 KiB aligned and
+move whole through an aligned buffer, with O_DIRECT where the filesystem allows it, so spilled KV
+does not fill RAM through the page cache.
 
 Nothing is left behind. ``close()`` removes the file; so does a spill file's finaliser when it is
 dropped unclosed or the interpreter exits. A process killed outright (SIGKILL, the OOM killer, a
@@ -83,6 +85,11 @@ class SpillFile:
                 return cls(path, block_bytes, num_slots)
             except FileExistsError:
                 continue                # a name left by a process with our PID, still in use
+            except OSError as exc:      # the directory is gone, or takes no files now
+                error = TierCapacityError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else TransferError
+                raise error(f"cannot create a KV spill file in {directory}: {exc.strerror}; EngineConfig.kv_cache_dir "
+                            "must be (and stay, while the engine runs) a directory this process can create files "
+                            "in", settings=("kv_cache_dir",)) from exc
         raise TransferError(f"cannot create a KV spill file in {directory}: every name tried exists")
 
     @staticmethod
@@ -125,10 +132,17 @@ class SpillFile:
                 os.ftruncate(self._fd, grown)    # no fallocate here: a sparse file
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TierCapacityError(f"no room for {grown - self._reserved} more bytes of KV spill in "
-                                        f"{self.path.parent}: the disk is full") from exc
+                raise self._disk_full(f"growing the file by {grown - self._reserved} bytes", exc) from exc
             raise TransferError(f"cannot reserve space for {self.path}: {exc.strerror}") from exc
         self._reserved = grown
+
+    def _disk_full(self, what: str, exc: OSError) -> TierCapacityError:
+        quota = " (the quota is used up)" if exc.errno == errno.EDQUOT else ""
+        return TierCapacityError(
+            f"no room for the KV spill file {self.path}: the disk is full{quota} ({what}); free space on it, cap the "
+            "spill file below what that disk can hold with EngineConfig.kv_disk_bytes (unset, it may take the "
+            "disk's free space when the engine opened, less a margin, which other writers can take since), or "
+            "point EngineConfig.kv_cache_dir at a disk with more room", settings=("kv_disk_bytes", "kv_cache_dir"))
 
     @property
     def deleted(self) -> bool:
@@ -162,7 +176,7 @@ class SpillFile:
             written = os.pwrite(self._fd, memoryview(self._bounce.numpy()), slot * self.stride)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TierCapacityError(f"the disk holding {self.path} is full: cannot spill a KV block") from exc
+                raise self._disk_full("writing a KV block", exc) from exc
             raise TransferError(f"writing a KV block to {self.path} failed: {exc.strerror}") from exc
         if written != self.stride:
             raise TransferError(f"short write of a KV block to {self.path}: {written} of {self.stride} bytes")

@@ -16,13 +16,16 @@ being written: a cache that opens on the directory removes those whose lock is f
 filesystem without locks, those older than an hour). A file that fails any check is
 removed and counts as a miss — the request prefills those tokens instead, never runs on a
 wrong block. Disk writes run on a writer thread; a full disk or any write error only costs
-the cache that block.
+the cache that block (the first one is logged as a warning, all are counted in
+``write_errors``). A directory that is a file, lies under one, is missing with its parent, or
+takes no files is a ``ConfigError`` when the cache opens; a missing last directory is made.
 
 The keys and the model fingerprint are computed in ``prefix_keys``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -37,7 +40,8 @@ from typing import Sequence
 
 import torch
 
-from tierflow.tiers.io.cachedir import claim, remove_orphans
+from tierflow.errors import ConfigError
+from tierflow.tiers.io.cachedir import claim, directory_problem, remove_orphans
 from tierflow.tiers.kv.prefix_keys import FORMAT_VERSION, block_keys
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,23 @@ MAGIC = b"TFPREFIX"
 SUFFIX = ".kvblock"
 _MAX_PENDING_BYTES = 256 * 2**20     # blocks queued for the writer before store() waits
 STALE_UNLOCKED_S = 3600              # without locks, a temporary this old is taken for a dead writer's
+
+
+def _model_directory(root: Path, fingerprint: str) -> Path:
+    """``root``'s directory for the model ``fingerprint`` names, made if need be; ``root``
+    itself may be missing only when its parent exists (it is then made: a mistyped path is an
+    error, never a new tree)."""
+    problem = directory_problem(root)
+    if problem is None:
+        try:
+            (root / fingerprint[:32]).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = f"does not take the cache's directory for this model ({exc.strerror})"
+    if problem is not None:
+        raise ConfigError(f"the prefix cache's directory {root} {problem}; give a directory this process can create "
+                          "files in (EngineConfig.prefix_cache_dir), or none to keep the prefix cache in memory only",
+                          settings=("prefix_cache_dir",))
+    return root / fingerprint[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +106,7 @@ class PrefixCache:
         self._writer: ThreadPoolExecutor | None = None
         self._disk_bytes = 0
         if directory is not None:
-            self.directory = Path(directory) / fingerprint[:32]
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory = _model_directory(Path(directory), fingerprint)
             self._remove_stale_temporaries()
             self._disk_bytes = sum(p.stat().st_size for p in self.directory.glob(f"*{SUFFIX}"))
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="tierflow-prefix")
@@ -233,7 +253,12 @@ class PrefixCache:
             tmp.unlink(missing_ok=True)
             with self._lock:
                 self._counts["write_errors"] += 1
-            log.warning("prefix cache: could not write %s (%s); that block is not kept on disk", path, exc)
+                first = self._counts["write_errors"] == 1
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "prefix cache: could not write %s (%s); that block is not kept on disk%s%s", path, exc,
+                    " (the disk is full: EngineConfig.prefix_cache_disk_bytes caps the cache's files)" if full else "",
+                    "; later write errors are counted in statistics().write_errors" if first else "")
             return
         size = path.stat().st_size
         with self._lock:

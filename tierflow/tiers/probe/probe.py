@@ -19,7 +19,14 @@
 
 Memory is measured on every call (it changes); disk, PCIe and compute figures are cached
 per machine, filesystem and shape in ``<cache>/probe.json`` (``tierflow probe --fresh``
-measures again). Each measurement takes about a second at most.
+measures again; a cache that cannot be written is warned about once, and the probe goes on
+without it). Each measurement takes about a second at most.
+
+The directory measured must be a directory, or a new one in an existing directory (made then):
+a file, a path under a file or a whole missing tree is a ``ConfigError``. Where it takes no
+probe file (a read-only checkpoint), the disk is measured in the cache's directory instead, else
+in the system's temporary directory; where none takes one, a ``ConfigError`` says to set
+``TIERFLOW_CACHE_DIR`` or to give a profile.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from tierflow.errors import TierflowError
+from tierflow.errors import ConfigError, TierflowError
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES
 from tierflow.tiers.plan.costmodel import ModelCosts, io_block_for
 from tierflow.tiers.plan.planner import largest_read
@@ -47,7 +54,7 @@ from tierflow.tiers.probe.measure import (CHUNK_BYTES, MATMUL_STREAMS, measure_c
                                           measure_disk, measure_pcie, release_cached_blocks)
 from tierflow.tiers.probe.nvml import device_figures
 from tierflow.tiers.plan.hardware import HardwareProfile
-from tierflow.tiers.io.cachedir import default_cache_dir
+from tierflow.tiers.io.cachedir import default_cache_dir, directory_problem
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +124,21 @@ def _cpu_name() -> str:
 
 # ----------------------------------------------------------------------------- disk
 class ProbeCache:
-    """``<cache>/probe.json``: figures per machine, keyed by what they depend on."""
+    """``<cache>/probe.json``: figures per machine, keyed by what they depend on. A cache that
+    cannot be written (a read-only ``TIERFLOW_CACHE_DIR``) is an optimisation lost, not an
+    error: ``put`` warns once and the figures are measured again next time."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self._warned = False
 
     def _load(self) -> dict[str, Any]:
-        if self.path is None or not self.path.exists():
+        if self.path is None:
             return {}
         try:
             doc = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
         except (OSError, ValueError):    # unreadable, not UTF-8, not JSON
             doc = None
         if isinstance(doc, dict) and doc.get("version") == _CACHE_VERSION and isinstance(doc.get("entries"), dict):
@@ -143,14 +155,49 @@ class ProbeCache:
             return
         doc = self._load() or {"version": _CACHE_VERSION, "entries": {}}
         doc["entries"][key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass                     # never made: the directory takes no files
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot write the probe cache %s (%s): the figures are measured again next time; set "
+                            "TIERFLOW_CACHE_DIR to a writable directory to keep them", self.path, exc.strerror or exc)
 
 
 def default_cache() -> ProbeCache:
     return ProbeCache(default_cache_dir() / "probe.json")
+
+
+def _measured_directory(path: Path, what: str) -> Path:
+    """``path``, whose filesystem the probe measures: a directory (read-only is fine: the disk
+    is then measured elsewhere), or a new one in an existing directory, made here. A file, a
+    path under a file or a whole missing tree is a ConfigError (a mistyped path is never made)."""
+    if path.is_dir():
+        return path
+    problem = directory_problem(path)
+    if problem is None:
+        try:
+            path.mkdir()
+            return path
+        except OSError as exc:
+            problem = f"cannot be created ({exc.strerror})"
+    raise ConfigError(f"the probe measures the disk of {what}, {path}, which {problem}; give it an existing "
+                      "directory on the disk to measure (or a new one in an existing directory)")
+
+
+def _fallback_dirs(cache: ProbeCache) -> list[Path]:
+    """Where the disk is measured when the model's directory takes no probe file: the cache's
+    directory, then the system's temporary directory."""
+    found = [cache.path.parent] if cache.path is not None else []
+    temporary = Path(tempfile.gettempdir())
+    return found + [temporary] if temporary not in found else found
 
 
 def _filesystem_key(directory: Path) -> str:
@@ -203,18 +250,34 @@ async def probe(device: torch.device, dtype: torch.dtype, model: ModelCosts, mod
         try:
             return await disk_of(model_dir)
         except OSError as exc:   # no probe file can be written beside the checkpoint (read-only, full)
-            elsewhere = cache.path.parent if cache.path is not None else Path(tempfile.gettempdir())
-            elsewhere.mkdir(parents=True, exist_ok=True)
-            log.warning("cannot measure the disk in %s (%s); measuring %s instead", model_dir, exc.strerror,
-                        elsewhere)
-            return {**await disk_of(elsewhere), "instead_of": str(model_dir)}
+            tried = [f"{model_dir} ({exc.strerror})"]
+        for elsewhere in _fallback_dirs(cache):
+            try:
+                elsewhere.mkdir(parents=True, exist_ok=True)
+                figures = await disk_of(elsewhere)
+            except OSError as exc:
+                tried.append(f"{elsewhere} ({exc.strerror})")
+                continue
+            log.warning("cannot measure the disk in %s; measured %s instead", tried[0], elsewhere)
+            return {**figures, "instead_of": str(model_dir)}
+        raise ConfigError(f"the probe cannot measure the disk: it reads a probe file it writes (and removes), and "
+                          f"none can be written in {', nor in '.join(tried)}; set TIERFLOW_CACHE_DIR to a writable "
+                          "directory, or give the engine a profile that holds the hardware figures "
+                          "(EngineConfig.profile; `tierflow probe --out` writes one)", settings=("profile",))
 
-    model_dir = Path(model_dir)
-    spill = Path(spill_dir) if spill_dir is not None else model_dir
-    spill.mkdir(parents=True, exist_ok=True)
+    async def spill_disk() -> dict[str, Any]:
+        try:
+            return await disk_of(spill)
+        except OSError as exc:
+            raise ConfigError(f"the probe cannot measure the KV spill directory {spill}: no file can be written in "
+                              f"it ({exc.strerror}); give a directory this process can write (EngineConfig."
+                              "kv_cache_dir)", settings=("kv_cache_dir",)) from exc
+
+    model_dir = _measured_directory(Path(model_dir), "the model's directory")
+    spill = _measured_directory(Path(spill_dir), "the KV spill directory") if spill_dir is not None else model_dir
     disk = await cached(f"disk/{_filesystem_key(model_dir)}/{pattern}", "disk", checkpoint_disk)
     kv_disk = disk if _filesystem_key(spill) == _filesystem_key(model_dir) else await cached(
-        f"disk/{_filesystem_key(spill)}/{pattern}", "kv_disk", lambda: disk_of(spill))
+        f"disk/{_filesystem_key(spill)}/{pattern}", "kv_disk", spill_disk)
     shape = f"{model.hidden_size}x{model.intermediate_size}x{model.num_heads}x{model.head_dim}"
 
     async def compute() -> dict[str, Any]:
