@@ -18,7 +18,7 @@ from tierflow.adapters import adapter_for
 from tierflow.engine.loading import resolve_dtype
 from tierflow.errors import CheckpointError, ConfigError
 from tierflow.engine.planning import DTYPE_NAMES, config_spec, engine_workload, index_costs, layer_benchmark
-from tierflow.cli.report import format_bytes, plan_document, render_plan
+from tierflow.cli.report import HardwareSource, describe_source, format_bytes, plan_document, render_plan
 from tierflow.tiers.plan.advice import improvements
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import ModelCosts, Workload, costs_from_spec
@@ -28,33 +28,74 @@ from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, Profile
 from tierflow.tiers.probe.profile import load_profile, save_profile
 
 # Layer shapes the probe times when no model is given (a Llama-3.2-1B-sized layer).
+DEVICE_CHOICES = ["auto", "cpu", "cuda"]
+DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 GENERIC_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,
                   "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "num_hidden_layers": 16,
                   "vocab_size": 128256, "torch_dtype": "bfloat16", "tie_word_embeddings": True}
 
 
 def add_plan_commands(sub: Any, parse_size: Callable[[str], int]) -> None:
-    p = sub.add_parser("plan", help="plan where a model's layers and KV live on this machine (or a profile's), "
-                                    "and predict its speed")
+    """The ``plan`` and ``probe`` subcommands. Every flag's help says its choices and default;
+    a bad value is a ConfigError, which ``tierflow`` prints as a usage error (exit 2)."""
+    p = sub.add_parser("plan", help="plan where a model's layers and KV live, and predict its speed")
     p.add_argument("model", help="model directory (config.json alone is enough) or a config.json file")
-    p.add_argument("--context", type=int, default=4096, help="tokens of context per sequence (default 4096)")
-    p.add_argument("--concurrency", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sequence (default 256)")
-    p.add_argument("--device-memory", type=parse_size, help="cap on device memory, e.g. 8GiB")
-    p.add_argument("--host-memory", type=parse_size, help="cap on host (pinned) memory, e.g. 32GiB")
-    p.add_argument("--profile", help="profile JSON: plan for its hardware, with its overrides")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--fresh", action="store_true", help="measure this machine again instead of using the cache")
-    p.add_argument("--json", action="store_true", help="print the plan as a JSON document")
+    p.add_argument("--context", type=int, default=4096, metavar="TOKENS",
+                   help="tokens of context per sequence, prompt and generated, >= 1 (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="sequences decoded together, >= 1 (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=256, metavar="TOKENS",
+                   help="tokens generated per sequence, >= 0, at most --context - 1 (default %(default)s)")
+    p.add_argument("--device-memory", type=parse_size, metavar="SIZE",
+                   help="cap on device memory, e.g. 8GiB (default: the free memory less a safety margin)")
+    p.add_argument("--host-memory", type=parse_size, metavar="SIZE",
+                   help="cap on host (pinned) memory, e.g. 32GiB (default: the available RAM less a safety margin)")
+    p.add_argument("--profile", metavar="FILE",
+                   help="profile JSON: plan for its hardware, with its overrides (default: measure this machine)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="device to plan for: auto (cuda when one is visible, else cpu), cpu or cuda "
+                        "(default %(default)s; a profile's hardware decides instead)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
+                   help="compute dtype: auto (as the engine chooses), float32, bfloat16 or float16 "
+                        "(default %(default)s)")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure this machine again instead of using the probe's cache (default: use the cache)")
+    p.add_argument("--json", action="store_true", help="print the plan as a JSON document (default: tables)")
     q = sub.add_parser("probe", help="measure this machine (memory, disk, PCIe, compute) and write a profile JSON")
-    q.add_argument("--model", help="time this model's layer shapes and its directory's disk (default: a generic "
-                                   "1B-sized layer and the current directory)")
-    q.add_argument("--dir", help="directory whose disk to measure (default: the model's, else the current one)")
-    q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    q.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    q.add_argument("--fresh", action="store_true", help="measure again instead of using the cache")
-    q.add_argument("--out", help="write the profile JSON here")
+    q.add_argument("--model", metavar="PATH", help="time this model's layer shapes and its directory's disk "
+                                                   "(default: a generic 1B-sized layer and the current directory)")
+    q.add_argument("--dir", metavar="DIR", help="an existing directory whose disk to measure (default: the "
+                                                "model's, else the current one)")
+    q.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                   help="device to measure: auto (cuda when one is visible, else cpu), cpu or cuda "
+                        "(default %(default)s)")
+    q.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES,
+                   help="dtype the compute is timed in: float32, bfloat16 or float16 (default %(default)s)")
+    q.add_argument("--fresh", action="store_true",
+                   help="measure again instead of using the probe's cache (default: use the cache)")
+    q.add_argument("--out", metavar="FILE",
+                   help="write the profile JSON here, in an existing directory (default: print the figures only)")
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Flag values argparse's types cannot check: ConfigErrors naming the flag and the value."""
+    for flag, low in (("context", 1), ("concurrency", 1), ("new_tokens", 0)):
+        value = getattr(args, flag)
+        if value < low:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    for flag in ("device_memory", "host_memory"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a size above 0, e.g. 8GiB; got {value} bytes")
+
+
+def _existing_dir(flag: str, text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        found = "a file" if path.exists() else "nothing there"
+        raise ConfigError(f"{flag} {text!r}: expected an existing directory, found {found}; give the directory "
+                          "whose disk to measure (it is not created)")
+    return path
 
 
 def _device(name: str) -> torch.device:
@@ -86,22 +127,22 @@ def _progress(console: Console) -> Callable[[str], None]:
 
 
 async def _hardware(args: argparse.Namespace, profile: Profile | None, costs: ModelCosts, dtype: torch.dtype,
-                    directory: Path, bench: Callable[..., Any], console: Console) -> tuple[HardwareProfile, str]:
+                    directory: Path, bench: Callable[..., Any], console: Console
+                    ) -> tuple[HardwareProfile, HardwareSource]:
     if profile is not None and profile.hardware is not None:
-        return profile.hardware, f"from {args.profile}"
+        return profile.hardware, describe_source({"source": "profile", **dict(profile.measured)},
+                                                 profile_file=args.profile)
     device = _device(args.device)
-    hw, provenance = await probe(device, dtype, costs, directory, cache=default_cache(), fresh=args.fresh,
+    cache = default_cache()
+    hw, provenance = await probe(device, dtype, costs, directory, cache=cache, fresh=args.fresh,
                                  layer=bench(device, dtype), progress=_progress(console))
-    sources = {provenance[k]["source"] for k in ("disk", "compute") if k in provenance}
-    return hw, "measured on this machine" + (" (cached figures)" if sources == {"cache"} else "")
+    return hw, describe_source(provenance, cache_file=cache.path)
 
 
 async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
     if args.command == "probe":
         return await _probe_command(args, console)
-    for name in ("context", "concurrency"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    _check_values(args)
     profile = load_profile(args.profile) if args.profile else None
     device_type = profile.hardware.device if profile and profile.hardware else _device(args.device).type
     costs, dtype, directory, bench = _model_costs(args.model, args.dtype, device_type)
@@ -123,6 +164,8 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
 
 async def _probe_command(args: argparse.Namespace, console: Console) -> None:
     device = _device(args.device)
+    if args.out is not None:
+        _existing_dir("--out's directory", str(Path(args.out).expanduser().absolute().parent))
     if args.model:
         costs, _, directory, bench = _model_costs(args.model, args.dtype, device.type)
     else:
@@ -130,7 +173,7 @@ async def _probe_command(args: argparse.Namespace, console: Console) -> None:
         spec = adapter.spec_from_config(GENERIC_CONFIG)
         costs = costs_from_spec(spec, adapter, args.dtype, name="generic")
         directory, bench = Path.cwd(), partial(layer_benchmark, spec, adapter)
-    directory = Path(args.dir) if args.dir else directory
+    directory = _existing_dir("--dir", args.dir) if args.dir else directory
     dtype = getattr(torch, args.dtype)
     hw, provenance = await probe(device, dtype, costs, directory, cache=default_cache(), fresh=args.fresh,
                                  layer=bench(device, dtype), progress=_progress(console))
@@ -146,9 +189,11 @@ async def _probe_command(args: argparse.Namespace, console: Console) -> None:
 
 
 def render_engine_plan(console: Console, engine: Any) -> None:
-    """The plan an open engine runs, as `tierflow plan` shows it."""
+    """The plan an open engine runs, as `tierflow plan` shows it, saying where its hardware
+    figures came from (``engine.hardware_source``: the probe's provenance, or the profile's)."""
     overrides, work = engine.overrides, engine_workload(engine.config)
-    source = engine.hardware_source.get("source", "measured")
-    source = "from the profile" if source == "profile" else "measured on this machine"
+    provenance = engine.hardware_source
+    source = describe_source(provenance, cache_file=provenance.get("cache_file"),
+                             profile_file=provenance.get("profile_file"))
     render_plan(console, engine.plan, engine.hardware, engine.costs, source,
                 improvements(engine.costs, engine.hardware, work, overrides, engine.plan))
