@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -139,14 +141,15 @@ class EnginePlan:
     plan: TierPlan
     hardware: HardwareProfile
     costs: ModelCosts
-    provenance: dict[str, Any]
+    provenance: dict[str, Any]           # the probe's (with its "cache_file"), or {"source": "profile", "profile_file"}
     overrides: Overrides                 # the profile's, with the EngineConfig's fields on top
 
 
 async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torch.device, dtype: torch.dtype,
                       *, cache: ProbeCache | None = None, progress: Callable[[str], None] | None = None,
                       kind: str | None = None) -> EnginePlan:
-    """The plan the engine runs: hardware from the profile, else measured (cached per machine).
+    """The plan the engine runs: hardware from the profile, else measured (cached per machine);
+    the provenance names the profile file (None for a dict) or the probe's cache file.
     ``kind``: the profile's device kind the engine runs as (default ``device.type``)."""
     kind = kind or device.type
     profile = load_engine_profile(config)
@@ -157,11 +160,15 @@ async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torc
             raise ConfigError(f"the profile's hardware describes a {profile.hardware.device!r} machine but the engine "
                               f"runs on {kind!r}; plan for that machine with `tierflow plan --profile`, or "
                               "give the engine a profile of this one (`tierflow probe --out`)")
-        hardware, provenance = profile.hardware, {"source": "profile", **dict(profile.measured)}
+        named = None if isinstance(config.profile, Mapping) else os.fspath(config.profile)   # None: a dict
+        hardware, provenance = profile.hardware, {**dict(profile.measured), "source": "profile",
+                                                  "profile_file": named}
     else:
+        cache = cache or default_cache()
         hardware, provenance = await probe(device, dtype, costs, index.directory,
                                            io_threads=overrides.io_threads or 4, block_bytes=overrides.io_block_bytes,
-                                           cache=cache or default_cache(), progress=progress,
+                                           cache=cache, progress=progress,
                                            layer=layer_benchmark(index.spec, index.adapter, device, dtype))
+        provenance = {**provenance, "cache_file": None if cache.path is None else str(cache.path)}
     return EnginePlan(plan(costs, hardware, engine_workload(config), overrides), hardware, costs, provenance,
                       overrides)
