@@ -10,16 +10,17 @@ import pytest
 
 from tierflow import ConfigError, Engine, EngineConfig, SamplingParams
 from tierflow.pipeline import trace as trace_module
-from tierflow.pipeline.trace import NULL_TRACER, Tracer
+from tierflow.pipeline.trace import LANE_SEPARATOR, NULL_TRACER, Tracer, check_trace, check_trace_file
 from tierflow.testing import streaming_budget
 
 
 def _tracks(doc: dict) -> dict[str, list[dict]]:
+    """Spans by track, the lanes of a track ("disk: weights · 2") together."""
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
     spans: dict[str, list[dict]] = {}
     for e in doc["traceEvents"]:
         if e["ph"] == "X":
-            spans.setdefault(names[e["tid"]], []).append(e)
+            spans.setdefault(names[e["tid"]].split(LANE_SEPARATOR)[0], []).append(e)
     return spans
 
 
@@ -38,11 +39,19 @@ def test_spans_become_complete_events_on_named_tracks(tmp_path):
     (read,) = spans["disk: weights"]
     assert read["dur"] >= 1000 and read["ts"] > compute["ts"]
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]      # no temporary left behind
+    assert check_trace_file(path) == []
+    # only the two tracks with spans are named; no displayTimeUnit (some Perfetto versions
+    # take it for the unit of "ts")
+    assert [e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"] == ["disk: weights", "compute"]
+    assert "displayTimeUnit" not in doc
 
 
 def test_the_null_tracer_records_nothing():
     NULL_TRACER.span("compute", "x", 0.0, 1.0)
+    with NULL_TRACER.timed("compute", "y"):
+        pass
     assert _tracks(NULL_TRACER.document()) == {} and not NULL_TRACER.enabled
+    assert check_trace(NULL_TRACER.document()) == []
 
 
 def test_a_long_run_keeps_the_newest_events_and_says_how_many_it_dropped(monkeypatch):
@@ -70,7 +79,9 @@ def test_an_engine_writes_every_stage_of_its_run(tiny_model, tmp_path):
             return engine.stats(), engine.plan, engine.spec
     stats, plan, spec = asyncio.run(main())
 
+    assert check_trace_file(path) == []
     spans = _tracks(json.loads(path.read_text()))
+    assert set(spans) == {"sweeps", "compute", "disk: weights", "disk: KV blocks"}      # a CPU run's tracks
     assert len(spans["sweeps"]) == stats.sweeps
     assert len(spans["compute"]) == stats.sweeps * spec.num_units                 # every unit of every sweep
     streamed = [spec.unit_name(u) for u in plan.streamed]
@@ -99,5 +110,5 @@ def test_the_cli_writes_a_trace(tmp_path, capsys):
 
     path = tmp_path / "cli.json"      # the demo model (it has a tokenizer)
     assert main(["run", "Hello", "--max-new-tokens", "3", "--device", "cpu", "--trace", str(path)]) == 0
-    assert _tracks(json.loads(path.read_text()))["compute"]
+    assert _tracks(json.loads(path.read_text()))["compute"] and check_trace_file(path) == []
     assert str(path) in capsys.readouterr().err.replace("\n", "")      # the summary goes to stderr
