@@ -264,7 +264,8 @@ class SweepRunner:
             self._events.append((unit, before, after))
             return out, after
         finally:
-            self.tracer.span("compute", self.spec.unit_name(unit), started, time.perf_counter())
+            if self.tracer.enabled:
+                self.tracer.span("compute", self.spec.unit_name(unit), started, time.perf_counter())
 
     def _layer_done(self, unit: int) -> None:
         if self.kv is not None and self.spec.unit_kind(unit) == LAYER:
