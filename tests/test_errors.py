@@ -128,8 +128,8 @@ def test_bad_prompts_leave_the_engine_usable(tiny_model):
                                     ("hello", "no tokenizer"), (3.5, "a str, a list")]:
                 with pytest.raises(PromptError, match=message):
                     await engine.generate(prompt)
-            with pytest.raises(TypeError, match="SamplingParams"):
-                await engine.generate(GOOD, {"max_new_tokens": 3})
+            with pytest.raises(SamplingError, match="SamplingParams"):
+                await engine.generate(GOOD, 3)
             out = await engine.generate(GOOD, SamplingParams(max_new_tokens=40, ignore_eos=True))
             return out
 

@@ -22,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import AsyncIterator
+from collections.abc import Mapping
+from typing import Any, AsyncIterator
 
 import torch
 
 from tierflow.adapters.attention import attention_backend
-from tierflow.config import EngineConfig, SamplingParams
+from tierflow.config import EngineConfig, SamplingParams, engine_config_from, sampling_params_from
 from tierflow.engine.build import Runtime, build_runtime, context_window
 from tierflow.engine.driver import Driver
 from tierflow.engine.metrics import PipelineStats, engine_stats, pipeline_stats
-from tierflow.engine.requests import Prompt, Request, deadline_after, encode_prompt
+from tierflow.engine.requests import Prompt, Request, check_stop_token_ids, deadline_after, encode_prompt
 from tierflow.errors import EngineClosedError, EventLoopError, PromptError, RequestTimeoutError
 from tierflow.outputs import Completion, EngineStats, StreamChunk
 from tierflow.pipeline.cuda import DeviceOps
@@ -56,12 +57,15 @@ class Engine:
         self._released = False          # the runtime was given back (by close, or when the loop shut down)
 
     @classmethod
-    async def open(cls, model: str | Path, config: EngineConfig | None = None, *,
+    async def open(cls, model: str | Path, config: EngineConfig | Mapping[str, Any] | None = None, *,
                    device_ops: DeviceOps | None = None) -> "Engine":
         """Open ``model`` (a local directory, a GGUF file or a hub id in the local cache).
+        ``config``: an EngineConfig, a dict of its fields (``{"device": "cpu"}`` is
+        ``EngineConfig(device="cpu")``; an unknown key is a ConfigError naming the closest
+        field), or None for the defaults.
         ``device_ops`` replaces the CUDA device's streams and memory (for other backends, or
         ``tierflow.testing.SimulatedCuda`` in tests); by default ``config.device`` decides."""
-        rt = await build_runtime(model, config or EngineConfig(), device_ops)
+        rt = await build_runtime(model, engine_config_from(config), device_ops)
         try:
             engine = cls(rt)
         except BaseException:
@@ -133,21 +137,27 @@ class Engine:
         return self._closed or self._released
 
     # ----------------------------------------------------------------------------- requests
-    async def generate(self, prompt: Prompt, params: SamplingParams | None = None, *,
+    async def generate(self, prompt: Prompt, params: SamplingParams | Mapping[str, Any] | None = None, *,
                        timeout_s: float | None = None) -> Completion:
-        """Generate a completion. ``timeout_s`` bounds the whole request (queueing included):
-        past it the request is cancelled and ``RequestTimeoutError`` raised."""
-        req = self._submit(prompt, params or SamplingParams())
+        """Generate a completion. ``params``: SamplingParams, a dict of its fields
+        (``{"max_new_tokens": 8}``; an unknown key is a SamplingError naming the closest field),
+        or None for the defaults. A bad prompt is a PromptError, bad params (stop_token_ids
+        beyond the vocabulary included) a SamplingError, raised before anything is queued: the
+        engine serves the next request as if this one had not come. ``timeout_s`` bounds the
+        whole request (queueing included): past it the request is cancelled and
+        ``RequestTimeoutError`` raised."""
+        req = self._submit(prompt, params)
         await self._wait(req, deadline_after(timeout_s))
         return Completion(req.detok.text, tuple(req.output_ids),
                           req.finish_reason or "stop", tuple(req.prompt_ids),
                           req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s,
                           req.cached_tokens)
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None, *,
+    async def stream(self, prompt: Prompt, params: SamplingParams | Mapping[str, Any] | None = None, *,
                      timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
-        """Stream a completion chunk by chunk; leaving the loop early cancels the request."""
-        req = self._submit(prompt, params or SamplingParams())
+        """Stream a completion chunk by chunk; leaving the loop early cancels the request.
+        ``prompt`` and ``params`` as for ``generate`` (their errors come at the first chunk)."""
+        req = self._submit(prompt, params)
         deadline = deadline_after(timeout_s)
         sent = 0
         try:
@@ -173,12 +183,13 @@ class Engine:
         await self._wait(req, None)
         return torch.cat(req.logits)
 
-    def _submit(self, prompt: Prompt, params: SamplingParams, score: bool = False) -> Request:
+    def _submit(self, prompt: Prompt, params: SamplingParams | Mapping[str, Any] | None,
+                score: bool = False) -> Request:
         if self._closed:
             raise EngineClosedError("the engine is closed; open a new one with Engine.open()")
         self._check_loop()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params = sampling_params_from(params)
+        check_stop_token_ids(params, self.spec.vocab_size)
         ids = encode_prompt(prompt, self.tokenizer, self.spec.vocab_size)
         if len(ids) + (0 if score else 1) > self.max_context_tokens:
             raise PromptError(f"the prompt has {len(ids)} tokens but the context window holds "

@@ -2,7 +2,9 @@
 
 ``Request`` is the driver's record of one request: its tokens, sampling state, KV handle and
 outcome. ``encode_prompt`` turns the three prompt forms (text, token ids, chat messages) into
-ids; ``Detokenizer`` turns generated ids into text deltas with stop strings; ``deadline_after``
+ids, and refuses with a PromptError that names the message or position anything the tokenizer
+or the chat template would otherwise trip on (a lone surrogate, an unknown role, a non-int id);
+``Detokenizer`` turns generated ids into text deltas with stop strings; ``deadline_after``
 turns a request's ``timeout_s`` into a loop deadline.
 """
 
@@ -11,15 +13,19 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from tierflow.config import SamplingParams
-from tierflow.errors import ConfigError, PromptError
+from tierflow.config import SamplingParams, _show
+from tierflow.errors import ConfigError, PromptError, SamplingError
 from tierflow.tiers.kv.handle import KVHandle
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
+# Tool messages are left out: a tool call's assistant message has no string content (it carries
+# tool_calls instead), which these checks refuse, so a tool result would answer nothing.
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(eq=False)
@@ -65,21 +71,25 @@ def deadline_after(timeout_s: float | None) -> float | None:
 
 
 def encode_prompt(prompt: Prompt, tokenizer: Any, vocab_size: int) -> list[int]:
-    """``str`` → tokenizer's default encoding; ``list[int]`` → as given; chat messages →
-    the checkpoint's chat template with the generation prompt appended."""
+    """``str`` → tokenizer's default encoding; ``list[int]`` → as given, each id in
+    [0, vocab_size); chat messages (a list of ``{"role", "content"}`` dicts, role one of
+    ``CHAT_ROLES``) → the checkpoint's chat template with the generation prompt appended.
+    Text must be valid Unicode (no lone surrogate). Anything else is a PromptError that says
+    what was found and where."""
     if isinstance(prompt, str):
         if not prompt:
             raise PromptError("the prompt is empty; pass some text, token ids or chat messages")
+        _check_unicode(prompt, "the prompt")
         ids = list(_need_tokenizer(tokenizer, "a text prompt")(prompt)["input_ids"])
-    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-        ids = _chat_ids(list(prompt), _need_tokenizer(tokenizer, "chat messages"))
+    elif isinstance(prompt, Mapping):
+        raise PromptError("the prompt is a single dict; chat messages go in a list: [{'role': 'user', 'content': ...}]")
     elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-        ids = list(prompt)
-        if not ids:
+        if not prompt:
             raise PromptError("the prompt is empty; pass some text, token ids or chat messages")
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise PromptError(f"token ids must be ints in [0, {vocab_size}); found {bad[:5]}")
+        if any(isinstance(m, Mapping) for m in prompt):
+            ids = _chat_ids(list(prompt), tokenizer)
+        else:
+            ids = _token_ids(list(prompt), vocab_size)
     else:
         raise PromptError(f"a prompt is a str, a list of token ids or a list of chat messages, "
                           f"got {type(prompt).__name__}")
@@ -88,19 +98,68 @@ def encode_prompt(prompt: Prompt, tokenizer: Any, vocab_size: int) -> list[int]:
     return ids
 
 
+def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """A stop token the model cannot produce would never stop anything: a SamplingError."""
+    bad = [i for i in params.stop_token_ids if i >= vocab_size]
+    if bad:
+        raise SamplingError(f"SamplingParams.stop_token_ids holds {_show_list(bad)}, beyond this model's vocabulary "
+                            f"of {vocab_size} tokens (ids 0 to {vocab_size - 1}); pass ids below {vocab_size}")
+
+
+def _token_ids(ids: list[Any], vocab_size: int) -> list[int]:
+    bad = [(i, t) for i, t in enumerate(ids) if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        where = ", ".join(f"{_show(t)} at position {i}" for i, t in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise PromptError(f"token ids must be ints in [0, {vocab_size}) (this model's vocabulary); found {where}{more}")
+    return ids
+
+
+def _show_list(values: list[Any]) -> str:
+    return ", ".join(_show(v) for v in values[:5]) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(f"{where} is not valid Unicode: it holds a lone surrogate {text[exc.start]!r} at character "
+                          f"{exc.start} (text decoded with errors='surrogateescape', or a broken \\u escape); pass "
+                          f"valid text") from None
+
+
 def _need_tokenizer(tokenizer: Any, what: str) -> Any:
     if tokenizer is None:
         raise PromptError(f"this checkpoint has no tokenizer, so {what} cannot be encoded; pass token ids")
     return tokenizer
 
 
-def _chat_ids(messages: list[dict[str, Any]], tokenizer: Any) -> list[int]:
+def _check_messages(messages: list[Any]) -> None:
     for i, m in enumerate(messages):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise PromptError(f"chat message {i} must have string 'role' and 'content', got {m!r}")
+        if not isinstance(m, Mapping):
+            raise PromptError(f"chat message {i} must be a dict with 'role' and 'content', got {type(m).__name__} "
+                              f"{_show(m)}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise PromptError(f"chat message {i} must have string 'role' and 'content', got {_show(m)}")
+        if role not in CHAT_ROLES:
+            raise PromptError(f"chat message {i} has role {_show(role)}; the roles are {', '.join(CHAT_ROLES)}")
+        for key, value in m.items():
+            if isinstance(value, str):
+                _check_unicode(value, f"chat message {i}'s {_show(key)}")
+
+
+def _chat_ids(messages: list[Any], tokenizer: Any) -> list[int]:
+    from jinja2 import TemplateError
+
+    _check_messages(messages)
+    tokenizer = _need_tokenizer(tokenizer, "chat messages")
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError("this checkpoint's tokenizer has no chat template; pass a text prompt instead")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:         # the template's raise_exception(...), e.g. roles that must alternate
+        raise PromptError(f"the checkpoint's chat template refused these messages: {exc}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -15,9 +15,10 @@ import asyncio
 import threading
 import weakref
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Coroutine, Iterator, TypeVar
 
-from tierflow.config import EngineConfig, SamplingParams
+from tierflow.config import EngineConfig, SamplingParams, engine_config_from
 from tierflow.engine.api import Engine
 from tierflow.engine.loop import new_event_loop
 from tierflow.errors import EngineClosedError
@@ -28,9 +29,14 @@ T = TypeVar("T")
 
 
 class SyncEngine:
-    """``with SyncEngine(model, EngineConfig(...)) as engine: engine.generate(prompt, params)``"""
+    """``with SyncEngine(model, EngineConfig(...)) as engine: engine.generate(prompt, params)``
 
-    def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
+    ``config`` and ``params`` take what ``Engine.open`` and ``Engine.generate`` take: the record,
+    a dict of its fields, or None. After ``close`` (which may be called again, to no effect)
+    every request raises ``EngineClosedError``."""
+
+    def __init__(self, model: str | Path, config: EngineConfig | Mapping[str, Any] | None = None) -> None:
+        config = engine_config_from(config)        # a bad config fails before a thread starts
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tierflow-sync-loop", daemon=True)
         self._thread.start()
@@ -52,10 +58,10 @@ class SyncEngine:
             raise EngineClosedError("the engine is closed; open a new SyncEngine")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
+    def generate(self, prompt: Prompt, params: SamplingParams | Mapping[str, Any] | None = None) -> Completion:
         return self._call(self.engine.generate(prompt, params))
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[StreamChunk]:
+    def stream(self, prompt: Prompt, params: SamplingParams | Mapping[str, Any] | None = None) -> Iterator[StreamChunk]:
         agen = self.engine.stream(prompt, params)
         try:
             while True:
