@@ -112,12 +112,18 @@ class NameRule:
             return 0, self.local
         if self.unit == HEAD:
             return num_layers + 1, self.local
-        return 1 + int(m.group(1)), self.local
+        return 1 + _index(m.group(1)), self.local
 
     def match_expert(self, name: str) -> tuple[int, int, str] | None:
         """(layer, expert, local name) of a routed expert's tensor, for an "expert" rule."""
         m = re.fullmatch(self.pattern, name)
-        return None if m is None else (int(m.group(1)), int(m.group(2)), self.local)
+        return None if m is None else (_index(m.group(1)), _index(m.group(2)), self.local)
+
+
+def _index(digits: str) -> int:
+    """A layer or expert index of a tensor name; a longer one than any model has (and than
+    ``int()`` parses: 4300 digits) reads as 10**18, which every range check rejects."""
+    return int(digits) if len(digits) <= 18 else 10**18
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +152,7 @@ class Adapter(Protocol):
     """A model family: data (name rules, expected shapes) plus pure forward functions."""
 
     architectures: tuple[str, ...]
+    model_types: tuple[str, ...]                 # config.json's model_type of these architectures
     name_rules: tuple[NameRule, ...]
     ignored_names: tuple[str, ...]               # regexes of checkpoint tensors nobody needs
 

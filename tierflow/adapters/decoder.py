@@ -111,10 +111,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class DecoderAdapter:
-    """A dense decoder family. Subclasses set ``architectures``, ``style`` (and from them
-    ``name_rules``) and implement ``spec_from_config``."""
+    """A dense decoder family. Subclasses set ``architectures``, ``model_types`` (config.json's
+    ``model_type`` of those architectures), ``style`` (and from them ``name_rules``) and
+    implement ``spec_from_config``."""
 
     architectures: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
     style = DecoderStyle()
     name_rules: tuple[NameRule, ...] = decoder_name_rules(DecoderStyle())
     ignored_names: tuple[str, ...] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)

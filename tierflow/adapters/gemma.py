@@ -60,17 +60,20 @@ def _gemma_features(config: Mapping[str, Any], defaults: Mapping[str, Any], fami
 
 class Gemma2Adapter(DecoderAdapter):
     architectures = ("Gemma2ForCausalLM",)
+    model_types = ("gemma2",)
     style = DecoderStyle(sandwich_norms=True, offset_norm=True, scaled_embedding=True)
     name_rules = decoder_name_rules(style)
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
         features = _gemma_features(config, _GEMMA2, "Gemma 2", pattern=2)
         softcap = _optional(config_value(config, _GEMMA2, "attn_logit_softcapping"))
-        return read_spec(config, "Gemma 2", _GEMMA2, rope_types=_ROPE_TYPES, attn_logit_softcap=softcap, **features)
+        return read_spec(config, "Gemma 2", _GEMMA2, rope_types=_ROPE_TYPES, architecture=self.architectures[0],
+                         attn_logit_softcap=softcap, **features)
 
 
 class Gemma3Adapter(DecoderAdapter):
     architectures = ("Gemma3ForCausalLM",)
+    model_types = ("gemma3_text",)
     style = DecoderStyle(qk_norm=True, sandwich_norms=True, offset_norm=True, scaled_embedding=True)
     name_rules = decoder_name_rules(style)
 
@@ -88,5 +91,5 @@ class Gemma3Adapter(DecoderAdapter):
             rope = rope_config(config, default_theta=_GEMMA3["rope_theta"])
             local_theta = float(config.get("rope_local_base_freq") or _GEMMA3["rope_local_base_freq"])
         check_rope(rope_kind(rope[1]), _ROPE_TYPES)
-        return read_spec(config, "Gemma 3", _GEMMA3, rope_types=_ROPE_TYPES, rope=rope, rope_local_theta=local_theta,
-                         **features)
+        return read_spec(config, "Gemma 3", _GEMMA3, rope_types=_ROPE_TYPES, architecture=self.architectures[0],
+                         rope=rope, rope_local_theta=local_theta, **features)

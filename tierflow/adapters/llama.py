@@ -21,13 +21,14 @@ _ROPE_TYPES = ("default", "linear", "llama3")
 
 class LlamaAdapter(DecoderAdapter):
     architectures = ("LlamaForCausalLM",)
+    model_types = ("llama",)
     style = DecoderStyle()
     name_rules = decoder_name_rules(style)
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
         if config.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"hidden_act {config['hidden_act']!r} is not supported; Llama uses 'silu'")
-        return read_spec(config, "Llama", rope_types=_ROPE_TYPES)
+        return read_spec(config, "Llama", rope_types=_ROPE_TYPES, architecture=self.architectures[0])
 
 
 __all__ = ["LlamaAdapter", "attend", "rms_norm", "rope_inv_freq", "rotate_half"]

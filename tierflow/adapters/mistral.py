@@ -13,6 +13,7 @@ from tierflow.adapters.spec import config_value, read_spec
 
 class MistralAdapter(DecoderAdapter):
     architectures = ("MistralForCausalLM",)
+    model_types = ("mistral",)
     style = DecoderStyle()
     name_rules = decoder_name_rules(style)
 
@@ -22,4 +23,5 @@ class MistralAdapter(DecoderAdapter):
         sliding = {} if window is None else {"sliding_window": int(window),
                                              "layer_types": (SLIDING_ATTENTION,) * layers}
         return read_spec(config, "Mistral", rope_types=tuple(t for t in ROPE_TYPES if t != "longrope"),
-                         attention_bias=False, mlp_bias=False, hidden_act=config.get("hidden_act", "silu"), **sliding)
+                         architecture=self.architectures[0], attention_bias=False, mlp_bias=False,
+                         hidden_act=config.get("hidden_act", "silu"), **sliding)

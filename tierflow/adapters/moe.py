@@ -136,6 +136,7 @@ def _experts(config: Mapping[str, Any], *keys: str) -> int:
 
 class MixtralAdapter(MoEAdapter):
     architectures = ("MixtralForCausalLM",)
+    model_types = ("mixtral",)
     style = DecoderStyle()
     name_rules = moe_rules(style, "block_sparse_moe", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"},
                            shared=False)
@@ -143,18 +144,20 @@ class MixtralAdapter(MoEAdapter):
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
         layers = int(config.get("num_hidden_layers", 0))
         return _check_moe(read_spec(
-            config, "Mixtral", rope_types=_ROPE_TYPES, attention_bias=False, mlp_bias=False,
-            hidden_act=config.get("hidden_act", "silu"), num_experts=_experts(config, "num_local_experts"),
+            config, "Mixtral", architecture=self.architectures[0], rope_types=_ROPE_TYPES, attention_bias=False,
+            mlp_bias=False, hidden_act=config.get("hidden_act", "silu"),
+            num_experts=_experts(config, "num_local_experts"),
             experts_per_token=int(config.get("num_experts_per_tok", 2)),
             moe_intermediate_size=int(config["intermediate_size"]), norm_topk_prob=True,
             moe_layers=tuple(range(layers)), **_every_layer_slides(config.get("sliding_window"), layers)))
 
 
-def _qwen_moe_spec(config: Mapping[str, Any], family: str, **features: Any) -> ModelSpec:
+def _qwen_moe_spec(config: Mapping[str, Any], family: str, architecture: str, **features: Any) -> ModelSpec:
     """The fields Qwen2-MoE and Qwen3-MoE read alike: experts, the sparse layers, top-k."""
     layers = int(config.get("num_hidden_layers", 0))
     return _check_moe(read_spec(
-        config, family, rope_types=_ROPE_TYPES, mlp_bias=False, hidden_act=config.get("hidden_act", "silu"),
+        config, family, architecture=architecture, rope_types=_ROPE_TYPES, mlp_bias=False,
+        hidden_act=config.get("hidden_act", "silu"),
         num_experts=_experts(config, "num_experts", "num_local_experts"),
         moe_intermediate_size=int(config["moe_intermediate_size"]),
         norm_topk_prob=bool(config.get("norm_topk_prob", False)), moe_layers=sparse_layers(config, layers),
@@ -163,6 +166,7 @@ def _qwen_moe_spec(config: Mapping[str, Any], family: str, **features: Any) -> M
 
 class Qwen2MoeAdapter(MoEAdapter):
     architectures = ("Qwen2MoeForCausalLM",)
+    model_types = ("qwen2_moe",)
     style = DecoderStyle(qkv_bias=True)
     name_rules = moe_rules(style, "mlp", {name: name for name in _EXPERT_TENSORS}, shared=True)
     routing_in_float32 = False
@@ -171,18 +175,21 @@ class Qwen2MoeAdapter(MoEAdapter):
         if config.get("qkv_bias") is False:
             raise UnsupportedModelError("Qwen2-MoE without q/k/v biases (qkv_bias: false) is not supported")
         return _qwen_moe_spec(
-            config, "Qwen2-MoE", attention_bias=False, experts_per_token=int(config.get("num_experts_per_tok", 4)),
+            config, "Qwen2-MoE", self.architectures[0], attention_bias=False,
+            experts_per_token=int(config.get("num_experts_per_tok", 4)),
             shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
             **qwen_layers(config, int(config.get("num_hidden_layers", 0))))
 
 
 class Qwen3MoeAdapter(MoEAdapter):
     architectures = ("Qwen3MoeForCausalLM",)
+    model_types = ("qwen3_moe",)
     style = DecoderStyle(qk_norm=True)
     name_rules = moe_rules(style, "mlp", {name: name for name in _EXPERT_TENSORS}, shared=False)
     routing_in_float32 = False
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
         window = config.get("sliding_window") if config.get("use_sliding_window") else None
-        return _qwen_moe_spec(config, "Qwen3-MoE", experts_per_token=int(config.get("num_experts_per_tok", 8)),
+        return _qwen_moe_spec(config, "Qwen3-MoE", self.architectures[0],
+                              experts_per_token=int(config.get("num_experts_per_tok", 8)),
                               **_every_layer_slides(window, int(config.get("num_hidden_layers", 0))))

@@ -33,6 +33,7 @@ def _longrope(config: Mapping[str, Any], scaling: Mapping[str, Any], rotary_dims
 
 class Phi3Adapter(DecoderAdapter):
     architectures = ("Phi3ForCausalLM",)
+    model_types = ("phi3",)
     style = DecoderStyle(fused_qkv=True, fused_gate_up=True)
     name_rules = decoder_name_rules(style)
 
@@ -49,5 +50,6 @@ class Phi3Adapter(DecoderAdapter):
         layers = int(config.get("num_hidden_layers", 0))
         sliding = {} if window is None else {"sliding_window": int(window),
                                              "layer_types": (SLIDING_ATTENTION,) * layers}
-        return read_spec(config, "Phi-3", _DEFAULTS, rope=(theta, scaling), partial_rotary_factor=partial,
-                         attention_bias=False, mlp_bias=False, hidden_act=config.get("hidden_act", "silu"), **sliding)
+        return read_spec(config, "Phi-3", _DEFAULTS, architecture=self.architectures[0], rope=(theta, scaling),
+                         partial_rotary_factor=partial, attention_bias=False, mlp_bias=False,
+                         hidden_act=config.get("hidden_act", "silu"), **sliding)

@@ -32,22 +32,26 @@ def qwen_layers(config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
 
 class Qwen2Adapter(DecoderAdapter):
     architectures = ("Qwen2ForCausalLM",)
+    model_types = ("qwen2",)
     style = DecoderStyle(qkv_bias=True)
     name_rules = decoder_name_rules(style)
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
         # transformers' Qwen2 always has q/k/v biases and never an o_proj or MLP bias
-        return read_spec(config, "Qwen2", rope_types=_QWEN_ROPE_TYPES, attention_bias=False, mlp_bias=False,
+        return read_spec(config, "Qwen2", rope_types=_QWEN_ROPE_TYPES, architecture=self.architectures[0],
+                         attention_bias=False, mlp_bias=False,
                          hidden_act=config.get("hidden_act", "silu"),
                          **qwen_layers(config, int(config.get("num_hidden_layers", 0))))
 
 
 class Qwen3Adapter(DecoderAdapter):
     architectures = ("Qwen3ForCausalLM",)
+    model_types = ("qwen3",)
     style = DecoderStyle(qk_norm=True)
     name_rules = decoder_name_rules(style)
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
-        return read_spec(config, "Qwen3", {"head_dim": 128}, rope_types=_QWEN_ROPE_TYPES, mlp_bias=False,
+        return read_spec(config, "Qwen3", {"head_dim": 128}, rope_types=_QWEN_ROPE_TYPES,
+                         architecture=self.architectures[0], mlp_bias=False,
                          hidden_act=config.get("hidden_act", "silu"),
                          **qwen_layers(config, int(config.get("num_hidden_layers", 0))))

@@ -3,15 +3,14 @@ tokens that end a sequence."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tierflow.errors import ConfigError
+from tierflow.errors import CheckpointError, ConfigError
 from tierflow.engine.planning import DTYPES
-from tierflow.tiers.checkpoint.index import CheckpointIndex
+from tierflow.tiers.checkpoint.index import CheckpointIndex, read_json
 
 
 def resolve_device(device: str) -> torch.device:
@@ -46,11 +45,21 @@ def load_tokenizer(directory: Path) -> Any:
 
 
 def eos_ids(index: CheckpointIndex, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a sequence: config.json's, generation_config.json's (a
+    CheckpointError naming that file when it is not JSON or its eos_token_id is not a token
+    id or a list of them) and the tokenizer's."""
     ids = set(index.spec.eos_token_ids)
     gen = index.directory / "generation_config.json"
     if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        doc = read_json(gen)
+        eos = doc.get("eos_token_id") if isinstance(doc, dict) else None
+        found = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not isinstance(doc, dict) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                for t in found):
+            raise CheckpointError(f"{gen}: expected a JSON object whose eos_token_id is a token id (an integer "
+                                  f">= 0) or a list of them, found {str(eos if isinstance(doc, dict) else doc)[:80]}; "
+                                  "fix or delete generation_config.json")
+        ids |= set(found)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return frozenset(ids)

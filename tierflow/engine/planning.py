@@ -8,7 +8,6 @@ profile with the EngineConfig's explicit fields on top.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -19,10 +18,10 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from tierflow.adapters import ModelSpec, adapter_for
+from tierflow.adapters import ModelSpec, model_from_config
 from tierflow.config import EngineConfig
-from tierflow.errors import CheckpointError, ConfigError
-from tierflow.tiers.checkpoint.index import CheckpointIndex, resolve_checkpoint
+from tierflow.errors import ConfigError
+from tierflow.tiers.checkpoint.index import CheckpointIndex, read_config, resolve_checkpoint
 from tierflow.tiers.plan.costmodel import ModelCosts, Workload, costs_from_spec
 from tierflow.tiers.kv.contiguous import SequenceKV
 from tierflow.tiers.plan.planner import TierPlan, plan
@@ -51,14 +50,8 @@ def config_spec(model: str | Path) -> tuple[ModelSpec, Any, Path]:
     else:
         directory = resolve_checkpoint(model)
         path = directory / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{directory} has no config.json") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
-    adapter = adapter_for(config)
-    return adapter.spec_from_config(config), adapter, directory
+    adapter, spec = model_from_config(read_config(path), str(path))
+    return spec, adapter, directory
 
 
 def engine_overrides(config: EngineConfig, profile: Profile | None, kv_bytes_per_token: int = 0,

@@ -1,7 +1,8 @@
 """The checkpoint index: a local Hugging Face model directory as units of byte ranges.
 
 ``CheckpointIndex.open`` resolves a directory (or a hub id already in the local HF cache),
-reads config.json, picks the adapter, parses every safetensors header, maps tensor names to
+reads config.json (``read_config``: UTF-8 JSON holding an object), checks its keys and picks the
+adapter (``adapters.model_from_config``), parses every safetensors header, maps tensor names to
 units through the adapter's name table, checks every shape against the config, and turns
 each unit into a few coalesced, 4 KiB-aligned byte ranges of the original files. Reading a
 unit is then a handful of large aligned reads into one buffer, and every tensor is a view
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
-from tierflow.adapters import Adapter, ModelSpec, adapter_for
+from tierflow.adapters import Adapter, ModelSpec, model_from_config
 from tierflow.adapters.base import EXPERT
 from tierflow.errors import CheckpointError, ShapeMismatchError
 from tierflow.tiers.checkpoint.safetensors import TensorEntry, read_header
@@ -123,9 +124,8 @@ class CheckpointIndex:
     @classmethod
     def open(cls, path_or_hub_id: str | Path) -> "CheckpointIndex":
         directory = resolve_checkpoint(path_or_hub_id)
-        config = _read_config(directory)
-        adapter = adapter_for(config)
-        spec = adapter.spec_from_config(config)
+        config = read_config(directory / "config.json")
+        adapter, spec = model_from_config(config, str(directory / "config.json"))
         files = _safetensors_files(directory)
         entries: dict[str, TensorEntry] = {}
         for f in files:
@@ -165,26 +165,51 @@ def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
                           "and *.safetensors, or a hub id already in the local Hugging Face cache")
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
+def read_config(path: Path) -> dict[str, Any]:
+    """A config.json as a dict: CheckpointError if it is missing, unreadable, not UTF-8, not
+    JSON (or nested too deep to parse), or not a JSON object. Its keys are checked later, by
+    ``adapters.model_from_config``."""
     try:
-        config = json.loads(path.read_text())
+        config = read_json(path)
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{directory} has no config.json; expected a Hugging Face model directory") from exc
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} cannot be read as JSON ({exc}); the file is corrupt") from exc
+        raise CheckpointError(f"{path.parent} has no config.json; expected a Hugging Face model directory") from exc
     if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, found {type(config).__name__}")
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(config).__name__}; the file is corrupt "
+                              "or not a Hugging Face config.json")
     return config
+
+
+def read_json(path: Path) -> Any:
+    """A UTF-8 JSON file's document; CheckpointError naming the file for anything else
+    (FileNotFoundError passes through, for the caller to say what is missing)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}); "
+                              "the file is corrupt — download it again") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+                              "the file is corrupt — download it again") from exc
+    except (ValueError, RecursionError) as exc:     # an integer of over 4300 digits; arrays nested too deep
+        raise CheckpointError(f"{path} cannot be parsed as JSON ({exc}); the file is corrupt") from exc
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
     index_path = directory / "model.safetensors.index.json"
     if index_path.exists():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index ({exc})") from exc
+        doc = read_json(index_path)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path} is not a valid safetensors index: expected an object whose "
+                                  "'weight_map' maps tensor names to shard file names; download the checkpoint again")
         files = [directory / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
