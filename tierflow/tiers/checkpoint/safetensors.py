@@ -15,6 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -26,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 2**20
+MAX_RANK = 64                  # dimensions of one tensor (PyTorch allows 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +43,14 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse one safetensors file's header and check it against the file's size."""
+    """Parse one safetensors file's header and check it against the file's size.
+
+    Every malformed header is a ``CheckpointError`` naming the file (and the tensor): a
+    header length past the end of the file, a header that is not UTF-8 JSON holding an
+    object, an entry that is not an object, an unknown dtype, a shape that is not a list of
+    integers >= 0, ``data_offsets`` that are not two integers ``begin <= end`` within the data
+    area, a byte count other than shape x dtype size, or two tensors sharing bytes.
+    ``__metadata__`` is not read."""
     try:
         file_bytes = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -52,38 +61,70 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
             (header_bytes,) = struct.unpack("<Q", prefix)
             if header_bytes > min(MAX_HEADER_BYTES, file_bytes - 8):
                 raise CheckpointError(f"{path}: header length {header_bytes} does not fit a {file_bytes}-byte "
-                                      "file; the file is corrupt or truncated — download it again")
+                                      f"file (at most {MAX_HEADER_BYTES} bytes); the file is corrupt or truncated "
+                                      "— download it again")
             raw = f.read(header_bytes)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read safetensors file ({exc.strerror or exc})") from exc
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt") from exc
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt "
+                              "— download it again") from exc
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header must be a JSON object, found {type(header).__name__}")
+        raise CheckpointError(f"{path}: safetensors header must be a JSON object, found {type(header).__name__}; "
+                              "the file is corrupt")
     data_start = 8 + header_bytes
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        entries[name] = _entry(path, name, info, data_start, file_bytes)
+    entries = {name: _entry(path, name, info, data_start, file_bytes)
+               for name, info in header.items() if name != "__metadata__"}
+    _check_overlaps(path, entries.values())
     return entries
 
 
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _entry(path: Path, name: str, info: object, data_start: int, file_bytes: int) -> TensorEntry:
-    try:
-        dtype_name, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"{path}: header entry {name!r} is malformed ({info!r})") from exc
-    dtype = DTYPES.get(dtype_name)
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r}: {what}; the file is corrupt — download it again")
+
+    if not isinstance(info, dict):
+        raise bad(f"its header entry must be an object with dtype, shape and data_offsets, found {_shown(info)}")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+    if missing:
+        raise bad(f"its header entry lacks {missing}")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
+        raise bad(f"dtype {_shown(dtype_name)} is not one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_index(n) for n in shape):
+        raise bad(f"shape must be a list of at most {MAX_RANK} integers >= 0, found {_shown(shape)}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_index(n) for n in offsets):
+        raise bad(f"data_offsets must be two integers [begin, end] >= 0, found {_shown(offsets)}")
+    begin, end = offsets
+    if begin > end:
+        raise bad(f"data_offsets {offsets} are reversed (begin after end)")
     nbytes = math.prod(shape) * dtype.itemsize
-    if end - begin != nbytes or begin < 0:
-        raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {dtype_name} needs {nbytes} bytes, "
-                              f"header gives {end - begin}; the file is corrupt")
+    if end - begin != nbytes:
+        raise bad(f"shape {shape} of {dtype_name} needs {nbytes} bytes, data_offsets {offsets} give {end - begin}")
     if data_start + end > file_bytes:
         raise CheckpointError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has "
                               f"{file_bytes} bytes; the file is truncated — download it again")
-    return TensorEntry(name, str(path), dtype, shape, data_start + begin, nbytes)
+    return TensorEntry(name, str(path), dtype, tuple(shape), data_start + begin, nbytes)
+
+
+def _check_overlaps(path: Path, entries: Iterable[TensorEntry]) -> None:
+    """No two tensors (of at least one byte) share a byte of the file."""
+    previous: TensorEntry | None = None
+    for entry in sorted((e for e in entries if e.nbytes), key=lambda e: e.file_offset):
+        if previous is not None and entry.file_offset < previous.file_offset + previous.nbytes:
+            raise CheckpointError(f"{path}: tensors {previous.name!r} and {entry.name!r} overlap (bytes "
+                                  f"{entry.file_offset}..{previous.file_offset + previous.nbytes} of the file); "
+                                  "the file is corrupt — download it again")
+        previous = entry
+
+
+def _shown(value: object) -> str:
+    text = "null" if value is None else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
