@@ -9,6 +9,14 @@ they do not have; ``tierflow probe`` writes it for the machine it runs on. ``ove
 pin units to tiers and fix what the planner would otherwise choose. Pure: no torch, no
 I/O (reading and writing the JSON file is ``tiers.probe.profile``'s job). Every invalid
 document raises a ``ProfileError`` naming the key.
+
+Numbers must also be physically plausible, or the planner predicts nonsense (a 1e300 GB/s
+disk reads a model in 0 s). The bounds are generous, well beyond any machine of today:
+bandwidths (``*_gbps``) at most ``MAX_GBPS`` = 100,000 GB/s (100 TB/s; HBM3e is ~5 TB/s),
+memory and disk sizes (``*_bytes``) at most ``MAX_BYTES`` = 2**60 bytes (1 EiB), compute
+(``prefill_tflops``) at most ``MAX_TFLOPS`` = 10^6 TFLOP/s (10^18 FLOP/s), and the overrides'
+counts (prefetch depth, threads, tokens) at most ``MAX_COUNT`` = 2**40; every one must be > 0
+(``device_overhead_bytes`` and the KV token budgets >= 0), and finite (no NaN or infinity).
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ KVIKIO_MODES = ("", "gds", "compat", "absent")   # HardwareProfile.kvikio_mode; 
 # compute stream's and one more stream's) of PyTorch's largest default size, 32 MiB (sm90 and
 # later; 8.125 MiB before, which the caching allocator serves from a 20 MiB segment).
 DEFAULT_DEVICE_OVERHEAD_BYTES = 2 * 32 * 2**20
+MAX_GBPS = 100_000.0          # plausible ceilings: see the module docstring
+MAX_BYTES = 2**60
+MAX_TFLOPS = 1e6
+MAX_COUNT = 2**40
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +118,13 @@ class Overrides:
     mlp_chunk_tokens: int | None = None
     safety_margin: float | None = None                                  # fraction of each budget kept free
     reader: str | None = None       # "auto" | "direct" (O_DIRECT into pinned host) | "kvikio" (disk → GPU)
+    # the profile file these came from ("" if none), named by the errors the plan finds in them
+    # (a selector beyond the model's layers); not part of the document, nor of equality
+    source: str = field(default="", compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()
-                if v not in (None, {})}
+                if v not in (None, {}) and k != "source"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,18 +157,45 @@ _HARDWARE_REQUIRED = ("device", "device_memory_bytes", "host_memory_bytes", "dis
                       "prefill_tflops")
 _OVERRIDE_INTS = ("prefetch_depth", "io_threads", "io_block_bytes", "prefill_chunk_tokens", "mlp_chunk_tokens",
                   "device_memory_bytes", "host_memory_bytes")
-_SELECTOR = re.compile(r"all|embed|head|layers\.(\d+)(?:-(\d+))?")
+_SELECTOR = re.compile(r"all|embed|head|layers\.([0-9]+)(?:-([0-9]+))?")
+
+
+def _limit(key: str) -> tuple[float, str]:
+    """The plausible ceiling of a numeric key, and how to say it."""
+    if key.endswith("_gbps"):
+        return MAX_GBPS, f"{MAX_GBPS:g} GB/s (100 TB/s)"
+    if key.endswith("_bytes"):
+        return MAX_BYTES, "2**60 bytes (1 EiB)"
+    if key == "safety_margin":
+        return 1.0, "1"
+    if key.endswith("_tflops"):
+        return MAX_TFLOPS, f"{MAX_TFLOPS:g} TFLOP/s (10^18 FLOP/s)"
+    return MAX_COUNT, "2**40"
 
 
 def _typed(where: str, value: Any, kind: str, *, positive: bool = True) -> Any:
+    """``value`` checked to be of ``kind``; a number also finite, > 0 (>= 0 unless
+    ``positive``) and at most the plausible ceiling of its key (the last part of ``where``)."""
     ok = (kind == _STR and isinstance(value, str)) or \
          (kind == _INT and isinstance(value, int) and not isinstance(value, bool)) or \
-         (kind == _FLOAT and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+         (kind == _FLOAT and isinstance(value, (int, float)) and not isinstance(value, bool) and
+          (isinstance(value, int) or math.isfinite(value)))
     if not ok:
-        raise ProfileError(f"{where} must be a {kind}, got {value!r}")
-    if positive and kind != _STR and value <= 0:
-        raise ProfileError(f"{where} must be > 0, got {value!r}")
+        raise ProfileError(f"{where} must be a {kind}, got {_shown(value)}")
+    if kind == _STR:
+        return value
+    ceiling, said = _limit(where.rsplit(".", 1)[-1])
+    if not (value > 0 if positive else value >= 0):
+        raise ProfileError(f"{where} must be {'> 0' if positive else '>= 0'}, got {_shown(value)}")
+    if value > ceiling:
+        raise ProfileError(f"{where} = {_shown(value)} is beyond its plausible range: at most {said}; correct the "
+                           "profile (or measure this machine again with `tierflow probe`)")
     return float(value) if kind == _FLOAT else value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _object(where: str, value: Any, allowed: tuple[str, ...] | dict[str, Any] | None) -> dict[str, Any]:
@@ -175,9 +217,6 @@ def parse_hardware(doc: Any, where: str = "hardware") -> HardwareProfile:
     values = {key: None if doc.get(key) is None else
               _typed(f"{where}.{key}", doc[key], kind, positive=key not in _HARDWARE_ZERO_OK)
               for key, kind in _HARDWARE_TYPES.items() if key in doc}
-    for key in _HARDWARE_ZERO_OK:
-        if values.get(key) is not None and values[key] < 0:
-            raise ProfileError(f"{where}.{key} must be >= 0, got {values[key]!r}")
     if values.get("kvikio_mode") is not None and values["kvikio_mode"] not in KVIKIO_MODES:
         raise ProfileError(f"{where}.kvikio_mode must be one of {KVIKIO_MODES}, got {values['kvikio_mode']!r}")
     if values["device"] not in DEVICE_KINDS:
@@ -189,28 +228,33 @@ def parse_hardware(doc: Any, where: str = "hardware") -> HardwareProfile:
     return HardwareProfile(**values)
 
 
-def parse_selector(selector: str, num_layers: int | None = None) -> tuple[int, int]:
+def parse_selector(selector: str, num_layers: int | None = None, source: str = "") -> tuple[int, int]:
     """A unit selector as an inclusive range of unit indices (embed 0, layer i → i + 1, head L + 1).
-    Without ``num_layers`` it is only validated."""
+    Without ``num_layers`` it is only validated. ``source``: the profile file, for messages."""
     m = _SELECTOR.fullmatch(selector) if isinstance(selector, str) else None
     if m is None:
         raise ProfileError(f"overrides.tiers: {selector!r} is not a unit selector; write 'embed', 'head', "
                            "'layers.N', 'layers.A-B' or 'all'")
     if m.group(1):
-        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        first, last = _layer(m.group(1)), _layer(m.group(2) or m.group(1))
         if first > last:
             raise ProfileError(f"overrides.tiers: {selector!r} is a reversed range; write 'layers.{last}-{first}'")
         if num_layers is not None and last >= num_layers:
-            raise ProfileError(f"overrides.tiers: {selector!r} is out of range; the model has layers "
-                               f"0-{num_layers - 1}")
+            raise ProfileError(f"{source + ': ' if source else ''}overrides.tiers: {selector!r} is out of range; "
+                               f"the model has layers 0-{num_layers - 1}; change the selector in the profile")
         return first + 1, last + 1
     if num_layers is None:   # validating the document: the model is not known yet
         return 0, 0
     return {"all": (0, num_layers + 1), "embed": (0, 0), "head": (num_layers + 1, num_layers + 1)}[selector]
 
 
-def parse_overrides(doc: Any, where: str = "overrides") -> Overrides:
-    allowed = tuple(f.name for f in fields(Overrides))
+def _layer(digits: str) -> int:
+    """A selector's layer number; one longer than any model's (or than ``int()`` parses) as 10**18."""
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
+def parse_overrides(doc: Any, where: str = "overrides", source: str = "") -> Overrides:
+    allowed = tuple(f.name for f in fields(Overrides) if f.name != "source")
     doc = _object(where, doc, allowed)
     values: dict[str, Any] = {}
     for key in _OVERRIDE_INTS:
@@ -237,19 +281,17 @@ def parse_overrides(doc: Any, where: str = "overrides") -> Overrides:
     kv = _object(f"{where}.kv_budget_tokens", doc.get("kv_budget_tokens", {}), TIERS)
     values["kv_budget_tokens"] = {tier: _typed(f"{where}.kv_budget_tokens.{tier}", n, _INT, positive=False)
                                   for tier, n in kv.items()}
-    for tier, n in values["kv_budget_tokens"].items():
-        if n < 0:
-            raise ProfileError(f"{where}.kv_budget_tokens.{tier} must be >= 0, got {n}")
-    return Overrides(**values)
+    return Overrides(**values, source=source)
 
 
-def parse_profile(doc: Any) -> Profile:
+def parse_profile(doc: Any, source: str = "") -> Profile:
+    """``source``: the file the document was read from ("" for a dict), kept in the overrides."""
     doc = _object("profile", doc, ("version", "hardware", "overrides", "measured"))
     version = doc.get("version")
     if isinstance(version, bool) or version != VERSION:
         raise ProfileError(f"profile.version must be {VERSION}, got {version!r}")
     hardware = parse_hardware(doc["hardware"]) if doc.get("hardware") is not None else None
-    overrides = parse_overrides(doc.get("overrides") or {})
+    overrides = parse_overrides(doc.get("overrides") or {}, source=source)
     measured = doc.get("measured") or {}
     if not isinstance(measured, dict):
         raise ProfileError("profile.measured must be a JSON object")

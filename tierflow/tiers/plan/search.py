@@ -82,7 +82,7 @@ def _pins(model: ModelCosts, hw: HardwareProfile, overrides: Overrides) -> dict[
         if tier == HOST and hw.is_cpu:
             raise ProfileError(f"overrides.tiers.{selector}: the device is the CPU, so there is no separate host "
                                "tier; use 'device' (RAM) or 'disk'")
-        first, last = parse_selector(selector, model.num_layers)
+        first, last = parse_selector(selector, model.num_layers, overrides.source)
         pins.update({u: tier for u in range(first, last + 1)})
     head = len(model.units) - 1
     if model.tied and (0 in pins or head in pins):

@@ -17,22 +17,32 @@ from tierflow.tiers.plan.hardware import Profile, parse_profile
 
 
 def load_profile(source: str | os.PathLike[str] | Mapping[str, Any]) -> Profile:
-    """A profile from a path to a JSON file, or from an already parsed document."""
+    """A profile from a path to a JSON file, or from an already parsed document (a dict, as
+    ``EngineConfig(profile={...})`` passes it: the same checks apply). Anything wrong is a
+    ``ProfileError`` naming the file: unreadable, not UTF-8, not JSON, or a document that
+    ``parse_profile`` rejects."""
     if isinstance(source, Mapping):
         return parse_profile(dict(source))
     path = Path(source)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path} is not UTF-8 text (byte {exc.start} is {raw[exc.start:exc.start + 1]!r}); "
+                           "a profile is a JSON file: write it again, or make a new one with `tierflow probe`") from exc
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except (ValueError, RecursionError) as exc:      # an integer of over 4300 digits; arrays nested too deep
+        raise ProfileError(f"{path} cannot be parsed as JSON ({exc})") from exc
     try:
-        return parse_profile(doc)
+        return parse_profile(doc, source=str(path))
     except ProfileError as exc:
-        raise ProfileError(f"{path}: {exc}") from None
+        raise ProfileError(f"{path}: {exc}", settings=exc.settings) from None
 
 
 def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
