@@ -28,6 +28,7 @@ EXPERT_READS = ("routed", "all")
 KV_ALLOCATIONS = ("on_demand", "reserve")
 SEED_RANGE = (-2**63, 2**64 - 1)      # what torch.Generator.manual_seed accepts
 MIN_TEMPERATURE = 1e-5                # below it sampling is greedy in all but name
+MAX_LOGPROBS = 20                     # the most alternatives per token SamplingParams.logprobs asks for
 MIN_TOP_P = 1e-9                      # below 1/vocab every top_p keeps the most likely token alone
 
 
@@ -212,7 +213,10 @@ class SamplingParams:
     or set of non-empty strings (a set is kept sorted; a mapping is refused, not read for its
     keys). stop_token_ids end it too, as does the model's EOS unless ignore_eos (a bool):
     a list, tuple or set of ints >= 0 (below the model's vocabulary size, which the engine
-    checks for each request).
+    checks for each request). logprobs: None, or an int in [0, 20]: each generated token's
+    log-probability (under the model's own distribution, before temperature, top-k and top-p)
+    and those of the ``logprobs`` most likely tokens at its position come back with it
+    (``Completion.logprobs``, ``StreamChunk.logprobs``).
     """
 
     max_new_tokens: int = 256
@@ -223,9 +227,14 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check_positive("SamplingParams", "max_new_tokens", self.max_new_tokens, error=SamplingError)
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingError(f"SamplingParams.logprobs must be None or an int in [0, {MAX_LOGPROBS}], "
+                                f"got {_show(self.logprobs)}")
         if self.temperature != 0 or isinstance(self.temperature, bool):
             _check_number("temperature", self.temperature, low=MIN_TEMPERATURE, zero=True)
         _check_number("top_p", self.top_p, low=MIN_TOP_P, high=1.0)

@@ -151,7 +151,7 @@ class Engine:
         return Completion(req.detok.text, tuple(req.output_ids),
                           req.finish_reason or "stop", tuple(req.prompt_ids),
                           req.first_token_s - req.submitted_s, req.finished_s - req.submitted_s,
-                          req.cached_tokens)
+                          req.cached_tokens, tuple(req.logprobs))
 
     async def stream(self, prompt: Prompt, params: SamplingParams | Mapping[str, Any] | None = None, *,
                      timeout_s: float | None = None) -> AsyncIterator[StreamChunk]:
@@ -166,10 +166,12 @@ class Engine:
                 if req.error is not None:
                     raise req.error
                 new_ids = tuple(req.output_ids[sent:])
+                logprobs = tuple(req.logprobs[sent:])
                 sent = len(req.output_ids)
                 text = req.detok.take(final=req.done)
                 if new_ids or text or req.done:
-                    yield StreamChunk(text, new_ids, req.finish_reason)
+                    yield StreamChunk(text, new_ids, req.finish_reason, logprobs, len(req.prompt_ids),
+                                      req.cached_tokens)
                 if req.done:
                     return
         finally:

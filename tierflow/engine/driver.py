@@ -26,7 +26,7 @@ from tierflow.engine.build import Runtime
 from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
-from tierflow.engine.sampling import make_generator, sample
+from tierflow.engine.sampling import make_generator, sample, token_logprob
 from tierflow.errors import KVCapacityError, RequestError, TierCapacityError, TierflowError
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch
@@ -216,7 +216,10 @@ class Driver:
                 row += item.num_tokens
                 tokens.append(None)
             elif item.sample:
-                tokens.append(sample(logits[row], req.params, req.generator))
+                token = sample(logits[row], req.params, req.generator)
+                if req.params.logprobs is not None:
+                    req.next_logprob = token_logprob(logits[row], token, req.params.logprobs)
+                tokens.append(token)
                 row += 1
             else:
                 tokens.append(None)
@@ -234,6 +237,9 @@ class Driver:
         if not req.output_ids:
             req.first_token_s = time.perf_counter()
         req.output_ids.append(outcome.token)
+        if req.next_logprob is not None:
+            req.logprobs.append(req.next_logprob)
+            req.next_logprob = None
         self._generated += 1
         if outcome.finish_reason != "stop":      # a stop token is not part of the text
             req.detok.add(outcome.token)

@@ -20,6 +20,7 @@ import torch
 
 from tierflow.config import SamplingParams, _show
 from tierflow.errors import ConfigError, PromptError, SamplingError
+from tierflow.outputs import TokenLogprob
 from tierflow.tiers.kv.handle import KVHandle
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
@@ -40,6 +41,8 @@ class Request:
     most_tokens: int = 0                      # the most tokens (prompt and generated) it may reach
     output_ids: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # per output token, when params.logprobs is set
+    next_logprob: TokenLogprob | None = None  # the sampled token's, until it is appended
     finish_reason: str | None = None
     error: BaseException | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)

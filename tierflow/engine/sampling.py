@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from tierflow.config import SamplingParams
+from tierflow.outputs import TokenLogprob
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -34,3 +35,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     probs = torch.softmax(scores, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under float32 ``logits`` [vocab] (the model's own distribution:
+    before temperature, top-k and top-p, as OpenAI's ``logprobs`` report it) and the ``top``
+    most likely tokens' (most likely first)."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best = torch.topk(logprobs, min(top, logprobs.numel())) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), pairs)
