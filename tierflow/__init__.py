@@ -10,7 +10,7 @@ from tierflow.errors import (CheckpointError, ClosedResourceError, ConfigError, 
                              FlashAttnUnavailableError, KVCapacityError, KVCorruptionError, PinnedMemoryError,
                              ProfileError, PromptError, RequestError, RequestTimeoutError, SamplingError,
                              ShapeMismatchError, TierCapacityError, TierflowError, TransferError, UnsupportedModelError,
-                             WouldBlock)
+                             UnsupportedRequestError, WouldBlock)
 from tierflow.outputs import Completion, EngineStats, StreamChunk, TokenLogprob
 from tierflow.engine.sync import SyncEngine
 
@@ -20,4 +20,4 @@ __all__ = ["CheckpointError", "ClosedResourceError", "Completion", "ConfigError"
            "EngineClosedError", "EngineConfig", "EventLoopError", "EngineStats", "FlashAttnUnavailableError", "KVCapacityError",
            "KVCorruptionError", "PinnedMemoryError", "ProfileError", "PromptError", "RequestError",
            "RequestTimeoutError", "SamplingError", "SamplingParams", "ShapeMismatchError", "StreamChunk", "SyncEngine",
-           "TierCapacityError", "TierflowError", "TokenLogprob", "TransferError", "UnsupportedModelError", "WouldBlock"]
+           "TierCapacityError", "TierflowError", "TokenLogprob", "TransferError", "UnsupportedModelError", "UnsupportedRequestError", "WouldBlock"]

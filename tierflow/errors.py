@@ -114,6 +114,17 @@ class EventLoopError(TierflowError, RuntimeError):
     keeps its own."""
 
 
+class UnsupportedRequestError(TierflowError, ValueError):
+    """A request asks for something tierflow cannot honour: an OpenAI API field of
+    ``tierflow serve`` at a value other than its neutral one (``n`` > 1, ``tools``, penalties, a
+    ``response_format`` other than text, ...). ``param`` names the field; it is refused, never
+    silently ignored."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class RequestError(TierflowError):
     """A single request failed; the engine keeps serving the others."""
 

@@ -40,6 +40,39 @@ def build_random_llama(path: str | Path, *, hidden_size: int = 64, num_layers: i
     return path
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_TOKENIZER_TEXT = ("The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is the "
+                   "capital of France. Write one sentence about the sea: the sea is wide and deep and blue. "
+                   "Name three primary colours: red, yellow and blue. 0 1 2 3 4 5 6 7 8 9, yes; no!")
+
+
+def build_chat_llama(path: str | Path, *, seed: int = 0, **kwargs: Any) -> Path:
+    """``build_random_llama`` with a tokenizer: a small byte-level BPE (trained here on a fixed
+    text, so it encodes any string) with a ChatML chat template, whose vocabulary is the
+    model's, and ``<|im_end|>`` as the end-of-sequence token. Text prompts, chat messages and
+    detokenized output then work as with a real model (the words are random, of course)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([_TOKENIZER_TEXT] * 8, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    path = build_random_llama(path, vocab_size=len(fast), seed=seed, **kwargs)
+    fast.save_pretrained(path)
+    config_path = Path(path) / "config.json"
+    import json
+    config = json.loads(config_path.read_text())
+    config["eos_token_id"] = fast.eos_token_id
+    config_path.write_text(json.dumps(config, indent=2))
+    return path
+
+
 # family -> (transformers config class, model class) for ``build_random_checkpoint``
 FAMILY_CLASSES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),

@@ -1,9 +1,10 @@
-"""`tierflow` command line: ``run`` (here), ``plan`` and ``probe`` (plan.py).
+"""`tierflow` command line: ``run`` (here), ``plan`` and ``probe`` (plan.py), ``serve`` (serve.py).
 
     tierflow run [--model PATH] [--device auto|cpu|cuda|cuda:N] [--device-memory 256MiB] [--profile FILE]
                  [--report] [--trace FILE] PROMPT
     tierflow plan MODEL [--context N] [--concurrency K] [--device-memory SIZE] [--profile FILE] [--json]
     tierflow probe [--model PATH] [--out profile.json]
+    tierflow serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY] (serve.py)
     tierflow --version
 
 With no --model, the demo model (SmolLM2-135M-Instruct from the PyPI package
@@ -76,7 +77,8 @@ compute. An example of each command (`tierflow COMMAND --help` says more):
 
   tierflow run "Why is the sky blue?"           generate text (the demo model)
   tierflow plan ./Llama-3.1-8B --context 32768  plan it for this machine
-  tierflow probe --out machine.json             measure this machine"""
+  tierflow probe --out machine.json             measure this machine
+  tierflow serve --port 8000                    the OpenAI HTTP API"""
 
 EXIT_CODES = """\
 exit status:
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     from tierflow.cli.plan import add_plan_commands
     add_plan_commands(sub, parse_size)
+    from tierflow.cli.serve import add_serve_command
+    add_serve_command(sub, parse_size)
     return parser
 
 
@@ -184,6 +188,9 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- tierflow run
 async def _run(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "serve":
+        from tierflow.cli.serve import run_serve_command
+        return await run_serve_command(args, console, _on_daemon_thread)
     if args.command != "run":
         from tierflow.cli.plan import run_plan_command
         await run_plan_command(args, console)
@@ -535,7 +542,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     termination = Termination()
     try:
-        status = run_loop(until_terminated(_run(args, console), termination))
+        if args.command == "serve":      # uvicorn handles SIGTERM / Ctrl-C itself: it drains, then returns
+            status = run_loop(_run(args, console))
+        else:
+            status = run_loop(until_terminated(_run(args, console), termination))
     except (TierflowError, OSError) as exc:
         return _report_error(console, exc, args.verbose)
     except KeyboardInterrupt:
