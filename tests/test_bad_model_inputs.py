@@ -1,5 +1,6 @@
 """Bad model files and profiles: config.json with wrong types, config.json without
-``architectures``, malformed safetensors headers, and impossible or unreadable profiles.
+``architectures``, malformed safetensors headers, impossible or unreadable profiles, and
+weights that make a request's logits non-finite.
 Each raises a named tierflow error whose message names the file, the key and the value; a
 valid input next still gives the transformers oracle's tokens."""
 
@@ -14,9 +15,11 @@ import struct
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from tierflow import CheckpointError, Engine, EngineConfig, ProfileError, SamplingParams, UnsupportedModelError
 from tierflow.engine.planning import config_spec
+from tierflow.errors import RequestError
 from tierflow.testing import oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.checkpoint.safetensors import read_header
@@ -309,3 +312,76 @@ def test_a_selector_with_thousands_of_digits(tmp_path):
     path = tmp_path / "profile.json"
     path.write_text(json.dumps({"version": 1, "overrides": {"tiers": {"layers.0-" + "9" * 5000: "disk"}}}))
     assert load_profile(path).overrides.tiers     # validated as a selector; the plan finds it out of range
+
+
+# ----------------------------------------------------------------------------- 5. non-finite logits
+POISON = 7      # the token whose embedding row is NaN
+
+
+def _poisoned(tiny_model, tmp_path, tensor="model.embed_tokens.weight", row=POISON):
+    path = shutil.copytree(tiny_model, tmp_path / "poisoned")
+    weights = load_file(path / "model.safetensors")
+    if row is None:
+        weights[tensor].fill_(math.nan)
+    else:
+        weights[tensor][row] = math.nan
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_nan_logits_fail_only_their_request(tiny_model, tmp_path):
+    path = _poisoned(tiny_model, tmp_path)     # untied: only a prompt holding POISON meets the NaN
+    clean = [1, 2, 3, 4]
+    expected = oracle_greedy(path, clean, 6)
+    assert POISON not in clean + expected
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    async def main():
+        async with await Engine.open(path, CONFIG) as engine:
+            sweeps = []
+            sample = engine._driver._sample
+
+            def spy(plan, reqs, logits):
+                sampled = sample(plan, reqs, logits)
+                sweeps.append((len(reqs), sorted(sampled.failures)))
+                return sampled
+
+            engine._driver._sample = spy
+            results = await asyncio.gather(engine.generate([1, POISON, 3], params), engine.generate(clean, params),
+                                           engine.generate([5, 6], SamplingParams(max_new_tokens=3, temperature=0.8,
+                                                                                 seed=1)),
+                                           return_exceptions=True)
+            scored = await asyncio.gather(engine.logits([POISON, 2]), return_exceptions=True)
+            after = await engine.generate(clean, params)
+            return results, scored[0], after, sweeps
+
+    (poisoned, good, sampled), scored, after, sweeps = asyncio.run(main())
+    assert isinstance(poisoned, RequestError) and type(poisoned) is RequestError
+    message = str(poisoned)
+    assert "non-finite logits" in message and "output token 0 (position 3 of the sequence)" in message
+    assert "NaN" in message and "dtype='float32'" in message and poisoned.settings == ("dtype",)
+    assert sweeps[0] == (3, [0])               # one sweep held all three; only the poisoned one failed
+    assert list(good.token_ids) == expected and len(sampled.token_ids) == 3
+    assert isinstance(scored, RequestError) and "position 1 (prompt logits)" in str(scored)
+    assert list(after.token_ids) == expected
+
+
+def test_nan_weights_everywhere_fail_each_request_and_a_clean_engine_still_answers(tiny_model, tmp_path):
+    path = _poisoned(tiny_model, tmp_path, "lm_head.weight", row=None)
+    with pytest.raises(RequestError, match=r"non-finite logits: the logits of output token 0 .* hold 512 NaN"):
+        _greedy(path)
+    assert _greedy(tiny_model, n=6) == oracle_greedy(tiny_model, GOOD, 6)
+
+
+def test_nonfinite_rows():
+    import torch
+
+    from tierflow.engine.sampling import nonfinite_rows
+    logits = torch.zeros(5, 4)
+    logits[1, 2] = math.nan
+    logits[2, 0] = math.inf
+    logits[3] = -math.inf
+    logits[4, :3] = -math.inf                 # masked tokens beside a finite one: fine
+    assert nonfinite_rows(logits) == {1: "1 NaN and 0 +inf of 4 logits", 2: "0 NaN and 1 +inf of 4 logits",
+                                      3: "all 4 logits -inf"}
+    assert nonfinite_rows(torch.zeros(2, 4)) == {}

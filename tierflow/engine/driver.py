@@ -17,7 +17,8 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, Callable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
@@ -26,7 +27,7 @@ from tierflow.engine.build import Runtime
 from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
-from tierflow.engine.sampling import make_generator, sample, token_logprob
+from tierflow.engine.sampling import make_generator, nonfinite_rows, sample, token_logprob
 from tierflow.errors import KVCapacityError, RequestError, TierCapacityError, TierflowError
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch
@@ -40,6 +41,14 @@ R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 TRIM_AFTER_TOKENS = 256     # sweeps of at least this many tokens return their freed heap memory to the OS
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """What sampling a sweep's logits gave, per sequence of its plan."""
+
+    tokens: tuple[int | None, ...]          # the sampled token (None: nothing sampled, or failed)
+    failures: Mapping[int, RequestError]    # sequence index → why (its logits were not finite)
 
 
 class Driver:
@@ -150,21 +159,22 @@ class Driver:
             before = self.meter.clock()
             try:
                 result = await self.rt.runner.run(self._batch(plan, reqs))
-                tokens = await self.rt.worker.run(self._sample, plan, reqs, result.logits)
+                sampled = await self.rt.worker.run(self._sample, plan, reqs, result.logits)
             except Exception as exc:   # the sweep failed: fail its requests, keep serving
                 log.warning("sweep failed: %s", exc)
                 for req in reqs:
                     self.finish(req, error=exc if isinstance(exc, TierflowError) else
                                 RequestError(f"request failed in a sweep: {exc!r}"))
                 continue
-            for index, error in result.failures.items():   # KV faults of single sequences
+            # single sequences: KV faults (the sweep's) and non-finite logits (the sampler's)
+            for index, error in {**sampled.failures, **result.failures}.items():
                 log.warning("request %d failed in a sweep: %s", reqs[index].id, error)
                 self.finish(reqs[index], error=error)
             if decode:
                 self.meter.add(plan, before)
             elif plan.num_tokens >= TRIM_AFTER_TOKENS:     # a prefill chunk: hand its activations back
                 await self.rt.worker.run(trim_heap)
-            self._postprocess(plan, reqs, tokens)
+            self._postprocess(plan, reqs, list(sampled.tokens))
             for item, req in zip(plan.seqs, reqs):   # a prompt's prefill just completed: offer its blocks
                 if item.sample and item.start + item.num_tokens == len(req.prompt_ids) and not req.done:
                     await self._remember(req)
@@ -205,13 +215,23 @@ class Driver:
         return SweepBatch(torch.tensor(ids), torch.tensor(positions), tuple(slices), tuple(s.start for s in plan.seqs),
                           tuple(r.kv for r in reqs), torch.tensor(rows, dtype=torch.long))
 
-    def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor) -> list[int | None]:
-        """Runs in the compute worker: one sampled token per sequence (None: nothing sampled)."""
+    def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor) -> Sampled:
+        """Runs in the compute worker: one sampled token per sequence (None: nothing sampled),
+        and the sequences whose logits hold a NaN or an infinity, which fail."""
         tokens: list[int | None] = []
+        failures: dict[int, RequestError] = {}
         row = 0
         logits = logits.cpu()
-        for item, req in zip(plan.seqs, reqs):
-            if req.score:
+        bad = nonfinite_rows(logits)
+        for index, (item, req) in enumerate(zip(plan.seqs, reqs)):
+            rows = range(row, row + (item.num_tokens if req.score else 1 if item.sample else 0))
+            if any(r in bad for r in rows):
+                first = next(r for r in rows if r in bad)
+                position = item.start + item.num_tokens if not req.score else item.start + first - row + 1
+                failures[index] = _nonfinite_error(req, position, bad[first])
+                tokens.append(None)
+                row = rows.stop
+            elif req.score:
                 req.logits.append(logits[row:row + item.num_tokens])
                 row += item.num_tokens
                 tokens.append(None)
@@ -223,7 +243,7 @@ class Driver:
                 row += 1
             else:
                 tokens.append(None)
-        return tokens
+        return Sampled(tuple(tokens), failures)
 
     def _postprocess(self, plan: SweepPlan, reqs: list[Request], tokens: list[int | None]) -> None:
         for item, req in zip(plan.seqs, reqs):
@@ -322,3 +342,12 @@ class Driver:
                                                              req.prompt_ids + req.output_ids, req.remembered_blocks)
         except Exception as exc:     # noqa: BLE001 - the cache only misses these blocks
             log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)
+
+
+def _nonfinite_error(req: Request, position: int, found: str) -> RequestError:
+    what = (f"the logits predicting position {position} (prompt logits)" if req.score else
+            f"the logits of output token {len(req.output_ids)} (position {position} of the sequence)")
+    return RequestError(
+        f"the model produced non-finite logits: {what} hold {found}, so no token can be chosen. The "
+        "checkpoint's weights are damaged (NaN or inf in them: download it again), or float16 overflowed: "
+        "open the engine with EngineConfig(dtype='float32') or 'bfloat16'", settings=("dtype",))

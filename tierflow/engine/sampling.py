@@ -1,5 +1,10 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, each request with its own
-generator so that a seeded request samples the same tokens whatever else shares its sweep."""
+generator so that a seeded request samples the same tokens whatever else shares its sweep.
+
+Before sampling, ``nonfinite_rows`` finds the logit rows nothing can be sampled from (a NaN, a
++inf, or no finite value at all: damaged weights, or float16 overflow), so that their requests
+fail instead of decoding token 0 forever; it costs one ``isfinite`` pass over the logits the
+sampler already holds on the host, and more only when that pass finds something."""
 
 from __future__ import annotations
 
@@ -45,3 +50,19 @@ def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
     best = torch.topk(logprobs, min(top, logprobs.numel())) if top else None
     pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
     return TokenLogprob(token, float(logprobs[token]), pairs)
+
+
+def nonfinite_rows(logits: torch.Tensor) -> dict[int, str]:
+    """The rows of host ``logits`` [rows, vocab] that cannot be sampled from, each with what it
+    holds: a NaN, a +inf (softmax turns it into NaN), or no finite value (all -inf). A row with
+    some -inf among finite values (masked tokens) is fine."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return {}
+    nan, posinf, some_finite = logits.isnan().sum(-1), logits.isposinf().sum(-1), finite.any(-1)
+    found = {}
+    for row in range(logits.shape[0]):
+        if nan[row] or posinf[row] or not some_finite[row]:
+            found[row] = (f"{int(nan[row])} NaN and {int(posinf[row])} +inf of {logits.shape[-1]} logits"
+                          if nan[row] or posinf[row] else f"all {logits.shape[-1]} logits -inf")
+    return found
