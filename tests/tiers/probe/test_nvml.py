@@ -92,4 +92,6 @@ def test_the_link_goes_into_the_profile_and_the_report():
     assert HardwareProfile(**hw.to_json()) == hw
     console = Console(record=True, width=160)
     console.print(_hardware_table(hw, "profile"))
-    assert "24.5 GB/s to the device, 25.1 GB/s back (link gen4 x16, 31.5 GB/s each way at most)" in console.export_text()
+    text = console.export_text()
+    assert "24.5 GB/s to the device, 25.1 GB/s back" in text
+    assert "gen4 x16, 31.5 GB/s each way at most" in text
