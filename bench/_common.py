@@ -716,3 +716,12 @@ def engine_plan_figures(model: Path) -> dict[str, int]:
         finally:
             await engine.close()
     return asyncio.run(go())
+
+
+def write_results(result: dict[str, Any], out: Path, chart: Any, report: Any) -> None:
+    """Write ``result`` as JSON to ``out`` and ``chart(result, png)`` beside it, then ``report(result)``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    chart(result, out.with_suffix(".png"))
+    report(result)
+    print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import shlex
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CpuMonitor, ModelShape, build_checkpoint, quiesce, streamed_profile  # noqa: E402
+from _common import CpuMonitor, ModelShape, build_checkpoint, quiesce, streamed_profile, write_results  # noqa: E402
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
 from tierflow.engine.loop import run as run_loop  # noqa: E402
@@ -257,11 +256,7 @@ def main() -> None:
     args = parse_args()
     result = run_loop(main_async(args))
     out = args.results or args.out / "concurrency.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    chart(result, out.with_suffix(".png"))
-    report(result)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_results(result, out, chart, report)
 
 
 if __name__ == "__main__":

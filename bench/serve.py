@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loadavg, streamed_profile  # noqa: E402
+from _common import loadavg, streamed_profile, write_results  # noqa: E402
 
 TARGET_RATIO = 0.95
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "Write one sentence about the sea.",
@@ -247,11 +247,7 @@ def main() -> None:
     args = parse_args()
     result = measure(args)
     out = args.results or args.out / "serve.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    chart(result, out.with_suffix(".png"))
-    report(result)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    write_results(result, out, chart, report)
 
 
 if __name__ == "__main__":

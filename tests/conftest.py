@@ -65,3 +65,16 @@ def strict_simulated_cuda(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     if request.node.get_closest_marker("hazards_expected") is None:
         for ops in made:
             ops.check()
+
+
+@pytest.fixture(scope="module")
+def talking_model(tmp_path_factory):
+    """A tiny checkpoint with a word-level tokenizer ("w1 w2 ..."), so `tierflow run` takes text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = build_random_llama(tmp_path_factory.mktemp("talking") / "m", seed=3)
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 512)}}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(path)
+    return path

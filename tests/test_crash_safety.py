@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tierflow import Engine, EngineConfig, SamplingParams
-from tierflow.testing import build_random_llama, oracle_greedy
+from tierflow.testing import oracle_greedy
 from tierflow.tiers.io.cachedir import claim
 from tierflow.tiers.io.spill import SpillFile, remove_orphaned_spills
 
@@ -180,18 +180,6 @@ def test_an_api_program_that_cancels_on_sigterm_removes_its_spill_file(tiny_mode
     assert returncode == 0 and "closed" in out, err
     assert list(tmp_path.iterdir()) == []
 
-
-@pytest.fixture(scope="module")
-def talking_model(tmp_path_factory):
-    """A tiny checkpoint with a word-level tokenizer ("w1 w2 ..."), so `tierflow run` takes text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = build_random_llama(tmp_path_factory.mktemp("talking") / "m", seed=3)
-    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 512)}}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(path)
-    return path
 
 
 def test_sigterm_in_tierflow_run_closes_the_engine_and_removes_its_spill_file(talking_model, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import functools
 import importlib
 import importlib.metadata
 import io
@@ -27,12 +26,11 @@ from rich.console import Console
 
 import tierflow
 from tierflow import Engine, EngineConfig, SamplingParams
-from tierflow.cli.main import (MEASURING, PrefillCount, RunTimes, build_parser, exit_status, main, opening_status,
+from tests.cli.clitools import cli
+from tierflow.cli.main import (MEASURING, PrefillCount, RunTimes, build_parser, exit_status, opening_status,
                                prefill_line, shows_live, shows_prefill_progress, summary_rows, summary_table)
 from tierflow.errors import (CheckpointError, ConfigError, KVCapacityError, ProfileError, PromptError, RequestError,
                              SamplingError, TierCapacityError, TransferError)
-from tierflow.testing import build_random_llama
-from tierflow.tiers.probe import probe as probe_mod
 
 cli_main = importlib.import_module("tierflow.cli.main")     # the module (tierflow.cli.main is also the function)
 HARDWARE = {"device": "cpu", "device_memory_bytes": 2**30, "host_memory_bytes": 2**30, "disk_read_gbps": 3.0,
@@ -47,18 +45,6 @@ def private_home(monkeypatch, tmp_path):
     monkeypatch.setenv("COLUMNS", "1000")
 
 
-@pytest.fixture(scope="module")
-def talking_model(tmp_path_factory):
-    """A tiny checkpoint with a word-level tokenizer ("w1 w2 ..."), so `tierflow run` takes text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = build_random_llama(tmp_path_factory.mktemp("talking") / "m", seed=3)
-    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 512)}}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(path)
-    return path
-
 
 @pytest.fixture
 def streaming_profile(tmp_path):
@@ -66,21 +52,6 @@ def streaming_profile(tmp_path):
     path = tmp_path / "machine.json"
     path.write_text(json.dumps({"version": 1, "hardware": HARDWARE, "overrides": {"tiers": {"layers.0-1": "disk"}}}))
     return path
-
-
-@pytest.fixture
-def fresh_probe_cache(monkeypatch, tmp_path):
-    """An empty probe cache of its own, and a quick disk measurement."""
-    monkeypatch.setenv("TIERFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(probe_mod, "measure_disk",
-                        functools.partial(probe_mod.measure_disk, file_bytes=8 * 2**20, seconds=0.2))
-
-
-def cli(capsys, *args):
-    """(exit status, stdout, stderr) of ``tierflow ARGS``."""
-    status = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 def run_args(model, profile, *extra):
@@ -216,7 +187,7 @@ def test_an_empty_prompt_is_a_usage_error_before_anything_opens(capsys, prompt):
 
 # ----------------------------------------------------------------------------- the status while opening
 def test_on_a_pipe_the_first_probe_says_one_plain_line_and_a_cached_one_nothing(capsys, talking_model,
-                                                                                 fresh_probe_cache):
+                                                                                 small_disk_probe):
     args = ["run", "--model", talking_model, "--raw", "--max-new-tokens", 2, "w1 w2"]
     status, out, err = cli(capsys, *args)
     assert status == 0 and out.strip(), err
@@ -226,7 +197,7 @@ def test_on_a_pipe_the_first_probe_says_one_plain_line_and_a_cached_one_nothing(
     assert status == 0 and MEASURING not in err and "measuring" not in err
 
 
-def test_on_a_terminal_the_status_follows_the_probe(monkeypatch, capsys, talking_model, fresh_probe_cache):
+def test_on_a_terminal_the_status_follows_the_probe(monkeypatch, capsys, talking_model, small_disk_probe):
     shown = tty_console(monkeypatch)
     status, out, err = cli(capsys, "run", "--model", talking_model, "--raw", "--max-new-tokens", 2, "w1 w2")
     assert status == 0 and out.strip() and err == ""

@@ -4,7 +4,6 @@ and ``Engine.open`` with ``EngineConfig(profile=...)``."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import json
 import math
@@ -17,11 +16,10 @@ import torch
 from rich.console import Console
 
 from tierflow import Engine, EngineConfig, SamplingParams
-from tierflow.cli.main import main
+from tests.cli.clitools import cli
 from tierflow.cli.plan import render_engine_plan
 from tierflow.errors import ConfigError, ProfileError, TierCapacityError
 from tierflow.cli.report import render_plan_vs_actual
-from tierflow.tiers.probe import probe as probe_mod
 from tierflow.tiers.probe.profile import load_profile
 
 GiB = 2**30
@@ -67,21 +65,6 @@ def write_profile(path, hardware=None, **overrides):
 @pytest.fixture
 def rtx_profile(tmp_path):
     return write_profile(tmp_path / "rtx-3060-ti.json", RTX_3060_TI)
-
-
-@pytest.fixture
-def small_disk_probe(monkeypatch, tmp_path):
-    """The probe writes its cache under tmp_path and measures the disk with a small file."""
-    monkeypatch.setenv("TIERFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(probe_mod, "measure_disk",
-                        functools.partial(probe_mod.measure_disk, file_bytes=8 * 2**20, seconds=0.2))
-
-
-def cli(capsys, *args):
-    """(exit status, stdout, stderr) of ``tierflow ARGS``."""
-    status = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 # ----------------------------------------------------------------------------- tierflow plan
