@@ -76,6 +76,14 @@ def test_list_of_text_parts_is_the_same_message(client, reference):
     assert got.choices[0].message.content == want.text
 
 
+def test_a_developer_message_is_the_system_message_for_a_template_without_the_role(client, reference):
+    want = reference.generate(CHAT, greedy())       # the tiny checkpoint's ChatML template has no "developer"
+    developer = [{"role": "developer", "content": CHAT[0]["content"]}, CHAT[1]]
+    got = client.chat.completions.create(model="tiny", messages=developer, max_tokens=NEW, temperature=0)
+    assert got.choices[0].message.content == want.text
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
 def test_streamed_chat_gives_the_same_tokens_role_first_and_usage_last(client, reference):
     want = reference.generate(CHAT, greedy())
     chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=NEW, temperature=0,

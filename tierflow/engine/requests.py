@@ -6,11 +6,23 @@ ids, and refuses with a PromptError that names the message or position anything 
 or the chat template would otherwise trip on (a lone surrogate, an unknown role, a non-int id);
 ``Detokenizer`` turns generated ids into text deltas with stop strings; ``deadline_after``
 turns a request's ``timeout_s`` into a loop deadline.
+
+Chat roles. The checkpoint's own template renders the messages (gpt-oss's Harmony template, a
+Llama or ChatML one), so the roles tierflow accepts are the ones every chat API has: system,
+developer, user, assistant; a template's own refusal (its ``raise_exception``) is a PromptError.
+"developer" is the newer name of "system" (OpenAI's): it stays "developer" for a template that
+names the role as a string literal (Harmony renders it as the "# Instructions" of its developer
+message), and becomes "system" for one that does not, which would otherwise print an unknown
+role's name into the prompt. The decision is made here, where the template is known, so the HTTP
+server and in-process callers get the same prompt. A template may also drop a message without
+raising (Harmony renders only the first system or developer message); instructions that do not
+appear in the rendered prompt are a PromptError rather than a prompt silently without them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
@@ -26,7 +38,8 @@ from tierflow.tiers.kv.handle import KVHandle
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
 # Tool messages are left out: a tool call's assistant message has no string content (it carries
 # tool_calls instead), which these checks refuse, so a tool result would answer nothing.
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "developer")
+INSTRUCTION_ROLES = ("system", "developer")   # their text must reach the prompt (see _check_rendered)
 
 
 @dataclass(eq=False)
@@ -76,7 +89,8 @@ def deadline_after(timeout_s: float | None) -> float | None:
 def encode_prompt(prompt: Prompt, tokenizer: Any, vocab_size: int) -> list[int]:
     """``str`` → tokenizer's default encoding; ``list[int]`` → as given, each id in
     [0, vocab_size); chat messages (a list of ``{"role", "content"}`` dicts, role one of
-    ``CHAT_ROLES``) → the checkpoint's chat template with the generation prompt appended.
+    ``CHAT_ROLES``; "developer" read as "system" by a template that does not name it) → the
+    checkpoint's chat template with the generation prompt appended.
     Text must be valid Unicode (no lone surrogate). Anything else is a PromptError that says
     what was found and where."""
     if isinstance(prompt, str):
@@ -157,13 +171,41 @@ def _chat_ids(messages: list[Any], tokenizer: Any) -> list[int]:
 
     _check_messages(messages)
     tokenizer = _need_tokenizer(tokenizer, "chat messages")
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise PromptError("this checkpoint's tokenizer has no chat template; pass a text prompt instead")
     try:
-        text = tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([_with_role(m, template) for m in messages], tokenize=False,
+                                             add_generation_prompt=True)
     except TemplateError as exc:         # the template's raise_exception(...), e.g. roles that must alternate
         raise PromptError(f"the checkpoint's chat template refused these messages: {exc}") from None
+    _check_rendered(messages, text)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _template_names_role(template: str | Mapping[str, str], role: str) -> bool:
+    """Whether a chat template (or any of a tokenizer's named templates) compares against or
+    prints ``role`` as a quoted string literal: ``message.role == "developer"``."""
+    sources = [template] if isinstance(template, str) else [t for t in template.values() if isinstance(t, str)]
+    literal = re.compile(rf"""(['"]){re.escape(role)}\1""")
+    return any(literal.search(source) for source in sources)
+
+
+def _with_role(message: Mapping[str, Any], template: str | Mapping[str, str]) -> dict[str, Any]:
+    message = dict(message)
+    if message["role"] == "developer" and not _template_names_role(template, "developer"):
+        message["role"] = "system"
+    return message
+
+
+def _check_rendered(messages: list[Mapping[str, Any]], text: str) -> None:
+    for i, m in enumerate(messages):
+        content = m["content"].strip()      # templates may trim
+        if m["role"] in INSTRUCTION_ROLES and content and content not in text:
+            raise PromptError(f"the checkpoint's chat template left chat message {i} (role {_show(m['role'])}) out "
+                              f"of the prompt: its text is not in what the template rendered (gpt-oss's template, "
+                              f"for one, renders only the first system or developer message); put all the "
+                              f"instructions in one message, the first")
 
 
 class Detokenizer:

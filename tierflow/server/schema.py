@@ -138,9 +138,11 @@ class ChatCompletionRequest(_Sampling):
                 raise Unsupported(f"messages.{i}.name", "message names are not supported")
 
     def chat(self) -> list[dict[str, str]]:
-        """The messages as the engine takes them ("developer" is the newer name of "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+        """The messages as the engine takes them, roles as sent: "developer" (the newer name of
+        "system") stays "developer" where the checkpoint's template knows it (gpt-oss's Harmony)
+        and is read as "system" where it does not, a decision the engine makes
+        (``tierflow.engine.requests``), where the template is known."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
     def max_new_tokens(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None \
