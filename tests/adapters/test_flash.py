@@ -3,7 +3,9 @@
 flash-attn needs CUDA, so on CPU a fake ``flash_attn`` module stands in: its ``flash_attn_func``
 is a plain float32 reference of the documented semantics (KV heads shared by consecutive query
 heads, a causal mask aligned to the bottom-right corner, ``window_size=(left, right)`` relative to
-that corner, softcap applied to the scaled scores) and records every call.
+that corner, softcap applied to the scaled scores) and records every call. Asked for
+``return_attn_probs``, it returns ``(out, softmax_lse, None)`` as flash-attn 2.x does without
+dropout: the float32 log-sum-exp [batch, heads, seqlen_q] of the scores each row keeps.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tests.adapters.test_attention import _case
 
 
 def _reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                               softcap=0.0):
+                               softcap=0.0, return_attn_probs=False):
     """flash_attn_func's documented forward, computed naively in float32."""
     _, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
@@ -44,8 +46,9 @@ def _reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causa
         keep &= col >= row - left
     if right >= 0:
         keep &= col <= row + right
-    probs = scores.masked_fill(~keep, -math.inf).softmax(dim=-1)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v).to(q.dtype)
+    scores = scores.masked_fill(~keep, -math.inf)
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v).to(q.dtype)
+    return (out, scores.logsumexp(dim=-1), None) if return_attn_probs else out
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +68,9 @@ def fake_flash(monkeypatch):
         calls.append(dict(q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
                           k_ptr=k.data_ptr(), v_ptr=v.data_ptr(), last_strides=(q.stride(-1), k.stride(-1), v.stride(-1)),
                           dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                          window_size=tuple(window_size), softcap=softcap))
-        return _reference_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap)
+                          window_size=tuple(window_size), softcap=softcap, return_attn_probs=return_attn_probs))
+        return _reference_flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                                          return_attn_probs)
 
     module = types.ModuleType("flash_attn")
     module.flash_attn_func = flash_attn_func

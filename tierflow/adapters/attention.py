@@ -41,6 +41,18 @@ Both take the same options: ``scale`` (of q·k; default head_dim ** -0.5), ``win
 sliding window: the query at position p sees keys p - window + 1 .. p) and ``softcap``
 (scores become softcap * tanh(scores / softcap) before masking and softmax). A block
 wholly outside every query's window is skipped without computing its scores.
+
+``sinks`` ([heads], any float dtype, used in float32) are gpt-oss's attention sinks: one learned
+logit per query head joins every softmax row after scaling, capping and masking, and its
+probability is dropped, so a row's weights over real keys sum to less than 1. The online softmax
+takes the sink into its final normalisation only (it is one more "key" with no value): with the
+row's running max ``m``, sum ``l`` and ``acc``, and ``m' = max(m, sink)``, the output is
+``acc·e^(m-m') / (l·e^(m-m') + e^(sink-m'))`` — no exponent is positive, so a sink of any size
+(+20, -30) stays finite. The fused SDPA call has no place for a sink, so with sinks every call that
+would go to SDPA takes the key tiles instead (a decode of one query over at most
+``KEY_TILE_TOKENS`` keys is a single tile pass); flash-attn keeps the call and corrects its output
+from the log-sum-exp it returns (see ``flash.flash_attend``). ``sinks=None`` computes exactly what
+it did before sinks existed.
 """
 
 from __future__ import annotations
@@ -51,24 +63,28 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from tierflow.adapters.flash import flash_attend, flash_device_supported, flash_head_dim_supported, flash_supported
+from tierflow.adapters.flash import (check_sinks, flash_attend, flash_device_supported, flash_head_dim_supported,
+                                     flash_supported)
 from tierflow.adapters.kv import KVBlock, KVBlocks, first_visible
 
 KEY_TILE_TOKENS = 512     # keys per tile of contiguous KV in the online softmax (the planner's ATTENTION_KEY_TILE)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, *, scale: float | None = None,
-           window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+           window: int | None = None, softcap: float | None = None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [n, H, D] (positions start..start+n-1) over ``keys`` /
-    ``values`` [KVH, start+n, D]; returns [n, H*D]."""
+    ``values`` [KVH, start+n, D]; returns [n, H*D]. With ``sinks`` SDPA is never called: the
+    calls it would take go to the key tiles (the module docstring says why)."""
     if flash_supported(q, keys, softcap, window):
-        return flash_attend(q, keys, values, start, scale=scale, window=window, softcap=softcap)
+        return flash_attend(q, keys, values, start, scale=scale, window=window, softcap=softcap, sinks=sinks)
     n, num_heads, d = q.shape
     first = first_visible(start, window)     # the earliest key any query sees
     keys, values = keys[:, first:], values[:, first:]
-    if softcap is not None or _needs_mask(start, n, window) or not fused_sdpa_is_lean(q, keys):
+    if (sinks is not None or softcap is not None or _needs_mask(start, n, window)
+            or not fused_sdpa_is_lean(q, keys)):
         return attend_blocks(q, split_blocks(keys, values, KEY_TILE_TOKENS, first=first), start, scale=scale,
-                             window=window, softcap=softcap)
+                             window=window, softcap=softcap, sinks=sinks)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=n > 1,
                                          scale=scale, enable_gqa=num_heads != keys.shape[0])
     return out[0].transpose(0, 1).reshape(n, num_heads * d)
@@ -91,14 +107,15 @@ def fused_sdpa_is_lean(q: torch.Tensor, keys: torch.Tensor) -> bool:
 
 
 def attend_kv(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None = None,
-              window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+              window: int | None = None, softcap: float | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [n, H, D] (positions start..start+n-1) over a KV handle's
     ``blocks``; returns [n, H*D]."""
     spans = blocks.spans
     if len(spans) == 1 and spans[0][0] == 0:
         keys, values, _ = blocks.fetch(0)
-        return attend(q, keys, values, start, scale=scale, window=window, softcap=softcap)
-    return _online_softmax(q, blocks, start, scale=scale, window=window, softcap=softcap)
+        return attend(q, keys, values, start, scale=scale, window=window, softcap=softcap, sinks=sinks)
+    return _online_softmax(q, blocks, start, scale=scale, window=window, softcap=softcap, sinks=sinks)
 
 
 def check_coverage(spans: Sequence[tuple[int, int]], start: int, n: int, window: int | None) -> None:
@@ -125,7 +142,7 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype, *, head_di
     """Which kernel ``attend`` uses for queries on ``device`` in ``dtype`` (and ``head_dim``, if
     given): "flash-attn", "sdpa" (CUDA without flash-attn) or "sdpa-<device type>" ("sdpa-cpu").
     Under SDPA, calls that need a mask (a chunk after position 0, a window narrower than the
-    chunk) and soft-capped ones take the online softmax in key tiles instead."""
+    chunk), soft-capped ones and ones with sinks take the online softmax in key tiles instead."""
     device = torch.device(device)
     if (head_dim is None or flash_head_dim_supported(head_dim)) and flash_device_supported(device, dtype):
         return "flash-attn"
@@ -144,22 +161,24 @@ def _visible(start: int, n: int, first: int, t: int, window: int | None, device:
 
 def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor, int]], start: int, *,
                   scale: float | None = None, window: int | None = None,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [n, H, D] (the queries at positions start..start+n-1) over
     ``blocks``: (keys [KVH, t, D], values [KVH, t, D], position of the block's first key), in
     any order, together covering keys 0..start+n-1 (keys past a query, or outside its
-    window, are masked). H must be a multiple of KVH (grouped-query attention). Accumulates
+    window, are masked). H must be a multiple of KVH (grouped-query attention). ``sinks`` [H]:
+    one more logit per query head in every row, whose probability is dropped. Accumulates
     in float32; returns [n, H*D] in ``q``'s dtype."""
     return _online_softmax(q, KVBlocks.of([KVBlock(*block) for block in blocks]), start, scale=scale,
-                           window=window, softcap=softcap)
+                           window=window, softcap=softcap, sinks=sinks)
 
 
 def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None, window: int | None,
-                    softcap: float | None) -> torch.Tensor:
+                    softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """``attend_blocks`` over lazy blocks: coverage is checked from the spans first, and a
     block outside every query's window (or after every query) is skipped unfetched."""
     n, num_heads, d = q.shape
     check_coverage(blocks.spans, start, n, window)
+    check_sinks(sinks, num_heads)
     last = start + n - 1
     query = torch.empty((num_heads, n, d), device=q.device)      # [H, n, D] in float32, scaled
     query.copy_(q.transpose(0, 1)).mul_(1.0 / math.sqrt(d) if scale is None else scale)
@@ -201,6 +220,12 @@ def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: flo
         l_g.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
         acc_g.mul_(alpha).baddbmm_(p, values.float())
         m_g.copy_(m_new)
+    if sinks is not None:        # the sink: one more logit per row, in l but with no value in acc
+        sink = sinks.to(device=q.device, dtype=torch.float32).view(num_heads, 1, 1)
+        m_sink = torch.maximum(m, sink)
+        alpha = torch.exp(m - m_sink)
+        acc.mul_(alpha)
+        l.mul_(alpha).add_(torch.exp(sink - m_sink))
     out = torch.empty((n, num_heads, d), dtype=q.dtype, device=q.device)
     out.copy_(acc.div_(l).transpose(0, 1))
     return out.view(n, num_heads * d)

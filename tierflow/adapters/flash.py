@@ -22,6 +22,16 @@ What is relied on, from the docstring of ``flash_attn.flash_attn_func`` (flash-a
 * ``softcap`` > 0 replaces each score s (already multiplied by ``softmax_scale``) by
   softcap * tanh(s / softcap) before the softmax; 0.0 turns it off. ``softmax_scale=None``
   means headdim ** -0.5, as in ``attend``.
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)``: ``softmax_lse`` is float32
+  [batch, nheads, seqlen_q], the natural log of each row's sum of exp(score) over the keys it sees
+  (scores scaled and capped as above); ``S_dmask`` is only computed with dropout, so asking costs
+  nothing more than the kernel already writes (it keeps the lse for the backward pass).
+
+Attention sinks (gpt-oss) are not a flash-attn argument, but the log-sum-exp is enough to add them
+after the kernel: one more logit ``sink`` per head whose probability is dropped changes each row
+from Σ e^s v / Σ e^s = out into Σ e^s v / (Σ e^s + e^sink) = out · e^lse / (e^lse + e^sink)
+= out · sigmoid(lse - sink). The factor is computed in float32 on the device, one elementwise
+pass over [seqlen_q, heads], with no host synchronisation.
 
 The kernels take fp16 and bf16 only, head dims up to 256, and need an Ampere or newer GPU
 (compute capability 8.0+): ``flash_supported`` checks each, so an unsupported call falls back
@@ -78,6 +88,16 @@ def _takes_required_parameters(func: Callable[..., object]) -> bool:
     return all(name in parameters for name in _REQUIRED_PARAMETERS)
 
 
+def check_sinks(sinks: torch.Tensor | None, num_heads: int) -> None:
+    """Raise ValueError unless ``sinks`` is None or one floating-point logit per query head
+    (shape only: nothing waits for the device)."""
+    if sinks is None:
+        return
+    if tuple(sinks.shape) != (num_heads,) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a float tensor of shape [{num_heads}] (one logit per query head), got "
+                         f"{sinks.dtype} of shape {list(sinks.shape)}: pass the attention layer's sinks as they are")
+
+
 def flash_device_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether flash-attn runs on ``device`` in ``dtype``: fp16 or bf16, the package importable,
     and a CUDA device of compute capability 8.0+."""
@@ -106,21 +126,28 @@ def flash_supported(q: torch.Tensor, keys: torch.Tensor, softcap: float | None, 
 
 def flash_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, *,
                  scale: float | None = None, window: int | None = None,
-                 softcap: float | None = None) -> torch.Tensor:
+                 softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """``attend`` through flash-attn: ``q`` [n, H, D] at positions start..start+n-1 over ``keys``
-    / ``values`` [KVH, >= start+n, D] (keys past start+n-1 are ignored); returns [n, H*D]."""
+    / ``values`` [KVH, >= start+n, D] (keys past start+n-1 are ignored); returns [n, H*D].
+    ``sinks`` [H]: one more logit per head in every row, its probability dropped."""
     n, num_heads, d = q.shape
     total = start + n
     if keys.shape[1] < total or values.shape[1] < total:
         raise ValueError(f"queries at {start}..{total - 1} need {total} keys and values, got "
                          f"{keys.shape[1]} and {values.shape[1]}")
+    check_sinks(sinks, num_heads)
     func = flash_module()
     if func is None:
         raise FlashAttnUnavailableError("flash-attn is not importable (or older than 2.6): "
                                         "check flash_supported() before calling flash_attend()")
     # All start+n keys go in, even with a window: the bottom-right alignment then puts query i
     # at position start+i, and the kernel skips the tiles the window masks.
-    out = func(q[None], keys[:, :total].transpose(0, 1)[None], values[:, :total].transpose(0, 1)[None],
-               dropout_p=0.0, softmax_scale=scale, causal=True,
-               window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
-    return out[0].reshape(n, num_heads * d)
+    arguments = dict(dropout_p=0.0, softmax_scale=scale, causal=True,
+                     window_size=(window - 1, 0) if window else (-1, -1), softcap=softcap or 0.0)
+    q_b, k_b, v_b = q[None], keys[:, :total].transpose(0, 1)[None], values[:, :total].transpose(0, 1)[None]
+    if sinks is None:
+        return func(q_b, k_b, v_b, **arguments)[0].reshape(n, num_heads * d)
+    out, lse, _ = func(q_b, k_b, v_b, return_attn_probs=True, **arguments)
+    # out · e^lse / (e^lse + e^sink) = out · sigmoid(lse - sink) (the module docstring derives it)
+    kept = torch.sigmoid(lse[0].transpose(0, 1).float() - sinks.to(device=q.device, dtype=torch.float32))
+    return (out[0].float() * kept[..., None]).to(q.dtype).reshape(n, num_heads * d)
