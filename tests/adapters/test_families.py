@@ -180,7 +180,8 @@ def _config(checkpoints, name, **change):
 
 
 @pytest.mark.parametrize("name,change,message", [
-    ("qwen2-tied", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
+    ("qwen2-tied", {"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "rope_theta": 1e4}},
+     "proportional"),
     ("qwen3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic"),
     ("mistral", {"hidden_act": "gelu_new"}, "gelu_new"),
     ("gemma2", {"use_bidirectional_attention": True}, "bidirectional"),

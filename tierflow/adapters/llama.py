@@ -1,4 +1,4 @@
-"""Llama family: Llama 2 / 3 / 3.1 / 3.2 (rope_scaling "llama3" and "linear"), SmolLM2,
+"""Llama family: Llama 2 / 3 / 3.1 / 3.2 (rope_scaling "llama3", "linear" and "yarn"), SmolLM2,
 tied or untied embeddings, GQA or MHA, optional attention / MLP biases.
 
 Llama is the plain case of the shared decoder (``decoder.DecoderStyle()`` with no options);
@@ -16,7 +16,7 @@ from tierflow.adapters.rope import rope_inv_freq
 from tierflow.adapters.spec import read_spec
 from tierflow.errors import UnsupportedModelError
 
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class LlamaAdapter(DecoderAdapter):
