@@ -81,10 +81,11 @@ ROPE_KEYS: Mapping[str, Key] = {
     "rope_type": Key("string"), "type": Key("string"), "rope_theta": _POSITIVE, "factor": _POSITIVE,
     "low_freq_factor": _POSITIVE, "high_freq_factor": _POSITIVE, "original_max_position_embeddings": _COUNT,
     "attention_factor": _POSITIVE, "partial_rotary_factor": CONFIG_KEYS["partial_rotary_factor"],
-    "short_factor": Key("numbers"), "long_factor": Key("numbers"),
+    "short_factor": Key("numbers"), "long_factor": Key("numbers"), "beta_fast": Key("number"),
+    "beta_slow": Key("number"), "truncate": _FLAG, "mscale": Key("number"), "mscale_all_dim": Key("number"),
 }
 _ROPE_NEEDS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                 "original_max_position_embeddings")}
+                                                 "original_max_position_embeddings"), "yarn": ("factor",)}
 
 
 def _is_int(value: Any) -> bool:
