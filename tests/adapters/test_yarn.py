@@ -1,7 +1,7 @@
 """YaRN rope against transformers: the inverse frequencies and the attention factor of
-``ROPE_INIT_FUNCTIONS["yarn"]`` bit for bit on real configs' rope settings, and tiny random
-Qwen2 / Qwen3 checkpoints with yarn rope through the Engine (logits and greedy tokens) at
-positions well past ``original_max_position_embeddings``."""
+``ROPE_INIT_FUNCTIONS["yarn"]`` bit for bit on real configs' rope settings (Qwen, Llama, Mistral,
+Gemma 2 / 3 configs), and tiny random Qwen2 / Qwen3 / Gemma 3 checkpoints with yarn rope through
+the Engine (logits and greedy tokens) at positions well past ``original_max_position_embeddings``."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import torch
 from tierflow import Engine, EngineConfig, SamplingParams
 from tierflow.adapters import model_from_config
 from tierflow.adapters.rope import attention_factor, rope_inv_freq
-from tierflow.errors import CheckpointError
+from tierflow.errors import CheckpointError, UnsupportedModelError
 from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits
 
+SLIDING, FULL = "sliding_attention", "full_attention"
 SIZES = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=128, vocab_size=512)
 GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
@@ -43,11 +44,23 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # without either, the original length is max_position_embeddings; a null truncate does not truncate
     "no-original": ("qwen2", dict(max_position_embeddings=2048, rope_parameters={
         "rope_type": "yarn", "factor": 2.0, "truncate": None, "rope_theta": 10000.0})),
+    "gemma2": ("gemma2", dict(head_dim=16, max_position_embeddings=8192, original_max_position_embeddings=512,
+                              rope_parameters={"rope_type": "yarn", "factor": 16.0, "beta_fast": 16,
+                                               "truncate": False, "rope_theta": 10000.0})),
+    # Gemma 3: one rope object per layer type; yarn on the full-attention layers
+    "gemma3": ("gemma3_text", dict(head_dim=32, max_position_embeddings=32768, layer_types=[SLIDING, FULL],
+                                   rope_parameters={SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+                                                    FULL: {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6,
+                                                           "original_max_position_embeddings": 4096}})),
+    # the older spelling, which transformers nests too: the top-level original length is not used
+    "gemma3-older": ("gemma3_text", dict(head_dim=32, max_position_embeddings=32768, sliding_window_pattern=2,
+                                         original_max_position_embeddings=1024, rope_theta=1e6,
+                                         rope_local_base_freq=1e4, rope_scaling={"rope_type": "yarn", "factor": 4.0})),
 }
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                 "mistral": "MistralForCausalLM"}
+                 "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 CONFIG_CLASSES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig",
-                  "mistral": "MistralConfig"}
+                  "mistral": "MistralConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}
 
 
 def _config_json(name: str) -> dict[str, Any]:
@@ -64,6 +77,8 @@ def _transformers_yarn(name: str) -> tuple[torch.Tensor, float]:
         assert config.rope_parameters == GPT_OSS_ROPE and config.head_dim == 64
     else:
         config = getattr(transformers, CONFIG_CLASSES[CONFIGS[name][0]]).from_dict(_config_json(name))
+    if name.startswith("gemma3"):
+        return ROPE_INIT_FUNCTIONS["yarn"](config, layer_type=FULL)
     return ROPE_INIT_FUNCTIONS["yarn"](config)
 
 
@@ -106,6 +121,11 @@ CHECKPOINTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("qwen3", dict(head_dim=32, rope_parameters={
         "rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0, "beta_slow": 0.5, "truncate": False, "mscale": 1.0,
         "mscale_all_dim": 0.5, "original_max_position_embeddings": 16, "rope_theta": 100.0})),
+    "gemma3": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, initializer_range=0.2,
+                                   tie_word_embeddings=False, layer_types=[SLIDING, FULL], rope_parameters={
+                                       SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
+                                       FULL: {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1000.0,
+                                              "original_max_position_embeddings": 16}})),
 }
 PROMPT = [(i * 37) % 500 + 1 for i in range(40)]
 NEW_TOKENS = 32
@@ -147,8 +167,8 @@ def _relative_error(logits: torch.Tensor, expected: torch.Tensor) -> float:
 def test_engine_matches_transformers_past_the_original_length(checkpoints, tmp_path, name):
     path = checkpoints[name]
     config = json.loads((path / "config.json").read_text())
-    rope = config.get("rope_scaling") or config.get("rope_parameters")
-    assert rope["original_max_position_embeddings"] == 16 < len(PROMPT)
+    rope = config.get("rope_scaling") or config["rope_parameters"]
+    assert (rope.get(FULL) or rope)["original_max_position_embeddings"] == 16 < len(PROMPT)
     logits, tokens = asyncio.run(_run(path))
 
     expected = oracle_logits(path, PROMPT)
@@ -160,10 +180,21 @@ def test_engine_matches_transformers_past_the_original_length(checkpoints, tmp_p
     for item in path.iterdir():
         if item.name != "config.json":
             os.symlink(item, tmp_path / item.name)
-    plain = {k: v for k, v in config.items() if k not in ("rope_scaling", "rope_parameters")}
-    (tmp_path / "config.json").write_text(json.dumps(plain | {"rope_theta": float(rope.get("rope_theta")
-                                                                                   or config["rope_theta"])}))
+    (tmp_path / "config.json").write_text(json.dumps(_plain_rope(config)))
     assert _relative_error(oracle_logits(tmp_path, PROMPT), expected) > 1e-3
+
+
+def _plain_rope(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json with its yarn rope object made plain rope of the same base."""
+    config = json.loads(json.dumps(config))
+    if "rope_scaling" in config:
+        del config["rope_scaling"]
+        return config
+    nested = FULL in config["rope_parameters"]
+    rope = config["rope_parameters"][FULL] if nested else config["rope_parameters"]
+    plain = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    config["rope_parameters"] = dict(config["rope_parameters"], **{FULL: plain}) if nested else plain
+    return config
 
 
 @pytest.mark.parametrize("rope", [
@@ -181,4 +212,14 @@ def test_yarn_without_a_factor_is_a_checkpoint_error(rope):
 def test_yarn_settings_of_the_wrong_type_are_named(key, value):
     config = dict(_config_json("gpt-oss"), rope_parameters=dict(GPT_OSS_ROPE, **{key: value}))
     with pytest.raises(CheckpointError, match=f"rope_parameters.{key} must be"):
+        model_from_config(config)
+
+
+@pytest.mark.parametrize("truncate", [False, None])
+def test_gemma3_yarn_that_transformers_would_truncate_anyway_is_refused(truncate):
+    """transformers' Gemma 3 reads truncate from the outer, per-layer-type object: it always
+    truncates, whatever the full-attention object says."""
+    config = _config_json("gemma3")
+    config["rope_parameters"][FULL]["truncate"] = truncate
+    with pytest.raises(UnsupportedModelError, match=f"yarn rope with truncate {truncate!r}"):
         model_from_config(config)

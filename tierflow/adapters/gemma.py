@@ -8,7 +8,10 @@
 * Gemma 2 soft-caps attention scores and the final logits (cap * tanh(x / cap));
 * Gemma 3 norms each query and key head before rotary, gives sliding layers their own rope
   base (``rope_local_base_freq``, or ``rope_parameters["sliding_attention"]``) and scales the
-  rope of full-attention layers (e.g. "linear"). Like transformers' Gemma3ForCausalLM, it
+  rope of full-attention layers (e.g. "linear", "yarn"). Its rope parameters are one object per
+  layer type, and transformers' yarn reads ``truncate`` from the outer object, which never holds
+  it: it always truncates, so a Gemma 3 yarn whose ``truncate`` is not true is refused (tierflow
+  would honour it and differ). Like transformers' Gemma3ForCausalLM, it
   applies no attention soft-cap (``attn_logit_softcapping`` is not used by Gemma 3) but does
   apply ``final_logit_softcapping`` when set.
 
@@ -25,7 +28,7 @@ from tierflow.adapters.rope import check_rope, rope_config, rope_kind
 from tierflow.adapters.spec import config_value, read_spec
 from tierflow.errors import UnsupportedModelError
 
-_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _GEMMA2 = {"head_dim": 256, "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
            "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "max_position_embeddings": 8192}
 _GEMMA3 = {"head_dim": 256, "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
@@ -88,8 +91,14 @@ class Gemma3Adapter(DecoderAdapter):
                 raise UnsupportedModelError(f"Gemma 3: rope scaling {rope_kind(local)!r} of the sliding layers is "
                                             "not supported; only their base frequency may differ")
         else:
-            rope = rope_config(config, default_theta=_GEMMA3["rope_theta"])
+            # transformers nests these per layer type too: a top-level original length is not the rope's
+            outer = {k: v for k, v in config.items() if k != "original_max_position_embeddings"}
+            rope = rope_config(outer, default_theta=_GEMMA3["rope_theta"])
             local_theta = float(config.get("rope_local_base_freq") or _GEMMA3["rope_local_base_freq"])
         check_rope(rope_kind(rope[1]), _ROPE_TYPES)
+        if rope_kind(rope[1]) == "yarn" and (rope[1] or {}).get("truncate", True) is not True:
+            raise UnsupportedModelError(f"Gemma 3: yarn rope with truncate {(rope[1] or {})['truncate']!r} is not "
+                                        "supported: transformers' Gemma 3 ignores truncate and always truncates; "
+                                        "remove the key to run the model as transformers does")
         return read_spec(config, "Gemma 3", _GEMMA3, rope_types=_ROPE_TYPES, architecture=self.architectures[0],
                          rope=rope, rope_local_theta=local_theta, **features)
