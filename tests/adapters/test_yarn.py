@@ -1,7 +1,8 @@
 """YaRN rope against transformers: the inverse frequencies and the attention factor of
-``ROPE_INIT_FUNCTIONS["yarn"]`` bit for bit on real configs' rope settings (Qwen, Llama, Mistral,
-Gemma 2 / 3 configs), and tiny random Qwen2 / Qwen3 / Gemma 3 checkpoints with yarn rope through
-the Engine (logits and greedy tokens) at positions well past ``original_max_position_embeddings``."""
+``ROPE_INIT_FUNCTIONS["yarn"]`` bit for bit on real configs' rope settings (Qwen, Qwen-MoE,
+Llama, Mistral, Gemma 2 / 3 configs), and tiny random Qwen2 / Qwen3 / Gemma 3 checkpoints with
+yarn rope through the Engine (logits and greedy tokens) at positions well past
+``original_max_position_embeddings``."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logi
 SLIDING, FULL = "sliding_attention", "full_attention"
 SIZES = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              intermediate_size=128, vocab_size=512)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                 "original_max_position_embeddings": 4096, "rope_theta": 150000.0}
 # name -> (family, the config.json keys beside SIZES)
@@ -44,6 +46,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # without either, the original length is max_position_embeddings; a null truncate does not truncate
     "no-original": ("qwen2", dict(max_position_embeddings=2048, rope_parameters={
         "rope_type": "yarn", "factor": 2.0, "truncate": None, "rope_theta": 10000.0})),
+    "qwen2-moe": ("qwen2_moe", dict(MOE, shared_expert_intermediate_size=64, max_position_embeddings=131072,
+                                    rope_theta=1e6, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                                  "original_max_position_embeddings": 32768})),
+    "qwen3-moe": ("qwen3_moe", dict(MOE, head_dim=128, max_position_embeddings=131072, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6})),
     "gemma2": ("gemma2", dict(head_dim=16, max_position_embeddings=8192, original_max_position_embeddings=512,
                               rope_parameters={"rope_type": "yarn", "factor": 16.0, "beta_fast": 16,
                                                "truncate": False, "rope_theta": 10000.0})),
@@ -58,9 +65,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                          rope_local_base_freq=1e4, rope_scaling={"rope_type": "yarn", "factor": 4.0})),
 }
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                 "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 CONFIG_CLASSES = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "llama": "LlamaConfig",
-                  "mistral": "MistralConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}
+                  "mistral": "MistralConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig",
+                  "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig"}
 
 
 def _config_json(name: str) -> dict[str, Any]:
