@@ -85,6 +85,7 @@ FAMILY_CLASSES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
 }
 
 
@@ -113,9 +114,9 @@ def build_random_checkpoint(path: str | Path, family: str, *, hidden_size: int =
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(cfg)
     with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 1:
-                param.add_(torch.randn_like(param) * 0.1)
+        for name, param in model.named_parameters():
+            if param.ndim == 1 or name.endswith("_bias"):      # gpt-oss's stacked expert biases are 2-D
+                param.add_(torch.randn_like(param) * (1.0 if name.endswith("sinks") else 0.1))
     model = model.to(getattr(torch, dtype))
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_bytes is not None:
@@ -124,20 +125,58 @@ def build_random_checkpoint(path: str | Path, family: str, *, hidden_size: int =
     return path
 
 
-def oracle_logits(path: str | Path, token_ids: list[int], dtype: str = "float32") -> torch.Tensor:
-    """Float32 logits [len(token_ids), vocab] from transformers, fully in memory."""
+def pack_mxfp4_experts(source: str | Path, target: str | Path) -> Path:
+    """A copy of the gpt-oss checkpoint ``source`` with its expert weights packed in MXFP4 as
+    the published checkpoints hold them (``*_blocks`` [experts, out, in / 32, 16] and
+    ``*_scales``, uint8; biases, attention, router, embedding and head as they were) and
+    ``quantization_config`` in its config.json. transformers reads it with
+    ``Mxfp4Config(dequantize=True)``, as ``oracle_logits`` does."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tierflow.adapters.mxfp4 import quantize
+
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = quantize(tensor.transpose(1, 2))   # [E, out, in]
+        else:
+            tensors[name] = tensor
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
+def _load_oracle(path: str | Path, dtype: str) -> Any:
+    """transformers' model of a checkpoint, fully in memory (MXFP4 experts dequantized)."""
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    kwargs: dict[str, Any] = {}
+    quantization = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+
+
+def oracle_logits(path: str | Path, token_ids: list[int], dtype: str = "float32") -> torch.Tensor:
+    """Float32 logits [len(token_ids), vocab] from transformers, fully in memory."""
+    model = _load_oracle(path, dtype)
     with torch.inference_mode():
         return model(torch.tensor([token_ids])).logits[0].float()
 
 
 def oracle_greedy(path: str | Path, token_ids: list[int], max_new_tokens: int, dtype: str = "float32") -> list[int]:
     """Greedy continuation from transformers (no EOS stop)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = _load_oracle(path, dtype)
     with torch.inference_mode():
         out = model.generate(torch.tensor([token_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              min_new_tokens=max_new_tokens, pad_token_id=0)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from tierflow.adapters.base import Adapter, ModelSpec, SweepContext, UnitWeights
 from tierflow.adapters.gemma import Gemma2Adapter, Gemma3Adapter
+from tierflow.adapters.gpt_oss import GptOssAdapter
 from tierflow.adapters.llama import LlamaAdapter
 from tierflow.adapters.mistral import MistralAdapter
 from tierflow.adapters.moe import MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
@@ -22,7 +23,7 @@ from tierflow.adapters.spec import check_config
 from tierflow.errors import CheckpointError, UnsupportedModelError
 
 FAMILIES: tuple[type, ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma2Adapter, Gemma3Adapter,
-                              Phi3Adapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter)
+                              Phi3Adapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, GptOssAdapter)
 ADAPTERS: Mapping[str, type] = {arch: family for family in FAMILIES for arch in family.architectures}
 # model_type → family, for the model types that name exactly one family
 MODEL_TYPES: Mapping[str, type] = {

@@ -25,6 +25,7 @@ EMBED = "embed"
 LAYER = "layer"
 HEAD = "head"
 EXPERT = "expert"          # a routed expert of a mixture-of-experts layer: read only when picked
+EXPERTS = "experts"        # one tensor holding every routed expert of a layer, stacked along dim 0 (gpt-oss)
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -68,6 +69,10 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0     # the shared expert's width; 0: none
     norm_topk_prob: bool = False                 # renormalise the top-k routing weights to sum to 1
     moe_layers: tuple[int, ...] = ()             # the layers (0-based) whose MLP is a mixture of experts
+    expert_format: str = ""                      # "": experts in the checkpoint's float dtype; "mxfp4": packed
+    attention_sinks: bool = False                # a learned logit per query head joins every softmax row (gpt-oss)
+    swiglu_limit: float | None = None            # gpt-oss's clamped gated activation: its clamp ...
+    swiglu_alpha: float = 1.702                  # ... and its sigmoid gain
 
     @property
     def num_units(self) -> int:
@@ -96,8 +101,10 @@ class ModelSpec:
 class NameRule:
     """Maps checkpoint names matching ``pattern`` to (unit, local name).
 
-    ``unit`` is "embed", "layer" (the first regex group is the layer index), "head" or
-    "expert" (groups: layer index, expert index; see ``match_expert``).
+    ``unit`` is "embed", "layer" (the first regex group is the layer index), "head",
+    "expert" (groups: layer index, expert index; see ``match_expert``) or "experts" (one group,
+    the layer index: a tensor whose dim 0 runs over the layer's experts, each expert's slice a
+    contiguous byte range of it, which the checkpoint index reads as that expert's own tensor).
     """
 
     pattern: str
@@ -115,9 +122,12 @@ class NameRule:
         return 1 + _index(m.group(1)), self.local
 
     def match_expert(self, name: str) -> tuple[int, int, str] | None:
-        """(layer, expert, local name) of a routed expert's tensor, for an "expert" rule."""
+        """(layer, expert, local name) of a routed expert's tensor, for an "expert" rule; for an
+        "experts" rule, (layer, -1, local name): every expert's slice of the tensor."""
         m = re.fullmatch(self.pattern, name)
-        return None if m is None else (_index(m.group(1)), _index(m.group(2)), self.local)
+        if m is None:
+            return None
+        return _index(m.group(1)), (-1 if self.unit == EXPERTS else _index(m.group(2))), self.local
 
 
 def _index(digits: str) -> int:

@@ -241,7 +241,9 @@ class DecoderAdapter:
         cos, sin = ctx.rope_local if sliding and ctx.rope_local is not None else ctx.rope
         cos, sin = cos[:, None, :], sin[:, None, :]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        options = dict(scale=spec.attention_scale, window=window, softcap=spec.attn_logit_softcap)
+        options: dict[str, Any] = dict(scale=spec.attention_scale, window=window, softcap=spec.attn_logit_softcap)
+        if spec.attention_sinks:
+            options["sinks"] = w["sinks"]
         attn = torch.empty(n, spec.num_heads * d, dtype=h.dtype, device=h.device)
         for index, (rows, start, kv) in enumerate(zip(ctx.seq_slices, ctx.seq_starts, ctx.kv)):
             if index in ctx.refused or kv.failure is not None:

@@ -75,6 +75,7 @@ CONFIG_KEYS: Mapping[str, Key] = {
     "norm_topk_prob": _FLAG, "qkv_bias": _FLAG, "use_bidirectional_attention": _FLAG,
     "layer_types": Key("strings"), "mlp_only_layers": Key("ints"), "bos_token_id": Key("token_ids"),
     "eos_token_id": Key("token_ids"), "rope_scaling": Key("object"), "rope_parameters": Key("object"),
+    "swiglu_limit": _POSITIVE, "swiglu_alpha": _POSITIVE, "quantization_config": Key("object"),
 }
 # what a rope object (rope_scaling, rope_parameters or one of its per-layer-type entries) may hold
 ROPE_KEYS: Mapping[str, Key] = {

@@ -179,7 +179,7 @@ class ExpertStage:
             buffer = aligned_empty(layout.buffer_bytes)
             nbytes = await self._reader.read(layout, buffer)
             views = unit_views(layout, buffer)
-            weights = views if all(v.dtype == self._dtype for v in views.values()) else \
+            weights = views if all(v.dtype == self._dtype or not v.dtype.is_floating_point for v in views.values()) else \
                 await asyncio.to_thread(cast_weights, views, self._dtype)
             if self._ops is not None:
                 weights = await asyncio.to_thread(self._to_device, weights)

@@ -32,8 +32,9 @@ from tierflow.tiers.io.reader import UnitReader
 
 
 def cast_weights(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Explicit dtype conversion of floating weights (a copy only where dtypes differ)."""
-    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in weights.items()}
+    """Explicit dtype conversion of floating weights (a copy only where dtypes differ); packed
+    integer tensors (MXFP4 blocks and scales) stay as they are."""
+    return {k: v if v.dtype == dtype or not v.dtype.is_floating_point else v.to(dtype) for k, v in weights.items()}
 
 
 @dataclass(slots=True)

@@ -8,6 +8,14 @@ each unit into a few coalesced, 4 KiB-aligned byte ranges of the original files.
 unit is then a handful of large aligned reads into one buffer, and every tensor is a view
 at a known offset of that buffer. Nothing is converted or copied on disk.
 
+Routed experts are units of their own, keyed (layer, expert). A family that stores each
+expert's tensors under their own names maps them with "expert" name rules; one that stacks a
+layer's experts in one tensor (gpt-oss: ``mlp.experts.gate_up_proj`` [experts, ...]) maps it
+with an "experts" rule, and the index cuts it into per-expert slices — expert e's bytes are
+the e-th contiguous run of the tensor — so reading a routed expert reads its slice alone.
+MXFP4 tensors (``*_blocks``, ``*_scales``; uint8) are indexed as they are: their bytes are
+what a read moves and what the expert cache holds.
+
 Tied embeddings: the head unit lists the embedding tensor as its ``lm_head`` (so a streamed
 head reads it again), and ``head_without_tied`` is the head's layout without it, used when
 the embedding is resident and can be shared.
@@ -24,12 +32,13 @@ from typing import Any, Mapping
 import torch
 
 from tierflow.adapters import Adapter, ModelSpec, model_from_config
-from tierflow.adapters.base import EXPERT
+from tierflow.adapters.base import EXPERT, EXPERTS
 from tierflow.errors import CheckpointError, ShapeMismatchError
 from tierflow.tiers.checkpoint.safetensors import TensorEntry, read_header
 
 ALIGN_BYTES = 4096
 MAX_GAP_BYTES = 64 * 2**10   # reading a gap this small is cheaper than another request
+PACKED_SUFFIXES = ("_blocks", "_scales")   # local names of MXFP4 tensors (uint8), read as they are
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,16 +241,24 @@ def _group_units(adapter: Adapter, spec: ModelSpec, entries: dict[str, TensorEnt
     for name, entry in entries.items():
         if spec.tie_word_embeddings and name == "lm_head.weight":
             continue
-        expert = next((m for r in adapter.name_rules if r.unit == EXPERT and (m := r.match_expert(name))), None)
+        expert = next((m for r in adapter.name_rules
+                       if r.unit in (EXPERT, EXPERTS) and (m := r.match_expert(name))), None)
         if expert is not None:
             layer, index, local = expert
+            if index < 0:           # every expert of the layer, stacked: each reads its own slice
+                if layer not in spec.moe_layers:
+                    raise ShapeMismatchError(f"tensor {name!r} holds experts of layer {layer}, which config.json "
+                                             f"does not have (MoE layers {list(spec.moe_layers)})")
+                for index, part in enumerate(_expert_slices(entry, spec.num_experts)):
+                    routed.setdefault((layer, index), []).append((local, part))
+                continue
             if layer not in spec.moe_layers or not 0 <= index < spec.num_experts:
                 raise ShapeMismatchError(f"tensor {name!r} names expert {index} of layer {layer}, which config.json "
                                          f"does not have ({spec.num_experts} experts in layers {list(spec.moe_layers)})")
             routed.setdefault((layer, index), []).append((local, entry))
             continue
         rule, placed = next(((r, m) for r in adapter.name_rules
-                             if r.unit != EXPERT and (m := r.match(name, spec.num_layers))), (None, None))
+                             if r.unit not in (EXPERT, EXPERTS) and (m := r.match(name, spec.num_layers))), (None, None))
         if placed is None:
             if any(re.fullmatch(p, name) for p in adapter.ignored_names):
                 continue
@@ -263,6 +280,17 @@ def _group_units(adapter: Adapter, spec: ModelSpec, entries: dict[str, TensorEnt
     return grouped, routed
 
 
+def _expert_slices(entry: TensorEntry, num_experts: int) -> list[TensorEntry]:
+    """A tensor stacking ``num_experts`` experts along dim 0 as one entry per expert: expert e's
+    slice is the e-th contiguous run of ``nbytes / num_experts`` bytes (row-major layout)."""
+    if not entry.shape or entry.shape[0] != num_experts:
+        raise ShapeMismatchError(f"tensor {entry.name!r} has shape {list(entry.shape)}; config.json implies "
+                                 f"{num_experts} experts along its first dimension")
+    size = entry.nbytes // num_experts
+    return [TensorEntry(f"{entry.name}[{e}]", entry.path, entry.dtype, entry.shape[1:], entry.file_offset + e * size,
+                        size) for e in range(num_experts)]
+
+
 def _check_shapes(adapter: Adapter, spec: ModelSpec, unit: int, tensors: list[tuple[str, TensorEntry]]) -> None:
     _check_tensors(spec.unit_name(unit), adapter.expected_shapes(spec, unit), tensors)
 
@@ -280,5 +308,8 @@ def _check_tensors(unit_name: str, expected: Mapping[str, tuple[int, ...]],
         if entry.shape != expected[local]:
             raise ShapeMismatchError(f"tensor {entry.name!r} has shape {list(entry.shape)}, config.json implies "
                                      f"{list(expected[local])}; the checkpoint does not match its config")
-        if not entry.dtype.is_floating_point:
+        packed = local.endswith(PACKED_SUFFIXES)      # MXFP4 blocks and scales
+        if packed and entry.dtype != torch.uint8:
+            raise CheckpointError(f"tensor {entry.name!r} has dtype {entry.dtype}; MXFP4 blocks and scales are uint8")
+        if not packed and not entry.dtype.is_floating_point:
             raise CheckpointError(f"tensor {entry.name!r} has dtype {entry.dtype}; expected a float dtype")

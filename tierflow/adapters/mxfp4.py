@@ -1,0 +1,73 @@
+"""MXFP4, the 4-bit format gpt-oss stores its experts in: unpacking on the compute device, and
+packing (for building checkpoints).
+
+A weight matrix [rows, columns] in MXFP4 is two uint8 tensors: ``blocks`` [rows, columns / 32,
+16] — 32 FP4 (E2M1) values per block, two to a byte, the even column in the low nibble — and
+``scales`` [rows, columns / 32], one power-of-two exponent per block stored with a bias of 127.
+An element is ``FP4_VALUES[code] * 2 ** (scale - 127)``: 4.25 bits a value against bf16's 16.
+
+``dequantize`` is what the gpt-oss experts run right before their matmuls, on whatever device
+the packed bytes are: a table lookup of every nibble and one ``ldexp`` by the block's
+exponent, vectorised over the whole tensor (no loop over blocks). Its arithmetic is that of
+transformers' own unpacking (``Mxfp4Config(dequantize=True)``): the lookup in the target dtype,
+then ``ldexp`` in it — exact, since an FP4 value times a power of two is representable in
+bf16 and fp32 unless it over- or underflows — so the weights equal transformers' bit for bit.
+
+``quantize`` packs a float tensor the way a checkpoint would hold it: per block the smallest
+exponent that puts the block's largest magnitude within FP4's ±6, then each value rounded to
+the nearest FP4 value (ties to the lower magnitude). Tests and benchmarks use it to build MXFP4
+checkpoints from random weights; ``dequantize(*quantize(w))`` is the weight both transformers
+and tierflow then compute with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32                  # values per scale
+SCALE_BIAS = 127
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (device, dtype)
+    if key not in _LUTS:
+        _LUTS[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+    return _LUTS[key]
+
+
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``blocks`` [..., G, 16] and ``scales`` [..., G] (uint8) → the weights [..., G * 32] in ``dtype``."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
+        raise ValueError(f"MXFP4 blocks {list(blocks.shape)} do not match scales {list(scales.shape)}: expected "
+                         f"blocks [..., G, {BLOCK // 2}] and scales [..., G]")
+    lut = _lut(blocks.device, dtype)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).to(torch.int32)    # [..., G, 16, 2]: low nibble first
+    values = lut[codes].view(*scales.shape, BLOCK)
+    exponents = (scales.to(torch.int32) - SCALE_BIAS).unsqueeze(-1)
+    return torch.ldexp(values, exponents).view(*scales.shape[:-1], scales.shape[-1] * BLOCK)
+
+
+def quantize(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float tensor [..., K] (K a multiple of 32) → (blocks [..., K/32, 16], scales [..., K/32]), uint8."""
+    if weights.shape[-1] % BLOCK:
+        raise ValueError(f"MXFP4 packs rows of a multiple of {BLOCK} values, got {weights.shape[-1]}")
+    w = weights.float().reshape(*weights.shape[:-1], weights.shape[-1] // BLOCK, BLOCK)
+    largest = w.abs().amax(dim=-1, keepdim=True)
+    # the smallest e with largest / 2**e <= 6 (FP4's largest magnitude); all-zero blocks take the lowest
+    exponent = torch.where(largest > 0, torch.ceil(torch.log2(largest / 6.0)), torch.full_like(largest, -SCALE_BIAS))
+    exponent = exponent.clamp(-SCALE_BIAS, 255 - SCALE_BIAS)
+    scaled = w / torch.exp2(exponent)
+    magnitudes = torch.tensor(FP4_VALUES[:8])
+    codes = (scaled.abs().unsqueeze(-1) - magnitudes).abs().argmin(dim=-1)          # nearest, ties to the lower
+    codes = codes + 8 * (scaled < 0)
+    codes = codes.to(torch.uint8).view(*codes.shape[:-1], BLOCK // 2, 2)
+    blocks = codes[..., 0] | (codes[..., 1] << 4)
+    scales = (exponent.squeeze(-1) + SCALE_BIAS).to(torch.uint8)
+    return blocks.contiguous(), scales.contiguous()
+
+
+def packed_bytes(rows: int, columns: int) -> int:
+    """Bytes of an MXFP4 [rows, columns] matrix: its blocks and its scales."""
+    return rows * columns // 2 + rows * columns // BLOCK
