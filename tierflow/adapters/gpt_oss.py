@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tierflow.adapters.base import EXPERTS, LAYER, SLIDING_ATTENTION, ModelSpec, NameRule, SweepContext, UnitWeights
 from tierflow.adapters.decoder import DecoderAdapter, DecoderStyle, decoder_name_rules
-from tierflow.adapters.moe import _check_moe
+from tierflow.adapters.moe import _check_moe, combine_experts
 from tierflow.adapters.mxfp4 import BLOCK, dequantize
 from tierflow.adapters.rope import ROPE_TYPES
 from tierflow.adapters.spec import read_spec
@@ -126,26 +126,10 @@ class GptOssAdapter(DecoderAdapter):
 
     def feed_forward(self, spec: ModelSpec, layer: int, w: UnitWeights, h: torch.Tensor,
                      ctx: SweepContext) -> torch.Tensor:
-        if ctx.experts is None:
-            raise RuntimeError("a mixture-of-experts layer ran without an expert provider in its sweep context")
         logits = F.linear(h, w["router"], w["router.bias"])                 # [n, E]
         top_logits, top_i = torch.topk(logits, spec.experts_per_token, dim=-1)
         top_w = F.softmax(top_logits, dim=-1, dtype=top_logits.dtype)        # over the k picked, in h's dtype
-        slots = top_i.flatten()                      # token t's j-th pick at t * k + j
-        order = torch.argsort(slots, stable=True)    # grouped by expert, tokens ascending within each
-        counts = torch.zeros(spec.num_experts, dtype=torch.long, device=h.device)
-        counts.scatter_add_(0, slots, torch.ones_like(slots))
-        sizes = counts.tolist()                      # the layer's one wait for the device
-        experts = ctx.experts(layer, [expert for expert, size in enumerate(sizes) if size])
-        out = torch.zeros_like(h)
-        groups = zip(order.div(spec.experts_per_token, rounding_mode="floor").split(sizes),
-                     top_w.flatten().index_select(0, order).split(sizes))
-        for expert, (tokens, weight) in enumerate(groups):
-            if not sizes[expert]:
-                continue
-            y = self.expert(spec, experts[expert], h.index_select(0, tokens))
-            out.index_add_(0, tokens, (y * weight[:, None]).to(out.dtype))
-        return out
+        return combine_experts(spec, layer, h, top_i, top_w, ctx, lambda e, x: self.expert(spec, e, x))
 
     def expert(self, spec: ModelSpec, e: UnitWeights, x: torch.Tensor) -> torch.Tensor:
         """One expert over its tokens ``x`` [t, hidden]: the gated MLP with its clamps."""

@@ -22,7 +22,7 @@ expert).
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,6 @@ class MoEAdapter(DecoderAdapter):
                      ctx: SweepContext) -> torch.Tensor:
         if layer not in spec.moe_layers:
             return super().feed_forward(spec, layer, w, h, ctx)
-        if ctx.experts is None:
-            raise RuntimeError("a mixture-of-experts layer ran without an expert provider in its sweep context")
         logits = F.linear(h, w["router"])                                  # [n, E]
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         top_w, top_i = torch.topk(probs, spec.experts_per_token, dim=-1)  # [n, k]
@@ -92,28 +90,40 @@ class MoEAdapter(DecoderAdapter):
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         if not self.routing_in_float32:
             top_w = top_w.to(logits.dtype)
-        slots = top_i.flatten()                      # token t's j-th pick at t * k + j
-        order = torch.argsort(slots, stable=True)    # grouped by expert, tokens ascending within each
-        counts = torch.zeros(spec.num_experts, dtype=torch.long, device=h.device)
-        counts.scatter_add_(0, slots, torch.ones_like(slots))
-        sizes = counts.tolist()                      # the layer's one wait for the device
-        picked = [expert for expert, size in enumerate(sizes) if size]
-        experts = ctx.experts(layer, picked)
         act = ACTIVATIONS[spec.hidden_act]
-        out = torch.zeros_like(h)
-        groups = zip(order.div(spec.experts_per_token, rounding_mode="floor").split(sizes),
-                     top_w.flatten().index_select(0, order).split(sizes))
-        for expert, (tokens, weight) in enumerate(groups):
-            if not sizes[expert]:
-                continue
-            e, x = experts[expert], h.index_select(0, tokens)
-            y = F.linear(act(F.linear(x, e["gate_proj"])) * F.linear(x, e["up_proj"]), e["down_proj"])
-            out.index_add_(0, tokens, (y * weight[:, None]).to(out.dtype))
+
+        def expert(e: UnitWeights, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(act(F.linear(x, e["gate_proj"])) * F.linear(x, e["up_proj"]), e["down_proj"])
+
+        out = combine_experts(spec, layer, h, top_i, top_w, ctx, expert)
         if spec.shared_expert_intermediate_size:
             shared = F.linear(act(F.linear(h, w["shared_gate_proj"])) * F.linear(h, w["shared_up_proj"]),
                               w["shared_down_proj"])
             out = out + torch.sigmoid(F.linear(h, w["shared_expert_gate"])) * shared
         return out
+
+
+def combine_experts(spec: ModelSpec, layer: int, h: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor,
+                    ctx: SweepContext, expert: Callable[[UnitWeights, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Each token's routed experts' outputs (``expert(weights, rows)``), weighted by ``top_w`` and
+    added up in ascending expert order, as transformers does. ``top_i`` / ``top_w`` [n, k]: each
+    token's picks and weights. Asks ``ctx.experts`` for exactly the picked experts."""
+    if ctx.experts is None:
+        raise RuntimeError("a mixture-of-experts layer ran without an expert provider in its sweep context")
+    slots = top_i.flatten()                      # token t's j-th pick at t * k + j
+    order = torch.argsort(slots, stable=True)    # grouped by expert, tokens ascending within each
+    counts = torch.zeros(spec.num_experts, dtype=torch.long, device=h.device)
+    counts.scatter_add_(0, slots, torch.ones_like(slots))
+    sizes = counts.tolist()                      # the layer's one wait for the device
+    experts = ctx.experts(layer, [e for e, size in enumerate(sizes) if size])
+    out = torch.zeros_like(h)
+    groups = zip(order.div(spec.experts_per_token, rounding_mode="floor").split(sizes),
+                 top_w.flatten().index_select(0, order).split(sizes))
+    for index, (tokens, weight) in enumerate(groups):
+        if sizes[index]:
+            y = expert(experts[index], h.index_select(0, tokens))
+            out.index_add_(0, tokens, (y * weight[:, None]).to(out.dtype))
+    return out
 
 
 def _check_moe(spec: ModelSpec) -> ModelSpec:
