@@ -91,6 +91,8 @@ class GptOssAdapter(DecoderAdapter):
             sliding_window=None if window is None else int(window),
             layer_types=tuple(types) if window is not None else (),
             expert_format=_expert_format(config), attention_sinks=True,
+            # the published checkpoints name no dtype in config.json and hold their float tensors in bf16
+            checkpoint_dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
             swiglu_limit=float(config.get("swiglu_limit") or 7.0), swiglu_alpha=float(config.get("swiglu_alpha") or 1.702)))
         if spec.expert_format == MXFP4 and (spec.hidden_size % BLOCK or spec.moe_intermediate_size % BLOCK):
             raise UnsupportedModelError(f"gpt-oss in MXFP4 needs hidden_size and intermediate_size divisible by "

@@ -257,9 +257,11 @@ def _prediction_table(plan: TierPlan, model: ModelCosts) -> Table:
     t.add_row("per token", " · ".join(f"{name} {format_seconds(s)}" for name, s in stages))
     t.add_row("prefill", f"{format_seconds(p.prefill_s)} for {w.concurrency * w.prompt_tokens} prompt tokens")
     t.add_row("prefill chunks", f"{plan.prefill_chunk_tokens} tokens (the MLP {plan.mlp_chunk_tokens} at a time)")
-    if plan.num_slots:
+    if plan.num_slots and plan.device_slot_bytes:
         t.add_row("streaming", f"{plan.num_slots} staging slots of {format_bytes(plan.device_slot_bytes)}, "
                                f"prefetch depth {plan.prefetch_depth}")
+    elif plan.units_in(HOST):      # only an embedding kept on the host, looked up there: nothing to stage
+        t.add_row("streaming", "none: the embedding is looked up on the host")
     else:
         t.add_row("streaming", "none: every unit is resident")
     if plan.num_slots or plan.kv_blocks.get(DISK, 0) or model.experts is not None:
@@ -275,7 +277,9 @@ def _prediction_table(plan: TierPlan, model: ModelCosts) -> Table:
         t.add_row("experts", f"{e.moe_layers} MoE layers of {e.num_experts} experts, {e.per_token} per token")
         t.add_row("expert cache", f"{format_bytes(plan.expert_cache_bytes)}: {held} of {e.moe_layers * e.num_experts} "
                                   "experts (in the device weights)")
-        t.add_row("expert miss", f"reads {format_bytes(e.stream_bytes)}")
+        packed = (f", {e.expert_format.upper()} packed ({format_bytes(e.matmul_params * model.dtype_bytes)} "
+                  "unpacked)") if e.expert_format else ""
+        t.add_row("expert miss", f"reads {format_bytes(e.stream_bytes)}{packed}")
     return t
 
 

@@ -35,11 +35,18 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def index_costs(index: CheckpointIndex, dtype: torch.dtype) -> ModelCosts:
-    """Costs of a checkpoint at hand: its real read sizes, and whether any tensor needs a cast."""
+    """Costs of a checkpoint at hand: its real read sizes, and whether any tensor needs a cast;
+    for routed experts, the largest one's read, its tensors' element sizes (packed ones as
+    stored) and whether its float tensors are cast, as the expert stage holds them."""
     cast = any(t.dtype != dtype and t.dtype.is_floating_point for u in index.units for t in u.tensors)
-    experts = max((e.buffer_bytes for e in index.experts.values()), default=None)
+    expert = max(index.experts.values(), key=lambda e: e.buffer_bytes, default=None)
+    tensors = expert.tensors if expert is not None else ()
     return costs_from_spec(index.spec, index.adapter, DTYPE_NAMES[dtype], [u.buffer_bytes for u in index.units],
-                           name=index.directory.name, cast=cast, expert_stream_bytes=experts)
+                           name=index.directory.name, cast=cast,
+                           expert_stream_bytes=expert.buffer_bytes if expert is not None else None,
+                           expert_element_bytes={t.local: t.dtype.itemsize for t in tensors} or None,
+                           expert_cast=any(t.dtype != dtype and t.dtype.is_floating_point for t in tensors)
+                           if expert is not None else None)
 
 
 def config_spec(model: str | Path) -> tuple[ModelSpec, Any, Path]:

@@ -14,6 +14,13 @@ Sliding-window layers (``ModelCosts.windows``) are bounded by their window: the 
 keeps a ring of blocks per such layer (``tiers/kv/layout.py``, whose arithmetic the planner
 shares), so a sequence holds ``kv_blocks`` — every block of a full-attention layer, a ring's
 peak (during a prefill chunk) of a windowed one — and a query reads at most a window's keys.
+
+Routed experts in a packed format (gpt-oss's MXFP4, ``PACKED_TENSORS``) are read and cached as
+they are stored — ``ExpertStage`` keeps a read buffer whose tensors need no cast as read — so an
+expert's disk, PCIe and cache bytes are its packed bytes (uint8 blocks and scales, its biases in
+the checkpoint's dtype), while its matmuls multiply the unpacked weights (two per block byte).
+The compute dequantizes them right before those matmuls: it reads the packed bytes, writes the
+weights in the compute dtype and reads them again, so its roofline counts all three.
 """
 
 from __future__ import annotations
@@ -60,9 +67,16 @@ class ExpertCosts:
     moe_layers: int          # layers with routed experts
     num_experts: int         # routed experts per MoE layer
     per_token: int           # experts each token is routed to
-    stream_bytes: int        # one expert's read (checkpoint dtype, aligned)
-    resident_bytes: int      # what one cached expert holds (in the compute dtype)
-    matmul_params: int       # one expert's weights
+    stream_bytes: int        # one expert's read (as stored: checkpoint dtype or packed; aligned)
+    resident_bytes: int      # what one cached expert holds (its read, or its weights cast to the compute dtype)
+    matmul_params: int       # one expert's weights (unpacked: what its matmuls multiply)
+    compute_bytes: int = 0   # bytes its compute moves per use (0: resident_bytes; packed: also the unpacked weights)
+    expert_format: str = ""  # "": the checkpoint's float dtype; a key of PACKED_TENSORS: stored packed
+
+    @property
+    def use_bytes(self) -> int:
+        """Bytes one use of an expert moves through the compute (its roofline's weight bytes)."""
+        return self.compute_bytes or self.resident_bytes
 
     @property
     def all_resident_bytes(self) -> int:
@@ -283,7 +297,7 @@ def expert_times(model: ModelCosts, hw: HardwareProfile, tokens: int, cache_byte
     distinct = e.distinct(tokens)
     hit = min(1.0, cache_bytes / e.all_resident_bytes) if e.all_resident_bytes else 1.0
     read = e.moe_layers * distinct * (1.0 - hit) * e.stream_bytes
-    compute = e.moe_layers * max(_gbps(distinct * e.resident_bytes, hw.decode_gbps),
+    compute = e.moe_layers * max(_gbps(distinct * e.use_bytes, hw.decode_gbps),
                                  2 * e.matmul_params * e.per_token * tokens / (hw.prefill_tflops * 1e12))
     return read, compute
 
@@ -326,29 +340,55 @@ def decode_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], k
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Expert formats stored packed: per tensor-name suffix, (bytes an element takes, weights it holds).
+# MXFP4 (adapters/mxfp4.py): ``*_blocks`` uint8, two FP4 values a byte; ``*_scales`` uint8, one
+# exponent per 32 values (no weight of its own). Other expert tensors (biases) are in the float dtype.
+PACKED_TENSORS: dict[str, dict[str, tuple[int, int]]] = {"mxfp4": {"_blocks": (1, 2), "_scales": (1, 0)}}
 
 
 def expert_costs(spec: Any, adapter: Any, checkpoint_dtype_bytes: int, dtype_bytes: int,
-                 stream_bytes: int | None = None) -> ExpertCosts | None:
-    """Costs of one routed expert from the shapes its family expects (None for a dense model)."""
+                 stream_bytes: int | None = None, element_bytes: Mapping[str, int] | None = None,
+                 cast: bool | None = None) -> ExpertCosts | None:
+    """Costs of one routed expert from the shapes its family expects (None for a dense model).
+
+    ``element_bytes``: each expert tensor's bytes per element where the checkpoint is at hand
+    (default: a packed format's own, else ``checkpoint_dtype_bytes``). ``cast``: whether its
+    float tensors need converting to the compute dtype (default: the sizes differ); a cached
+    expert holds its read buffer when they do not, else its weights in the compute dtype (a
+    packed tensor as it is)."""
     if not getattr(spec, "num_experts", 0):
         return None
     shapes = adapter.expected_expert_shapes(spec)
-    numels = [math.prod(shape) for shape in shapes.values()]
-    payload = sum(-(-n * checkpoint_dtype_bytes // ALIGN) * ALIGN for n in numels)
+    packed = PACKED_TENSORS.get(getattr(spec, "expert_format", ""), {})
+    stored, weights, floats = {}, {}, {}
+    for name, shape in shapes.items():
+        form = next((v for suffix, v in packed.items() if name.endswith(suffix)), None)
+        n = math.prod(shape)
+        stored[name] = n * (element_bytes or {}).get(name, form[0] if form else checkpoint_dtype_bytes)
+        weights[name] = n * form[1] if form else (n if len(shape) == 2 else 0)
+        floats[name] = 0 if form else n
+    payload = sum(-(-b // ALIGN) * ALIGN for b in stored.values())
     read = payload if stream_bytes is None else stream_bytes
-    # a cached expert keeps its read buffer, or its weights cast to the compute dtype
-    held = read if checkpoint_dtype_bytes == dtype_bytes else sum(numels) * dtype_bytes
-    return ExpertCosts(len(spec.moe_layers), spec.num_experts, spec.experts_per_token, read, held,
-                       sum(n for n, shape in zip(numels, shapes.values()) if len(shape) == 2))
+    cast = checkpoint_dtype_bytes != dtype_bytes if cast is None else cast
+    held = sum(floats[name] * dtype_bytes if floats[name] else stored[name] for name in shapes) if cast else read
+    matmul = sum(weights.values())
+    unpacked = held + 2 * matmul * dtype_bytes if packed else 0    # read packed, write and read the weights
+    return ExpertCosts(len(spec.moe_layers), spec.num_experts, spec.experts_per_token, read, held, matmul,
+                       unpacked, spec.expert_format if packed else "")
 
 
 def costs_from_spec(spec: Any, adapter: Any, dtype: str, stream_bytes: Sequence[int] | None = None,
                     name: str | None = None, cast: bool | None = None,
-                    expert_stream_bytes: int | None = None) -> ModelCosts:
-    """``ModelCosts`` of a ``ModelSpec`` through its family adapter's expected tensor shapes."""
+                    expert_stream_bytes: int | None = None, expert_element_bytes: Mapping[str, int] | None = None,
+                    expert_cast: bool | None = None) -> ModelCosts:
+    """``ModelCosts`` of a ``ModelSpec`` through its family adapter's expected tensor shapes.
+    The ``expert_*`` arguments describe one routed expert of a checkpoint at hand (its read,
+    its tensors' element sizes, whether its float tensors are cast); see ``expert_costs``."""
     units = range(spec.num_units)
     checkpoint_bytes = DTYPE_BYTES.get(spec.checkpoint_dtype, 4)
+    cast = spec.checkpoint_dtype != dtype if cast is None else cast
+    experts = expert_costs(spec, adapter, checkpoint_bytes, DTYPE_BYTES[dtype], expert_stream_bytes,
+                           expert_element_bytes, cast if expert_cast is None else expert_cast)
     return model_costs(
         name or f"{spec.architecture} {spec.num_layers}L h{spec.hidden_size}",
         unit_shapes=[adapter.expected_shapes(spec, u) for u in units], unit_kinds=[spec.unit_kind(u) for u in units],
@@ -356,6 +396,5 @@ def costs_from_spec(spec: Any, adapter: Any, dtype: str, stream_bytes: Sequence[
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, intermediate_size=spec.intermediate_size,
         vocab_size=spec.vocab_size, tied=spec.tie_word_embeddings,
         checkpoint_dtype_bytes=checkpoint_bytes, dtype_bytes=DTYPE_BYTES[dtype],
-        stream_bytes=stream_bytes, cast=spec.checkpoint_dtype != dtype if cast is None else cast,
-        experts=expert_costs(spec, adapter, checkpoint_bytes, DTYPE_BYTES[dtype], expert_stream_bytes),
+        stream_bytes=stream_bytes, cast=cast, experts=experts,
         windows=tuple(spec.window(layer) for layer in range(spec.num_layers)))
