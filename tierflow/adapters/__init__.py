@@ -19,11 +19,12 @@ from tierflow.adapters.mistral import MistralAdapter
 from tierflow.adapters.moe import MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter
 from tierflow.adapters.phi3 import Phi3Adapter
 from tierflow.adapters.qwen import Qwen2Adapter, Qwen3Adapter
+from tierflow.adapters.qwen3_next import Qwen3NextAdapter
 from tierflow.adapters.spec import check_config
 from tierflow.errors import CheckpointError, UnsupportedModelError
 
 FAMILIES: tuple[type, ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma2Adapter, Gemma3Adapter,
-                              Phi3Adapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, GptOssAdapter)
+                              Phi3Adapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, GptOssAdapter, Qwen3NextAdapter)
 ADAPTERS: Mapping[str, type] = {arch: family for family in FAMILIES for arch in family.architectures}
 # model_type → family, for the model types that name exactly one family
 MODEL_TYPES: Mapping[str, type] = {

@@ -73,6 +73,26 @@ class ModelSpec:
     attention_sinks: bool = False                # a learned logit per query head joins every softmax row (gpt-oss)
     swiglu_limit: float | None = None            # gpt-oss's clamped gated activation: its clamp ...
     swiglu_alpha: float = 1.702                  # ... and its sigmoid gain
+    # Hybrid linear attention (Qwen3-Next): the layers in ``linear_layers`` mix tokens with Gated
+    # DeltaNet, a fixed-size state per sequence (``linear_state_bytes``) in place of growing KV.
+    linear_layers: tuple[int, ...] = ()          # the layers (0-based) of linear attention
+    linear_num_key_heads: int = 0                # their query / key heads ...
+    linear_num_value_heads: int = 0              # ... and value heads
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0                  # the causal convolution's width over q / k / v
+
+    @property
+    def linear_conv_channels(self) -> int:
+        """Channels of a linear layer's convolution: its queries, keys and values."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + \
+            self.linear_num_value_heads * self.linear_value_head_dim
+
+    def linear_state_bytes(self, dtype_bytes: int) -> int:
+        """Bytes of one sequence's state in one linear layer: the convolution's last inputs in the
+        activation dtype and the float32 delta-rule matrix of every value head."""
+        conv = self.linear_conv_channels * self.linear_conv_kernel * dtype_bytes
+        return conv + 4 * self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim
 
     @property
     def num_units(self) -> int:
@@ -91,7 +111,11 @@ class ModelSpec:
         return f"layer.{layer}.expert.{expert}"
 
     def window(self, layer: int) -> int | None:
-        """The sliding window of decoder layer ``layer`` (0-based), or None if it sees all keys."""
+        """The sliding window of decoder layer ``layer`` (0-based), or None if it sees all keys;
+        0 for a linear-attention layer, which keeps no keys at all (so the KV layout, the paged
+        store and the planner hold no block for it)."""
+        if layer in self.linear_layers:
+            return 0
         if self.sliding_window is None or not self.layer_types:
             return None
         return self.sliding_window if self.layer_types[layer] == SLIDING_ATTENTION else None

@@ -12,6 +12,9 @@ byte moves, so attention validates coverage on the host and skips blocks outside
 without touching them; a block's tensors are fetched only when iteration reaches it (a paged
 block off the device then comes from the kv_load stage, which has been reading it ahead).
 
+A linear-attention layer (Gated DeltaNet) keeps no KV: its whole memory of a sequence is a
+fixed-size state the handle holds (``state`` / ``set_state``), read and replaced once per sweep.
+
 The full handle protocol, with what the sweep and the engine use besides, is
 ``tiers.kv.handle.KVHandle``; it lives below the stores, and this part here because adapters
 sit below tiers (tests/layering.py).
@@ -68,6 +71,16 @@ class AttentionKV(Protocol):
     def fail(self, error: BaseException) -> None:
         """This sequence's KV failed (a spill fault): the rest of the sweep skips it, and the sweep
         reports ``error`` for it alone."""
+        ...
+
+    def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """A linear-attention layer's recurrent state (fixed size, whatever the context), None
+        before its first token."""
+        ...
+
+    def set_state(self, layer: int, state: tuple[torch.Tensor, ...], tokens: int) -> None:
+        """The layer's state after ``tokens`` more tokens, which count as stored in it (a linear
+        layer stores no keys or values)."""
         ...
 
 

@@ -52,6 +52,10 @@ class PrefixReuse:
             raise ConfigError("the prefix cache cannot serve a longrope model: a token's keys depend on whether its "
                               "whole sequence ever passes original_max_position_embeddings, which a cached prefix "
                               "cannot know; open the engine without prefix_cache_bytes / prefix_cache_dir")
+        if spec.linear_layers:
+            raise ConfigError(f"the prefix cache cannot serve {spec.architecture}: its linear-attention layers keep "
+                              "a sequence's whole past in one state, not in KV blocks a cached prefix could restore; "
+                              "open the engine without prefix_cache_bytes / prefix_cache_dir")
         shape = (spec.num_layers, 2, spec.num_kv_heads, block_tokens, spec.head_dim)
         cache = PrefixCache(model_fingerprint(index.config, index.files, dtype), shape, dtype,
                             memory_bytes=memory_bytes, directory=directory, disk_bytes=disk_bytes)

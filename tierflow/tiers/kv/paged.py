@@ -254,10 +254,21 @@ class PagedSequenceKV:
         self._tails: list[torch.Tensor | None] = [None] * store.num_layers
         self._fresh: list[dict[int, torch.Tensor]] = [{} for _ in range(store.num_layers)]
         self.failure: BaseException | None = None     # set by ``fail``: why this sequence's KV is unusable
+        self._states: dict[int, tuple[torch.Tensor, ...]] = {}   # linear-attention layers' states, on the device
 
     @property
     def num_tokens(self) -> int:
         return min(self._lengths)
+
+    def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
+        """A linear-attention layer's state (None before its first token): fixed size, kept on the
+        device beside the tails; the layer holds no pool block."""
+        return self._states.get(layer)
+
+    def set_state(self, layer: int, state: tuple[torch.Tensor, ...], tokens: int) -> None:
+        """Replace the layer's state; its ``tokens`` new tokens count as stored."""
+        self._states[layer] = state
+        self._lengths[layer] += tokens
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` [n, kv_heads, head_dim]; full blocks are committed as they fill. A
@@ -375,3 +386,4 @@ class PagedSequenceKV:
         self.store.tables.free_sequence(self.seq_id)
         self._tails = [None] * self.num_layers
         self._fresh = [{} for _ in range(self.num_layers)]
+        self._states = {}
