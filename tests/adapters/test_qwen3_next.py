@@ -176,9 +176,12 @@ def test_concurrent_requests_of_different_lengths(checkpoints, oracle, tmp_path,
     tokens of others, and each sequence's linear layers continue from its own state."""
     prompts = [PROMPT[:length] for length in (150, 9, 70, 101, 12, 33, 130, 64)]
     path = checkpoints[name]
+    # the contiguous store's admission (engine/driver.py's ContiguousLayout) counts every layer's
+    # tokens, linear ones included, against a reservation planned for the full-attention layers' KV
+    config = dataclasses.replace(_config(name, placement, path, tmp_path), kv_reserve_tokens=8192)
 
     async def main():
-        async with await Engine.open(path, _config(name, placement, path, tmp_path)) as engine:
+        async with await Engine.open(path, config) as engine:
             outs = await asyncio.gather(*(engine.generate(p, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
                                           for p in prompts))
             return [list(o.token_ids) for o in outs], engine.stats()
@@ -278,11 +281,11 @@ def test_multi_token_prediction_weights_are_ignored(checkpoints, tmp_path, caplo
     tensors["mtp.fc.weight"] = torch.zeros(64, 128)
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
-    (target / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
-    with caplog.at_level(logging.INFO, logger="tierflow.adapters.qwen3_next"):
+    (target / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO, logger="tierflow.tiers.checkpoint.index"):
         index = CheckpointIndex.open(target)
     assert index.spec.linear_layers == (0,)
-    assert "mtp" in caplog.text
+    assert "1 checkpoint tensors" in caplog.text and "mtp.fc.weight" in caplog.text
 
 
 def test_default_layer_types_follow_full_attention_interval():
@@ -291,3 +294,36 @@ def test_default_layer_types_follow_full_attention_interval():
               "full_attention_interval": 4}
     _, spec = model_from_config(config)
     assert spec.linear_layers == (0, 1, 2, 4, 5, 6)
+
+
+# Qwen3-Next-80B-A3B by hand, from its config.json: 48 layers, every fourth full attention (2 KV heads
+# of 256), the other 36 Gated DeltaNet (16 key heads and 32 value heads of 128, kernel 4); bf16.
+CONFIG_80B = Path(__file__).resolve().parents[2] / "examples/configs/qwen3-next-80b-a3b"
+STATE_80B = (2 * 16 * 128 + 32 * 128) * 4 * 2 + 32 * 128 * 128 * 4     # conv inputs in bf16, float32 matrices
+
+
+def test_the_published_config_plans_state_constant_and_kv_growing_in_full_layers():
+    from tierflow.engine.planning import config_spec
+    from tierflow.tiers.plan.costmodel import costs_from_spec
+
+    spec, adapter, _ = config_spec(CONFIG_80B)
+    assert spec.linear_layers == tuple(i for i in range(48) if (i + 1) % 4) and spec.num_experts == 512
+    assert (spec.experts_per_token, spec.norm_topk_prob, spec.shared_expert_intermediate_size) == (10, True, 512)
+    assert (spec.head_dim, spec.partial_rotary_factor, spec.rope_theta) == (256, 0.25, 1e7)
+    costs = costs_from_spec(spec, adapter, "bfloat16")
+    assert costs.state_bytes == 36 * STATE_80B
+    assert costs.kv_bytes_per_token == 12 * 2 * 2 * 256 * 2          # only the full-attention layers keep keys
+    block = 256 * costs.kv_bytes_per_token_layer
+    state_blocks = -(-36 * STATE_80B // block)
+    for context in (4096, 32768):
+        assert costs.kv_blocks(context, 512, 256) == 12 * context // 256 + state_blocks
+    assert costs.kv_read_blocks(4096, 256) == 12 * 16
+
+
+def test_tierflow_plan_runs_on_the_published_config(capsys):
+    from tierflow.cli.main import main
+
+    assert main(["plan", str(CONFIG_80B), "--device", "cpu", "--device-memory", "16GiB", "--host-memory", "32GiB",
+                 "--context", "32768", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kv_bytes_per_token"] == 12 * 2 * 2 * 256 * 2

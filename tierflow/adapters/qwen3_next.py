@@ -20,7 +20,8 @@ What differs from Qwen3-MoE, each as transformers' ``modeling_qwen3_next`` compu
 - The MoE is Qwen-MoE's: softmax router in float32, top-k renormalised (``norm_topk_prob``) and
   cast to the activations' dtype, experts ``mlp.experts.E.*``, and a shared expert weighed by
   ``sigmoid(shared_expert_gate)``.
-- The multi-token-prediction head (``mtp.*``) is not used: tierflow decodes one token per sweep.
+- The multi-token-prediction head (``mtp.*``) is not used: tierflow decodes one token per sweep; the
+  checkpoint index ignores its tensors with a log line.
 
 A linear layer's state is a sequence's whole past, not a function of a block of tokens, so the
 prefix cache (which restores KV blocks) cannot serve these models; ``stages/prefix.py`` refuses it
@@ -29,7 +30,6 @@ by name.
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import replace
 from typing import Any, Mapping
@@ -47,8 +47,6 @@ from tierflow.adapters.moe import _ROPE_TYPES, _EXPERT_TENSORS, MoEAdapter, _che
 from tierflow.adapters.rope import rope_config
 from tierflow.adapters.spec import read_spec
 from tierflow.errors import TierflowError, UnsupportedModelError
-
-log = logging.getLogger(__name__)
 
 LINEAR_ATTENTION = "linear_attention"
 _FULL = "full_attention"
@@ -107,9 +105,6 @@ class Qwen3NextAdapter(MoEAdapter):
         if dims["linear_num_value_heads"] % dims["linear_num_key_heads"]:
             raise UnsupportedModelError(f"Qwen3-Next: {dims['linear_num_value_heads']} linear value heads cannot share "
                                         f"{dims['linear_num_key_heads']} key heads")
-        if config.get("mtp_num_hidden_layers"):
-            log.info("Qwen3-Next: the multi-token-prediction weights (mtp.*) are not used; tierflow decodes one "
-                     "token per sweep")
         return replace(spec, linear_layers=tuple(i for i, t in enumerate(types) if t == LINEAR_ATTENTION),
                        linear_num_key_heads=dims["linear_num_key_heads"],
                        linear_num_value_heads=dims["linear_num_value_heads"],

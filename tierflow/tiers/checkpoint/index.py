@@ -24,6 +24,7 @@ the embedding is resident and can be shared.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ from tierflow.adapters import Adapter, ModelSpec, model_from_config
 from tierflow.adapters.base import EXPERT, EXPERTS
 from tierflow.errors import CheckpointError, ShapeMismatchError
 from tierflow.tiers.checkpoint.safetensors import TensorEntry, read_header
+
+log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 4096
 MAX_GAP_BYTES = 64 * 2**10   # reading a gap this small is cheaper than another request
@@ -238,6 +241,7 @@ def _group_units(adapter: Adapter, spec: ModelSpec, entries: dict[str, TensorEnt
     """Tensors per unit, and per routed expert ((layer, expert) → tensors)."""
     grouped: list[list[tuple[str, TensorEntry]]] = [[] for _ in range(spec.num_units)]
     routed: dict[tuple[int, int], list[tuple[str, TensorEntry]]] = {}
+    ignored: list[str] = []
     for name, entry in entries.items():
         if spec.tie_word_embeddings and name == "lm_head.weight":
             continue
@@ -261,6 +265,7 @@ def _group_units(adapter: Adapter, spec: ModelSpec, entries: dict[str, TensorEnt
                              if r.unit not in (EXPERT, EXPERTS) and (m := r.match(name, spec.num_layers))), (None, None))
         if placed is None:
             if any(re.fullmatch(p, name) for p in adapter.ignored_names):
+                ignored.append(name)
                 continue
             raise CheckpointError(f"tensor {name!r} in {entry.path} is not part of a {spec.architecture}; "
                                   "the checkpoint does not match its config.json")
@@ -268,6 +273,9 @@ def _group_units(adapter: Adapter, spec: ModelSpec, entries: dict[str, TensorEnt
         if rule.unit == "layer" and unit > spec.num_layers:
             raise ShapeMismatchError(f"tensor {name!r} names a layer beyond num_hidden_layers={spec.num_layers}")
         grouped[unit].append((local, entry))
+    if ignored:
+        log.info("%d checkpoint tensors a %s does not use are ignored (e.g. %s)", len(ignored), spec.architecture,
+                 ignored[0])
     if spec.tie_word_embeddings:
         grouped[-1] += [("lm_head", e) for local, e in grouped[0] if local == "embed"]
     for unit, tensors in enumerate(grouped):

@@ -6,7 +6,8 @@ is the sequence's tail buffer, outside the pools). A full-attention layer keeps 
 A sliding-window layer keeps a ring: before a sweep whose earliest query is at position ``q``
 appends, every block wholly before ``q - window + 1`` (the first key that query sees, and so
 any later one) goes back to its pool. So a layer holding keys up to ``end`` (exclusive) whose
-next query is at ``q`` holds ``end // bt - max(0, q - window + 1) // bt`` blocks.
+next query is at ``q`` holds ``end // bt - max(0, q - window + 1) // bt`` blocks. A window of 0 is
+a linear-attention layer (Qwen3-Next's Gated DeltaNet): it keeps no keys and holds no block.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ class KVLayout:
         return 0 if window is None else max(0, first_query - window + 1) // self.block_tokens
 
     def layer_blocks(self, window: int | None, first_query: int, end: int) -> int:
-        """Pool blocks one layer holds with keys up to ``end`` and its earliest query at ``first_query``."""
+        """Pool blocks one layer holds with keys up to ``end`` and its earliest query at ``first_query``
+        (none for a window of 0: a linear-attention layer, which keeps no keys)."""
+        if window == 0:
+            return 0
         return max(0, end // self.block_tokens - self.first_kept_block(window, first_query))
 
     def blocks(self, first_query: int, end: int) -> int:
@@ -62,7 +66,8 @@ class KVLayout:
         """The most pool blocks a sequence of up to ``max_tokens`` tokens, computed at most
         ``chunk_tokens`` per sweep, ever holds (a ring's peak is during a prefill chunk)."""
         full = max_tokens // self.block_tokens
-        return sum(count * (full if w is None else min(full, (chunk_tokens + w - 1) // self.block_tokens + 1))
+        return sum(count * (full if w is None else 0 if w == 0 else
+                            min(full, (chunk_tokens + w - 1) // self.block_tokens + 1))
                    for w, count in self._groups)
 
     def cap_blocks(self, max_tokens: int, chunk_tokens: int) -> int:

@@ -14,6 +14,9 @@ Sliding-window layers (``ModelCosts.windows``) are bounded by their window: the 
 keeps a ring of blocks per such layer (``tiers/kv/layout.py``, whose arithmetic the planner
 shares), so a sequence holds ``kv_blocks`` — every block of a full-attention layer, a ring's
 peak (during a prefill chunk) of a windowed one — and a query reads at most a window's keys.
+A linear-attention layer (window 0) holds no block; its fixed-size state per sequence
+(``ModelCosts.state_bytes``, the same at any context) is counted in ``kv_blocks`` as the blocks'
+worth of bytes it takes.
 
 Routed experts in a packed format (gpt-oss's MXFP4, ``PACKED_TENSORS``) are read and cached as
 they are stored — ``ExpertStage`` keeps a read buffer whose tensors need no cast as read — so an
@@ -104,6 +107,7 @@ class ModelCosts:
     tied: bool                         # the head multiplies by the embedding tensor
     experts: ExpertCosts | None = None   # routed experts (mixture-of-experts models)
     windows: tuple[int | None, ...] = ()  # per decoder layer: its sliding window, None full attention (): all full
+    state_bytes: int = 0               # per sequence: every linear-attention layer's fixed-size state
 
     def __post_init__(self) -> None:
         if self.windows and len(self.windows) != self.num_layers:
@@ -122,15 +126,16 @@ class ModelCosts:
         holds over all layers: every block of a full-attention layer (its last, partly filled
         one counted whole), a sliding-window layer's ring at its peak."""
         whole = -(-context_tokens // block_tokens) * block_tokens
-        return self.kv_layout(block_tokens).most_blocks(whole, chunk_tokens)
+        state = -(-self.state_bytes // (block_tokens * self.kv_bytes_per_token_layer))   # counted as blocks' bytes
+        return self.kv_layout(block_tokens).most_blocks(whole, chunk_tokens) + state
 
     def kv_read_blocks(self, context_tokens: int, block_tokens: int, full_share: float = 1.0) -> float:
         """Blocks a query after ``context_tokens`` reads over all layers: ``full_share`` of a
         full-attention layer's (1: all; a prefill reads half of them on average), a window's
         keys (which span at most ceil((window - 1) / block) + 1 blocks) of a sliding one."""
         full = -(-context_tokens // block_tokens)
-        return sum(full_share * full if w is None else min(full_share * full, -(-(w - 1) // block_tokens) + 1)
-                   for w in self.layer_windows)
+        return sum(full_share * full if w is None else 0 if w == 0 else
+                   min(full_share * full, -(-(w - 1) // block_tokens) + 1) for w in self.layer_windows)
 
     def kv_read_tokens(self, keys: int) -> int:
         """Keys, summed over layers, a query after ``keys`` tokens attends to (a window's at most)."""
@@ -157,8 +162,9 @@ class ModelCosts:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token in every layer (what a full-attention store writes per token)."""
-        return self.kv_bytes_per_token_layer * self.num_layers
+        """K and V of one token in every layer that keeps keys (what a full-attention store writes
+        per token; a linear-attention layer, window 0, keeps none)."""
+        return self.kv_bytes_per_token_layer * sum(1 for w in self.layer_windows if w != 0)
 
     def kv_read_bytes(self, keys: int) -> int:
         """KV bytes one query after ``keys`` tokens of context reads (a window's at most per layer)."""
@@ -193,7 +199,8 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
                 num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 intermediate_size: int, vocab_size: int, tied: bool, checkpoint_dtype_bytes: int,
                 dtype_bytes: int, stream_bytes: Sequence[int] | None = None, cast: bool | None = None,
-                experts: ExpertCosts | None = None, windows: Sequence[int | None] = ()) -> ModelCosts:
+                experts: ExpertCosts | None = None, windows: Sequence[int | None] = (),
+                state_bytes: int = 0) -> ModelCosts:
     """Costs from the tensor shapes a family's adapter expects for each unit.
 
     ``stream_bytes`` are the real reads of a checkpoint's units when it is at hand; from a
@@ -216,7 +223,7 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
                               resident if cast else 0, matmul, tuple(n * dtype_bytes for n in numels.values())))
     return ModelCosts(name, tuple(units), num_layers, hidden_size, num_heads, head_dim, intermediate_size,
                       vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied, experts,
-                      tuple(windows) if any(w is not None for w in windows) else ())
+                      tuple(windows) if any(w is not None for w in windows) else (), state_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,4 +404,6 @@ def costs_from_spec(spec: Any, adapter: Any, dtype: str, stream_bytes: Sequence[
         vocab_size=spec.vocab_size, tied=spec.tie_word_embeddings,
         checkpoint_dtype_bytes=checkpoint_bytes, dtype_bytes=DTYPE_BYTES[dtype],
         stream_bytes=stream_bytes, cast=cast, experts=experts,
-        windows=tuple(spec.window(layer) for layer in range(spec.num_layers)))
+        windows=tuple(spec.window(layer) for layer in range(spec.num_layers)),
+        state_bytes=len(getattr(spec, "linear_layers", ())) * spec.linear_state_bytes(DTYPE_BYTES[dtype])
+        if getattr(spec, "linear_layers", ()) else 0)
