@@ -25,8 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tierflow import ConfigError, Engine, EngineConfig, SamplingParams
+from tierflow import CheckpointError, ConfigError, Engine, EngineConfig, RequestError, SamplingParams
 from tierflow.adapters import model_from_config
+from tierflow.errors import UnsupportedModelError
 from tierflow.testing import _load_oracle, build_random_checkpoint, oracle_greedy, oracle_logits
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 
@@ -261,6 +262,27 @@ def test_state_lives_on_the_handle_and_is_freed(store, tmp_path):
     close()
 
 
+def test_a_rolled_back_state_is_refused():
+    """A delta-rule state cannot be un-applied: after ``truncate`` below the tokens it has seen,
+    reading it is a RequestError (the adapter fails that sequence alone) rather than wrong tokens."""
+    from tierflow.tiers.kv.contiguous import SequenceKV
+
+    kv = SequenceKV(2, 1, 4, dtype=torch.float32, device=torch.device("cpu"))
+    kv.set_state(0, (torch.ones(3, 4), torch.zeros(2, 4, 4)), 5)
+    kv.append(1, torch.zeros(5, 1, 4), torch.zeros(5, 1, 4))
+    kv.truncate(3)
+    with pytest.raises(RequestError, match="cannot be rolled back"):
+        kv.state(0)
+
+
+def test_linear_attention_keys_are_type_checked(checkpoints, tmp_path):
+    config = json.loads((checkpoints["1lin1full-top4of16"] / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="linear_num_key_heads must be an integer"):
+        model_from_config({**config, "linear_num_key_heads": "2"})
+    with pytest.raises(UnsupportedModelError, match="cannot share"):
+        model_from_config({**config, "linear_num_value_heads": 3})
+
+
 def test_prefix_cache_is_refused_by_name(checkpoints):
     path = checkpoints["1lin1full-top4of16"]
     config = dataclasses.replace(_config("1lin1full-top4of16", "resident", path, Path()), prefix_cache_bytes=2**20)
@@ -327,3 +349,50 @@ def test_tierflow_plan_runs_on_the_published_config(capsys):
                  "--context", "32768", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kv_bytes_per_token"] == 12 * 2 * 2 * 256 * 2
+
+
+# ----------------------------------------------------------------------------- the CUDA path
+CUDA_HARDWARE = {"device": "cuda", "device_memory_bytes": 2**30, "host_memory_bytes": 2**30, "disk_read_gbps": 2.0,
+                 "decode_gbps": 100.0, "prefill_tflops": 10.0, "h2d_gbps": 20.0, "d2h_gbps": 20.0}
+
+
+def _cuda_config(path: Path, tmp_path: Path, device_memory: int) -> EngineConfig:
+    """Every decoder layer streamed through the copy stream, experts read when routed (no cache)."""
+    layers = CheckpointIndex.open(path).spec.num_layers
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"version": 1, "hardware": {**CUDA_HARDWARE, "device_memory_bytes": device_memory},
+                                   "overrides": {"tiers": {f"layers.0-{layers - 1}": "disk", "embed": "device",
+                                                           "head": "device"}}}))
+    return EngineConfig(device="cuda", dtype="float32", profile=str(profile), expert_cache_bytes=0,
+                        kv_reserve_tokens=512, prefill_chunk_tokens=CHUNK, max_num_seqs=4)
+
+
+async def _run_cuda(path: Path, config: EngineConfig, ops: object):
+    async with await Engine.open(path, config, device_ops=ops) as engine:
+        logits = await engine.logits(PROMPT)
+        out = await engine.generate(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        return logits.cpu(), list(out.token_ids)
+
+
+def test_the_simulated_cuda_path(checkpoints, oracle, tmp_path):
+    """Layers stream through the (simulated, late-landing) copy stream; each sequence's state is made
+    and used on the compute stream only (the conftest fixture asks the simulation for hazards)."""
+    from tierflow.testing import SimulatedCuda
+
+    name = "3lin1full-top2of8"
+    path = checkpoints[name]
+    logits, tokens = asyncio.run(_run_cuda(path, _cuda_config(path, tmp_path, 2**30), SimulatedCuda()))
+    assert _rows(logits, oracle(name, "chunked")).max() <= TOLERANCE["float32"]
+    assert tokens == oracle(name, "greedy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["3lin1full-top2of8", "3lin1full-top2of8-bf16"])
+def test_matches_transformers_on_cuda(checkpoints, oracle, tmp_path, name):
+    path = checkpoints[name]
+    config = dataclasses.replace(_cuda_config(path, tmp_path, torch.cuda.mem_get_info()[0]), dtype=_dtype(name))
+    logits, tokens = asyncio.run(_run_cuda(path, config, None))
+    # the GPU's kernels round differently from the CPU oracle's: the bf16 criteria for both dtypes
+    assert (_rows(logits, oracle(name, "one-shot")) <= TOLERANCE["bfloat16"]).float().mean() >= 0.9
+    _check_tokens(path, tokens, oracle(name, "greedy"), exact=False)

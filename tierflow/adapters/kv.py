@@ -27,6 +27,8 @@ from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
+from tierflow.errors import RequestError
+
 
 class KVBlock(NamedTuple):
     keys: torch.Tensor          # [kv_heads, tokens, head_dim]
@@ -82,6 +84,24 @@ class AttentionKV(Protocol):
         """The layer's state after ``tokens`` more tokens, which count as stored in it (a linear
         layer stores no keys or values)."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeldState:
+    """A linear-attention layer's state as a store holds it: its tensors, and the layer length
+    (tokens) they are the state after."""
+
+    tensors: tuple[torch.Tensor, ...]
+    tokens: int
+
+    def at(self, layer: int, length: int) -> tuple[torch.Tensor, ...]:
+        """The tensors, if the layer still holds ``tokens`` tokens: a state cannot be rolled back
+        (``truncate``), so one after more tokens than the layer now holds is refused."""
+        if length != self.tokens:
+            raise RequestError(f"the linear-attention state of layer {layer} is the state after {self.tokens} tokens, "
+                               f"but the sequence now holds {length}: a Gated DeltaNet state cannot be rolled back "
+                               "(speculative decoding and KV truncation do not work for this model); run it without")
+        return self.tensors
 
 
 def first_visible(start: int, window: int | None) -> int:

@@ -45,7 +45,7 @@ from tierflow.adapters.delta_rule import (LinearState, causal_conv, chunk_delta_
 from tierflow.adapters.kv import first_visible
 from tierflow.adapters.moe import _ROPE_TYPES, _EXPERT_TENSORS, MoEAdapter, _check_moe, _experts, moe_rules, sparse_layers
 from tierflow.adapters.rope import rope_config
-from tierflow.adapters.spec import read_spec
+from tierflow.adapters.spec import Key, _check_keys, read_spec
 from tierflow.errors import TierflowError, UnsupportedModelError
 
 LINEAR_ATTENTION = "linear_attention"
@@ -53,6 +53,12 @@ _FULL = "full_attention"
 # local name → checkpoint path under model.layers.N.linear_attn
 _LINEAR_PATHS = {"in_proj_qkvz": "in_proj_qkvz.weight", "in_proj_ba": "in_proj_ba.weight", "conv1d": "conv1d.weight",
                  "dt_bias": "dt_bias", "A_log": "A_log", "linear_norm": "norm.weight", "out_proj": "out_proj.weight"}
+
+
+# the keys only this family reads, typed as ``adapters.spec`` types the shared ones
+LINEAR_KEYS = {key: Key("int", 1) for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                             "linear_value_head_dim", "linear_conv_kernel_dim",
+                                             "full_attention_interval")}
 
 
 def qwen3_next_rules(style: DecoderStyle) -> tuple[NameRule, ...]:
@@ -83,6 +89,7 @@ class Qwen3NextAdapter(MoEAdapter):
     routing_in_float32 = False
 
     def spec_from_config(self, config: Mapping[str, Any]) -> ModelSpec:
+        _check_keys(config, LINEAR_KEYS, "config.json: ")
         layers = int(config.get("num_hidden_layers", 0))
         types = _layer_types(config, layers)
         params = config.get("rope_parameters") or {}
@@ -175,7 +182,11 @@ class Qwen3NextAdapter(MoEAdapter):
         for index, (rows, kv) in enumerate(zip(ctx.seq_slices, ctx.kv)):
             if index in ctx.refused or kv.failure is not None:
                 continue
-            state = kv.state(layer)
+            try:
+                state = kv.state(layer)
+            except TierflowError as exc:            # this sequence's state is unusable: only it fails
+                kv.fail(exc)
+                continue
             tokens = rows.stop - rows.start
             x, conv = causal_conv(mixed[:, rows], conv_weight, None if state is None else state[0])
             qs, ks, vs = torch.split(x.t(), [hk * dk, hk * dk, hv * dv], dim=-1)

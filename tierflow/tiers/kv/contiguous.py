@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from tierflow.adapters.kv import HeldState
 from tierflow.tiers.kv.handle import KVBlock, KVBlocks, OffDevice
 from tierflow.tiers.kv.layout import CONTIGUOUS_STEP, contiguous_tokens
 
@@ -59,7 +60,7 @@ class SequenceKV:
             None if w is None else _round_up(w - 1 + int(max_chunk_tokens or 0), block_tokens) for w in self._windows]
         self._low = [0] * num_layers
         self.failure: BaseException | None = None     # set by ``fail``: why this sequence's KV is unusable
-        self._states: dict[int, tuple[torch.Tensor, ...]] = {}   # linear-attention layers' states
+        self._states: dict[int, HeldState] = {}   # linear-attention layers' states
 
     @property
     def num_tokens(self) -> int:
@@ -158,12 +159,13 @@ class SequenceKV:
 
     def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
         """A linear-attention layer's state (None before its first token)."""
-        return self._states.get(layer)
+        held = self._states.get(layer)
+        return None if held is None else held.at(layer, self._lengths[layer])
 
     def set_state(self, layer: int, state: tuple[torch.Tensor, ...], tokens: int) -> None:
         """Replace the layer's state; its ``tokens`` new tokens count as stored."""
-        self._states[layer] = state
         self._lengths[layer] += tokens
+        self._states[layer] = HeldState(state, self._lengths[layer])
 
     def _grow(self, old: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
         new = torch.empty((old.shape[0], capacity, old.shape[2]), dtype=self._dtype, device=self._device)

@@ -49,6 +49,7 @@ from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.tiers.io.reader import aligned_empty
 from tierflow.tiers.io.spill import SpillFile, remove_orphaned_spills
 from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, KVPoolsStats
+from tierflow.adapters.kv import HeldState
 from tierflow.tiers.kv.handle import BlockIO, KVBlock, KVBlocks, OffDevice
 from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.plan.costmodel import kv_read_window
@@ -254,7 +255,7 @@ class PagedSequenceKV:
         self._tails: list[torch.Tensor | None] = [None] * store.num_layers
         self._fresh: list[dict[int, torch.Tensor]] = [{} for _ in range(store.num_layers)]
         self.failure: BaseException | None = None     # set by ``fail``: why this sequence's KV is unusable
-        self._states: dict[int, tuple[torch.Tensor, ...]] = {}   # linear-attention layers' states, on the device
+        self._states: dict[int, HeldState] = {}   # linear-attention layers' states, on the device
 
     @property
     def num_tokens(self) -> int:
@@ -263,12 +264,13 @@ class PagedSequenceKV:
     def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
         """A linear-attention layer's state (None before its first token): fixed size, kept on the
         device beside the tails; the layer holds no pool block."""
-        return self._states.get(layer)
+        held = self._states.get(layer)
+        return None if held is None else held.at(layer, self._lengths[layer])
 
     def set_state(self, layer: int, state: tuple[torch.Tensor, ...], tokens: int) -> None:
         """Replace the layer's state; its ``tokens`` new tokens count as stored."""
-        self._states[layer] = state
         self._lengths[layer] += tokens
+        self._states[layer] = HeldState(state, self._lengths[layer])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` [n, kv_heads, head_dim]; full blocks are committed as they fill. A
