@@ -232,6 +232,31 @@ def test_cancelled_request_frees_its_blocks_and_state(checkpoints, oracle, tmp_p
     assert tokens == oracle(name, "greedy")
 
 
+def test_preempted_requests_recompute_their_state(checkpoints, tmp_path):
+    """KV on the host and disk only, room for 4 blocks of the full-attention layer's KV: 8 requests
+    of 250 prompt tokens growing to 350 are preempted and recomputed (a fresh handle, its state from zeros), and each
+    finishes with the tokens it gets alone."""
+    name = "3lin1full-top2of8"
+    block = 2 * 2 * 256 * 32 * 4        # one layer's keys and values of a 256-token block: 2 KV heads of 32, fp32
+    config = EngineConfig(device="cpu", dtype="float32", prefill_chunk_tokens=128, kv_cache_dir=tmp_path,
+                          kv_device_bytes=0, kv_host_bytes=block, kv_disk_bytes=3 * block, max_num_seqs=8,
+                          profile=HARDWARE)
+    # admitted holding no full block, each crosses the 256-token block boundary while it decodes
+    prompts = [PROMPT[:n] + PROMPT[:250 - n] for n in (180, 250, 220, 160, 200, 240, 150, 190)]
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+
+    async def main():
+        async with await Engine.open(checkpoints[name], config) as engine:
+            alone = [list((await engine.generate(p, params)).token_ids) for p in prompts]
+            together = await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+            return alone, [list(o.token_ids) for o in together], engine.stats(), engine.pipeline_statistics()
+
+    alone, together, stats, pipeline = asyncio.run(main())
+    assert stats.preemptions > 0
+    assert together == alone
+    assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
+
+
 def test_spec_and_state_sizes(checkpoints):
     spec = CheckpointIndex.open(checkpoints["3lin1full-top2of8"]).spec
     assert spec.linear_layers == (0, 1, 2) and spec.moe_layers == (0, 1, 2, 3)
