@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from tierflow import CheckpointError, ConfigError, Engine, EngineConfig, RequestError, SamplingParams
 from tierflow.adapters import model_from_config
-from tierflow.errors import UnsupportedModelError
+from tierflow.errors import KVCorruptionError, UnsupportedModelError
 from tierflow.testing import _load_oracle, build_random_checkpoint, oracle_greedy, oracle_logits
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 
@@ -255,6 +255,37 @@ def test_preempted_requests_recompute_their_state(checkpoints, tmp_path):
     assert stats.preemptions > 0
     assert together == alone
     assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
+
+
+def test_a_corrupted_spilled_block_fails_only_its_request(checkpoints, oracle, tmp_path):
+    """A's 600-token prefill puts two blocks of its full-attention layer on disk; a flipped byte in the
+    first fails A alone (KVCorruptionError), while B, submitted beside it, keeps its own state and gets
+    transformers' tokens; the pools end at baseline."""
+    name = "3lin1full-top2of8"
+    path = checkpoints[name]
+    a_prompt, b_prompt = [(i * 37) % 500 + 1 for i in range(600)], PROMPT[:100]
+    config = dataclasses.replace(_config(name, "kv-on-disk", path, tmp_path), prefill_chunk_tokens=256)
+
+    async def main():
+        async with await Engine.open(path, config) as engine:
+            a = engine.stream(a_prompt, SamplingParams(max_new_tokens=400, ignore_eos=True)).__aiter__()
+            await a.__anext__()                  # A's prefill is done: its blocks are on disk
+            (spill,) = tmp_path.iterdir()
+            with open(spill, "r+b") as raw:      # a byte of the first block's keys
+                raw.seek(100)
+                byte = raw.read(1)
+                raw.seek(100)
+                raw.write(bytes([byte[0] ^ 0xFF]))
+            b = asyncio.create_task(engine.generate(b_prompt, SamplingParams(max_new_tokens=NEW_TOKENS,
+                                                                             ignore_eos=True)))
+            with pytest.raises(KVCorruptionError, match="fails its checksum"):
+                async for _ in a:
+                    pass
+            return list((await b).token_ids), engine.pipeline_statistics()
+
+    tokens, stats = asyncio.run(asyncio.wait_for(main(), 300))
+    assert tokens == oracle(name, "greedy", b_prompt)
+    assert all(pool.used == 0 for pool in stats.kv_blocks.by_tier().values())
 
 
 def test_spec_and_state_sizes(checkpoints):
