@@ -368,8 +368,8 @@ def test_multi_token_prediction_weights_are_ignored(checkpoints, tmp_path, caplo
 
 def test_default_layer_types_follow_full_attention_interval():
     config = {"architectures": ["Qwen3NextForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
-              "intermediate_size": 64, "vocab_size": 512, "num_hidden_layers": 8, "num_experts": 8, "num_experts_per_tok": 2,
-              "full_attention_interval": 4}
+              "intermediate_size": 64, "vocab_size": 512, "num_hidden_layers": 8, "num_experts": 8,
+              "num_experts_per_tok": 2, "full_attention_interval": 4}
     _, spec = model_from_config(config)
     assert spec.linear_layers == (0, 1, 2, 4, 5, 6)
 

@@ -23,9 +23,13 @@ What differs from Qwen3-MoE, each as transformers' ``modeling_qwen3_next`` compu
 - The multi-token-prediction head (``mtp.*``) is not used: tierflow decodes one token per sweep; the
   checkpoint index ignores its tensors with a log line.
 
-A linear layer's state is a sequence's whole past, not a function of a block of tokens, so the
-prefix cache (which restores KV blocks) cannot serve these models; ``stages/prefix.py`` refuses it
-by name.
+The state stays in device memory, beside the paged store's tails, whichever tier the KV blocks
+are on: every sweep that computes a sequence reads and replaces all of it, so paging it out would
+move its bytes twice per sweep for nothing, and a sequence only exists while it runs (a preempted
+one is recomputed, its new handle's state from zeros). It is freed with the handle. A state is the
+sequence's whole past, not a function of a block of tokens: it cannot be rolled back (``truncate``
+below it fails the sequence, ``adapters.kv.HeldState``), and the prefix cache, which restores KV
+blocks, cannot serve these models (``stages/prefix.py`` refuses it by name).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from tierflow.adapters.decoder import DecoderStyle, apply_rope
 from tierflow.adapters.delta_rule import (LinearState, causal_conv, chunk_delta_rule, gated_rms_norm,
                                           recurrent_delta_rule)
 from tierflow.adapters.kv import first_visible
-from tierflow.adapters.moe import _ROPE_TYPES, _EXPERT_TENSORS, MoEAdapter, _check_moe, _experts, moe_rules, sparse_layers
+from tierflow.adapters.moe import (_EXPERT_TENSORS, _ROPE_TYPES, MoEAdapter, _check_moe, _experts, moe_rules,
+                                   sparse_layers)
 from tierflow.adapters.rope import rope_config
 from tierflow.adapters.spec import Key, _check_keys, read_spec
 from tierflow.errors import TierflowError, UnsupportedModelError
@@ -53,8 +58,6 @@ _FULL = "full_attention"
 # local name → checkpoint path under model.layers.N.linear_attn
 _LINEAR_PATHS = {"in_proj_qkvz": "in_proj_qkvz.weight", "in_proj_ba": "in_proj_ba.weight", "conv1d": "conv1d.weight",
                  "dt_bias": "dt_bias", "A_log": "A_log", "linear_norm": "norm.weight", "out_proj": "out_proj.weight"}
-
-
 # the keys only this family reads, typed as ``adapters.spec`` types the shared ones
 LINEAR_KEYS = {key: Key("int", 1) for key in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
                                              "linear_value_head_dim", "linear_conv_kernel_dim",
