@@ -24,7 +24,8 @@ from tierflow.adapters.spec import check_config
 from tierflow.errors import CheckpointError, UnsupportedModelError
 
 FAMILIES: tuple[type, ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma2Adapter, Gemma3Adapter,
-                              Phi3Adapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, GptOssAdapter, Qwen3NextAdapter)
+                              Phi3Adapter, MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, GptOssAdapter,
+                              Qwen3NextAdapter)
 ADAPTERS: Mapping[str, type] = {arch: family for family in FAMILIES for arch in family.architectures}
 # model_type → family, for the model types that name exactly one family
 MODEL_TYPES: Mapping[str, type] = {
