@@ -1,5 +1,5 @@
-"""A random gpt-oss-shape checkpoint with MXFP4 experts, and its bf16 twin, written without
-transformers' model classes (bench/moe.py's gpt-oss rows).
+"""bench/moe.py's gpt-oss rows: a random gpt-oss-shape checkpoint with MXFP4 experts and its bf16
+twin, written without transformers' model classes; the rows' summary and report.
 
 Instantiating ``GptOssForCausalLM`` at gpt-oss's width makes every expert in float32 (about 4.8
 GB a layer of 32) and ``quantize`` then takes seconds per expert on a CPU; neither is needed.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -192,3 +193,59 @@ def _expert_matrices(s: GptOssShape) -> Iterator[tuple[int, str, tuple[int, int]
     for layer in range(s.layers):
         yield layer, "gate_up_proj", (2 * s.intermediate, s.hidden)
         yield layer, "down_proj", (s.hidden, s.intermediate)
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]], caches: list[str]) -> dict[str, dict[str, Any]]:
+    """Per cache setting: medians over the rounds of each format's figures and of the MXFP4 ÷ bf16 ratios."""
+    summary = {}
+    for cache in caches:
+        m = [r[f"mxfp4, {cache}"] for r in rounds]
+        b = [r[f"bf16, {cache}"] for r in rounds]
+        summary[cache] = {
+            "mxfp4_bytes_per_token": statistics.median(r["bytes_per_token"] for r in m),
+            "bf16_bytes_per_token": statistics.median(r["bytes_per_token"] for r in b),
+            "mxfp4_expected_bytes_per_token": statistics.median(r["expected_bytes_per_token"] for r in m),
+            "bf16_expected_bytes_per_token": statistics.median(r["expected_bytes_per_token"] for r in b),
+            "bytes_within_expected": all(r["bytes_within_expected"] and r["bytes_all_experts_and_dense"] for r in m + b),
+            "mxfp4_s_per_token": statistics.median(r["s_per_token"] for r in m),
+            "bf16_s_per_token": statistics.median(r["s_per_token"] for r in b),
+            "bytes_ratio": statistics.median(x["bytes_per_token"] / y["bytes_per_token"] for x, y in zip(m, b)),
+            "time_ratio": statistics.median(x["s_per_token"] / y["s_per_token"] for x, y in zip(m, b)),
+            "hit_rate": {"mxfp4": statistics.median(r["hit_rate"] for r in m),
+                         "bf16": statistics.median(r["hit_rate"] for r in b)},
+            "tokens_identical": all(x["tokens"] == y["tokens"] == m[0]["tokens"] for x, y in zip(m, b)),
+            "foreign_cpu_load_max": max(r["foreign_cpu_load"] for r in m + b),
+            # the machine is shared: each round's ratio with the other load of its two runs, so a
+            # round that ran alone can be told from one that did not
+            "by_round": [{"time_ratio": x["s_per_token"] / y["s_per_token"],
+                          "foreign_cpu_load": max(x["foreign_cpu_load"], y["foreign_cpu_load"])} for x, y in zip(m, b)],
+        }
+    return summary
+
+
+def report_gpt_oss(g: dict[str, Any]) -> None:
+    s, nominal = g["shape"], g["nominal_expert_bytes"]
+    print(f"\ngpt-oss shape: hidden {s['hidden']}, {s['layers']} layers, {s['experts']} experts of width "
+          f"{s['intermediate']}, top-{s['experts_per_token']}; all experts {g['all_expert_bytes']['mxfp4'] / 1e9:.2f} GB "
+          f"MXFP4 / {g['all_expert_bytes']['bf16'] / 1e9:.2f} GB bf16; one expert {nominal['mxfp4'] / 1e6:.2f} / "
+          f"{nominal['bf16'] / 1e6:.2f} MB (ratio {g['nominal_bytes_ratio']:.4f}); {g['new_tokens']} greedy tokens "
+          f"from a {len(g['prompt'])}-token prompt, {g['dtype']} compute for both; {len(g['rounds'])} interleaved rounds")
+    head = (f"{'run':<36}{'round':>6}{'read/token':>13}{'expected':>12}{'routed x own':>14}{'picked/layer':>13}"
+            f"{'hit rate':>9}{'time/token':>12}{'other CPU':>10}")
+    print(head + "\n" + "-" * len(head))
+    for k, row in enumerate(g["rounds"]):
+        for name, r in row.items():
+            print(f"{name:<36}{k + 1:>6}{r['bytes_per_token'] / 1e6:>10.1f} MB{r['expected_bytes_per_token'] / 1e6:>9.1f} MB"
+                  f"{r['routed_nominal_bytes_per_token'] / 1e6:>11.1f} MB{r['experts_routed_per_layer']:>13.2f}"
+                  f"{r['hit_rate']:>9.2f}{r['s_per_token']:>10.2f} s{r['foreign_cpu_load']:>10.2f}")
+    for cache, t in g["summary"].items():
+        print(f"{cache}: MXFP4 {t['mxfp4_bytes_per_token'] / 1e6:.1f} MB/token vs bf16 {t['bf16_bytes_per_token'] / 1e6:.1f}"
+              f" MB/token: ratio {t['bytes_ratio']:.4f} (nominal {g['nominal_bytes_ratio']:.4f}); read = dense + experts "
+              f"read x their bytes: {'yes' if t['bytes_within_expected'] else 'NO'}; time {t['mxfp4_s_per_token']:.2f} vs "
+              f"{t['bf16_s_per_token']:.2f} s/token: ratio {t['time_ratio']:.2f}; tokens identical: "
+              f"{'yes' if t['tokens_identical'] else 'NO'}")
+        quiet = min(t["by_round"], key=lambda q: q["foreign_cpu_load"])
+        ratios = ", ".join(f"{q['time_ratio']:.2f}" for q in t["by_round"])
+        print(f"  time ratio by round: {ratios}; in the round with "
+              f"the least other load ({quiet['foreign_cpu_load']:.2f} CPUs): {quiet['time_ratio']:.2f}")
+

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -60,7 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CpuMonitor, loadavg, write_results  # noqa: E402
-from _gpt_oss import GptOssShape, build_pair  # noqa: E402
+from _gpt_oss import GptOssShape, build_pair, report_gpt_oss, summarize  # noqa: E402
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
 from tierflow.testing import build_random_checkpoint  # noqa: E402
@@ -211,54 +210,13 @@ def gpt_oss_section(args: argparse.Namespace) -> dict[str, Any]:
                                                        * r["nominal_expert_bytes"])
                 row[f"{fmt}, {cache}"] = r
         rounds.append(row)
-    summary = {}
-    for cache in caches:
-        m = [r[f"mxfp4, {cache}"] for r in rounds]
-        b = [r[f"bf16, {cache}"] for r in rounds]
-        summary[cache] = {
-            "mxfp4_bytes_per_token": statistics.median(r["bytes_per_token"] for r in m),
-            "bf16_bytes_per_token": statistics.median(r["bytes_per_token"] for r in b),
-            "mxfp4_expected_bytes_per_token": statistics.median(r["expected_bytes_per_token"] for r in m),
-            "bf16_expected_bytes_per_token": statistics.median(r["expected_bytes_per_token"] for r in b),
-            "bytes_within_expected": all(r["bytes_within_expected"] and r["bytes_all_experts_and_dense"] for r in m + b),
-            "mxfp4_s_per_token": statistics.median(r["s_per_token"] for r in m),
-            "bf16_s_per_token": statistics.median(r["s_per_token"] for r in b),
-            "bytes_ratio": statistics.median(x["bytes_per_token"] / y["bytes_per_token"] for x, y in zip(m, b)),
-            "time_ratio": statistics.median(x["s_per_token"] / y["s_per_token"] for x, y in zip(m, b)),
-            "hit_rate": {"mxfp4": statistics.median(r["hit_rate"] for r in m),
-                         "bf16": statistics.median(r["hit_rate"] for r in b)},
-            "tokens_identical": all(x["tokens"] == y["tokens"] == m[0]["tokens"] for x, y in zip(m, b)),
-            "foreign_cpu_load_max": max(r["foreign_cpu_load"] for r in m + b),
-        }
+    summary = summarize(rounds, list(caches))
     return {"models": {f: str(p) for f, p in paths.items()}, "shape": asdict(shape),
             "all_expert_bytes": expert_bytes, "dtype": "bfloat16", "prompt": GPT_OSS_PROMPT,
             "new_tokens": args.gpt_oss_tokens, "cache_share": args.cache_share,
             "nominal_expert_bytes": {"mxfp4": shape.expert_packed_bytes(), "bf16": shape.expert_bf16_bytes()},
             "nominal_bytes_ratio": shape.expert_packed_bytes() / shape.expert_bf16_bytes(),
             "rounds": rounds, "summary": summary}
-
-
-def report_gpt_oss(g: dict[str, Any]) -> None:
-    s, nominal = g["shape"], g["nominal_expert_bytes"]
-    print(f"\ngpt-oss shape: hidden {s['hidden']}, {s['layers']} layers, {s['experts']} experts of width "
-          f"{s['intermediate']}, top-{s['experts_per_token']}; all experts {g['all_expert_bytes']['mxfp4'] / 1e9:.2f} GB "
-          f"MXFP4 / {g['all_expert_bytes']['bf16'] / 1e9:.2f} GB bf16; one expert {nominal['mxfp4'] / 1e6:.2f} / "
-          f"{nominal['bf16'] / 1e6:.2f} MB (ratio {g['nominal_bytes_ratio']:.4f}); {g['new_tokens']} greedy tokens "
-          f"from a {len(g['prompt'])}-token prompt, {g['dtype']} compute for both; {len(g['rounds'])} interleaved rounds")
-    head = (f"{'run':<36}{'round':>6}{'read/token':>13}{'expected':>12}{'routed x own':>14}{'picked/layer':>13}"
-            f"{'hit rate':>9}{'time/token':>12}{'other CPU':>10}")
-    print(head + "\n" + "-" * len(head))
-    for k, row in enumerate(g["rounds"]):
-        for name, r in row.items():
-            print(f"{name:<36}{k + 1:>6}{r['bytes_per_token'] / 1e6:>10.1f} MB{r['expected_bytes_per_token'] / 1e6:>9.1f} MB"
-                  f"{r['routed_nominal_bytes_per_token'] / 1e6:>11.1f} MB{r['experts_routed_per_layer']:>13.2f}"
-                  f"{r['hit_rate']:>9.2f}{r['s_per_token']:>10.2f} s{r['foreign_cpu_load']:>10.2f}")
-    for cache, t in g["summary"].items():
-        print(f"{cache}: MXFP4 {t['mxfp4_bytes_per_token'] / 1e6:.1f} MB/token vs bf16 {t['bf16_bytes_per_token'] / 1e6:.1f}"
-              f" MB/token: ratio {t['bytes_ratio']:.4f} (nominal {g['nominal_bytes_ratio']:.4f}); read = dense + experts "
-              f"read x their bytes: {'yes' if t['bytes_within_expected'] else 'NO'}; time {t['mxfp4_s_per_token']:.2f} vs "
-              f"{t['bf16_s_per_token']:.2f} s/token: ratio {t['time_ratio']:.2f}; tokens identical: "
-              f"{'yes' if t['tokens_identical'] else 'NO'}")
 
 
 # --------------------------------------------------------------------------- chart, main
