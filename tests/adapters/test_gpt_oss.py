@@ -284,3 +284,15 @@ def test_matches_transformers_on_cuda(checkpoints, oracle, tmp_path, name):
     # the GPU's kernels round differently from the CPU oracle's: the bf16 criteria for both dtypes
     assert (rows <= TOLERANCE["bfloat16"]).float().mean() >= 0.9, rows.tolist()
     _check_tokens(path, tokens, expected_tokens, exact=False)
+
+
+@pytest.mark.parametrize("name", ["top2of8-fp32", "top4of16-mxfp4"])
+def test_the_probe_times_a_gpt_oss_layer(checkpoints, name):
+    """The probe's compute figures run one layer of the family as a dense layer of one expert's form
+    (an engine opened without a profile probes the machine first)."""
+    from tierflow.engine.planning import layer_benchmark
+
+    index = CheckpointIndex.open(checkpoints[name])
+    run = layer_benchmark(index.spec, index.adapter, torch.device("cpu"), torch.float32, cold_bytes=2**20)
+    run(1)
+    run(16)

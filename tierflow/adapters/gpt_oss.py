@@ -108,6 +108,10 @@ class GptOssAdapter(DecoderAdapter):
         return shapes
 
     def feed_forward_shapes(self, spec: ModelSpec, layer: int) -> dict[str, tuple[int, ...]]:
+        if layer not in spec.moe_layers:      # a dense layer of one expert's form (the probe times layers so)
+            h, i = spec.hidden_size, spec.intermediate_size
+            return {"gate_up_proj": (h, 2 * i), "gate_up_proj_bias": (2 * i,), "down_proj": (i, h),
+                    "down_proj_bias": (h,)}
         return {"router": (spec.num_experts, spec.hidden_size), "router.bias": (spec.num_experts,)}
 
     def expected_expert_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -128,6 +132,8 @@ class GptOssAdapter(DecoderAdapter):
 
     def feed_forward(self, spec: ModelSpec, layer: int, w: UnitWeights, h: torch.Tensor,
                      ctx: SweepContext) -> torch.Tensor:
+        if layer not in spec.moe_layers:
+            return self.expert(spec, w, h)
         logits = F.linear(h, w["router"], w["router.bias"])                 # [n, E]
         top_logits, top_i = torch.topk(logits, spec.experts_per_token, dim=-1)
         top_w = F.softmax(top_logits, dim=-1, dtype=top_logits.dtype)        # over the k picked, in h's dtype
