@@ -108,8 +108,10 @@ class Driver:
         rt = self.rt
         if rt.kv_store is not None:
             return rt.kv_store.sequence(seq_id)
-        return SequenceKV(rt.spec.num_layers, rt.spec.num_kv_heads, rt.spec.head_dim, dtype=rt.dtype,
-                          device=rt.device, max_tokens=most)
+        spec = rt.spec
+        return SequenceKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype=rt.dtype, device=rt.device,
+                          max_tokens=most, windows=[spec.window(layer) for layer in range(spec.num_layers)],
+                          max_chunk_tokens=rt.plan.prefill_chunk_tokens)
 
     def _capacity_settings(self) -> tuple[str, ...]:
         """The EngineConfig fields that make the KV cache larger."""
