@@ -84,9 +84,9 @@ def test_unsupported_architecture(model_copy):
 def test_unsupported_rope_scaling(model_copy):
     config = json.loads((model_copy / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 4.0}
     (model_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    with pytest.raises(UnsupportedModelError, match="dynamic"):
         _open(model_copy)
 
 
