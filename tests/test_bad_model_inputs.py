@@ -341,8 +341,8 @@ def test_nan_logits_fail_only_their_request(tiny_model, tmp_path):
             sweeps = []
             sample = engine._driver._sample
 
-            def spy(plan, reqs, logits):
-                sampled = sample(plan, reqs, logits)
+            def spy(plan, reqs, logits, drafts):
+                sampled = sample(plan, reqs, logits, drafts)
                 sweeps.append((len(reqs), sorted(sampled.failures)))
                 return sampled
 

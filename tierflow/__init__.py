@@ -3,7 +3,7 @@ through an asyncio pipeline that overlaps every transfer with compute."""
 
 from __future__ import annotations
 
-from tierflow.config import EngineConfig, SamplingParams
+from tierflow.config import EngineConfig, SamplingParams, SpeculativeConfig
 from tierflow.engine.api import Engine
 from tierflow.errors import (CheckpointError, ClosedResourceError, ConfigError, DemoModelMissingError, EngineClosedError,
                              EventLoopError,
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["CheckpointError", "ClosedResourceError", "Completion", "ConfigError", "DemoModelMissingError", "Engine",
            "EngineClosedError", "EngineConfig", "EventLoopError", "EngineStats", "FlashAttnUnavailableError", "KVCapacityError",
            "KVCorruptionError", "PinnedMemoryError", "ProfileError", "PromptError", "RequestError",
-           "RequestTimeoutError", "SamplingError", "SamplingParams", "ShapeMismatchError", "StreamChunk", "SyncEngine",
+           "RequestTimeoutError", "SamplingError", "SamplingParams", "ShapeMismatchError", "SpeculativeConfig", "StreamChunk", "SyncEngine",
            "TierCapacityError", "TierflowError", "TokenLogprob", "TransferError", "UnsupportedModelError", "UnsupportedRequestError", "WouldBlock"]

@@ -30,6 +30,7 @@ SEED_RANGE = (-2**63, 2**64 - 1)      # what torch.Generator.manual_seed accepts
 MIN_TEMPERATURE = 1e-5                # below it sampling is greedy in all but name
 MAX_LOGPROBS = 20                     # the most alternatives per token SamplingParams.logprobs asks for
 MIN_TOP_P = 1e-9                      # below 1/vocab every top_p keeps the most likely token alone
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -67,6 +68,49 @@ def _check_path(name: str, value: Any, *, what: str = "a path") -> None:
     if bad:
         raise ConfigError(f"EngineConfig.{name} is not a path the OS can take (a NUL byte or text that is not valid "
                           f"Unicode), got {_show(value)}; pass a plain path")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding (the field names are vLLM's): each decoding request proposes up to
+    ``num_speculative_tokens`` tokens cheaply and one sweep of the model verifies them all; the
+    output is the model's own (greedy: identical tokens; sampling: the same distribution).
+
+    method: "ngram" (prompt lookup): the tokens that followed the most recent earlier occurrence
+        of the longest n-gram, ``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens, that
+        ends the request's prompt and output so far (no occurrence: the step decodes one token).
+        "draft": a small model with the target's tokenizer (``model``), kept resident, proposes
+        its own greedy continuation, one draft sweep per proposed token for every speculating
+        request at once; it keeps each request's draft KV between steps.
+    model: the draft model (a local directory or GGUF file; "draft" only). Its vocabulary and
+        special tokens must equal the target's (checked at open).
+    num_speculative_tokens: the most tokens proposed per step (an int >= 1).
+    prompt_lookup_max / prompt_lookup_min: the longest and shortest n-gram looked up (ints >= 1,
+        min <= max; "ngram" only).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"SpeculativeConfig.method must be one of {SPECULATIVE_METHODS}, got {_show(self.method)}")
+        if self.method == "draft" and self.model is None:
+            raise ConfigError("SpeculativeConfig.model is required with method='draft': the path of a small model "
+                              "with the target's tokenizer")
+        if self.method != "draft" and self.model is not None:
+            raise ConfigError(f"SpeculativeConfig.model is only used with method='draft' (method is "
+                              f"{self.method!r}); drop it, or set method='draft'")
+        if self.model is not None:
+            _check_path("speculative.model", self.model)
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            _check_positive("SpeculativeConfig", name, getattr(self, name))
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"SpeculativeConfig.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                              f"prompt_lookup_max ({self.prompt_lookup_max})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +173,9 @@ class EngineConfig:
     expert_reads: "routed" (the default) reads the experts a layer's tokens were routed to;
         "all" reads every expert of a MoE layer on every sweep, as offloaders that ignore the
         router do (for comparison).
+    speculative: a ``SpeculativeConfig`` (or a dict of its fields): decoding requests propose
+        tokens and verify them in one sweep, several tokens per sweep when proposals hold;
+        None (the default): one token per request per sweep.
     """
 
     device: str = "auto"
@@ -156,6 +203,7 @@ class EngineConfig:
     expert_cache_bytes: int | None = None
     expert_reads: str = "routed"
     trace_path: str | os.PathLike[str] | None = None
+    speculative: SpeculativeConfig | None = None
 
     @property
     def prefix_cache(self) -> bool:
@@ -193,6 +241,12 @@ class EngineConfig:
         _check_positive("EngineConfig", "expert_cache_bytes", self.expert_cache_bytes, allow_none=True, minimum=0)
         for name in ("kv_cache_dir", "prefix_cache_dir", "trace_path"):
             _check_path(name, getattr(self, name))
+        if isinstance(self.speculative, Mapping):
+            object.__setattr__(self, "speculative", _record_from(SpeculativeConfig, self.speculative, ConfigError,
+                                                                 "EngineConfig.speculative"))
+        elif self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ConfigError(f"EngineConfig.speculative must be a SpeculativeConfig, a dict of its fields, or None; "
+                              f"got {type(self.speculative).__name__} {_show(self.speculative)}")
 
 
 def _is_cuda_index(device: str) -> bool:

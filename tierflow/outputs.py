@@ -52,6 +52,28 @@ class StageTimes:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeStats:
+    """Speculative decoding of one method (``EngineConfig.speculative``), since the engine opened.
+    A *step* is one request verifying a proposal in one sweep."""
+
+    method: str                          # "ngram"
+    proposed_tokens: int = 0             # tokens proposed and verified
+    accepted_tokens: int = 0             # of those, the ones the model agreed with
+    steps: int = 0                       # request-sweeps that verified a proposal
+    emitted_tokens: int = 0              # tokens those steps appended (accepted ones plus the model's own)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over proposed tokens (0.0 before any proposal)."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a request gained per sweep that verified a proposal (plain decoding: 1)."""
+        return self.emitted_tokens / self.steps if self.steps else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     bytes_read_from_disk: int            # cumulative, resident loading included
     bytes_streamed: int                  # of which by the weight stream during sweeps
@@ -80,6 +102,7 @@ class EngineStats:
     preemptions: int = 0                 # requests preempted because every KV tier was full
     preempted_tokens_recomputed: int = 0 # tokens whose dropped KV was computed again on resumption
     preempted_tokens_restored: int = 0   # tokens whose KV the prefix cache gave back on resumption instead
+    speculative: SpeculativeStats | None = None   # proposals and acceptance (None: speculation off)
 
     @property
     def gpu_idle_fraction(self) -> float | None:

@@ -126,6 +126,62 @@ def build_random_checkpoint(path: str | Path, family: str, *, hidden_size: int =
     return path
 
 
+def layer_copy(source: str | Path, target: str | Path, *, num_layers: int | None = None, extra_layers: int = 0,
+               scale: float = 1.0, seed: int = 0) -> Path:
+    """A copy of the single-file checkpoint ``source`` with other decoder layers: its first
+    ``num_layers`` (a shallow draft of it, for speculative decoding), then ``extra_layers``
+    new ones, each a copy of a source layer (in turn) with fresh random matrices whose output
+    projections (attention ``o_proj``, MLP ``down_proj`` and experts' down projections) are
+    scaled by ``scale``: the copy's residual stream is the source's plus ``scale``-small
+    contributions, so ``scale`` sets how far it strays from the source (0: the same logits).
+    Embedding, final norm and head are the source's, so both share a vocabulary."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    config = json.loads((source / "config.json").read_text())
+    have = config["num_hidden_layers"]
+    keep = have if num_layers is None else num_layers
+    if not 1 <= keep <= have or extra_layers < 0:
+        raise ValueError(f"keep 1..{have} of the source's layers and add >= 0, got {num_layers} and {extra_layers}")
+    tensors = load_file(source / "model.safetensors")
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    out = {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            layers.setdefault(int(parts[2]), {})[".".join(parts[3:])] = tensor
+        else:
+            out[name] = tensor
+    generator = torch.Generator().manual_seed(seed)
+    std = config.get("initializer_range", 0.02)
+    for i in range(keep + extra_layers):
+        if i < keep:
+            layer = layers[i]
+        else:
+            layer = {}
+            for name, tensor in layers[(i - keep) % keep].items():
+                if tensor.ndim >= 2:
+                    tensor = (torch.randn(tensor.shape, generator=generator) * std).to(tensor.dtype)
+                    if "o_proj" in name or "down_proj" in name or name.endswith(("w2.weight",)):
+                        tensor = tensor * scale
+                layer[name] = tensor.clone()
+        for name, tensor in layer.items():
+            out[f"model.layers.{i}.{name}"] = tensor.contiguous()
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(out, target / "model.safetensors", metadata={"format": "pt"})
+    config["num_hidden_layers"] = keep + extra_layers
+    for key in ("layer_types",):                 # per-layer lists follow the layers
+        if isinstance(config.get(key), list):
+            config[key] = [config[key][i if i < keep else (i - keep) % keep] for i in range(keep + extra_layers)]
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).exists():
+            (target / name).write_bytes((source / name).read_bytes())
+    return target
+
+
 def pack_mxfp4_experts(source: str | Path, target: str | Path) -> Path:
     """A copy of the gpt-oss checkpoint ``source`` with its expert weights packed in MXFP4 as
     the published checkpoints hold them (``*_blocks`` [experts, out, in / 32, 16] and

@@ -102,6 +102,10 @@ class Engine:
                 self._fail_requests("the event loop this engine served shut down while this request ran")
                 await self._runtime.aclose()
             raise
+        except Exception as exc:      # a driver bug: fail what waits on it rather than leave it hanging
+            log.exception("the engine's driver failed")
+            self._fail_requests(f"the engine's driver failed: {type(exc).__name__}: {exc}")
+            raise
 
     def _fail_requests(self, why: str) -> None:
         for req in list(self._driver.requests.values()):

@@ -73,6 +73,7 @@ class Runtime:
     prefix: PrefixReuse | None = None       # the prefix cache
     placement: Placement | None = None      # resident units and the weight stream
     experts: ExpertStage | None = None      # mixture-of-experts models: the routed experts
+    draft: "Runtime | None" = None          # speculative decoding with a draft model: its own runtime, resident
 
     @property
     def spec(self) -> ModelSpec:
@@ -243,6 +244,11 @@ async def _start(rt: Runtime) -> None:
     rt.runner = SweepRunner(rt.spec, rt.index.adapter, rt.placement.resident, rt.stream, rt.worker, rt.dtype,
                             mlp_chunk_tokens=plan.mlp_chunk_tokens, experts=rt.experts, tracer=rt.tracer,
                             device=rt.device_path, kv_store=rt.kv_store)
+    speculative = config.speculative
+    if speculative is not None and speculative.method == "draft":
+        from tierflow.engine.speculative import open_draft     # it builds a runtime of its own
+        rt.draft = await open_draft(rt, speculative)
+        stack.push_async_callback(rt.draft.aclose)
 
 
 def _expanded(path: str | os.PathLike[str] | None) -> Path | None:

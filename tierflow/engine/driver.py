@@ -6,6 +6,9 @@ Between sweeps it removes finished and cancelled requests (freeing their KV, off
 the prefix cache), admits waiting ones (attaching a cached prefix first), and after a sweep
 samples each sequence's token, lets the batcher say which tokens ended their sequence (a stop
 token, or the most tokens it may reach), and finds stop strings with the detokenizer.
+With speculative decoding (``engine/speculative.py``) a decoding request's proposal goes into
+the sweep after its last token, verification keeps what the model agrees with, and the KV of
+the rejected tokens is rolled back before the next sweep (and before the prefix cache sees it).
 Requests only talk to the driver through their own record and event, so a failing request
 (or a failing sweep) is reported to the requests it concerns and the driver goes on serving
 the others.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, TypeVar
@@ -28,7 +32,9 @@ from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
 from tierflow.engine.sampling import make_generator, nonfinite_rows, sample, token_logprob
-from tierflow.errors import KVCapacityError, RequestError, TierCapacityError, TierflowError
+from tierflow.engine.speculative import DraftProposer, NgramProposer, SpeculationCounter, verify
+from tierflow.errors import ConfigError, KVCapacityError, RequestError, TierCapacityError, TierflowError
+from tierflow.outputs import TokenLogprob
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch
 from tierflow.tiers.io.reader import trim_heap
@@ -47,7 +53,9 @@ TRIM_AFTER_TOKENS = 256     # sweeps of at least this many tokens return their f
 class Sampled:
     """What sampling a sweep's logits gave, per sequence of its plan."""
 
-    tokens: tuple[int | None, ...]          # the sampled token (None: nothing sampled, or failed)
+    tokens: tuple[tuple[int, ...] | None, ...]   # the tokens to append (None: nothing sampled, or failed):
+                                                 # one, or after verifying proposals the accepted ones and the model's own
+    logprobs: tuple[tuple[TokenLogprob, ...], ...]   # of those tokens, for requests that ask for logprobs
     failures: Mapping[int, RequestError]    # sequence index → why (its logits were not finite)
 
 
@@ -72,6 +80,15 @@ class Driver:
         self._wake = asyncio.Event()
         self._generated = self._prompt = self._prompt_cached = 0
         self._restored = 0          # tokens of preempted requests whose KV the prefix cache gave back
+        speculative = config.speculative
+        if speculative is not None and spec.linear_layers:
+            raise ConfigError(f"speculative decoding cannot serve {spec.architecture}: its linear-attention layers "
+                              "fold every token into one state, which cannot be rolled back past rejected tokens; "
+                              "open the engine without EngineConfig.speculative", settings=("speculative",))
+        self.proposer: NgramProposer | DraftProposer | None = None
+        if speculative is not None:
+            self.proposer = DraftProposer(rt.draft, speculative) if rt.draft is not None else NgramProposer(speculative)
+        self.speculation = SpeculationCounter(speculative.method) if speculative is not None else None
 
     def capacity_tokens(self) -> int:
         """The most tokens one sequence may reach with the whole KV cache to itself."""
@@ -81,7 +98,8 @@ class Driver:
 
     @property
     def tokens(self) -> TokenCounts:
-        return TokenCounts(self._generated, self._prompt, self._prompt_cached, self._restored)
+        return TokenCounts(self._generated, self._prompt, self._prompt_cached, self._restored,
+                           self.speculation.statistics() if self.speculation is not None else None)
 
     # ----------------------------------------------------------------------------- requests
     def submit(self, ids: list[int], params: SamplingParams, *, score: bool = False) -> Request:
@@ -147,7 +165,8 @@ class Driver:
     async def run(self) -> None:
         while True:
             await self._between_sweeps()
-            plan = self.batcher.schedule()
+            drafts = await self._propose()
+            plan = self.batcher.schedule({seq_id: len(draft) for seq_id, draft in drafts.items()})
             if plan is None:
                 self._wake.clear()
                 await self._wake.wait()
@@ -160,8 +179,8 @@ class Driver:
             decode = all(s.num_tokens == 1 and s.start >= len(r.prompt_ids) for s, r in zip(plan.seqs, reqs))
             before = self.meter.clock()
             try:
-                result = await self.rt.runner.run(self._batch(plan, reqs))
-                sampled = await self.rt.worker.run(self._sample, plan, reqs, result.logits)
+                result = await self.rt.runner.run(self._batch(plan, reqs, drafts))
+                sampled = await self.rt.worker.run(self._sample, plan, reqs, result.logits, drafts)
             except Exception as exc:   # the sweep failed: fail its requests, keep serving
                 log.warning("sweep failed: %s", exc)
                 for req in reqs:
@@ -176,7 +195,9 @@ class Driver:
                 self.meter.add(plan, before)
             elif plan.num_tokens >= TRIM_AFTER_TOKENS:     # a prefill chunk: hand its activations back
                 await self.rt.worker.run(trim_heap)
-            self._postprocess(plan, reqs, list(sampled.tokens))
+            emitted = self._postprocess(plan, reqs, sampled)
+            if any(item.num_draft for item in plan.seqs):
+                await self._roll_back(plan, reqs, sampled, emitted)
             for item, req in zip(plan.seqs, reqs):   # a prompt's prefill just completed: offer its blocks
                 if item.sample and item.start + item.num_tokens == len(req.prompt_ids) and not req.done:
                     await self._remember(req)
@@ -197,15 +218,28 @@ class Driver:
             for seq_id in admitted:
                 await self._attach_prefix(self.requests[seq_id])
 
-    def _batch(self, plan: SweepPlan, reqs: list[Request]) -> SweepBatch:
+    async def _propose(self) -> dict[int, tuple[int, ...]]:
+        """Speculative decoding: each decoding request's proposal, by request id (none when off,
+        or when its proposer has none); the batcher schedules those of decoding sequences."""
+        if self.proposer is None:
+            return {}
+        wanted = {}
+        for req in self.requests.values():
+            if req.output_ids and not req.done and not req.score and req.kv is not None:
+                known = req.prompt_ids + req.output_ids
+                wanted[req.id] = (known, req.most_tokens - len(known) - 1)
+        return await self.proposer.propose_all(wanted)
+
+    def _batch(self, plan: SweepPlan, reqs: list[Request], drafts: Mapping[int, tuple[int, ...]]) -> SweepBatch:
         ids, positions, slices, rows = [], [], [], []
         offset = 0
         for item, req in zip(plan.seqs, reqs):
             span = range(item.start, item.start + item.num_tokens)
-            ids += [req.token(p) for p in span]
+            known = item.start + item.num_tokens - item.num_draft
+            ids += [req.token(p) for p in range(item.start, known)] + list(drafts.get(req.id, ())[:item.num_draft])
             positions += list(span)
             slices.append(slice(offset, offset + item.num_tokens))
-            if req.score:
+            if req.score or item.num_draft:        # prompt logits, or every position a proposal is verified at
                 rows += range(offset, offset + item.num_tokens)
             elif item.sample:
                 rows.append(offset + item.num_tokens - 1)
@@ -217,51 +251,77 @@ class Driver:
         return SweepBatch(torch.tensor(ids), torch.tensor(positions), tuple(slices), tuple(s.start for s in plan.seqs),
                           tuple(r.kv for r in reqs), torch.tensor(rows, dtype=torch.long))
 
-    def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor) -> Sampled:
-        """Runs in the compute worker: one sampled token per sequence (None: nothing sampled),
-        and the sequences whose logits hold a NaN or an infinity, which fail."""
-        tokens: list[int | None] = []
+    def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor,
+                drafts: Mapping[int, tuple[int, ...]]) -> Sampled:
+        """Runs in the compute worker: each sequence's tokens (None: nothing sampled) — one
+        sampled token, or what verifying its proposal kept — and the sequences whose logits hold
+        a NaN or an infinity, which fail."""
+        tokens: list[tuple[int, ...] | None] = []
+        logprobs: list[tuple[TokenLogprob, ...]] = []
         failures: dict[int, RequestError] = {}
         row = 0
         logits = logits.cpu()
         bad = nonfinite_rows(logits)
         for index, (item, req) in enumerate(zip(plan.seqs, reqs)):
-            rows = range(row, row + (item.num_tokens if req.score else 1 if item.sample else 0))
+            rows = range(row, row + (item.num_tokens if req.score else item.num_draft + 1 if item.sample else 0))
+            row = rows.stop
+            chosen: tuple[int, ...] | None = None
             if any(r in bad for r in rows):
                 first = next(r for r in rows if r in bad)
-                position = item.start + item.num_tokens if not req.score else item.start + first - row + 1
+                position = item.start + item.num_tokens - item.num_draft + first - rows.start if not req.score \
+                    else item.start + first - rows.start + 1
                 failures[index] = _nonfinite_error(req, position, bad[first])
-                tokens.append(None)
-                row = rows.stop
             elif req.score:
-                req.logits.append(logits[row:row + item.num_tokens])
-                row += item.num_tokens
-                tokens.append(None)
+                req.logits.append(logits[rows.start:rows.stop])
+            elif item.num_draft:
+                draft = drafts[req.id][:item.num_draft]
+                chosen = verify(logits[rows.start:rows.stop], draft, req.params, req.generator).tokens
             elif item.sample:
-                token = sample(logits[row], req.params, req.generator)
-                if req.params.logprobs is not None:
-                    req.next_logprob = token_logprob(logits[row], token, req.params.logprobs)
-                tokens.append(token)
-                row += 1
-            else:
-                tokens.append(None)
-        return Sampled(tuple(tokens), failures)
+                chosen = (sample(logits[rows.start], req.params, req.generator),)
+            tokens.append(chosen)
+            logprobs.append(tuple(token_logprob(logits[rows.start + i], token, req.params.logprobs)
+                                  for i, token in enumerate(chosen))
+                            if chosen is not None and req.params.logprobs is not None else ())
+        return Sampled(tuple(tokens), tuple(logprobs), failures)
 
-    def _postprocess(self, plan: SweepPlan, reqs: list[Request], tokens: list[int | None]) -> None:
+    def _postprocess(self, plan: SweepPlan, reqs: list[Request], sampled: Sampled) -> Counter[int]:
+        """Append what the sweep sampled; returns how many tokens each request got (a stop
+        string may end one before the tokens verification kept run out)."""
         for item, req in zip(plan.seqs, reqs):
             if req.score and item.sample and not req.done:
                 self.finish(req, "stop")
-        kept = [None if req.done else token for req, token in zip(reqs, tokens)]   # cancelled while it ran
+        kept = [None if req.done else tokens for req, tokens in zip(reqs, sampled.tokens)]   # cancelled while it ran
+        logprobs = {item.seq_id: iter(lp) for item, lp in zip(plan.seqs, sampled.logprobs)}
+        emitted: Counter[int] = Counter()
         for outcome in self.batcher.postprocess(plan, kept):
-            self._append(self.requests[outcome.seq_id], outcome)
+            req = self.requests[outcome.seq_id]
+            if not req.done:
+                self._append(req, outcome, next(logprobs[req.id], None))
+                emitted[req.id] += 1
+        return emitted
 
-    def _append(self, req: Request, outcome: TokenOutcome) -> None:
+    async def _roll_back(self, plan: SweepPlan, reqs: list[Request], sampled: Sampled, emitted: Counter[int]) -> None:
+        """Speculative decoding: count what verification kept, and forget the KV of the rejected
+        tokens (keeping the last known token's and the accepted ones, no more than were
+        appended), before the prefix cache or the next sweep sees it."""
+        cuts = []
+        for item, req, tokens in zip(plan.seqs, reqs, sampled.tokens):
+            if not item.num_draft:
+                continue
+            accepted = len(tokens) - 1 if tokens is not None else 0
+            if tokens is not None and self.speculation is not None:
+                self.speculation.add(item.num_draft, accepted, emitted[req.id])
+            if req.error is None:
+                known = item.start + item.num_tokens - item.num_draft
+                cuts.append((req.kv, known + min(accepted, emitted[req.id])))
+        await self.rt.worker.run(self._on_device, _truncate, cuts)
+
+    def _append(self, req: Request, outcome: TokenOutcome, logprob: TokenLogprob | None) -> None:
         if not req.output_ids:
             req.first_token_s = time.perf_counter()
         req.output_ids.append(outcome.token)
-        if req.next_logprob is not None:
-            req.logprobs.append(req.next_logprob)
-            req.next_logprob = None
+        if logprob is not None:
+            req.logprobs.append(logprob)
         self._generated += 1
         if outcome.finish_reason != "stop":      # a stop token is not part of the text
             req.detok.add(outcome.token)
@@ -344,6 +404,12 @@ class Driver:
                                                              req.prompt_ids + req.output_ids, req.remembered_blocks)
         except Exception as exc:     # noqa: BLE001 - the cache only misses these blocks
             log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)
+
+
+def _truncate(cuts: list[tuple[KVHandle, int]]) -> None:
+    with torch.inference_mode():        # the tails it writes were made by the sweeps, in inference mode
+        for kv, num_tokens in cuts:
+            kv.truncate(num_tokens)
 
 
 def _nonfinite_error(req: Request, position: int, found: str) -> RequestError:

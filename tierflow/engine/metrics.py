@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from tierflow.engine.build import Runtime
-from tierflow.outputs import EngineStats, StageTimes
+from tierflow.outputs import EngineStats, SpeculativeStats, StageTimes
 from tierflow.pipeline.batcher import BatcherStats, SweepPlan
 from tierflow.pipeline.cuda import BridgeStats
 from tierflow.pipeline.executor import WorkerStats
@@ -104,6 +104,7 @@ class TokenCounts:
     prompt: int                             # prompt tokens computed (prefilled)
     prompt_cached: int                      # prompt tokens reused from the prefix cache instead
     restored: int = 0                       # tokens of preempted requests the prefix cache gave back
+    speculative: SpeculativeStats | None = None   # speculative decoding's counts (None: off)
 
 
 def engine_stats(rt: Runtime, meter: DecodeMeter, tokens: TokenCounts, batcher: BatcherStats) -> EngineStats:
@@ -137,7 +138,8 @@ def engine_stats(rt: Runtime, meter: DecodeMeter, tokens: TokenCounts, batcher: 
         gpu_span_s=rt.device_path.gpu_span_s if rt.device_path else None,
         kv_allocation=batcher.allocation, preemptions=batcher.preemptions,
         preempted_tokens_restored=tokens.restored,
-        preempted_tokens_recomputed=max(0, batcher.preempted_tokens - tokens.restored))
+        preempted_tokens_recomputed=max(0, batcher.preempted_tokens - tokens.restored),
+        speculative=tokens.speculative)
 
 
 def pipeline_stats(rt: Runtime, batcher: BatcherStats, requests: int) -> PipelineStats:

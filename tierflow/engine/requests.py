@@ -55,7 +55,6 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)   # per output token, when params.logprobs is set
-    next_logprob: TokenLogprob | None = None  # the sampled token's, until it is appended
     finish_reason: str | None = None
     error: BaseException | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)

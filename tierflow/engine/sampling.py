@@ -29,6 +29,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from float32 ``logits`` [vocab] (on the CPU)."""
     if params.greedy:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampling (not greedy) request draws from: float32 ``logits`` [vocab]
+    after temperature, top-k and top-p (what ``sample`` draws from, and what speculative
+    decoding's acceptance rule compares proposals with)."""
     scores = logits / params.temperature
     if params.top_k and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
@@ -38,8 +45,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
         drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p   # keep the first token always
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(scores, dim=-1)
 
 
 def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

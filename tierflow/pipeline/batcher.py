@@ -28,13 +28,22 @@ included). Two allocation schemes:
   admitted and keeps them until it is removed; nothing is ever preempted.
 
 Either way a sequence that could never fit the whole cache alone is refused by ``add``.
+
+Speculative decoding: ``schedule(drafts=...)`` takes, per decoding sequence, how many proposed
+tokens the caller has for it; such a sequence's last known token and up to that many proposals
+(within the sweep's budget, the KV that fits, and one short of its most tokens, so the bonus
+token stays within it) are scheduled as one chunk (``ScheduledSeq.num_draft``), its KV counted
+like a prefill chunk's. ``postprocess`` then takes the tokens verification kept (the accepted
+proposals and the model's own token), ends the sequence at the first stop or at its most, and
+counts as computed the KV of the last known token and the accepted proposals only: the caller
+rolls back the rest of the chunk's KV.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from tierflow.errors import KVCapacityError
 
@@ -82,6 +91,7 @@ class ScheduledSeq:
     start: int               # position of the first token computed in this sweep
     num_tokens: int          # how many tokens of this sequence the sweep computes
     sample: bool             # True when the sweep reaches the last known token (its logits are wanted)
+    num_draft: int = 0       # of num_tokens, proposed tokens after the last known one (speculative decoding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,29 +220,47 @@ class Batcher:
 
     # -- sweeps ------------------------------------------------------------------------------
 
-    def schedule(self) -> SweepPlan | None:
-        """The next sweep (None: nothing to do until a sequence arrives)."""
+    def schedule(self, drafts: Mapping[int, int] | None = None) -> SweepPlan | None:
+        """The next sweep (None: nothing to do until a sequence arrives). ``drafts``: sequence id →
+        proposed tokens available to verify after its last known token (decoding sequences only)."""
         self.admit()
         order = sorted(self._running.values(), key=lambda s: s.arrival)
         work: dict[int, int] = {}
         budget = self.max_sweep_tokens
-        for seq in [s for s in order if s.num_tokens - s.num_computed == 1] + \
-                   [s for s in order if s.num_tokens - s.num_computed > 1]:
+        decoding = [s for s in order if s.num_tokens - s.num_computed == 1]
+        for seq in decoding + [s for s in order if s.num_tokens - s.num_computed > 1]:
             if budget < 1:
                 break
             work[seq.seq_id] = min(seq.num_tokens - seq.num_computed, budget)
             budget -= work[seq.seq_id]
+            if drafts and decoding and seq is decoding[-1]:     # every decode token is in: proposals, oldest first
+                budget = self._add_drafts(decoding, drafts, work, budget)
         preempted: list[int] = []
         if self.allocation == ON_DEMAND and self.kv_capacity_blocks is not None:
             self._fit_growth(order, work, preempted)
         chosen = [ScheduledSeq(s.seq_id, s.num_computed, work[s.seq_id],
-                               s.num_computed + work[s.seq_id] == s.num_tokens)
+                               s.num_computed + work[s.seq_id] >= s.num_tokens,
+                               max(0, s.num_computed + work[s.seq_id] - s.num_tokens))
                   for s in sorted((self._running[i] for i in work), key=lambda s: (s.num_tokens - s.num_computed > 1,
                                                                                      s.arrival))]
         if not chosen and not preempted:
             return None
         self._sweeps += bool(chosen)
         return SweepPlan(tuple(chosen), sum(s.num_tokens for s in chosen), tuple(preempted))
+
+    def _add_drafts(self, decoding: list[_Seq], drafts: Mapping[int, int], work: dict[int, int],
+                    budget: int) -> int:
+        """Extend decoding sequences' one token by their proposals, oldest first, within
+        ``budget``; a sequence proposes at most one short of its most tokens (the bonus token
+        must fit). Returns the budget left."""
+        for seq in decoding:
+            if budget < 1:
+                break
+            extra = min(drafts.get(seq.seq_id, 0), seq.max_tokens - seq.num_tokens - 1, budget)
+            if extra > 0:
+                work[seq.seq_id] += extra
+                budget -= extra
+        return budget
 
     def _step(self, seq: _Seq, n: int) -> int:
         """Blocks ``seq`` holds at most while a sweep computes its next ``n`` tokens (never more
@@ -281,22 +309,31 @@ class Batcher:
         seq.num_computed, seq.held, seq.kv_span = 0, 0, (0, 0)
         self._waiting = deque(sorted((*self._waiting, seq), key=lambda s: s.arrival))
 
-    def postprocess(self, plan: SweepPlan, tokens: Sequence[int | None]) -> list[TokenOutcome]:
+    def postprocess(self, plan: SweepPlan, tokens: Sequence[int | Sequence[int] | None]) -> list[TokenOutcome]:
         """Record a finished sweep: ``tokens[i]`` is the token sampled for ``plan.seqs[i]`` (None
-        when nothing was sampled, or the sequence was cancelled while the sweep ran). Returns
-        what each new token did; a finished sequence stays until ``remove``."""
+        when nothing was sampled, or the sequence was cancelled while the sweep ran), or for a
+        chunk with proposals the tokens verification kept (accepted proposals, then the model's
+        own). Returns what each new token did, in order, none past one that ends its sequence; a
+        finished sequence stays until ``remove``."""
         outcomes = []
         for item, token in zip(plan.seqs, tokens, strict=True):
             seq = self._running.get(item.seq_id)
             if seq is None:          # removed while the sweep ran
                 continue
-            seq.num_computed = item.start + item.num_tokens
+            kept = () if token is None else (token,) if isinstance(token, int) else tuple(token)
+            if len(kept) > item.num_draft + 1:
+                raise ValueError(f"sequence {item.seq_id} verified {item.num_draft} proposals, so at most "
+                                 f"{item.num_draft + 1} tokens can follow, got {len(kept)}")
+            # the KV of the last known token and of the proposals accepted (all but the last token kept)
+            seq.num_computed = item.start + item.num_tokens - item.num_draft + max(0, len(kept) - 1)
             seq.kv_span = (item.start, seq.num_computed)
             if self.kv is not None:
                 seq.held = self._blocks(seq)
-            if token is None:
-                continue
-            seq.num_tokens += 1
-            reason = "stop" if token in seq.stop_token_ids else "length" if seq.num_tokens >= seq.max_tokens else None
-            outcomes.append(TokenOutcome(item.seq_id, token, reason))
+            for new in kept:
+                seq.num_tokens += 1
+                reason = "stop" if new in seq.stop_token_ids else "length" if seq.num_tokens >= seq.max_tokens \
+                    else None
+                outcomes.append(TokenOutcome(item.seq_id, new, reason))
+                if reason is not None:
+                    break
         return outcomes

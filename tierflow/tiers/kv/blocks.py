@@ -179,6 +179,17 @@ class KVBlockTables:
             t.first += 1
         return tuple(released)
 
+    def release_from(self, seq_id: int, layer: int, index: int) -> tuple[BlockRef, ...]:
+        """Give every held block of ``layer`` from block ``index`` on back to its pool (KV rolled
+        back: speculative tokens rejected); the next block committed gets index ``index``."""
+        t = self._layer(seq_id, layer)
+        released = []
+        while t is not None and t.refs and t.first + len(t.refs) > index:
+            ref = t.refs.pop()
+            self.pools[ref.tier].release(ref.slot)
+            released.append(ref)
+        return tuple(released)
+
     def move(self, seq_id: int, layer: int, index: int, tier: str) -> tuple[BlockRef, BlockRef]:
         """Point block ``index`` of a table at a new slot in ``tier``; returns (old, new). The old
         slot stays allocated until ``release(old)``: copy the data first, then release."""

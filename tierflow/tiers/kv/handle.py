@@ -7,7 +7,7 @@ attention-facing part — ``append``, ``blocks`` (one shape for both stores: ``K
 what the sweep runner and the engine use: the sequence id, its token count, the plan of
 off-device blocks for the kv_load stage (``off_device``), whole-block reads for the prefix cache
 (``read``, from ``held_from``: a paged sliding-window layer keeps only a ring of blocks),
-``trim_rings`` and ``free``.
+``trim_rings``, ``truncate`` (rolling back rejected speculative tokens) and ``free``.
 
 ``BlockIO`` is what a paged store's handles use to move blocks: during a sweep the kv stages
 (``stages/kv.py``: prefetched loads, spills after the layer's compute, off the compute thread);
@@ -86,6 +86,11 @@ class KVHandle(AttentionKV, Protocol):
 
     def trim_rings(self, first_query: int) -> None:
         """Between sweeps: release what each layer's next append, from ``first_query``, would."""
+        ...
+
+    def truncate(self, num_tokens: int) -> None:
+        """Between sweeps: forget the KV of every token from ``num_tokens`` on (speculative
+        tokens the model rejected), giving back what held only them."""
         ...
 
     def free(self) -> None: ...

@@ -307,6 +307,32 @@ class PagedSequenceKV:
         for layer in range(self.num_layers):
             self._release_ring(layer, min(first_query, self._lengths[layer]))
 
+    def truncate(self, num_tokens: int) -> None:
+        """Between sweeps: forget every token from ``num_tokens`` on in every layer (speculative
+        tokens the model rejected). Committed blocks wholly past it go back to their pools; the
+        block it falls inside becomes the tail again, its kept tokens copied back from whichever
+        tier holds it (a disk block is read back: its write landed with the sweep), and its slot
+        is freed, so no pool holds a rejected token. A ring's released blocks all lie before the
+        sweep's first query, so rolling back never needs one."""
+        bt, store, tables = self.store.block_tokens, self.store, self.store.tables
+        for layer in range(self.num_layers):
+            if num_tokens >= self._lengths[layer]:
+                continue
+            keep, fill = divmod(num_tokens, bt)
+            if keep < tables.first_held(self.seq_id, layer):
+                raise ValueError(f"layer {layer} of sequence {self.seq_id}: its ring released the blocks before "
+                                 f"token {tables.first_held(self.seq_id, layer) * bt}; it cannot roll back to "
+                                 f"{num_tokens} tokens")
+            if fill and keep < tables.committed(self.seq_id, layer):
+                ref = tables.ref(self.seq_id, layer, keep)
+                block = store.pool_block(ref) if ref.tier == "device" else store.read_block(ref)
+                if self._tails[layer] is None:
+                    self._tails[layer] = torch.empty(store.block_shape, dtype=store.dtype, device=store.device)
+                self._tails[layer][:, :, :fill] = block[:, :, :fill]
+            tables.release_from(self.seq_id, layer, keep)
+            self._fresh[layer] = {i: b for i, b in self._fresh[layer].items() if i < keep}
+            self._lengths[layer] = num_tokens
+
     def held_from(self, layer: int) -> int:
         """The first token position of ``layer`` whose KV is still held (0 unless its ring moved on)."""
         return self.store.tables.first_held(self.seq_id, layer) * self.store.block_tokens

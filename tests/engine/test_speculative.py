@@ -1,0 +1,434 @@
+"""Speculative decoding (ngram prompt lookup): the proposer, the acceptance rule (greedy exact;
+sampling distributed as the model's own, by a chi-square test with a negative control), the
+batcher's chunks of proposals, KV rollback in the paged store against its invariants (random
+operations), and whole engines: greedy speculative tokens identical to plain decoding and to
+transformers for several families, resident and streamed, KV on device, host and disk, eight
+concurrent requests, seeded sampling reproducible, a cancellation mid-sweep leaving the pools
+at baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import tempfile
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tierflow import ConfigError, Engine, EngineConfig, SamplingParams, SpeculativeConfig
+from tierflow.engine.sampling import probabilities
+from tierflow.engine.speculative import NgramProposer, verify
+from tierflow.pipeline.batcher import Batcher
+from tierflow.testing import build_random_checkpoint, layer_copy, oracle_greedy
+from tierflow.tiers.checkpoint.index import CheckpointIndex
+from tierflow.tiers.kv.layout import KVLayout
+from tierflow.tiers.kv.paged import KVStore
+
+HARDWARE = {"version": 1, "hardware": {"device": "cpu", "device_memory_bytes": 2**34, "host_memory_bytes": 2**34,
+                                       "disk_read_gbps": 3.0, "decode_gbps": 20.0, "prefill_tflops": 0.1}}
+PROMPT = [5, 9, 17, 33, 2, 8] * 3 + [40, 41]      # repetitive, so prompt lookup proposes from the start
+NEW_TOKENS = 40
+SPEC = SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1)
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=False)
+FAMILIES = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "gemma2-window": ("gemma2", dict(GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+# ----------------------------------------------------------------------------- config, proposer, rule
+def test_config_is_validated_and_taken_as_a_dict():
+    assert EngineConfig(speculative={"num_speculative_tokens": 3}).speculative == SpeculativeConfig(
+        num_speculative_tokens=3)
+    for bad, field in ((dict(method="tree"), "method"), (dict(method="draft"), "model"),
+                       (dict(model="some/dir"), "model"), (dict(num_speculative_tokens=0), "num_speculative_tokens"),
+                       (dict(prompt_lookup_min=0), "prompt_lookup_min"),
+                       (dict(prompt_lookup_min=5, prompt_lookup_max=4), "prompt_lookup_min")):
+        with pytest.raises(ConfigError, match=f"SpeculativeConfig.{field}"):
+            SpeculativeConfig(**bad)
+    with pytest.raises(ConfigError, match="EngineConfig.speculative"):
+        EngineConfig(speculative=4)
+    with pytest.raises(ConfigError, match="did you mean 'num_speculative_tokens'"):
+        EngineConfig(speculative={"num_speculative_token": 3})
+
+
+def test_ngram_proposes_the_continuation_of_the_longest_most_recent_match():
+    propose = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3)).propose
+    assert propose([1, 2, 3, 4, 1, 2], 10) == (3, 4, 1)          # the 2-gram [1, 2] at 0
+    assert propose([1, 2, 9, 5, 2, 7, 1, 2], 10) == (9, 5, 2)    # [1, 2] beats the more recent 1-gram [2]
+    assert propose([1, 5, 1, 6, 1], 10) == (6, 1, 6)             # the most recent [1]; the loop continues itself
+    assert propose([1, 5, 1, 6, 1], 1) == (6,)                   # no more than the request may still take
+    assert propose([1, 5, 1, 6, 1], 0) == ()
+    assert propose([1, 2, 3, 4], 10) == ()                       # nothing recurs: plain decoding
+    assert NgramProposer(SpeculativeConfig(prompt_lookup_min=2, prompt_lookup_max=3)).propose([1, 5, 1], 10) == ()
+
+
+def test_greedy_verification_keeps_the_proposals_the_argmax_agrees_with():
+    logits = torch.full((4, 8), -1.0)
+    for row, best in enumerate((3, 5, 7, 2)):
+        logits[row, best] = 1.0
+    greedy = SamplingParams()
+    assert verify(logits, (3, 5, 6), greedy, None).tokens == (3, 5, 7)      # third rejected: the model's 7
+    assert verify(logits, (3, 5, 7), greedy, None).tokens == (3, 5, 7, 2)   # all accepted, plus the bonus
+    assert verify(logits, (4, 5, 7), greedy, None).accepted == 0
+    with pytest.raises(ValueError, match="need 3 logit rows, got 4"):
+        verify(logits, (3, 5), greedy, None)
+
+
+def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square test of ``counts`` against ``probs`` (cells of probability 0 must be
+    empty, else 0.0): the p-value, from the regularised upper incomplete gamma function."""
+    support = probs > 0
+    if bool(counts[~support].sum() > 0):
+        return 0.0
+    expected = probs[support] * counts.sum()
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    df = int(support.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def _wrong_rule(logits, draft, params, generator):
+    """A plausible mistake: on rejection, draw from p itself (the proposal not removed)."""
+    p = probabilities(logits[0], params)
+    if float(torch.rand((), generator=generator)) < float(p[draft[0]]):
+        return (draft[0],)
+    return (int(torch.multinomial(p, 1, generator=generator)),)
+
+
+SIGNIFICANCE = 1e-3     # a correct rule fails one run in a thousand; the seeds are fixed, so never here
+
+
+@pytest.mark.parametrize("proposal", [1, 4])        # a likely token, and one top_k removes (always rejected)
+def test_sampled_tokens_are_distributed_as_the_model_s_own(proposal):
+    torch.manual_seed(0)
+    logits = torch.tensor([[1.2, 0.9, 0.1, -0.4, -3.0], [0.3, -0.2, 1.5, 0.0, -1.0]])
+    params = SamplingParams(temperature=0.9, top_k=4, seed=0)
+    p0, p1 = probabilities(logits[0], params), probabilities(logits[1], params)
+    assert float(p0[4]) == 0.0 and float(p0[1]) > 0.2
+    generator = torch.Generator().manual_seed(1234)
+    first, second = torch.zeros(5), torch.zeros(5)
+    for _ in range(20000):
+        tokens = verify(logits, (proposal,), params, generator).tokens
+        first[tokens[0]] += 1
+        if len(tokens) == 2:         # the proposal stood: the bonus token is drawn from p1
+            second[tokens[1]] += 1
+    assert _chi_square_p_value(first, p0) > SIGNIFICANCE
+    if proposal == 1:
+        assert second.sum() > 3000
+        assert _chi_square_p_value(second, p1) > SIGNIFICANCE
+    # the test has the power to see a wrong rule on the same samples' scale
+    generator = torch.Generator().manual_seed(1234)
+    wrong = torch.zeros(5)
+    for _ in range(20000):
+        wrong[_wrong_rule(logits, (proposal,), params, generator)[0]] += 1
+    assert proposal == 4 or _chi_square_p_value(wrong, p0) < SIGNIFICANCE
+
+
+# ----------------------------------------------------------------------------- the batcher
+def test_the_batcher_schedules_proposals_as_a_chunk_and_counts_only_accepted_kv():
+    layout = KVLayout.full(2, 4)
+    b = Batcher(max_num_seqs=4, max_sweep_tokens=8, kv=layout, kv_capacity_blocks=100)
+    b.add(0, 3, 20, stop_token_ids=frozenset({99}))
+    b.add(1, 2, 20)
+    b.add(2, 2, 5)
+    plan = b.schedule()
+    b.postprocess(plan, [7, 8, 9])
+    plan = b.schedule({0: 4, 1: 4, 2: 4})      # 3 decode tokens, then proposals oldest first: 4, then 1 (budget 8)
+    assert [(s.seq_id, s.start, s.num_tokens, s.num_draft, s.sample) for s in plan.seqs] == \
+        [(0, 3, 5, 4, True), (1, 2, 2, 1, True), (2, 2, 1, 0, True)]
+    outcomes = b.postprocess(plan, [(7, 7, 3), (8,), (9,)])
+    assert [(o.seq_id, o.token) for o in outcomes] == [(0, 7), (0, 7), (0, 3), (1, 8), (2, 9)]
+    seq0 = b._running[0]
+    assert (seq0.num_tokens, seq0.num_computed) == (7, 6)        # last token + 2 accepted proposals computed
+    assert seq0.held == layout.blocks(3, 6)
+    plan = b.schedule({0: 3, 2: 4})            # seq 2 may reach 5 tokens, has 4: the bonus alone fits, no proposal
+    assert [(s.seq_id, s.num_draft) for s in plan.seqs] == [(0, 3), (1, 0), (2, 0)]
+    outcomes = b.postprocess(plan, [(5, 99, 6), (1,), (2,)])    # a stop token ends seq 0 before the third
+    assert [(o.token, o.finish_reason) for o in outcomes if o.seq_id == 0] == [(5, None), (99, "stop")]
+    assert [o.finish_reason for o in outcomes if o.seq_id == 2] == ["length"]
+    b.remove(0)
+    b.remove(2)
+    with pytest.raises(ValueError, match="at most 1 tokens"):
+        b.postprocess(b.schedule(), [(1, 2)])
+
+
+# ----------------------------------------------------------------------------- rollback in the paged store
+def _block_values(kv, layer: int) -> list[float]:
+    out: list[float] = []
+    for block in kv.blocks(layer, kv.held_from(layer)):
+        out += block.keys[0, :, 0].tolist()
+    return out
+
+
+operations = st.lists(st.tuples(st.integers(0, 1), st.integers(1, 9), st.integers(0, 9)), min_size=1, max_size=25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=operations, windowed=st.booleans())
+def test_rollback_keeps_the_pools_and_block_tables_consistent(ops, windowed):
+    """Two sequences append chunks and roll back part of each (never before the chunk's start, as
+    the driver does) over device, host and disk pools; after every step each layer holds exactly
+    the blocks of its tokens (a ring: from its window on), every slot in use belongs to exactly one
+    block, and the tokens read back are the kept ones."""
+    bt, layers = 4, 2
+    windows = (None, 6) if windowed else (None, None)
+    with tempfile.TemporaryDirectory() as spill:
+        store = KVStore(num_layers=layers, num_kv_heads=1, head_dim=2, dtype=torch.float32,
+                        device=torch.device("cpu"), block_tokens=bt, device_blocks=2, host_blocks=2,
+                        disk_blocks=64, spill_dir=spill, layout=KVLayout(bt, windows))
+        try:
+            seqs = [store.sequence(i) for i in range(2)]
+            tokens: list[list[float]] = [[], []]
+            starts = [0, 0]         # each sequence's last chunk's first position: what its rings released by
+            for which, n, rejected in ops:
+                kv, known = seqs[which], tokens[which]
+                start = starts[which] = len(known)
+                new = [float(start + i + 100 * which) for i in range(n)]
+                chunk = torch.tensor(new).view(n, 1, 1).expand(n, 1, 2).contiguous()
+                for layer in range(layers):
+                    kv.append(layer, chunk, chunk)
+                keep = start + max(0, n - rejected)
+                kv.truncate(keep)
+                known[:] = (known + new)[:keep]
+                _check(store, seqs, tokens, starts, windows)
+            for kv in seqs:
+                kv.free()
+            assert all(pool.used == 0 for pool in store.statistics().by_tier().values())
+        finally:
+            store.close()
+
+
+def _check(store, seqs, tokens, starts, windows):
+    tables, layout, refs = store.tables, store.layout, []
+    bt = layout.block_tokens
+    for kv, known, start in zip(seqs, tokens, starts):
+        assert kv.num_tokens == len(known)
+        for layer, window in enumerate(windows):
+            first = tables.first_held(kv.seq_id, layer)
+            held = tables.table(kv.seq_id, layer)
+            assert tables.committed(kv.seq_id, layer) == len(known) // bt
+            assert first == layout.first_kept_block(window, start)
+            assert len(held) == layout.layer_blocks(window, start, len(known))     # what the batcher counts
+            refs += held
+            assert _block_values(kv, layer) == known[first * bt:]
+    assert len(set(refs)) == len(refs)
+    used = {tier: pool.used for tier, pool in store.statistics().by_tier().items()}
+    assert sum(used.values()) == len(refs)
+    assert {tier: sum(r.tier == tier for r in refs) for tier in used} == used
+
+
+# ----------------------------------------------------------------------------- whole engines
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """KV blocks of 8 tokens (the plan's are 256), so short requests commit blocks to every tier
+    and verification chunks straddle block boundaries."""
+    from tierflow.tiers.plan import planner, search
+    monkeypatch.setattr(search, "KV_BLOCK_TOKENS", 8)
+    monkeypatch.setattr(planner, "KV_BLOCK_TOKENS", 8)
+    return 8
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speculative")
+    return {name: build_random_checkpoint(root / name, family, seed=i + 1, **kw)
+            for i, (name, (family, kw)) in enumerate(FAMILIES.items())}
+
+
+@pytest.fixture(scope="module")
+def drafts(checkpoints, tmp_path_factory):
+    """Each family's draft: the first two of its three layers (same vocabulary, agrees often,
+    not always)."""
+    root = tmp_path_factory.mktemp("drafts")
+    return {name: layer_copy(path, root / name, num_layers=2) for name, path in checkpoints.items()}
+
+
+def _spec(method: str, drafts, name: str) -> SpeculativeConfig:
+    return SPEC if method == "ngram" else SpeculativeConfig(method="draft", model=drafts[name], num_speculative_tokens=4)
+
+
+def _config(path, placement: str, **extra) -> EngineConfig:
+    base = EngineConfig(device="cpu", dtype="float32", kv_reserve_tokens=512, prefill_chunk_tokens=64,
+                        max_num_seqs=8, profile=HARDWARE, **extra)
+    if placement == "streamed":     # every decoder layer pinned to disk
+        layers = CheckpointIndex.open(path).spec.num_layers
+        return dataclasses.replace(base, profile={**HARDWARE, "overrides": {"tiers": {f"layers.0-{layers - 1}": "disk"}}})
+    return base
+
+
+async def _generate(path, config, work):
+    async with await Engine.open(path, config) as engine:
+        outs = await asyncio.gather(*(engine.generate(p, s) for p, s in work))
+        return [list(o.token_ids) for o in outs], engine.stats(), engine.pipeline_statistics(), engine.plan
+
+
+def _greedy(new_tokens: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("placement", ["resident", "streamed"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_greedy_speculative_tokens_are_plain_decoding_s(checkpoints, drafts, name, placement, method):
+    path = checkpoints[name]
+    work = [(PROMPT, _greedy())]
+    plain, plain_stats, _, _ = asyncio.run(_generate(path, _config(path, placement), work))
+    spec, stats, _, plan = asyncio.run(_generate(path, _config(path, placement, speculative=_spec(method, drafts, name)),
+                                                 work))
+    assert spec == plain == [oracle_greedy(path, PROMPT, NEW_TOKENS)]
+    assert (placement == "streamed") == (set(plan.tiers[1:-1]) == {"disk"})
+    s = stats.speculative
+    assert s.method == method and s.accepted_tokens > 0 and s.proposed_tokens > s.accepted_tokens   # both kinds
+    assert s.emitted_tokens == s.accepted_tokens + s.steps          # each step: its accepted ones plus one
+    assert stats.tokens_generated == NEW_TOKENS
+    assert stats.sweeps < plain_stats.sweeps                        # the point of it
+    assert plain_stats.speculative is None
+
+
+TIERS = {"device": dict(kv_device_bytes=2**20),
+         "host": dict(kv_device_bytes=0, kv_host_bytes=2**20),
+         "disk": dict(kv_device_bytes=0, kv_host_bytes=0),
+         "device, host and disk": None}        # a third of the KV on each: sized below from the plan
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("tiers", list(TIERS))
+@pytest.mark.parametrize("name", ["llama", "gemma2-window"])
+def test_rollback_over_kv_tiers_keeps_greedy_tokens_exact(checkpoints, drafts, tmp_path, monkeypatch, small_blocks,
+                                                          name, tiers, method):
+    path = checkpoints[name]
+    index = CheckpointIndex.open(path)
+    per_token = 2 * index.spec.num_layers * index.spec.num_kv_heads * index.spec.head_dim * 4
+    budget = TIERS[tiers] or dict(kv_device_bytes=per_token * 20, kv_host_bytes=per_token * 20)
+    reads_back = []
+    original = KVStore.read_block
+
+    def read_block(store, ref):         # between sweeps only truncation reads a block (no prefix cache here)
+        reads_back.append(ref.tier)
+        return original(store, ref)
+
+    monkeypatch.setattr(KVStore, "read_block", read_block)
+    work = [(PROMPT, _greedy()), (PROMPT[::-1], _greedy(24))]
+    config = _config(path, "streamed", kv_cache_dir=tmp_path / "kv", speculative=_spec(method, drafts, name), **budget)
+    spec, stats, pipeline, plan = asyncio.run(_generate(path, config, work))
+    assert plan.kv_block_tokens == small_blocks
+    assert spec == [oracle_greedy(path, p, s.max_new_tokens) for p, s in work]
+    assert stats.speculative.proposed_tokens > stats.speculative.accepted_tokens > 0
+    assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
+    if tiers == "disk":      # a block written to disk with rejected tokens in it was read back into the tail
+        assert "disk" in reads_back
+
+
+def _mixed_work() -> list[tuple[list[int], SamplingParams]]:
+    """Eight requests: repetitive and unrepetitive prompts, greedy and seeded sampling."""
+    rng = random.Random(5)
+    work = []
+    for i in range(8):
+        prompt = PROMPT[i:] if i % 2 == 0 else rng.sample(range(1, 500), rng.randint(3, 30))
+        params = _greedy(rng.randint(8, 32)) if i % 4 != 3 else \
+            SamplingParams(max_new_tokens=24, temperature=0.8, top_k=40, seed=i, ignore_eos=True)
+        work.append((prompt, params))
+    return work
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_eight_concurrent_requests_speculating_or_not_get_their_own_tokens(checkpoints, drafts, tmp_path, small_blocks,
+                                                                           method):
+    path = checkpoints["llama"]
+    work = _mixed_work()
+    config = _config(path, "streamed", speculative=_spec(method, drafts, "llama"), kv_cache_dir=tmp_path,
+                     kv_device_bytes=2**14,
+                     kv_host_bytes=2**14)
+    together, stats, pipeline, _ = asyncio.run(_generate(path, config, work))
+    alone = [asyncio.run(_generate(path, config, [w]))[0][0] for w in work]
+    assert together == alone                         # seeded ones reproducible, whatever shares their sweeps
+    for (prompt, params), tokens in zip(work, together):
+        if params.greedy:
+            assert tokens == oracle_greedy(path, prompt, params.max_new_tokens)
+    assert stats.speculative.accepted_tokens > 0
+    assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
+    plain, _, _, _ = asyncio.run(_generate(path, dataclasses.replace(config, speculative=None), work))
+    sampled = [i for i, (_, params) in enumerate(work) if not params.greedy]
+    assert all(together[i] == plain[i] for i in range(8) if i not in sampled)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_a_request_cancelled_mid_sweep_leaves_the_pools_at_baseline(checkpoints, drafts, tmp_path, monkeypatch,
+                                                                    small_blocks, method):
+    path = checkpoints["llama"]
+    config = _config(path, "streamed", speculative=_spec(method, drafts, "llama"), kv_cache_dir=tmp_path,
+                     kv_device_bytes=2**14)
+
+    async def main():
+        async with await Engine.open(path, config) as engine:
+            baseline = engine.pipeline_statistics()
+            runner, cancelled = engine._runtime.runner, []
+            task = asyncio.create_task(engine.generate(PROMPT, _greedy()))
+            real = runner.run
+
+            async def run(batch):
+                if len(batch.logit_rows) > 1 and not cancelled:     # a sweep verifying a proposal
+                    cancelled.append(True)
+                    task.cancel()
+                return await real(batch)
+
+            monkeypatch.setattr(runner, "run", run)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            after_cancel = await engine.generate([1, 2, 3], _greedy(2))      # another sweep boundary
+            return baseline, engine.pipeline_statistics(), cancelled, list(after_cancel.token_ids)
+
+    baseline, after, cancelled, tokens = asyncio.run(main())
+    assert cancelled and tokens == oracle_greedy(path, [1, 2, 3], 2)
+    assert after.requests == 0 and after.batcher.kv_held_blocks == 0
+    assert {t: p.used for t, p in after.kv_blocks.by_tier().items()} == \
+        {t: p.used for t, p in baseline.kv_blocks.by_tier().items()} == {"device": 0, "host": 0, "disk": 0}
+
+
+def test_a_seeded_speculating_request_is_reproducible_and_logprobs_follow_each_token(checkpoints):
+    path = checkpoints["qwen2"]
+    params = SamplingParams(max_new_tokens=32, temperature=0.7, seed=11, ignore_eos=True, logprobs=2)
+
+    async def main():
+        async with await Engine.open(path, _config(path, "resident", speculative=SPEC)) as engine:
+            return [await engine.generate(PROMPT, params) for _ in range(2)], engine.stats()
+
+    (first, second), stats = asyncio.run(main())
+    assert first.token_ids == second.token_ids and len(first.token_ids) == 32
+    assert [lp.token_id for lp in first.logprobs] == list(first.token_ids)
+    assert stats.speculative.steps > 0
+    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=0)
+
+    async def logprobs(spec):
+        async with await Engine.open(path, _config(path, "resident", speculative=spec)) as engine:
+            return (await engine.generate(PROMPT, greedy)).logprobs
+
+    plain, spec = asyncio.run(logprobs(None)), asyncio.run(logprobs(SPEC))
+    assert [lp.token_id for lp in spec] == [lp.token_id for lp in plain]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(spec, plain)) < 1e-4
+
+
+def test_a_draft_with_another_vocabulary_or_none_is_refused_at_open(checkpoints, tmp_path):
+    path = checkpoints["llama"]
+    other = build_random_checkpoint(tmp_path / "other", "llama", vocab_size=256, num_layers=1)
+    config = _config(path, "resident", speculative=SpeculativeConfig(method="draft", model=other))
+    with pytest.raises(ConfigError, match="vocabulary of 256 tokens, the target 512"):
+        asyncio.run(Engine.open(path, config))
+    missing = _config(path, "resident", speculative=SpeculativeConfig(method="draft", model=tmp_path / "none"))
+    with pytest.raises(ConfigError, match="draft model"):
+        asyncio.run(Engine.open(path, missing))
+
+
+def test_a_hybrid_linear_attention_model_refuses_speculation_with_a_config_error(tmp_path):
+    path = build_random_checkpoint(tmp_path / "next", "qwen3_next", intermediate_size=64, head_dim=32, num_layers=2,
+                                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                   linear_value_head_dim=16, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                   num_experts=4, num_experts_per_tok=2,
+                                   layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(ConfigError, match="linear-attention layers"):
+        asyncio.run(Engine.open(path, _config(path, "resident", speculative=SPEC)))
