@@ -84,13 +84,15 @@ class SpeculativeConfig:
         request at once; it keeps each request's draft KV between steps.
     model: the draft model (a local directory or GGUF file; "draft" only). Its vocabulary and
         special tokens must equal the target's (checked at open).
-    num_speculative_tokens: the most tokens proposed per step (an int >= 1).
+    num_speculative_tokens: the most tokens proposed per step (an int >= 1), or "auto": before
+        each step the cost model picks it (``tiers/plan/speculation.py``) from the sweep's fixed
+        and per-token costs and the acceptance rate measured so far in the run.
     prompt_lookup_max / prompt_lookup_min: the longest and shortest n-gram looked up (ints >= 1,
         min <= max; "ngram" only).
     """
 
     method: str = "ngram"
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int | str = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     model: str | os.PathLike[str] | None = None
@@ -106,7 +108,12 @@ class SpeculativeConfig:
                               f"{self.method!r}); drop it, or set method='draft'")
         if self.model is not None:
             _check_path("speculative.model", self.model)
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        if self.num_speculative_tokens != "auto":
+            if isinstance(self.num_speculative_tokens, str):
+                raise ConfigError(f"SpeculativeConfig.num_speculative_tokens must be an int >= 1 or 'auto', "
+                                  f"got {_show(self.num_speculative_tokens)}")
+            _check_positive("SpeculativeConfig", "num_speculative_tokens", self.num_speculative_tokens)
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
             _check_positive("SpeculativeConfig", name, getattr(self, name))
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(f"SpeculativeConfig.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "

@@ -288,3 +288,18 @@ def test_report_of_plan_vs_actual(tiny_model):
     for stage in ("disk reads", "compute", "sweep (wall)", "largest stage"):
         assert stage in text, stage
     assert "PCIe" not in text                       # a CPU engine copies nothing over PCIe
+
+
+def test_plan_predicts_speculative_decoding_at_a_stated_acceptance(capsys, llama_8b, rtx_profile):
+    """An 8B model streamed over a 3060 Ti's PCIe and disk: a sweep is read-bound, so extra
+    verified tokens are nearly free and the predicted speed-up approaches the tokens per sweep."""
+    status, out, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 0.8, "--json")
+    assert status == 0, err
+    s = json.loads(out)["speculation"]
+    assert s["acceptance"] == 0.8 and s["num_speculative_tokens"] >= 4 and s["bottleneck"] in ("disk", "pcie")
+    assert s["tokens_per_sweep"] == pytest.approx((1 - 0.8 ** (s["num_speculative_tokens"] + 1)) / 0.2)
+    assert 0.8 * s["tokens_per_sweep"] < s["speedup"] <= s["tokens_per_sweep"]
+    status, out, _ = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 0.8)
+    assert status == 0 and "speculative decoding at acceptance 0.80" in out and "x the tokens/s" in out
+    status, _, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 1.5)
+    assert status == 2 and "--acceptance must be a rate within 0..1" in err

@@ -1,8 +1,9 @@
-"""Speculative decoding (ngram prompt lookup): the proposer, the acceptance rule (greedy exact;
-sampling distributed as the model's own, by a chi-square test with a negative control), the
-batcher's chunks of proposals, KV rollback in the paged store against its invariants (random
-operations), and whole engines: greedy speculative tokens identical to plain decoding and to
-transformers for several families, resident and streamed, KV on device, host and disk, eight
+"""Speculative decoding (ngram prompt lookup and a draft model): the proposers, the acceptance
+rule (greedy exact; sampling distributed as the model's own, by a chi-square test with a
+negative control), the batcher's chunks of proposals, KV rollback in the paged store against
+its invariants (random operations), the cost model's choice of length, and whole engines:
+greedy speculative tokens identical to plain decoding and to transformers for every supported
+family (Qwen3-Next refuses), resident and streamed, KV on device, host and disk, eight
 concurrent requests, seeded sampling reproducible, a cancellation mid-sweep leaving the pools
 at baseline."""
 
@@ -25,6 +26,7 @@ from tierflow.testing import build_random_checkpoint, layer_copy, oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.kv.paged import KVStore
+from tierflow.tiers.plan.speculation import expected_tokens, predict_speculation
 
 HARDWARE = {"version": 1, "hardware": {"device": "cpu", "device_memory_bytes": 2**34, "host_memory_bytes": 2**34,
                                        "disk_read_gbps": 3.0, "decode_gbps": 20.0, "prefill_tflops": 0.1}}
@@ -32,11 +34,24 @@ PROMPT = [5, 9, 17, 33, 2, 8] * 3 + [40, 41]      # repetitive, so prompt lookup
 NEW_TOKENS = 40
 SPEC = SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1)
 GEMMA = dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=False)
-FAMILIES = {
+SLIDING, FULL = "sliding_attention", "full_attention"
+YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": False, "original_max_position_embeddings": 16}
+FAMILIES = {        # every supported family but Qwen3-Next, which refuses speculation (tested below)
     "llama": ("llama", {}),
+    "mistral-window": ("mistral", dict(sliding_window=8)),
     "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=32)),
     "gemma2-window": ("gemma2", dict(GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=5.0)),
+    "gemma3": ("gemma3_text", dict(GEMMA, layer_types=[SLIDING, SLIDING, FULL])),
+    "phi3-window": ("phi3", dict(sliding_window=8)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    shared_expert_intermediate_size=80)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                    norm_topk_prob=True)),
+    "gpt_oss": ("gpt_oss", dict(intermediate_size=64, head_dim=16, sliding_window=8, rope_parameters=YARN,
+                                num_local_experts=8, num_experts_per_tok=2)),
 }
 
 
@@ -242,10 +257,10 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def drafts(checkpoints, tmp_path_factory):
-    """Each family's draft: the first two of its three layers (same vocabulary, agrees often,
-    not always)."""
+    """Each family's draft: its checkpoint with one more layer whose output projections are
+    scaled by 0.3 (same vocabulary; it agrees with the target often, not always)."""
     root = tmp_path_factory.mktemp("drafts")
-    return {name: layer_copy(path, root / name, num_layers=2) for name, path in checkpoints.items()}
+    return {name: layer_copy(path, root / name, extra_layers=1, scale=0.3) for name, path in checkpoints.items()}
 
 
 def _spec(method: str, drafts, name: str) -> SpeculativeConfig:
@@ -264,6 +279,10 @@ def _config(path, placement: str, **extra) -> EngineConfig:
 async def _generate(path, config, work):
     async with await Engine.open(path, config) as engine:
         outs = await asyncio.gather(*(engine.generate(p, s) for p, s in work))
+        for _ in range(200):        # the driver frees a finished request's KV between sweeps
+            if engine.pipeline_statistics().requests == 0:
+                break
+            await asyncio.sleep(0.01)
         return [list(o.token_ids) for o in outs], engine.stats(), engine.pipeline_statistics(), engine.plan
 
 
@@ -432,3 +451,43 @@ def test_a_hybrid_linear_attention_model_refuses_speculation_with_a_config_error
                                    layer_types=["linear_attention", "full_attention"])
     with pytest.raises(ConfigError, match="linear-attention layers"):
         asyncio.run(Engine.open(path, _config(path, "resident", speculative=SPEC)))
+
+
+# ----------------------------------------------------------------------------- planning, "auto"
+def test_expected_tokens_per_sweep():
+    assert expected_tokens(1.0, 4) == 5 and expected_tokens(0.0, 4) == 1
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5) and expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_the_cost_model_proposes_more_where_a_sweep_is_read_bound_than_where_it_is_compute_bound(checkpoints):
+    path = checkpoints["llama"]
+    disk_bound = {**HARDWARE["hardware"], "disk_read_gbps": 0.001, "prefill_tflops": 10.0}
+    compute_bound = {**HARDWARE["hardware"], "disk_read_gbps": 100.0, "prefill_tflops": 1e-6, "decode_gbps": 0.01}
+    predictions = {}
+    for name, hardware in (("disk", disk_bound), ("compute", compute_bound)):
+        config = _config(path, "streamed")
+        config = dataclasses.replace(config, profile={**config.profile, "hardware": hardware})
+
+        async def main():
+            async with await Engine.open(path, config) as engine:
+                return predict_speculation(engine.costs, engine.hardware, engine.plan.tiers, context=64,
+                                           acceptance=0.7)
+        predictions[name] = asyncio.run(main())
+    disk, compute = predictions["disk"], predictions["compute"]
+    assert disk.bottleneck == "disk" and compute.bottleneck == "compute"
+    assert disk.num_speculative_tokens > compute.num_speculative_tokens
+    assert disk.speedup > 0.9 * disk.tokens_per_sweep and compute.speedup < disk.speedup
+    with pytest.raises(ValueError, match="acceptance"):
+        predict_speculation(None, None, (), context=1, acceptance=1.5)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_auto_speculative_tokens_stay_exact_and_follow_the_measured_acceptance(checkpoints, drafts, method):
+    path = checkpoints["llama"]
+    spec = dataclasses.replace(_spec(method, drafts, "llama"), num_speculative_tokens="auto")
+    config = _config(path, "streamed", speculative=spec)
+    tokens, stats, _, _ = asyncio.run(_generate(path, config, [(PROMPT, _greedy())]))
+    assert tokens == [oracle_greedy(path, PROMPT, NEW_TOKENS)]
+    assert stats.speculative.steps > 0 and stats.speculative.accepted_tokens > 0
+    with pytest.raises(ConfigError, match="int >= 1 or 'auto'"):
+        SpeculativeConfig(num_speculative_tokens="many")

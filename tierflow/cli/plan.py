@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -18,11 +18,13 @@ from tierflow.adapters import adapter_for
 from tierflow.engine.loading import resolve_dtype
 from tierflow.errors import CheckpointError, ConfigError
 from tierflow.engine.planning import DTYPE_NAMES, config_spec, engine_workload, index_costs, layer_benchmark
-from tierflow.cli.report import HardwareSource, describe_source, format_bytes, plan_document, render_plan
+from tierflow.cli.report import (HardwareSource, describe_source, format_bytes, format_seconds, plan_document,
+                                 render_plan)
 from tierflow.tiers.plan.advice import improvements
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import ModelCosts, Workload, costs_from_spec
 from tierflow.tiers.plan.planner import plan
+from tierflow.tiers.plan.speculation import predict_speculation
 from tierflow.tiers.probe.probe import default_cache, probe
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, Profile
 from tierflow.tiers.probe.profile import load_profile, save_profile
@@ -60,6 +62,10 @@ def add_plan_commands(sub: Any, parse_size: Callable[[str], int]) -> None:
                         "(default %(default)s)")
     p.add_argument("--fresh", action="store_true",
                    help="measure this machine again instead of using the probe's cache (default: use the cache)")
+    p.add_argument("--acceptance", type=float, metavar="RATE",
+                   help="also predict speculative decoding at this per-token acceptance rate, 0..1: the best "
+                        "number of proposed tokens, tokens per sweep and the speed-up for one sequence "
+                        "(prompt lookup: no draft cost) (default: not shown)")
     p.add_argument("--json", action="store_true", help="print the plan as a JSON document (default: tables)")
     q = sub.add_parser("probe", help="measure this machine (memory, disk, PCIe, compute) and write a profile JSON")
     q.add_argument("--model", metavar="PATH", help="time this model's layer shapes and its directory's disk "
@@ -87,6 +93,9 @@ def _check_values(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be a size above 0, e.g. 8GiB; got {value} bytes")
+    acceptance = getattr(args, "acceptance", None)
+    if acceptance is not None and not 0.0 <= acceptance <= 1.0:
+        raise ConfigError(f"--acceptance must be a rate within 0..1, e.g. 0.7; got {acceptance}")
 
 
 def _existing_dir(flag: str, text: str) -> Path:
@@ -156,10 +165,22 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
                     new_tokens=min(args.new_tokens, args.context - 1))
     result = plan(costs, hw, work, overrides)
     helps = improvements(costs, hw, work, overrides, result)
+    speculation = None
+    if args.acceptance is not None:
+        speculation = predict_speculation(costs, hw, result.tiers, context=args.context, acceptance=args.acceptance)
     if args.json:
-        sys.stdout.write(json.dumps(plan_document(result, hw, costs, source, helps), indent=2) + "\n")
+        document = plan_document(result, hw, costs, source, helps)
+        if speculation is not None:
+            document["speculation"] = {**asdict(speculation), "speedup": speculation.speedup}
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
         render_plan(Console(), result, hw, costs, source, helps)
+        if speculation is not None:
+            s = speculation
+            Console().print(f"speculative decoding at acceptance {s.acceptance:.2f}: {s.num_speculative_tokens} "
+                            f"proposed tokens per sweep, {s.tokens_per_sweep:.2f} tokens per sweep, a sweep "
+                            f"{format_seconds(s.sweep_s)} vs {format_seconds(s.plain_sweep_s)} plain "
+                            f"({s.bottleneck}-bound): {s.speedup:.2f}x the tokens/s of one sequence")
 
 
 async def _probe_command(args: argparse.Namespace, console: Console) -> None:

@@ -32,7 +32,7 @@ from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
 from tierflow.engine.sampling import make_generator, nonfinite_rows, sample, token_logprob
-from tierflow.engine.speculative import DraftProposer, NgramProposer, SpeculationCounter, verify
+from tierflow.engine.speculative import DraftProposer, NgramProposer, SpeculationCounter, SpeculationLength, verify
 from tierflow.errors import ConfigError, KVCapacityError, RequestError, TierCapacityError, TierflowError
 from tierflow.outputs import TokenLogprob
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
@@ -89,6 +89,8 @@ class Driver:
         if speculative is not None:
             self.proposer = DraftProposer(rt.draft, speculative) if rt.draft is not None else NgramProposer(speculative)
         self.speculation = SpeculationCounter(speculative.method) if speculative is not None else None
+        self.speculation_length = SpeculationLength(rt, speculative, self.speculation) \
+            if speculative is not None else None
 
     def capacity_tokens(self) -> int:
         """The most tokens one sequence may reach with the whole KV cache to itself."""
@@ -227,7 +229,7 @@ class Driver:
         for req in self.requests.values():
             if req.output_ids and not req.done and not req.score and req.kv is not None:
                 known = req.prompt_ids + req.output_ids
-                wanted[req.id] = (known, req.most_tokens - len(known) - 1)
+                wanted[req.id] = (known, min(self.speculation_length(len(known)), req.most_tokens - len(known) - 1))
         return await self.proposer.propose_all(wanted)
 
     def _batch(self, plan: SweepPlan, reqs: list[Request], drafts: Mapping[int, tuple[int, ...]]) -> SweepBatch:

@@ -67,12 +67,13 @@ class NgramProposer:
     method = "ngram"
 
     def __init__(self, config: SpeculativeConfig) -> None:
-        self.k = config.num_speculative_tokens
+        self.k = config.num_speculative_tokens if isinstance(config.num_speculative_tokens, int) else None
         self.min_n, self.max_n = config.prompt_lookup_min, config.prompt_lookup_max
 
     def propose(self, tokens: Sequence[int], most: int) -> tuple[int, ...]:
-        """Up to ``min(k, most)`` tokens that may follow ``tokens`` (() when no n-gram recurs)."""
-        limit = min(self.k, most)
+        """Up to ``most`` tokens (and ``num_speculative_tokens``, when an int) that may follow
+        ``tokens`` (() when no n-gram recurs)."""
+        limit = min(self.k, most) if self.k is not None else most
         if limit < 1:
             return ()
         length = len(tokens)
@@ -111,7 +112,7 @@ class DraftProposer:
     method = "draft"
 
     def __init__(self, rt: "Runtime", config: SpeculativeConfig) -> None:
-        self.rt, self.k = rt, config.num_speculative_tokens
+        self.rt = rt
         self.chunk = rt.plan.prefill_chunk_tokens
         self._seqs: dict[int, _DraftSeq] = {}
 
@@ -120,7 +121,7 @@ class DraftProposer:
             self._seqs.pop(req_id).kv.free()
         limits, proposals = {}, {}
         for req_id, (tokens, most) in wanted.items():
-            limit = min(self.k, most)
+            limit = most
             if limit < 1:
                 continue
             seq = self._seqs.get(req_id)
@@ -296,6 +297,38 @@ def verify(logits: torch.Tensor, draft: Sequence[int], params: SamplingParams,
                 return Verdict((*tokens, int(torch.multinomial(rest, 1, generator=generator))), i)
         tokens.append(int(proposed))
     return Verdict((*tokens, sample(logits[len(draft)], params, generator)), len(draft))
+
+
+class SpeculationLength:
+    """How many tokens a step proposes: the configured int, or for "auto" the cost model's best
+    (``tiers/plan/speculation.py``) at the acceptance measured so far in the run (a prior of
+    0.5 worth ``PRIOR_PROPOSALS`` proposals until there are measurements), per context length
+    rounded to a ``CONTEXT_STEP`` (memoised: it changes slowly)."""
+
+    PRIOR, PRIOR_PROPOSALS, CONTEXT_STEP = 0.5, 8, 256
+
+    def __init__(self, rt: "Runtime", config: SpeculativeConfig, counter: "SpeculationCounter") -> None:
+        self.fixed = config.num_speculative_tokens if isinstance(config.num_speculative_tokens, int) else None
+        self.rt, self.counter = rt, counter
+        draft = rt.draft
+        self.draft_s = draft.plan.predicted.decode_s_per_token if draft is not None else 0.0
+        self._memo: dict[tuple[int, int], int] = {}
+
+    def acceptance(self) -> float:
+        c = self.counter
+        return (c.accepted + self.PRIOR * self.PRIOR_PROPOSALS) / (c.proposed + self.PRIOR_PROPOSALS)
+
+    def __call__(self, context: int) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        from tierflow.tiers.plan.speculation import predict_speculation
+        key = (-(-context // self.CONTEXT_STEP), round(self.acceptance() * 20))
+        if key not in self._memo:
+            rt = self.rt
+            self._memo[key] = predict_speculation(rt.costs, rt.hardware, rt.plan.tiers,
+                                                  context=key[0] * self.CONTEXT_STEP, acceptance=key[1] / 20,
+                                                  draft_s_per_token=self.draft_s).num_speculative_tokens
+        return self._memo[key]
 
 
 class SpeculationCounter:
