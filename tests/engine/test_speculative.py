@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 from tierflow import ConfigError, Engine, EngineConfig, SamplingParams, SpeculativeConfig
 from tierflow.engine.sampling import probabilities
-from tierflow.engine.speculative import NgramProposer, verify
+from tierflow.engine.speculative import NgramProposer, Verdict, verify
 from tierflow.pipeline.batcher import Batcher
 from tierflow.testing import build_random_checkpoint, layer_copy, oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex
@@ -170,6 +170,27 @@ def test_the_batcher_schedules_proposals_as_a_chunk_and_counts_only_accepted_kv(
     b.remove(2)
     with pytest.raises(ValueError, match="at most 1 tokens"):
         b.postprocess(b.schedule(), [(1, 2)])
+
+
+def test_proposals_never_preempt_or_delay_another_sequence():
+    b = Batcher(max_num_seqs=4, max_sweep_tokens=8, kv=KVLayout.full(1, 4), kv_capacity_blocks=100)
+    b.add(0, 2, 40)
+    b.add(1, 2, 40)
+    b.postprocess(b.schedule(), [5, 6])
+    b.add(2, 40, 60)                          # a prompt arrives while both decode and propose
+    plan = b.schedule({0: 4, 1: 4})
+    assert [(s.seq_id, s.num_tokens, s.num_draft) for s in plan.seqs] == [(0, 1, 0), (1, 1, 0), (2, 6, 0)]
+    # on-demand blocks of 4 tokens, 4 in all, 2 held by each 8-token sequence (a tail is not a pool
+    # block): no block is free, so a sequence proposes only what fits its tail, and nothing is preempted
+    b = Batcher(max_num_seqs=4, max_sweep_tokens=64, kv=KVLayout.full(1, 4), kv_capacity_blocks=4,
+                watermark_blocks=0)
+    b.add(0, 8, 16)
+    b.add(1, 8, 16)
+    b.postprocess(b.schedule(), [5, 6])
+    plan = b.schedule({0: 8, 1: 8})
+    assert not plan.preempted and b._held() <= 4
+    # each proposes what fits its tail (tokens 8..10; 6 proposals would be allowed by its most)
+    assert [(s.seq_id, s.num_tokens, s.num_draft) for s in plan.seqs] == [(0, 3, 2), (1, 3, 2)]
 
 
 # ----------------------------------------------------------------------------- rollback in the paged store
@@ -372,8 +393,7 @@ def test_eight_concurrent_requests_speculating_or_not_get_their_own_tokens(check
     assert stats.speculative.accepted_tokens > 0
     assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
     plain, _, _, _ = asyncio.run(_generate(path, dataclasses.replace(config, speculative=None), work))
-    sampled = [i for i, (_, params) in enumerate(work) if not params.greedy]
-    assert all(together[i] == plain[i] for i in range(8) if i not in sampled)
+    assert together == plain             # seeded sampling too: one draw per position, as plain decoding
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
@@ -491,3 +511,79 @@ def test_auto_speculative_tokens_stay_exact_and_follow_the_measured_acceptance(c
     assert stats.speculative.steps > 0 and stats.speculative.accepted_tokens > 0
     with pytest.raises(ConfigError, match="int >= 1 or 'auto'"):
         SpeculativeConfig(num_speculative_tokens="many")
+
+
+def _wrong_verify(logits, draft, params, generator):
+    """The rule with the plausible mistake of ``_wrong_rule``: a rejected proposal is drawn again
+    from p itself."""
+    tokens = []
+    for i, proposed in enumerate(draft):
+        p = probabilities(logits[i], params)
+        if float(torch.rand((), generator=generator)) >= float(p[proposed]):
+            return Verdict((*tokens, int(torch.multinomial(p, 1, generator=generator))), i)
+        tokens.append(int(proposed))
+    return Verdict((*tokens, int(torch.multinomial(probabilities(logits[len(draft)], params), 1,
+                                                   generator=generator))), len(draft))
+
+
+@pytest.mark.parametrize("rule", ["exact", "wrong"])
+def test_an_engine_s_sampled_speculative_tokens_have_the_model_s_joint_distribution(tmp_path, monkeypatch, rule):
+    """Thousands of seeded requests on a model with 8 tokens: the first two sampled tokens' joint
+    frequencies against p(t1) p(t2 | t1) from transformers (chi-square, cells expecting fewer
+    than 5 merged). The second token is verified against a proposal whenever the first recurs in
+    the prompt, so the acceptance rule is what decides it; with a wrong rule (the negative
+    control) the same test rejects the distribution."""
+    from tierflow.engine import driver
+    from tierflow.testing import oracle_logits
+    if rule == "wrong":
+        monkeypatch.setattr(driver, "verify", _wrong_verify)
+    path = build_random_checkpoint(tmp_path / "tiny-vocab", "llama", vocab_size=8, initializer_range=0.05, seed=3)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    n = 3000
+    config = dataclasses.replace(_config(path, "resident", speculative=SPEC), max_num_seqs=64,
+                                 prefill_chunk_tokens=1024)      # room for proposals beside the prefills
+    work = [(prompt, SamplingParams(max_new_tokens=4, temperature=1.0, seed=i, ignore_eos=True)) for i in range(n)]
+    tokens, stats, _, _ = asyncio.run(_generate(path, config, work))
+    assert stats.speculative.steps > n // 4 and stats.speculative.accepted_tokens > 0
+    counts = torch.zeros(8, 8)
+    for t in tokens:
+        counts[t[0], t[1]] += 1
+    first = torch.softmax(oracle_logits(path, prompt)[-1], -1)
+    joint = torch.stack([first[a] * torch.softmax(oracle_logits(path, prompt + [a])[-1], -1) for a in range(8)])
+    expected, observed = joint.flatten().double(), counts.flatten().double()
+    small = expected * n < 5
+    cells = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    seen = torch.cat([observed[~small], observed[small].sum().reshape(1)])
+    p_value = _chi_square_p_value(seen, cells)
+    assert p_value > SIGNIFICANCE if rule == "exact" else p_value < SIGNIFICANCE
+
+
+def test_a_failed_rollback_fails_only_its_request_and_the_engine_serves_on(checkpoints, tmp_path, monkeypatch,
+                                                                            small_blocks):
+    from tierflow import RequestError, TransferError
+    from tierflow.tiers.kv.paged import PagedSequenceKV
+    path = checkpoints["llama"]
+    config = _config(path, "streamed", speculative=SPEC, kv_cache_dir=tmp_path, kv_device_bytes=2**14)
+    real, calls = PagedSequenceKV.truncate, []
+
+    def truncate(kv, num_tokens):
+        calls.append(kv.seq_id)
+        if len(calls) == 1:
+            raise TransferError("the spill file's block failed its checksum")
+        return real(kv, num_tokens)
+
+    monkeypatch.setattr(PagedSequenceKV, "truncate", truncate)
+
+    async def main():
+        async with await Engine.open(path, config) as engine:
+            outs = await asyncio.gather(engine.generate(PROMPT, _greedy()), engine.generate(PROMPT[2:], _greedy()),
+                                        return_exceptions=True)
+            after = await engine.generate(PROMPT, _greedy(8))
+            return outs, list(after.token_ids)
+
+    outs, after = asyncio.run(main())
+    failed = [o for o in outs if isinstance(o, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], RequestError) and "checksum" in str(failed[0])
+    served = next(o for o in outs if not isinstance(o, BaseException))
+    assert list(served.token_ids) == oracle_greedy(path, list(served.prompt_token_ids), NEW_TOKENS)
+    assert after == oracle_greedy(path, PROMPT, 8)

@@ -227,9 +227,10 @@ class Driver:
             return {}
         wanted = {}
         for req in self.requests.values():
-            if req.output_ids and not req.done and not req.score and req.kv is not None:
+            if req.output_ids and not req.done and not req.score and self.batcher.is_decoding(req.id):
                 known = req.prompt_ids + req.output_ids
-                wanted[req.id] = (known, min(self.speculation_length(len(known)), req.most_tokens - len(known) - 1))
+                wanted[req.id] = (known, min(self.speculation_length(len(known)), req.most_tokens - len(known) - 1),
+                                  req.most_tokens)
         return await self.proposer.propose_all(wanted)
 
     def _batch(self, plan: SweepPlan, reqs: list[Request], drafts: Mapping[int, tuple[int, ...]]) -> SweepBatch:
@@ -315,8 +316,13 @@ class Driver:
                 self.speculation.add(item.num_draft, accepted, emitted[req.id])
             if req.error is None:
                 known = item.start + item.num_tokens - item.num_draft
-                cuts.append((req.kv, known + min(accepted, emitted[req.id])))
-        await self.rt.worker.run(self._on_device, _truncate, cuts)
+                cuts.append((req, known + min(accepted, emitted[req.id])))
+        failed = await self.rt.worker.run(self._on_device, _truncate, [(req.kv, n) for req, n in cuts])
+        for index, exc in failed.items():       # its KV is not what its tokens say: that request fails
+            req = cuts[index][0]
+            log.warning("request %d: rolling back its rejected tokens' KV failed: %s", req.id, exc)
+            self.finish(req, error=exc if isinstance(exc, RequestError) else
+                        RequestError(f"rolling back the KV of rejected speculative tokens failed: {exc}"))
 
     def _append(self, req: Request, outcome: TokenOutcome, logprob: TokenLogprob | None) -> None:
         if not req.output_ids:
@@ -408,10 +414,16 @@ class Driver:
             log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)
 
 
-def _truncate(cuts: list[tuple[KVHandle, int]]) -> None:
+def _truncate(cuts: list[tuple[KVHandle, int]]) -> dict[int, Exception]:
+    """Cut each handle back; what failed, by index (the others are cut all the same)."""
+    failed = {}
     with torch.inference_mode():        # the tails it writes were made by the sweeps, in inference mode
-        for kv, num_tokens in cuts:
-            kv.truncate(num_tokens)
+        for index, (kv, num_tokens) in enumerate(cuts):
+            try:
+                kv.truncate(num_tokens)
+            except Exception as exc:
+                failed[index] = exc
+    return failed
 
 
 def _nonfinite_error(req: Request, position: int, found: str) -> RequestError:

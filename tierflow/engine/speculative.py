@@ -3,20 +3,25 @@ would have produced itself.
 
 With layers streamed from disk a sweep costs about one read of the weights whatever number of
 tokens it carries, so a request that verifies k proposed tokens in the sweep that computes its
-last token gets up to k + 1 tokens for the price of one. The driver asks ``NgramProposer`` for a
-proposal before each sweep, the batcher schedules the request's last token and the proposal as
+last token gets up to k + 1 tokens for the price of one. The driver asks the proposer
+(``NgramProposer`` or ``DraftProposer``) for proposals of at most ``SpeculationLength`` tokens
+before each sweep, the batcher schedules the request's last token and the proposal as
 one chunk (``ScheduledSeq.num_draft``), the sweep returns the logits of every row of it, and
 ``verify`` decides which proposals stand:
 
 - greedy: proposal i is kept while it equals the argmax at its position; the first position
   that disagrees gives the model's own token there (or, all kept, the position after the last
   proposal gives a bonus token). The tokens are exactly those of plain greedy decoding.
-- sampling: the standard speculative-sampling rule (Leviathan et al., Chen et al.), with the
-  proposal distribution q one-hot (the proposer is deterministic): proposal x is accepted with
-  probability min(1, p(x) / q(x)) = p(x), p the request's own distribution (temperature, top-k,
-  top-p: ``sampling.probabilities``); on rejection the token is drawn from max(0, p - q)
-  renormalised, i.e. p with x removed. Each emitted token is then distributed as p exactly. The
-  draws come from the request's own generator, so a seeded request is reproducible.
+- sampling: the standard speculative-sampling rule (Leviathan et al., Chen et al.) with the
+  proposal distribution q one-hot (both proposers are deterministic): proposal x is accepted
+  with probability min(1, p(x) / q(x)) = p(x), p the request's own distribution (temperature,
+  top-k, top-p: ``sampling.probabilities``), and on rejection the token is drawn from
+  max(0, p - q) renormalised, i.e. p with x removed. ``verify`` realises it by the coupling
+  that draws the position's token exactly as plain decoding does (``sampling.sample``, one
+  draw from the request's generator) and accepts x when that token is x: P(x) = p(x), and a
+  rejection's token is p conditioned on not being x. So each position consumes one draw, as in
+  plain decoding, and a seeded request gives the same tokens with or without speculation,
+  whatever the batch and whatever was proposed (up to the rounding of a chunk's logits).
 
 The KV of rejected proposals is rolled back by the driver (``KVHandle.truncate``) before
 anything else sees it, so the prefix cache never holds a rejected token.
@@ -27,6 +32,13 @@ recent earlier occurrence, and the tokens that followed it there are the proposa
 runs into the end continues with the proposal itself: a loop proposes its own next turn). It costs a
 scan of the request's tokens on the host per step and no model. No occurrence: no proposal, and
 the request decodes one token that sweep.
+
+``DraftProposer`` runs a small model with the target's vocabulary (``open_draft`` builds its
+resident runtime and checks the vocabulary and special tokens) greedily, one draft sweep per
+proposed token for all speculating requests, keeping each request's draft KV between steps
+(cut back to what the target kept). A draft that fails costs that step its proposals, never a
+request. ``SpeculationLength`` is the configured length, or for "auto" the cost model's best at
+the acceptance measured so far (``tiers/plan/speculation.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 
 from tierflow.config import SamplingParams, SpeculativeConfig
-from tierflow.engine.sampling import probabilities, sample
+from tierflow.engine.sampling import sample
 from tierflow.errors import ConfigError
 from tierflow.outputs import SpeculativeStats
 from tierflow.stages.compute import SweepBatch
@@ -87,11 +99,11 @@ class NgramProposer:
         return ()
 
 
-    async def propose_all(self, wanted: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, tuple[int, ...]]:
-        """Request id → (its tokens so far, the most it may propose) in; proposals out (none
-        for a request whose n-gram does not recur)."""
+    async def propose_all(self, wanted: Mapping[int, tuple[Sequence[int], int, int]]) -> dict[int, tuple[int, ...]]:
+        """Request id → (its tokens so far, the most it may propose, the most tokens it may
+        reach) in; proposals out (none for a request whose n-gram does not recur)."""
         drafts = {}
-        for req_id, (tokens, most) in wanted.items():
+        for req_id, (tokens, most, _) in wanted.items():
             if draft := self.propose(tokens, most):
                 drafts[req_id] = draft
         return drafts
@@ -114,19 +126,22 @@ class DraftProposer:
     def __init__(self, rt: "Runtime", config: SpeculativeConfig) -> None:
         self.rt = rt
         self.chunk = rt.plan.prefill_chunk_tokens
+        self.context = rt.spec.max_position_embeddings    # the draft's context window
         self._seqs: dict[int, _DraftSeq] = {}
 
-    async def propose_all(self, wanted: Mapping[int, tuple[Sequence[int], int]]) -> dict[int, tuple[int, ...]]:
-        for req_id in [i for i in self._seqs if i not in wanted]:    # finished: its draft KV goes
+    async def propose_all(self, wanted: Mapping[int, tuple[Sequence[int], int, int]]) -> dict[int, tuple[int, ...]]:
+        """As ``NgramProposer.propose_all``. A request that is not decoding now (finished,
+        cancelled, preempted) loses its draft KV; one past the draft's context window gets none."""
+        for req_id in [i for i in self._seqs if i not in wanted]:
             self._seqs.pop(req_id).kv.free()
         limits, proposals = {}, {}
-        for req_id, (tokens, most) in wanted.items():
-            limit = most
+        for req_id, (tokens, most, most_tokens) in wanted.items():
+            limit = min(most, self.context - len(tokens))
             if limit < 1:
                 continue
             seq = self._seqs.get(req_id)
             if seq is None:
-                seq = self._seqs[req_id] = _DraftSeq(self._new_kv(len(tokens) + most + 1), [])
+                seq = self._seqs[req_id] = _DraftSeq(self._new_kv(min(most_tokens, self.context)), [])
             common = _common_prefix(seq.fed, tokens, len(tokens) - 1)   # the last token is fed again: its logits
             seq.kv.truncate(common)
             del seq.fed[common:]
@@ -285,16 +300,9 @@ def verify(logits: torch.Tensor, draft: Sequence[int], params: SamplingParams,
         raise ValueError(f"{len(draft)} proposed tokens need {len(draft) + 1} logit rows, got {logits.shape[0]}")
     tokens: list[int] = []
     for i, proposed in enumerate(draft):
-        if params.greedy:
-            choice = int(torch.argmax(logits[i]))
-            if choice != proposed:
-                return Verdict((*tokens, choice), i)
-        else:
-            p = probabilities(logits[i], params)
-            if float(torch.rand((), generator=generator)) >= float(p[proposed]):
-                rest = p.clone()
-                rest[proposed] = 0.0
-                return Verdict((*tokens, int(torch.multinomial(rest, 1, generator=generator))), i)
+        choice = sample(logits[i], params, generator)     # what plain decoding would emit here
+        if choice != proposed:
+            return Verdict((*tokens, choice), i)
         tokens.append(int(proposed))
     return Verdict((*tokens, sample(logits[len(draft)], params, generator)), len(draft))
 

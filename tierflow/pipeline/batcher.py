@@ -31,8 +31,9 @@ Either way a sequence that could never fit the whole cache alone is refused by `
 
 Speculative decoding: ``schedule(drafts=...)`` takes, per decoding sequence, how many proposed
 tokens the caller has for it; such a sequence's last known token and up to that many proposals
-(within the sweep's budget, the KV that fits, and one short of its most tokens, so the bonus
-token stays within it) are scheduled as one chunk (``ScheduledSeq.num_draft``), its KV counted
+(out of what every other decode token and prefill chunk left of the sweep's budget and the free
+blocks — a proposal never preempts or delays anything — and one short of its most tokens, so the
+bonus token stays within it) are scheduled as one chunk (``ScheduledSeq.num_draft``), its KV counted
 like a prefill chunk's. ``postprocess`` then takes the tokens verification kept (the accepted
 proposals and the model's own token), ends the sequence at the first stop or at its most, and
 counts as computed the KV of the last known token and the accepted proposals only: the caller
@@ -233,11 +234,13 @@ class Batcher:
                 break
             work[seq.seq_id] = min(seq.num_tokens - seq.num_computed, budget)
             budget -= work[seq.seq_id]
-            if drafts and decoding and seq is decoding[-1]:     # every decode token is in: proposals, oldest first
-                budget = self._add_drafts(decoding, drafts, work, budget)
         preempted: list[int] = []
-        if self.allocation == ON_DEMAND and self.kv_capacity_blocks is not None:
+        fitting = self.allocation == ON_DEMAND and self.kv_capacity_blocks is not None
+        if fitting:
             self._fit_growth(order, work, preempted)
+        if drafts:      # proposals last: out of the budget and the blocks every other token left
+            self._add_drafts([s for s in decoding if s.seq_id in work and s.seq_id in self._running], drafts, work,
+                             self.max_sweep_tokens - sum(work.values()), fitting)
         chosen = [ScheduledSeq(s.seq_id, s.num_computed, work[s.seq_id],
                                s.num_computed + work[s.seq_id] >= s.num_tokens,
                                max(0, s.num_computed + work[s.seq_id] - s.num_tokens))
@@ -248,19 +251,32 @@ class Batcher:
         self._sweeps += bool(chosen)
         return SweepPlan(tuple(chosen), sum(s.num_tokens for s in chosen), tuple(preempted))
 
+    def is_decoding(self, seq_id: int) -> bool:
+        """Running, with its prompt computed: its next sweep computes one known token (and may
+        verify proposals after it)."""
+        seq = self._running.get(seq_id)
+        return seq is not None and seq.num_tokens - seq.num_computed == 1
+
     def _add_drafts(self, decoding: list[_Seq], drafts: Mapping[int, int], work: dict[int, int],
-                    budget: int) -> int:
+                    budget: int, fitting: bool) -> None:
         """Extend decoding sequences' one token by their proposals, oldest first, within
-        ``budget``; a sequence proposes at most one short of its most tokens (the bonus token
-        must fit). Returns the budget left."""
+        ``budget`` and (``fitting``: on-demand blocks) the free blocks, never preempting or
+        shortening anything for a proposal; a sequence proposes at most one short of its most
+        tokens (the bonus token must fit)."""
+        free = self.kv_capacity_blocks - self._held() if fitting and self.kv_capacity_blocks is not None else 0
         for seq in decoding:
             if budget < 1:
                 break
             extra = min(drafts.get(seq.seq_id, 0), seq.max_tokens - seq.num_tokens - 1, budget)
+            if fitting:
+                while extra > 0 and self._step(seq, 1 + extra) - seq.held > free:
+                    extra -= 1
+                grown = self._step(seq, 1 + extra) - seq.held if extra > 0 else 0
+                free -= grown
+                seq.held += grown
             if extra > 0:
                 work[seq.seq_id] += extra
                 budget -= extra
-        return budget
 
     def _step(self, seq: _Seq, n: int) -> int:
         """Blocks ``seq`` holds at most while a sweep computes its next ``n`` tokens (never more
