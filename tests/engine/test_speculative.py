@@ -338,7 +338,7 @@ TIERS = {"device": dict(kv_device_bytes=2**20),
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 @pytest.mark.parametrize("tiers", list(TIERS))
-@pytest.mark.parametrize("name", ["llama", "gemma2-window"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_rollback_over_kv_tiers_keeps_greedy_tokens_exact(checkpoints, drafts, tmp_path, monkeypatch, small_blocks,
                                                           name, tiers, method):
     path = checkpoints[name]
