@@ -42,6 +42,7 @@ from tierflow.tiers.io.pinned import PinnedArena
 from tierflow.tiers.io.cachedir import directory_problem, remove_empty_dirs, writable_problem
 from tierflow.tiers.io.reader import DiskReader
 from tierflow.tiers.io.spill import remove_orphaned_spills
+from tierflow.tiers.kv.contiguous import SequenceKV
 from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.kv.paged import KVStore, block_bytes
 from tierflow.tiers.plan.costmodel import ModelCosts
@@ -106,6 +107,14 @@ class Runtime:
     @property
     def bridge(self) -> EventBridge | None:
         return self.placement.bridge if self.placement is not None else None
+
+    def contiguous_kv(self, most_tokens: int) -> SequenceKV:
+        """A sequence's contiguous KV on the device (no paged store): room for ``most_tokens``,
+        the layers' sliding windows as rings that take the plan's prefill chunk."""
+        spec = self.spec
+        return SequenceKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype=self.dtype, device=self.device,
+                          max_tokens=most_tokens, windows=[spec.window(layer) for layer in range(spec.num_layers)],
+                          max_chunk_tokens=self.plan.prefill_chunk_tokens)
 
     async def aclose(self) -> None:
         await self.stack.aclose()

@@ -38,7 +38,6 @@ from tierflow.outputs import TokenLogprob
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch
 from tierflow.tiers.io.reader import trim_heap
-from tierflow.tiers.kv.contiguous import SequenceKV
 from tierflow.tiers.kv.handle import KVHandle
 from tierflow.tiers.kv.layout import ContiguousLayout, KVLayout
 from tierflow.tiers.plan.costmodel import DEVICE
@@ -128,10 +127,7 @@ class Driver:
         rt = self.rt
         if rt.kv_store is not None:
             return rt.kv_store.sequence(seq_id)
-        spec = rt.spec
-        return SequenceKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype=rt.dtype, device=rt.device,
-                          max_tokens=most, windows=[spec.window(layer) for layer in range(spec.num_layers)],
-                          max_chunk_tokens=rt.plan.prefill_chunk_tokens)
+        return rt.contiguous_kv(most)
 
     def _capacity_settings(self) -> tuple[str, ...]:
         """The EngineConfig fields that make the KV cache larger."""

@@ -44,10 +44,8 @@ the acceptance measured so far (``tiers/plan/speculation.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -58,6 +56,9 @@ from tierflow.errors import ConfigError
 from tierflow.outputs import SpeculativeStats
 from tierflow.stages.compute import SweepBatch
 from tierflow.tiers.kv.contiguous import SequenceKV
+from tierflow.tiers.plan.hardware import Overrides
+from tierflow.tiers.plan.speculation import predict_speculation
+from tierflow.tiers.probe.profile import load_profile
 
 if TYPE_CHECKING:
     from tierflow.engine.build import Runtime
@@ -141,7 +142,7 @@ class DraftProposer:
                 continue
             seq = self._seqs.get(req_id)
             if seq is None:
-                seq = self._seqs[req_id] = _DraftSeq(self._new_kv(min(most_tokens, self.context)), [])
+                seq = self._seqs[req_id] = _DraftSeq(self.rt.contiguous_kv(min(most_tokens, self.context)), [])
             common = _common_prefix(seq.fed, tokens, len(tokens) - 1)   # the last token is fed again: its logits
             seq.kv.truncate(common)
             del seq.fed[common:]
@@ -197,17 +198,6 @@ class DraftProposer:
             raise next(iter(result.failures.values()))
         return result.logits.cpu()
 
-    def _new_kv(self, most: int) -> SequenceKV:
-        rt, spec = self.rt, self.rt.spec
-        return SequenceKV(spec.num_layers, spec.num_kv_heads, spec.head_dim, dtype=rt.dtype, device=rt.device,
-                          max_tokens=most, windows=[spec.window(layer) for layer in range(spec.num_layers)],
-                          max_chunk_tokens=self.chunk)
-
-    def close(self) -> None:
-        for seq in self._seqs.values():
-            seq.kv.free()
-        self._seqs.clear()
-
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], most: int) -> int:
     n = 0
@@ -244,17 +234,12 @@ async def open_draft(target: "Runtime", config: SpeculativeConfig) -> "Runtime":
     return draft
 
 
-def _without_overrides(profile: Any) -> Any:
-    """The hardware part of a profile (a path is read): the target's unit overrides name its units."""
+def _without_overrides(profile: Any) -> dict[str, Any] | None:
+    """The hardware part of the target's profile (the target's open has read it already): its
+    unit overrides name the target's units."""
     if profile is None:
         return None
-    if not isinstance(profile, Mapping):
-        try:
-            profile = json.loads(Path(profile).expanduser().read_text())
-        except (OSError, ValueError):
-            return profile          # let the draft's open report it as the target's did
-    return {key: value for key, value in profile.items() if key != "overrides"} if isinstance(profile, Mapping) \
-        else profile
+    return dataclasses.replace(load_profile(profile), overrides=Overrides()).to_json()
 
 
 def check_same_vocabulary(target: "Runtime", draft: "Runtime", model: Any) -> None:
@@ -329,7 +314,6 @@ class SpeculationLength:
     def __call__(self, context: int) -> int:
         if self.fixed is not None:
             return self.fixed
-        from tierflow.tiers.plan.speculation import predict_speculation
         key = (-(-context // self.CONTEXT_STEP), round(self.acceptance() * 20))
         if key not in self._memo:
             rt = self.rt
