@@ -2,7 +2,7 @@
 every decoder layer streamed from disk, greedy, with the output checked identical.
 
     python bench/speculative.py [--out DIR] [--results JSON] [--sections random,smollm2]
-                                [--new-tokens N] [--k K] [--eps 0.05,0.1,0.2,1.0]
+                                [--new-tokens N] [--k K] [--eps 0.05,0.1,0.2,1.0] [--tree-width W]
 
 One run (both sections by default); in each row plain decoding and speculative decoding run on
 the same model and prompt, one after the other in this process:
@@ -15,8 +15,10 @@ random rows (a >= 1 GB target with a small draft, acceptance set honestly by con
      plus ε-sized contributions, so ε sets how often the draft's greedy token is the target's;
      about 1.1 GB each;
   2. decodes --new-tokens greedy tokens from a 32-token random prompt with every target layer
-     pinned to disk (O_DIRECT reads; embedding and head resident), plainly and with
-     ``SpeculativeConfig(method="draft", num_speculative_tokens=K)``, the draft resident;
+     pinned to disk (O_DIRECT reads; embedding and head resident), plainly, with
+     ``SpeculativeConfig(method="draft", num_speculative_tokens=K)`` (a chain), the draft
+     resident, and with ``tree_width=W`` as well (a candidate tree: the draft's next W - 1 best
+     tokens beside each of its K proposals);
   3. prints per row: acceptance, tokens per weight sweep (decode tokens ÷ decode sweeps), bytes
      read per generated token, tokens/s of each and the speed-up, and whether the tokens are
      identical.
@@ -24,7 +26,7 @@ random rows (a >= 1 GB target with a small draft, acceptance set honestly by con
 smollm2 row (real weights: the bundled SmolLM2-135M-Instruct) —
   a document-grounded request (a short technical document in the prompt, asked to quote its
   second paragraph word for word) decoded plainly and with ``method="ngram"`` (prompt lookup),
-  every decoder layer on disk; the same figures.
+  every decoder layer on disk, chain and tree; the same figures.
 
 Writes the JSON (--results, default DIR/speculative.json) and a PNG chart beside it. Speed-ups
 are ratios within one run; the other CPU load during each decode is printed (the machine may be
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import shlex
 import sys
@@ -75,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
     p.add_argument("--eps", default="0.05,0.1,0.2,1.0", help="the targets' perturbation scales")
+    p.add_argument("--tree-width", type=int, default=3, help="the candidate trees' tree_width")
     return p.parse_args()
 
 
@@ -105,20 +109,29 @@ async def decode(path: Path, config: EngineConfig, prompt: Any, new_tokens: int)
         spec, before = last.speculative, first.speculative
         proposed = spec.proposed_tokens - before.proposed_tokens if spec else 0
         accepted = spec.accepted_tokens - before.accepted_tokens if spec else 0
+        alternatives = spec.alternatives_accepted - before.alternatives_accepted if spec else 0
         return {
             "tokens": tokens, "decode_tokens": n, "decode_sweeps": sweeps, "decode_s": decode_s,
             "tokens_per_s": n / decode_s, "tokens_per_sweep": n / sweeps,
             "bytes_per_token": (last.bytes_read_from_disk - first.bytes_read_from_disk) / n,
             "prompt_tokens": prompt,
             "proposed": proposed, "accepted": accepted, "acceptance": accepted / proposed if proposed else None,
+            "alternatives_accepted": alternatives,
             "units_streamed": last.units_streamed, "foreign_cpu_load": cpu.foreign_load(),
         }
 
 
-def compare(plain: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    return {"plain": plain, "speculative": spec, "identical": plain["tokens"] == spec["tokens"],
-            "speedup": spec["tokens_per_s"] / plain["tokens_per_s"],
-            "bytes_per_token_ratio": spec["bytes_per_token"] / plain["bytes_per_token"]}
+def compare(plain: dict[str, Any], spec: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any]:
+    """A row: the chain's figures against plain decoding (``speculative``), the tree's beside them."""
+    def against(run: dict[str, Any]) -> dict[str, Any]:
+        return {"identical": plain["tokens"] == run["tokens"], "speedup": run["tokens_per_s"] / plain["tokens_per_s"],
+                "bytes_per_token_ratio": run["bytes_per_token"] / plain["bytes_per_token"]}
+    return {"plain": plain, "speculative": spec, **against(spec), "tree": {"speculative": tree, **against(tree)}}
+
+
+def _tree(config: EngineConfig, width: int) -> EngineConfig:
+    assert config.speculative is not None
+    return dataclasses.replace(config, speculative=dataclasses.replace(config.speculative, tree_width=width))
 
 
 def random_section(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,10 +155,13 @@ def random_section(args: argparse.Namespace) -> dict[str, Any]:
         print(f"random target eps={eps:g}: plain ...", file=sys.stderr)
         plain = asyncio.run(decode(target, base, prompt, args.new_tokens))
         print(f"random target eps={eps:g}: speculative ...", file=sys.stderr)
-        row = compare(plain, asyncio.run(decode(target, spec, prompt, args.new_tokens)))
+        chain = asyncio.run(decode(target, spec, prompt, args.new_tokens))
+        print(f"random target eps={eps:g}: speculative, tree width {args.tree_width} ...", file=sys.stderr)
+        row = compare(plain, chain, asyncio.run(decode(target, _tree(spec, args.tree_width), prompt, args.new_tokens)))
         row["target_bytes"] = CheckpointIndex.open(target).total_bytes
         rows[f"{eps:g}"] = row
     return {"draft": str(draft), "draft_bytes": CheckpointIndex.open(draft).total_bytes, "k": args.k,
+            "tree_width": args.tree_width,
             "draft_layers": DRAFT_LAYERS, "target_layers": DRAFT_LAYERS + EXTRA_LAYERS, "rows": rows}
 
 
@@ -162,12 +178,15 @@ def smollm2_section(args: argparse.Namespace) -> dict[str, Any]:
     print("smollm2 document task: plain ...", file=sys.stderr)
     plain = asyncio.run(decode(path, base, messages, new_tokens))
     print("smollm2 document task: ngram ...", file=sys.stderr)
-    row = compare(plain, asyncio.run(decode(path, spec, messages, new_tokens)))
+    chain = asyncio.run(decode(path, spec, messages, new_tokens))
+    print(f"smollm2 document task: ngram, tree width {args.tree_width} ...", file=sys.stderr)
+    row = compare(plain, chain, asyncio.run(decode(path, _tree(spec, args.tree_width), messages, new_tokens)))
     async def text() -> str:
         async with await Engine.open(path, base) as engine:
             return engine.tokenizer.decode(row["plain"]["tokens"])
     row["text"] = asyncio.run(text())
     return {"model": str(path), "checkpoint_bytes": CheckpointIndex.open(path).total_bytes, "k": args.k,
+            "tree_width": args.tree_width,
             "new_tokens": new_tokens, "row": row}
 
 
@@ -182,16 +201,26 @@ def chart(result: dict[str, Any], path: Path) -> None:
     names = list(rows)
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.2), dpi=90)
     for ax, (key, label) in zip(axes, (("tokens_per_sweep", "tokens per weight sweep"), ("speedup", "tokens/s ÷ plain"))):
-        values = [rows[n]["speculative"][key] if key == "tokens_per_sweep" else rows[n][key] for n in names]
-        bars = ax.bar(range(len(names)), values, color="C0")
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        for shift, (kind, color) in zip((-0.2, 0.2), (("chain", "C0"), ("tree", "C1"))):
+            runs = [rows[n] if kind == "chain" else rows[n]["tree"] for n in names]
+            values = [r["speculative"][key] if key == "tokens_per_sweep" else r[key] for r in runs]
+            bars = ax.bar([i + shift for i in range(len(names))], values, width=0.4, color=color, label=kind)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xticks(range(len(names)), names, fontsize=7)
         ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
     fig.suptitle("speculative decoding, every layer streamed from disk (CPU)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _lines(name: str, row: dict[str, Any], width: int) -> str:
+    tree = row["tree"]
+    tree_row = {"plain": row["plain"], **tree}
+    return (_line(f"{name} chain", row) + "\n" + _line(f"{name} tree {width}", tree_row)
+            + f"  (alternatives accepted {tree['speculative']['alternatives_accepted']})")
 
 
 def _line(name: str, row: dict[str, Any]) -> str:
@@ -212,11 +241,11 @@ def report(result: dict[str, Any]) -> None:
         print(f"\nrandom target ({r['target_layers']} layers, draft {r['draft_layers']} layers, "
               f"{r['draft_bytes'] / 1e9:.2f} GB), k = {r['k']}:")
         for eps, row in r["rows"].items():
-            print(_line(f"eps {eps} ({row['target_bytes'] / 1e9:.2f} GB)", row))
+            print(_lines(f"eps {eps} ({row['target_bytes'] / 1e9:.2f} GB)", row, r["tree_width"]))
     if "smollm2" in result:
         m = result["smollm2"]
         print(f"\nSmolLM2-135M-Instruct ({m['checkpoint_bytes'] / 1e9:.2f} GB), ngram, k = {m['k']}, document task:")
-        print(_line("ngram", m["row"]))
+        print(_lines("ngram", m["row"], m["tree_width"]))
         print(f"  answer: {m['row']['text'][:200]!r}")
 
 

@@ -31,6 +31,7 @@ MIN_TEMPERATURE = 1e-5                # below it sampling is greedy in all but n
 MAX_LOGPROBS = 20                     # the most alternatives per token SamplingParams.logprobs asks for
 MIN_TOP_P = 1e-9                      # below 1/vocab every top_p keeps the most likely token alone
 SPECULATIVE_METHODS = ("ngram", "draft")
+MOST_TREE_WIDTH = 8        # SpeculativeConfig.tree_width
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -89,6 +90,13 @@ class SpeculativeConfig:
         and per-token costs and the acceptance rate measured so far in the run.
     prompt_lookup_max / prompt_lookup_min: the longest and shortest n-gram looked up (ints >= 1,
         min <= max; "ngram" only).
+    tree_width: candidates per position (an int from 1 to 8; 1: a chain). Beside each proposed
+        token up to tree_width - 1 alternatives for its position — the draft's next most likely
+        tokens, or what followed other occurrences of the n-gram — are verified in the same
+        sweep as a candidate tree (each candidate attends to its own ancestors only); a rejected
+        position whose model token is among them keeps it, plus one more token. With
+        num_speculative_tokens="auto" the cost model picks the width too, up to this, from the
+        alternatives' hit rate measured in the run.
     """
 
     method: str = "ngram"
@@ -96,6 +104,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
     model: str | os.PathLike[str] | None = None
+    tree_width: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in SPECULATIVE_METHODS:
@@ -115,6 +124,10 @@ class SpeculativeConfig:
             _check_positive("SpeculativeConfig", "num_speculative_tokens", self.num_speculative_tokens)
         for name in ("prompt_lookup_max", "prompt_lookup_min"):
             _check_positive("SpeculativeConfig", name, getattr(self, name))
+        _check_positive("SpeculativeConfig", "tree_width", self.tree_width)
+        if self.tree_width > MOST_TREE_WIDTH:
+            raise ConfigError(f"SpeculativeConfig.tree_width must be at most {MOST_TREE_WIDTH}, got {self.tree_width}: "
+                              "wider trees verify many tokens that almost never stand")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(f"SpeculativeConfig.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
                               f"prompt_lookup_max ({self.prompt_lookup_max})")

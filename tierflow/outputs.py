@@ -61,6 +61,7 @@ class SpeculativeStats:
     accepted_tokens: int = 0             # of those, the ones the model agreed with
     steps: int = 0                       # request-sweeps that verified a proposal
     emitted_tokens: int = 0              # tokens those steps appended (accepted ones plus the model's own)
+    alternatives_accepted: int = 0       # of the accepted tokens, candidate-tree alternatives (tree_width > 1)
 
     @property
     def acceptance_rate(self) -> float:

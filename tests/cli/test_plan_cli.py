@@ -303,3 +303,25 @@ def test_plan_predicts_speculative_decoding_at_a_stated_acceptance(capsys, llama
     assert status == 0 and "speculative decoding at acceptance 0.80" in out and "x the tokens/s" in out
     status, _, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 1.5)
     assert status == 2 and "--acceptance must be a rate within 0..1" in err
+
+
+def test_plan_weighs_candidate_trees_at_stated_alternative_hit_rates(capsys, llama_8b, rtx_profile):
+    """Alternatives that often hold the model's token beside a read-bound sweep: a wider tree
+    yields more tokens per sweep than the chain at the same acceptance."""
+    status, out, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 0.5, "--json")
+    chain = json.loads(out)["speculation"]
+    status, out, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 0.5,
+                           "--alternative-hits", "0.4,0.55", "--json")
+    assert status == 0, err
+    tree = json.loads(out)["speculation"]
+    assert chain["tree_width"] == 1 and tree["tree_width"] > 1
+    assert tree["tokens_per_sweep"] > chain["tokens_per_sweep"] and tree["speedup"] > chain["speedup"]
+    status, out, _ = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 0.5,
+                         "--alternative-hits", "0.4,0.55")
+    assert status == 0 and f"in a tree of width {tree['tree_width']}" in out
+    for bad in ("0.5,0.2", "0.4,x", "1.5"):
+        status, _, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--acceptance", 0.5,
+                             "--alternative-hits", bad)
+        assert status == 2 and "--alternative-hits must be" in err
+    status, _, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--alternative-hits", "0.4")
+    assert status == 2 and "needs --acceptance" in err

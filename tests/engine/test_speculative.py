@@ -20,10 +20,13 @@ from hypothesis import given, settings, strategies as st
 
 from tierflow import ConfigError, Engine, EngineConfig, SamplingParams, SpeculativeConfig
 from tierflow.engine.sampling import probabilities
-from tierflow.engine.speculative import NgramProposer, Verdict, verify
+from tierflow.engine.proposers import NgramProposer
+from tierflow.engine.speculative import Candidates, Proposal, Verdict, verify
 from tierflow.pipeline.batcher import Batcher
 from tierflow.testing import build_random_checkpoint, layer_copy, oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex
+from tierflow.tiers.kv.contiguous import SequenceKV
+from tierflow.tiers.kv.handle import keep_path
 from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.kv.paged import KVStore
 from tierflow.tiers.plan.speculation import expected_tokens, predict_speculation
@@ -92,6 +95,53 @@ def test_greedy_verification_keeps_the_proposals_the_argmax_agrees_with():
     assert verify(logits, (4, 5, 7), greedy, None).accepted == 0
     with pytest.raises(ValueError, match="need 3 logit rows, got 4"):
         verify(logits, (3, 5), greedy, None)
+
+
+def test_greedy_tree_verification_follows_the_path_the_argmax_takes():
+    logits = torch.full((5, 8), -1.0)
+    for row, best in enumerate((3, 5, 7, 6, 1)):
+        logits[row, best] = 1.0
+    # candidates 3 → 5 → 6 (the chain) and 7, a sibling of 6: the model takes 3, 5, then 7, then 1
+    verdict = verify(logits, (3, 5, 6, 7), SamplingParams(), None, parents=(-1, 0, 1, 1))
+    assert verdict == Verdict((3, 5, 7, 1), 3, (0, 1, 3))
+    chain = verify(logits[:4], (3, 5, 6), SamplingParams(), None)
+    assert chain == Verdict((3, 5, 7), 2, (0, 1))
+
+
+def test_sampled_tree_tokens_are_distributed_as_the_model_s_own():
+    """A chain token 1 and an alternative 0 at the same position (rows: after the root, after 1,
+    after 0): the first token is distributed as p0, and the token after an accepted candidate as
+    that candidate's row."""
+    logits = torch.tensor([[1.2, 0.9, 0.1, -0.4, -3.0], [0.3, -0.2, 1.5, 0.0, -1.0], [-1.0, 0.4, 0.2, 1.1, 0.0]])
+    params = SamplingParams(temperature=0.9, seed=0)
+    p = [probabilities(row, params) for row in logits]
+    generator = torch.Generator().manual_seed(99)
+    first, after = torch.zeros(5), {1: torch.zeros(5), 0: torch.zeros(5)}
+    for _ in range(20000):
+        tokens = verify(logits, (1, 0), params, generator, parents=(-1, -1)).tokens
+        first[tokens[0]] += 1
+        if len(tokens) == 2:
+            after[tokens[0]][tokens[1]] += 1
+    assert _chi_square_p_value(first, p[0]) > SIGNIFICANCE
+    assert _chi_square_p_value(after[1], p[1]) > SIGNIFICANCE and _chi_square_p_value(after[0], p[2]) > SIGNIFICANCE
+    assert after[1].sum() > 3000 and after[0].sum() > 3000
+    assert _chi_square_p_value(after[0], p[1]) < SIGNIFICANCE       # the rows are told apart
+
+
+def test_ngram_alternatives_come_from_other_occurrences():
+    propose = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, tree_width=3)).proposal
+    tokens = [5, 2, 9, 1, 2, 3, 1, 2, 4, 1, 2]
+    # [1, 2] last recurs before 4 (the chain), earlier before 3; the 1-gram [2] before 9
+    assert propose(tokens, 10) == Proposal((4, 1, 2), ((3, 9), (), ()))
+    narrow = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, tree_width=2))
+    assert narrow.proposal(tokens, 10) == Proposal((4, 1, 2), ((3,), (), ()))
+    assert NgramProposer(SPEC).proposal(tokens, 10).alternatives == ()
+    assert Proposal((4, 1, 2), ((3, 9), (), ())).candidates(3) == Candidates(
+        (4, 1, 2, 3, 9), (-1, 0, 1, -1, -1), Proposal((4, 1, 2), ((3, 9), (), ())))
+    with pytest.raises(ConfigError, match="tree_width"):
+        SpeculativeConfig(tree_width=0)
+    with pytest.raises(ConfigError, match="at most 8"):
+        SpeculativeConfig(tree_width=9)
 
 
 def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -239,6 +289,63 @@ def test_rollback_keeps_the_pools_and_block_tables_consistent(ops, windowed):
             store.close()
 
 
+tree_operations = st.lists(st.tuples(st.integers(0, 1), st.integers(1, 9), st.sets(st.integers(0, 7))),
+                           min_size=1, max_size=25)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=tree_operations, windowed=st.booleans())
+def test_keeping_a_tree_s_accepted_path_keeps_the_pools_and_block_tables_consistent(ops, windowed):
+    """As above, but each chunk is a root and candidates of which an arbitrary increasing subset
+    is kept (``keep_path``: a tree's accepted path, moved down to consecutive slots), over device,
+    host and disk pools: the same invariants, and the values read back are the kept ones in order."""
+    bt, layers = 4, 2
+    windows = (None, 6) if windowed else (None, None)
+    with tempfile.TemporaryDirectory() as spill:
+        store = KVStore(num_layers=layers, num_kv_heads=1, head_dim=2, dtype=torch.float32,
+                        device=torch.device("cpu"), block_tokens=bt, device_blocks=2, host_blocks=2,
+                        disk_blocks=64, spill_dir=spill, layout=KVLayout(bt, windows))
+        try:
+            seqs = [store.sequence(i) for i in range(2)]
+            tokens: list[list[float]] = [[], []]
+            starts = [0, 0]
+            for which, n, chosen in ops:
+                kv, known = seqs[which], tokens[which]
+                start = starts[which] = len(known)
+                new = [float(start + i + 100 * which) for i in range(n)]
+                chunk = torch.tensor(new).view(n, 1, 1).expand(n, 1, 2).contiguous()
+                for layer in range(layers):
+                    kv.append(layer, chunk, chunk)
+                path = sorted(o for o in chosen if o < n - 1)         # offsets after the root
+                keep_path(kv, start + 1, path)
+                if path != list(range(len(path))):    # appended again: the rings released by the root's successor
+                    starts[which] = start + 1
+                known[:] = known + [new[0]] + [new[1 + o] for o in path]
+                _check(store, seqs, tokens, starts, windows)
+            for kv in seqs:
+                kv.free()
+            assert all(pool.used == 0 for pool in store.statistics().by_tier().values())
+        finally:
+            store.close()
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_keeping_a_path_in_the_contiguous_store(ring):
+    kv = SequenceKV(2, 1, 2, dtype=torch.float32, device=torch.device("cpu"), block_tokens=4,
+                    windows=(None, 6 if ring else None), max_chunk_tokens=8)
+    values = torch.arange(20.0).view(20, 1, 1).expand(20, 1, 2).contiguous()
+    for layer in range(2):
+        kv.append(layer, values[:12], values[:12])
+        kv.append(layer, values[12:20], values[12:20])       # the root at 12, candidates at 13..19
+    keep_path(kv, 13, [1, 4, 6])
+    assert kv.num_tokens == 16
+    for layer in range(2):
+        low = kv.held_from(layer)
+        assert kv.read(layer, low, 16)[0, 0, :, 0].tolist() == [*range(low, 13), 14.0, 17.0, 19.0]
+    with pytest.raises(ValueError, match="must increase"):
+        keep_path(kv, 13, [2, 1])
+
+
 def _check(store, seqs, tokens, starts, windows):
     tables, layout, refs = store.tables, store.layout, []
     bt = layout.block_tokens
@@ -284,8 +391,23 @@ def drafts(checkpoints, tmp_path_factory):
     return {name: layer_copy(path, root / name, extra_layers=1, scale=0.3) for name, path in checkpoints.items()}
 
 
+METHODS = ["ngram", "draft", "ngram-tree", "draft-tree"]     # "-tree": candidate trees of width 3
+
+
 def _spec(method: str, drafts, name: str) -> SpeculativeConfig:
-    return SPEC if method == "ngram" else SpeculativeConfig(method="draft", model=drafts[name], num_speculative_tokens=4)
+    base, tree = method.removesuffix("-tree"), method.endswith("-tree")
+    spec = SPEC if base == "ngram" else SpeculativeConfig(method="draft", model=drafts[name], num_speculative_tokens=4)
+    return dataclasses.replace(spec, tree_width=3) if tree else spec
+
+
+def _check_alternatives(method: str, stats) -> None:
+    """A chain accepts no alternative; a draft's tree does here (its next best tokens hold the
+    target's often enough), so the accepted path's KV was moved, not only cut."""
+    s = stats.speculative
+    if not method.endswith("-tree"):
+        assert s.alternatives_accepted == 0
+    elif method == "draft-tree":
+        assert s.alternatives_accepted > 0
 
 
 def _config(path, placement: str, **extra) -> EngineConfig:
@@ -311,7 +433,7 @@ def _greedy(new_tokens: int = NEW_TOKENS) -> SamplingParams:
     return SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("placement", ["resident", "streamed"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_speculative_tokens_are_plain_decoding_s(checkpoints, drafts, name, placement, method):
@@ -323,7 +445,8 @@ def test_greedy_speculative_tokens_are_plain_decoding_s(checkpoints, drafts, nam
     assert spec == plain == [oracle_greedy(path, PROMPT, NEW_TOKENS)]
     assert (placement == "streamed") == (set(plan.tiers[1:-1]) == {"disk"})
     s = stats.speculative
-    assert s.method == method and s.accepted_tokens > 0 and s.proposed_tokens > s.accepted_tokens   # both kinds
+    assert s.method == method.removesuffix("-tree") and s.accepted_tokens > 0 and s.proposed_tokens > s.accepted_tokens
+    _check_alternatives(method, stats)
     assert s.emitted_tokens == s.accepted_tokens + s.steps          # each step: its accepted ones plus one
     assert stats.tokens_generated == NEW_TOKENS
     assert stats.sweeps < plain_stats.sweeps                        # the point of it
@@ -336,7 +459,7 @@ TIERS = {"device": dict(kv_device_bytes=2**20),
          "device, host and disk": None}        # a third of the KV on each: sized below from the plan
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("tiers", list(TIERS))
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_rollback_over_kv_tiers_keeps_greedy_tokens_exact(checkpoints, drafts, tmp_path, monkeypatch, small_blocks,
@@ -359,6 +482,7 @@ def test_rollback_over_kv_tiers_keeps_greedy_tokens_exact(checkpoints, drafts, t
     assert plan.kv_block_tokens == small_blocks
     assert spec == [oracle_greedy(path, p, s.max_new_tokens) for p, s in work]
     assert stats.speculative.proposed_tokens > stats.speculative.accepted_tokens > 0
+    _check_alternatives(method, stats)
     assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
     if tiers == "disk":      # a block written to disk with rejected tokens in it was read back into the tail
         assert "disk" in reads_back
@@ -376,7 +500,7 @@ def _mixed_work() -> list[tuple[list[int], SamplingParams]]:
     return work
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("method", METHODS)
 def test_eight_concurrent_requests_speculating_or_not_get_their_own_tokens(checkpoints, drafts, tmp_path, small_blocks,
                                                                            method):
     path = checkpoints["llama"]
@@ -396,7 +520,7 @@ def test_eight_concurrent_requests_speculating_or_not_get_their_own_tokens(check
     assert together == plain             # seeded sampling too: one draw per position, as plain decoding
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("method", METHODS)
 def test_a_request_cancelled_mid_sweep_leaves_the_pools_at_baseline(checkpoints, drafts, tmp_path, monkeypatch,
                                                                     small_blocks, method):
     path = checkpoints["llama"]
@@ -429,27 +553,50 @@ def test_a_request_cancelled_mid_sweep_leaves_the_pools_at_baseline(checkpoints,
         {t: p.used for t, p in baseline.kv_blocks.by_tier().items()} == {"device": 0, "host": 0, "disk": 0}
 
 
-def test_a_seeded_speculating_request_is_reproducible_and_logprobs_follow_each_token(checkpoints):
-    path = checkpoints["qwen2"]
+@pytest.mark.parametrize("method", METHODS)
+def test_a_seeded_speculating_request_is_reproducible_and_logprobs_follow_each_token(checkpoints, drafts, method):
+    """Seeded sampling: the same tokens twice, and plain decoding's; greedy logprobs: plain
+    decoding's, each read from the row of the path its token extends (a tree's too)."""
+    path, spec = checkpoints["qwen2"], _spec(method, drafts, "qwen2")
     params = SamplingParams(max_new_tokens=32, temperature=0.7, seed=11, ignore_eos=True, logprobs=2)
+    greedy = SamplingParams(max_new_tokens=32, ignore_eos=True, logprobs=0)
 
-    async def main():
-        async with await Engine.open(path, _config(path, "resident", speculative=SPEC)) as engine:
-            return [await engine.generate(PROMPT, params) for _ in range(2)], engine.stats()
+    async def main(speculative):
+        async with await Engine.open(path, _config(path, "resident", speculative=speculative)) as engine:
+            return [await engine.generate(PROMPT, p) for p in (params, params, greedy)], engine.stats()
 
-    (first, second), stats = asyncio.run(main())
-    assert first.token_ids == second.token_ids and len(first.token_ids) == 32
+    (first, second, spec_greedy), stats = asyncio.run(main(spec))
+    (plain, _, plain_greedy), _ = asyncio.run(main(None))
+    assert first.token_ids == second.token_ids == plain.token_ids and len(first.token_ids) == 32
     assert [lp.token_id for lp in first.logprobs] == list(first.token_ids)
     assert stats.speculative.steps > 0
-    greedy = SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=0)
+    _check_alternatives(method, stats)
+    assert [lp.token_id for lp in spec_greedy.logprobs] == [lp.token_id for lp in plain_greedy.logprobs]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(spec_greedy.logprobs, plain_greedy.logprobs)) < 1e-4
 
-    async def logprobs(spec):
-        async with await Engine.open(path, _config(path, "resident", speculative=spec)) as engine:
-            return (await engine.generate(PROMPT, greedy)).logprobs
 
-    plain, spec = asyncio.run(logprobs(None)), asyncio.run(logprobs(SPEC))
-    assert [lp.token_id for lp in spec] == [lp.token_id for lp in plain]
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(spec, plain)) < 1e-4
+def test_the_target_is_planned_in_the_device_memory_the_draft_leaves(checkpoints, drafts, monkeypatch):
+    """The draft's weights (resident, in the compute dtype) and its KV for the engine's reservation
+    come off the device memory the target's plan may use; the engine's hardware report stays the
+    machine's."""
+    from tierflow.engine import planning
+    path, draft = checkpoints["llama"], drafts["llama"]
+    seen = []
+    real = planning.plan
+    monkeypatch.setattr(planning, "plan", lambda costs, hw, *rest: seen.append(hw) or real(costs, hw, *rest))
+    config = _config(path, "resident", speculative=_spec("draft", drafts, "llama"))
+
+    async def main(config):
+        async with await Engine.open(path, config) as engine:
+            return engine.hardware
+    hardware = asyncio.run(main(config))
+    index = CheckpointIndex.open(draft)
+    weights = sum(t.nbytes for u in index.units for t in u.tensors)        # float32 checkpoint, float32 compute
+    kv = 2 * index.spec.num_layers * index.spec.num_kv_heads * index.spec.head_dim * 4 * config.kv_reserve_tokens
+    reserved = weights + config.max_num_seqs * kv
+    assert planning.draft_bytes(config, torch.float32) == reserved
+    assert seen[0].device_memory_bytes == HARDWARE["hardware"]["device_memory_bytes"] - reserved     # the target's
+    assert hardware.device_memory_bytes == HARDWARE["hardware"]["device_memory_bytes"]
 
 
 def test_a_draft_with_another_vocabulary_or_none_is_refused_at_open(checkpoints, tmp_path):
@@ -499,9 +646,25 @@ def test_the_cost_model_proposes_more_where_a_sweep_is_read_bound_than_where_it_
     assert disk.speedup > 0.9 * disk.tokens_per_sweep and compute.speedup < disk.speedup
     with pytest.raises(ValueError, match="acceptance"):
         predict_speculation(None, None, (), context=1, acceptance=1.5)
+    assert disk.tree_width == 1 == compute.tree_width          # no alternatives offered: a chain
+    wide = _predict(path, disk_bound, alternative_hits=(0.6, 0.8))
+    assert wide.tree_width > 1 and wide.tokens_per_sweep > disk.tokens_per_sweep
+    assert _predict(path, disk_bound, alternative_hits=(0.0, 0.0)).tree_width == 1
+    assert expected_tokens(0.5, 2, 0.4) == pytest.approx(1.75 + 0.4 * 0.75)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+def _predict(path, hardware, **options):
+    config = _config(path, "streamed")
+    config = dataclasses.replace(config, profile={**config.profile, "hardware": hardware})
+
+    async def main():
+        async with await Engine.open(path, config) as engine:
+            return predict_speculation(engine.costs, engine.hardware, engine.plan.tiers, context=64, acceptance=0.7,
+                                       **options)
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_auto_speculative_tokens_stay_exact_and_follow_the_measured_acceptance(checkpoints, drafts, method):
     path = checkpoints["llama"]
     spec = dataclasses.replace(_spec(method, drafts, "llama"), num_speculative_tokens="auto")
@@ -513,38 +676,47 @@ def test_auto_speculative_tokens_stay_exact_and_follow_the_measured_acceptance(c
         SpeculativeConfig(num_speculative_tokens="many")
 
 
-def _wrong_verify(logits, draft, params, generator):
+def _wrong_verify(logits, draft, params, generator, parents=None):
     """The rule with the plausible mistake of ``_wrong_rule``: a rejected proposal is drawn again
-    from p itself."""
+    from p itself (chains only: this test proposes no tree)."""
+    assert parents is None
     tokens = []
     for i, proposed in enumerate(draft):
         p = probabilities(logits[i], params)
         if float(torch.rand((), generator=generator)) >= float(p[proposed]):
-            return Verdict((*tokens, int(torch.multinomial(p, 1, generator=generator))), i)
+            return Verdict((*tokens, int(torch.multinomial(p, 1, generator=generator))), i, tuple(range(i)))
         tokens.append(int(proposed))
     return Verdict((*tokens, int(torch.multinomial(probabilities(logits[len(draft)], params), 1,
-                                                   generator=generator))), len(draft))
+                                                   generator=generator))), len(draft), tuple(range(len(draft))))
 
 
-@pytest.mark.parametrize("rule", ["exact", "wrong"])
+@pytest.mark.parametrize("rule", ["exact", "wrong", "tree"])
 def test_an_engine_s_sampled_speculative_tokens_have_the_model_s_joint_distribution(tmp_path, monkeypatch, rule):
     """Thousands of seeded requests on a model with 8 tokens: the first two sampled tokens' joint
     frequencies against p(t1) p(t2 | t1) from transformers (chi-square, cells expecting fewer
     than 5 merged). The second token is verified against a proposal whenever the first recurs in
     the prompt, so the acceptance rule is what decides it; with a wrong rule (the negative
-    control) the same test rejects the distribution."""
+    control) the same test rejects the distribution. "tree": a prompt where each token is
+    followed by several others, proposed as a candidate tree of width 3, whose alternatives stand
+    often."""
     from tierflow.engine import driver
     from tierflow.testing import oracle_logits
     if rule == "wrong":
         monkeypatch.setattr(driver, "verify", _wrong_verify)
     path = build_random_checkpoint(tmp_path / "tiny-vocab", "llama", vocab_size=8, initializer_range=0.05, seed=3)
-    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2] if rule != "tree" else [1, 2, 3, 4, 5, 6, 7, 1, 3, 5, 7, 2, 4, 6, 1, 4, 7, 3, 6, 2, 5]
     n = 3000
-    config = dataclasses.replace(_config(path, "resident", speculative=SPEC), max_num_seqs=64,
+    # the tree: one chain token and two alternatives, all within what the request may still take
+    spec = SPEC if rule != "tree" else dataclasses.replace(SPEC, num_speculative_tokens=1, tree_width=3)
+    config = dataclasses.replace(_config(path, "resident", speculative=spec), max_num_seqs=64,
                                  prefill_chunk_tokens=1024)      # room for proposals beside the prefills
-    work = [(prompt, SamplingParams(max_new_tokens=4, temperature=1.0, seed=i, ignore_eos=True)) for i in range(n)]
+    new_tokens = 4 if rule != "tree" else 5
+    work = [(prompt, SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=i, ignore_eos=True))
+            for i in range(n)]
     tokens, stats, _, _ = asyncio.run(_generate(path, config, work))
     assert stats.speculative.steps > n // 4 and stats.speculative.accepted_tokens > 0
+    if rule == "tree":
+        assert stats.speculative.alternatives_accepted > n // 10
     counts = torch.zeros(8, 8)
     for t in tokens:
         counts[t[0], t[1]] += 1
@@ -555,7 +727,7 @@ def test_an_engine_s_sampled_speculative_tokens_have_the_model_s_joint_distribut
     cells = torch.cat([expected[~small], expected[small].sum().reshape(1)])
     seen = torch.cat([observed[~small], observed[small].sum().reshape(1)])
     p_value = _chi_square_p_value(seen, cells)
-    assert p_value > SIGNIFICANCE if rule == "exact" else p_value < SIGNIFICANCE
+    assert p_value > SIGNIFICANCE if rule != "wrong" else p_value < SIGNIFICANCE
 
 
 def test_a_failed_rollback_fails_only_its_request_and_the_engine_serves_on(checkpoints, tmp_path, monkeypatch,

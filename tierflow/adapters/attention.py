@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from tierflow.adapters.flash import (check_sinks, flash_attend, flash_device_supported, flash_head_dim_supported,
                                      flash_supported)
 from tierflow.adapters.kv import KVBlock, KVBlocks, first_visible
+from tierflow.adapters.tree import DeviceTree
 
 KEY_TILE_TOKENS = 512     # keys per tile of contiguous KV in the online softmax (the planner's ATTENTION_KEY_TILE)
 
@@ -108,10 +109,14 @@ def fused_sdpa_is_lean(q: torch.Tensor, keys: torch.Tensor) -> bool:
 
 def attend_kv(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None = None,
               window: int | None = None, softcap: float | None = None,
-              sinks: torch.Tensor | None = None) -> torch.Tensor:
+              sinks: torch.Tensor | None = None, tree: DeviceTree | None = None) -> torch.Tensor:
     """Causal attention of ``q`` [n, H, D] (positions start..start+n-1) over a KV handle's
-    ``blocks``; returns [n, H*D]."""
+    ``blocks``; returns [n, H*D]. With a candidate ``tree`` the chunk's queries see their
+    ancestors of the chunk, not every earlier chunk token (``adapters/tree.py``): always the
+    online softmax, whose per-block mask takes it."""
     spans = blocks.spans
+    if tree is not None:
+        return _online_softmax(q, blocks, start, scale=scale, window=window, softcap=softcap, sinks=sinks, tree=tree)
     if len(spans) == 1 and spans[0][0] == 0:
         keys, values, _ = blocks.fetch(0)
         return attend(q, keys, values, start, scale=scale, window=window, softcap=softcap, sinks=sinks)
@@ -173,9 +178,11 @@ def attend_blocks(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Te
 
 
 def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None, window: int | None,
-                    softcap: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                    softcap: float | None, sinks: torch.Tensor | None = None,
+                    tree: DeviceTree | None = None) -> torch.Tensor:
     """``attend_blocks`` over lazy blocks: coverage is checked from the spans first, and a
-    block outside every query's window (or after every query) is skipped unfetched."""
+    block outside every query's window (or after every query) is skipped unfetched. A
+    ``tree`` masks every block that holds chunk keys, or that a window cuts, by its ancestry."""
     n, num_heads, d = q.shape
     check_coverage(blocks.spans, start, n, window)
     check_sinks(sinks, num_heads)
@@ -210,7 +217,8 @@ def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: flo
         # some keys are after some queries, or before the window of the last query: mask them
         masked = first + t - 1 > start or (window is not None and first <= last - window)
         if masked:
-            hidden = ~_visible(start, n, first, t, window, q.device)    # [n, t]
+            hidden = ~(_visible(start, n, first, t, window, q.device) if tree is None
+                       else tree.visible(start, first, t, window))    # [n, t]
             scores.view(kv_heads, group, n, t).masked_fill_(hidden, -math.inf)
         m_new = torch.maximum(m_g, scores.amax(dim=-1, keepdim=True))
         # a row with no visible key yet has m = -inf (only possible where something was masked)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import torch
 
 from tierflow.adapters.kv import AttentionKV
+from tierflow.adapters.tree import DeviceTree
 
 UnitWeights = Mapping[str, torch.Tensor]
 
@@ -180,6 +181,9 @@ class SweepContext:
     # MoE: ``experts(layer, expert_ids)`` returns those experts' weights ({id: weights}); the
     # expert stage reads or finds them, the adapter only asks for the ones its router picked.
     experts: Callable[[int, Sequence[int]], Mapping[int, UnitWeights]] | None = None
+    # Speculative decoding: the candidate tree of a sequence's chunk (index → its mask on the
+    # device), for sequences whose chunk is a tree rather than a causal run (``adapters/tree.py``).
+    trees: Mapping[int, DeviceTree] = field(default_factory=dict)
 
 
 class Adapter(Protocol):

@@ -251,7 +251,8 @@ class DecoderAdapter:
                 continue
             try:
                 kv.append(layer, k[rows], v[rows])
-                attn[rows] = attend_kv(q[rows], kv.blocks(layer, first_visible(start, window)), start, **options)
+                attn[rows] = attend_kv(q[rows], kv.blocks(layer, first_visible(start, window)), start,
+                                       tree=ctx.trees.get(index), **options)
             except TierflowError as exc:            # this sequence's KV failed (a spill fault): only it fails
                 kv.fail(exc)
                 attn[rows] = 0

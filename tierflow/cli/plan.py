@@ -66,6 +66,11 @@ def add_plan_commands(sub: Any, parse_size: Callable[[str], int]) -> None:
                    help="also predict speculative decoding at this per-token acceptance rate, 0..1: the best "
                         "number of proposed tokens, tokens per sweep and the speed-up for one sequence "
                         "(prompt lookup: no draft cost) (default: not shown)")
+    p.add_argument("--alternative-hits", metavar="RATES",
+                   help="with --acceptance, also weigh candidate trees: comma-separated rates, 0..1 and not "
+                        "decreasing, at which the first 1, 2, ... alternatives beside a rejected proposal hold "
+                        "the model's token (e.g. 0.3,0.4); the best tree width is then predicted too "
+                        "(default: chains only)")
     p.add_argument("--json", action="store_true", help="print the plan as a JSON document (default: tables)")
     q = sub.add_parser("probe", help="measure this machine (memory, disk, PCIe, compute) and write a profile JSON")
     q.add_argument("--model", metavar="PATH", help="time this model's layer shapes and its directory's disk "
@@ -96,6 +101,8 @@ def _check_values(args: argparse.Namespace) -> None:
     acceptance = getattr(args, "acceptance", None)
     if acceptance is not None and not 0.0 <= acceptance <= 1.0:
         raise ConfigError(f"--acceptance must be a rate within 0..1, e.g. 0.7; got {acceptance}")
+    if getattr(args, "alternative_hits", None) is not None:
+        args.alternative_hits = _rates(args.alternative_hits, acceptance)
 
 
 def _existing_dir(flag: str, text: str) -> Path:
@@ -167,7 +174,8 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
     helps = improvements(costs, hw, work, overrides, result)
     speculation = None
     if args.acceptance is not None:
-        speculation = predict_speculation(costs, hw, result.tiers, context=args.context, acceptance=args.acceptance)
+        speculation = predict_speculation(costs, hw, result.tiers, context=args.context, acceptance=args.acceptance,
+                                          alternative_hits=args.alternative_hits or ())
     if args.json:
         document = plan_document(result, hw, costs, source, helps)
         if speculation is not None:
@@ -177,10 +185,26 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
         render_plan(Console(), result, hw, costs, source, helps)
         if speculation is not None:
             s = speculation
+            tree = f" in a tree of width {s.tree_width}" if s.tree_width > 1 else ""
             Console().print(f"speculative decoding at acceptance {s.acceptance:.2f}: {s.num_speculative_tokens} "
-                            f"proposed tokens per sweep, {s.tokens_per_sweep:.2f} tokens per sweep, a sweep "
+                            f"proposed tokens per sweep{tree}, {s.tokens_per_sweep:.2f} tokens per sweep, a sweep "
                             f"{format_seconds(s.sweep_s)} vs {format_seconds(s.plain_sweep_s)} plain "
                             f"({s.bottleneck}-bound): {s.speedup:.2f}x the tokens/s of one sequence")
+
+
+def _rates(text: str, acceptance: float | None) -> tuple[float, ...]:
+    """``--alternative-hits``: rates within 0..1, not decreasing (more alternatives hold more)."""
+    if acceptance is None:
+        raise ConfigError("--alternative-hits needs --acceptance (the chain's acceptance rate), e.g. "
+                          "--acceptance 0.6 --alternative-hits 0.3,0.4")
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--alternative-hits must be comma-separated rates, e.g. 0.3,0.4; got {text!r}") from None
+    if any(not 0.0 <= r <= 1.0 for r in rates) or any(b < a for a, b in zip(rates, rates[1:])):
+        raise ConfigError(f"--alternative-hits must be rates within 0..1 that do not decrease, e.g. 0.3,0.4; "
+                          f"got {text!r}")
+    return rates
 
 
 async def _probe_command(args: argparse.Namespace, console: Console) -> None:

@@ -255,7 +255,7 @@ async def _start(rt: Runtime) -> None:
                             device=rt.device_path, kv_store=rt.kv_store)
     speculative = config.speculative
     if speculative is not None and speculative.method == "draft":
-        from tierflow.engine.speculative import open_draft     # it builds a runtime of its own
+        from tierflow.engine.proposers import open_draft     # it builds a runtime of its own
         rt.draft = await open_draft(rt, speculative)
         stack.push_async_callback(rt.draft.aclose)
 

@@ -21,7 +21,7 @@ import itertools
 import logging
 from collections import Counter
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 
 import torch
@@ -32,13 +32,15 @@ from tierflow.engine.loading import eos_ids
 from tierflow.engine.metrics import DecodeMeter, TokenCounts
 from tierflow.engine.requests import Detokenizer, Request
 from tierflow.engine.sampling import make_generator, nonfinite_rows, sample, token_logprob
-from tierflow.engine.speculative import DraftProposer, NgramProposer, SpeculationCounter, SpeculationLength, verify
+from tierflow.adapters.tree import TreeMask
+from tierflow.engine.proposers import DraftProposer, NgramProposer
+from tierflow.engine.speculative import Candidates, SpeculationCounter, SpeculationLength, Verdict, verify
 from tierflow.errors import ConfigError, KVCapacityError, RequestError, TierCapacityError, TierflowError
 from tierflow.outputs import TokenLogprob
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch
 from tierflow.tiers.io.reader import trim_heap
-from tierflow.tiers.kv.handle import KVHandle
+from tierflow.tiers.kv.handle import KVHandle, keep_path
 from tierflow.tiers.kv.layout import ContiguousLayout, KVLayout
 from tierflow.tiers.plan.costmodel import DEVICE
 
@@ -56,6 +58,7 @@ class Sampled:
                                                  # one, or after verifying proposals the accepted ones and the model's own
     logprobs: tuple[tuple[TokenLogprob, ...], ...]   # of those tokens, for requests that ask for logprobs
     failures: Mapping[int, RequestError]    # sequence index → why (its logits were not finite)
+    verdicts: Mapping[int, Verdict] = field(default_factory=dict)   # sequence index → what verifying its proposal kept
 
 
 class Driver:
@@ -164,7 +167,7 @@ class Driver:
         while True:
             await self._between_sweeps()
             drafts = await self._propose()
-            plan = self.batcher.schedule({seq_id: len(draft) for seq_id, draft in drafts.items()})
+            plan = self.batcher.schedule({seq_id: len(candidates) for seq_id, candidates in drafts.items()})
             if plan is None:
                 self._wake.clear()
                 await self._wake.wait()
@@ -195,7 +198,7 @@ class Driver:
                 await self.rt.worker.run(trim_heap)
             emitted = self._postprocess(plan, reqs, sampled)
             if any(item.num_draft for item in plan.seqs):
-                await self._roll_back(plan, reqs, sampled, emitted)
+                await self._roll_back(plan, reqs, sampled, emitted, drafts)
             for item, req in zip(plan.seqs, reqs):   # a prompt's prefill just completed: offer its blocks
                 if item.sample and item.start + item.num_tokens == len(req.prompt_ids) and not req.done:
                     await self._remember(req)
@@ -216,27 +219,38 @@ class Driver:
             for seq_id in admitted:
                 await self._attach_prefix(self.requests[seq_id])
 
-    async def _propose(self) -> dict[int, tuple[int, ...]]:
-        """Speculative decoding: each decoding request's proposal, by request id (none when off,
-        or when its proposer has none); the batcher schedules those of decoding sequences."""
+    async def _propose(self) -> dict[int, Candidates]:
+        """Speculative decoding: each decoding request's candidates, by request id (none when
+        off, or when its proposer has none); the batcher schedules those of decoding sequences."""
         if self.proposer is None:
             return {}
-        wanted = {}
+        wanted, widths = {}, {}
         for req in self.requests.values():
             if req.output_ids and not req.done and not req.score and self.batcher.is_decoding(req.id):
                 known = req.prompt_ids + req.output_ids
-                wanted[req.id] = (known, min(self.speculation_length(len(known)), req.most_tokens - len(known) - 1),
-                                  req.most_tokens)
-        return await self.proposer.propose_all(wanted)
+                shape = self.speculation_length(len(known))
+                wanted[req.id] = (known, min(shape.tokens, req.most_tokens - len(known) - 1), req.most_tokens)
+                widths[req.id] = shape.width
+        proposals = await self.proposer.propose_all(wanted)
+        return {req_id: proposal.candidates(widths[req_id]) for req_id, proposal in proposals.items()}
 
-    def _batch(self, plan: SweepPlan, reqs: list[Request], drafts: Mapping[int, tuple[int, ...]]) -> SweepBatch:
+    def _batch(self, plan: SweepPlan, reqs: list[Request], drafts: Mapping[int, Candidates]) -> SweepBatch:
         ids, positions, slices, rows = [], [], [], []
+        trees = {}
         offset = 0
-        for item, req in zip(plan.seqs, reqs):
+        for index, (item, req) in enumerate(zip(plan.seqs, reqs)):
             span = range(item.start, item.start + item.num_tokens)
             known = item.start + item.num_tokens - item.num_draft
-            ids += [req.token(p) for p in range(item.start, known)] + list(drafts.get(req.id, ())[:item.num_draft])
-            positions += list(span)
+            ids += [req.token(p) for p in range(item.start, known)]
+            if item.num_draft and not (candidates := drafts[req.id].cut(item.num_draft)).is_chain:
+                # a tree: its root is the one known token; each candidate sits at its depth's position
+                tree = TreeMask((-1, *(parent + 1 for parent in candidates.parents)))
+                trees[index] = tree
+                ids += candidates.tokens
+                positions += tree.positions(item.start)
+            else:
+                ids += drafts[req.id].tokens[:item.num_draft] if item.num_draft else []
+                positions += list(span)
             slices.append(slice(offset, offset + item.num_tokens))
             if req.score or item.num_draft:        # prompt logits, or every position a proposal is verified at
                 rows += range(offset, offset + item.num_tokens)
@@ -248,16 +262,17 @@ class Driver:
             req.prompt_done = max(req.prompt_done, prefilled)
         # on the host: the sweep moves what the device needs there (a host embedding reads the ids here)
         return SweepBatch(torch.tensor(ids), torch.tensor(positions), tuple(slices), tuple(s.start for s in plan.seqs),
-                          tuple(r.kv for r in reqs), torch.tensor(rows, dtype=torch.long))
+                          tuple(r.kv for r in reqs), torch.tensor(rows, dtype=torch.long), trees)
 
     def _sample(self, plan: SweepPlan, reqs: list[Request], logits: torch.Tensor,
-                drafts: Mapping[int, tuple[int, ...]]) -> Sampled:
+                drafts: Mapping[int, Candidates]) -> Sampled:
         """Runs in the compute worker: each sequence's tokens (None: nothing sampled) — one
         sampled token, or what verifying its proposal kept — and the sequences whose logits hold
         a NaN or an infinity, which fail."""
         tokens: list[tuple[int, ...] | None] = []
         logprobs: list[tuple[TokenLogprob, ...]] = []
         failures: dict[int, RequestError] = {}
+        verdicts: dict[int, Verdict] = {}
         row = 0
         logits = logits.cpu()
         bad = nonfinite_rows(logits)
@@ -273,15 +288,19 @@ class Driver:
             elif req.score:
                 req.logits.append(logits[rows.start:rows.stop])
             elif item.num_draft:
-                draft = drafts[req.id][:item.num_draft]
-                chosen = verify(logits[rows.start:rows.stop], draft, req.params, req.generator).tokens
+                candidates = drafts[req.id].cut(item.num_draft)
+                verdicts[index] = verify(logits[rows.start:rows.stop], candidates.tokens, req.params, req.generator,
+                                         parents=None if candidates.is_chain else candidates.parents)
+                chosen = verdicts[index].tokens
             elif item.sample:
                 chosen = (sample(logits[rows.start], req.params, req.generator),)
             tokens.append(chosen)
-            logprobs.append(tuple(token_logprob(logits[rows.start + i], token, req.params.logprobs)
-                                  for i, token in enumerate(chosen))
+            # each token's row: the one after the path it extends (0, then each accepted candidate's)
+            after = (0, *(i + 1 for i in verdicts[index].path)) if index in verdicts else range(len(chosen or ()))
+            logprobs.append(tuple(token_logprob(logits[rows.start + r], token, req.params.logprobs)
+                                  for r, token in zip(after, chosen))
                             if chosen is not None and req.params.logprobs is not None else ())
-        return Sampled(tuple(tokens), tuple(logprobs), failures)
+        return Sampled(tuple(tokens), tuple(logprobs), failures, verdicts)
 
     def _postprocess(self, plan: SweepPlan, reqs: list[Request], sampled: Sampled) -> Counter[int]:
         """Append what the sweep sampled; returns how many tokens each request got (a stop
@@ -299,21 +318,23 @@ class Driver:
                 emitted[req.id] += 1
         return emitted
 
-    async def _roll_back(self, plan: SweepPlan, reqs: list[Request], sampled: Sampled, emitted: Counter[int]) -> None:
-        """Speculative decoding: count what verification kept, and forget the KV of the rejected
-        tokens (keeping the last known token's and the accepted ones, no more than were
-        appended), before the prefix cache or the next sweep sees it."""
+    async def _roll_back(self, plan: SweepPlan, reqs: list[Request], sampled: Sampled, emitted: Counter[int],
+                         drafts: Mapping[int, Candidates]) -> None:
+        """Speculative decoding: count what verification kept, and keep only the KV of the last
+        known token and of the accepted candidates (no more than were appended), moved to their
+        positions' slots, before the prefix cache or the next sweep sees it."""
         cuts = []
-        for item, req, tokens in zip(plan.seqs, reqs, sampled.tokens):
+        for index, (item, req) in enumerate(zip(plan.seqs, reqs)):
             if not item.num_draft:
                 continue
-            accepted = len(tokens) - 1 if tokens is not None else 0
-            if tokens is not None and self.speculation is not None:
-                self.speculation.add(item.num_draft, accepted, emitted[req.id])
+            verdict = sampled.verdicts.get(index)
+            if verdict is not None and self.speculation is not None:
+                self.speculation.add(drafts[req.id].cut(item.num_draft), verdict, emitted[req.id])
             if req.error is None:
                 known = item.start + item.num_tokens - item.num_draft
-                cuts.append((req, known + min(accepted, emitted[req.id])))
-        failed = await self.rt.worker.run(self._on_device, _truncate, [(req.kv, n) for req, n in cuts])
+                path = verdict.path[:emitted[req.id]] if verdict is not None else ()
+                cuts.append((req, known, path))
+        failed = await self.rt.worker.run(self._on_device, _keep_paths, [(req.kv, n, p) for req, n, p in cuts])
         for index, exc in failed.items():       # its KV is not what its tokens say: that request fails
             req = cuts[index][0]
             log.warning("request %d: rolling back its rejected tokens' KV failed: %s", req.id, exc)
@@ -410,13 +431,14 @@ class Driver:
             log.warning("could not add request %d's KV to the prefix cache: %s", req.id, exc)
 
 
-def _truncate(cuts: list[tuple[KVHandle, int]]) -> dict[int, Exception]:
-    """Cut each handle back; what failed, by index (the others are cut all the same)."""
+def _keep_paths(cuts: list[tuple[KVHandle, int, tuple[int, ...]]]) -> dict[int, Exception]:
+    """Cut each handle back to its known tokens and accepted path; what failed, by index (the
+    others are cut all the same)."""
     failed = {}
     with torch.inference_mode():        # the tails it writes were made by the sweeps, in inference mode
-        for index, (kv, num_tokens) in enumerate(cuts):
+        for index, (kv, known, path) in enumerate(cuts):
             try:
-                kv.truncate(num_tokens)
+                keep_path(kv, known, path)
             except Exception as exc:
                 failed[index] = exc
     return failed

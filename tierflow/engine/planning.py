@@ -8,6 +8,7 @@ profile with the EngineConfig's explicit fields on top.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Mapping
@@ -170,5 +171,38 @@ async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torc
                                            cache=cache, progress=progress,
                                            layer=layer_benchmark(index.spec, index.adapter, device, dtype))
         provenance = {**provenance, "cache_file": None if cache.path is None else str(cache.path)}
-    return EnginePlan(plan(costs, hardware, engine_workload(config), overrides), hardware, costs, provenance,
-                      overrides)
+    planned_for, planned_overrides = hardware, overrides
+    if config.speculative is not None and config.speculative.method == "draft":
+        reserved = await asyncio.to_thread(draft_bytes, config, dtype)
+        planned_for, planned_overrides = without_draft(hardware, overrides, reserved)
+        provenance = {**provenance, "draft_reserved_bytes": reserved}
+    return EnginePlan(plan(costs, planned_for, engine_workload(config), planned_overrides), hardware, costs,
+                      provenance, overrides)
+
+
+def draft_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
+    """What a draft model (``config.speculative.model``) keeps in device memory beside the
+    target: its weights in the compute dtype, all resident, and the KV of the engine's KV
+    reservation (``kv_reserve_tokens``) for each of ``max_num_seqs`` requests, at most its own
+    context window each. A draft that cannot be opened is the draft's open's error to report:
+    0 here."""
+    assert config.speculative is not None and config.speculative.model is not None
+    try:
+        index = CheckpointIndex.open(config.speculative.model)
+    except Exception:     # noqa: BLE001 - open_draft reports it, with the draft's name
+        return 0
+    costs = index_costs(index, dtype)
+    weights = sum(u.resident_bytes for u in costs.units)
+    if costs.experts is not None:
+        weights += costs.experts.all_resident_bytes
+    tokens = min(max(1, config.kv_reserve_tokens), index.spec.max_position_embeddings)
+    return weights + config.max_num_seqs * tokens * costs.kv_bytes_per_token
+
+
+def without_draft(hw: HardwareProfile, overrides: Overrides, reserved: int) -> tuple[HardwareProfile, Overrides]:
+    """The device memory left to the target once a draft holds ``reserved`` bytes of it (and of
+    a ``device_memory_bytes`` cap, which bounds what the engine takes in all)."""
+    hw = replace(hw, device_memory_bytes=max(0, hw.device_memory_bytes - reserved))
+    if overrides.device_memory_bytes is not None:
+        overrides = replace(overrides, device_memory_bytes=max(0, overrides.device_memory_bytes - reserved))
+    return hw, overrides

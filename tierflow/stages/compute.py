@@ -34,6 +34,7 @@ import torch
 
 from tierflow.adapters import Adapter, ModelSpec, UnitWeights
 from tierflow.adapters.base import LAYER
+from tierflow.adapters.tree import TreeMask
 from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, Event
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
@@ -55,6 +56,8 @@ class SweepBatch:
     seq_starts: tuple[int, ...]
     kv: tuple[KVHandle, ...]             # one KV handle per sequence
     logit_rows: torch.Tensor             # packed rows whose logits are returned
+    # sequence index → the candidate tree of its chunk (speculative decoding); others are causal
+    trees: Mapping[int, TreeMask] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +281,8 @@ class SweepRunner:
             ctx = self.adapter.make_context(self.spec, placed.positions, placed.seq_slices, placed.seq_starts,
                                             placed.kv, placed.logit_rows, self.dtype)
             self._ctx = replace(ctx, mlp_chunk_tokens=self.mlp_chunk_tokens,
-                                experts=self._fetch_experts if self.experts is not None else None)
+                                experts=self._fetch_experts if self.experts is not None else None,
+                                trees={i: tree.on(placed.positions.device) for i, tree in batch.trees.items()})
             hidden = placed.token_ids if not on_host else batch.token_ids
         weights = cast_weights(dict(weights), self.dtype)
         with torch.inference_mode():

@@ -182,6 +182,12 @@ class SequenceKV:
         return torch.stack((torch.cat([self._keys[layer][:, a:b] for _, a, b in parts], dim=1),
                             torch.cat([self._values[layer][:, a:b] for _, a, b in parts], dim=1)))
 
+    def gather(self, layer: int, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values [n, kv_heads, head_dim] at ``positions`` (increasing)."""
+        first = positions[0]
+        kv = self.read(layer, first, positions[-1] + 1)[:, :, [p - first for p in positions]]
+        return kv[0].transpose(0, 1).clone(), kv[1].transpose(0, 1).clone()
+
     def held_from(self, layer: int) -> int:
         """The first position the layer still holds (0 unless its sliding-window ring has wrapped)."""
         return self._low[layer]

@@ -7,7 +7,8 @@ attention-facing part — ``append``, ``blocks`` (one shape for both stores: ``K
 what the sweep runner and the engine use: the sequence id, its token count, the plan of
 off-device blocks for the kv_load stage (``off_device``), whole-block reads for the prefix cache
 (``read``, from ``held_from``: a paged sliding-window layer keeps only a ring of blocks),
-``trim_rings``, ``truncate`` (rolling back rejected speculative tokens) and ``free``.
+``trim_rings``, ``truncate`` and ``gather`` (rolling back rejected speculative tokens; ``keep_path``
+below keeps a candidate tree's accepted path with them) and ``free``.
 
 ``BlockIO`` is what a paged store's handles use to move blocks: during a sweep the kv stages
 (``stages/kv.py``: prefetched loads, spills after the layer's compute, off the compute thread);
@@ -20,14 +21,14 @@ reads them back from disk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
 from tierflow.adapters.kv import AttentionKV, KVBlock, KVBlocks, first_visible
 from tierflow.tiers.kv.blocks import BlockRef
 
-__all__ = ["AttentionKV", "BlockIO", "KVBlock", "KVBlocks", "KVHandle", "OffDevice", "first_visible"]
+__all__ = ["AttentionKV", "BlockIO", "KVBlock", "KVBlocks", "KVHandle", "OffDevice", "first_visible", "keep_path"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,4 +94,27 @@ class KVHandle(AttentionKV, Protocol):
         tokens the model rejected), giving back what held only them."""
         ...
 
+    def gather(self, layer: int, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Between sweeps: copies of the keys and values [len(positions), kv_heads, head_dim] of
+        ``layer`` at ``positions`` (held ones, increasing), from whichever tier holds them."""
+        ...
+
     def free(self) -> None: ...
+
+
+def keep_path(kv: KVHandle, start: int, offsets: Sequence[int]) -> None:
+    """Between sweeps: of the tokens from ``start`` on, keep those at ``offsets`` (increasing
+    offsets from ``start``: a candidate tree's accepted path) moved down to ``start``,
+    ``start + 1``, ..., and forget the rest in every layer. Offsets 0, 1, 2, ... (a chain, or a
+    tree's first branch) are a plain ``truncate``; otherwise the kept tokens' KV is read from
+    wherever its blocks are, the handle cut back to ``start`` and the KV appended again."""
+    if any(b <= a for a, b in zip(offsets, offsets[1:])) or (offsets and offsets[0] < 0):
+        raise ValueError(f"the offsets to keep must increase from 0 or more, got {list(offsets)}")
+    if list(offsets) == list(range(len(offsets))):
+        kv.truncate(start + len(offsets))
+        return
+    positions = [start + o for o in offsets]
+    kept = [kv.gather(layer, positions) for layer in range(kv.num_layers)]
+    kv.truncate(start)
+    for layer, (keys, values) in enumerate(kept):
+        kv.append(layer, keys, values)

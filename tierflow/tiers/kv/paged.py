@@ -40,7 +40,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -332,6 +332,28 @@ class PagedSequenceKV:
             tables.release_from(self.seq_id, layer, keep)
             self._fresh[layer] = {i: b for i, b in self._fresh[layer].items() if i < keep}
             self._lengths[layer] = num_tokens
+
+    def gather(self, layer: int, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Between sweeps: the keys and values [n, kv_heads, head_dim] at ``positions``, each
+        from its block's tier (a disk block is read: its write landed with the sweep) or the tail."""
+        bt, store, tables = self.store.block_tokens, self.store, self.store.tables
+        committed, held_from = tables.committed(self.seq_id, layer), tables.first_held(self.seq_id, layer)
+        out = torch.empty((2, len(positions), store.block_shape[1], store.block_shape[3]), dtype=store.dtype,
+                          device=store.device)
+        blocks: dict[int, torch.Tensor] = {}
+        for i, position in enumerate(positions):
+            index, offset = divmod(position, bt)
+            if index < held_from or position >= self._lengths[layer]:
+                raise ValueError(f"layer {layer} of sequence {self.seq_id} does not hold token {position}")
+            if index >= committed:
+                block = self._tails[layer]
+            elif index not in blocks:
+                ref = tables.ref(self.seq_id, layer, index)
+                block = blocks[index] = store.pool_block(ref) if ref.tier == "device" else store.read_block(ref)
+            else:
+                block = blocks[index]
+            out[:, i] = block[:, :, offset]
+        return out[0], out[1]
 
     def held_from(self, layer: int) -> int:
         """The first token position of ``layer`` whose KV is still held (0 unless its ring moved on)."""
