@@ -57,16 +57,19 @@ class SpeculativeStats:
     A *step* is one request verifying a proposal in one sweep."""
 
     method: str                          # "ngram"
-    proposed_tokens: int = 0             # tokens proposed and verified
+    proposed_tokens: int = 0             # tokens proposed and verified (candidate-tree alternatives included)
     accepted_tokens: int = 0             # of those, the ones the model agreed with
     steps: int = 0                       # request-sweeps that verified a proposal
     emitted_tokens: int = 0              # tokens those steps appended (accepted ones plus the model's own)
-    alternatives_accepted: int = 0       # of the accepted tokens, candidate-tree alternatives (tree_width > 1)
+    alternatives_proposed: int = 0       # of the proposed tokens, candidate-tree alternatives (tree_width > 1)
+    alternatives_accepted: int = 0       # of the accepted tokens, candidate-tree alternatives
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted over proposed tokens (0.0 before any proposal)."""
-        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+        """The chain's acceptance: its accepted over its proposed tokens, alternatives left out
+        (the per-token rate ``tierflow plan --acceptance`` takes; 0.0 before any proposal)."""
+        proposed = self.proposed_tokens - self.alternatives_proposed
+        return (self.accepted_tokens - self.alternatives_accepted) / proposed if proposed else 0.0
 
     @property
     def tokens_per_step(self) -> float:

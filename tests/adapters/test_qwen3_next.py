@@ -233,13 +233,14 @@ def test_cancelled_request_frees_its_blocks_and_state(checkpoints, oracle, tmp_p
 
 
 def test_preempted_requests_recompute_their_state(checkpoints, tmp_path):
-    """KV on the host and disk only, room for 4 blocks of the full-attention layer's KV: 8 requests
-    of 250 prompt tokens growing to 350 are preempted and recomputed (a fresh handle, its state from zeros), and each
+    """KV on the host and disk only, room for the 8 requests' states (one block in each of the 3
+    linear layers) and 4 blocks of the full-attention layer's KV: 8 requests of 250 prompt tokens
+    growing to 350 are preempted and recomputed (a fresh handle, its state from zeros), and each
     finishes with the tokens it gets alone."""
     name = "3lin1full-top2of8"
     block = 2 * 2 * 256 * 32 * 4        # one layer's keys and values of a 256-token block: 2 KV heads of 32, fp32
     config = EngineConfig(device="cpu", dtype="float32", prefill_chunk_tokens=128, kv_cache_dir=tmp_path,
-                          kv_device_bytes=0, kv_host_bytes=block, kv_disk_bytes=3 * block, max_num_seqs=8,
+                          kv_device_bytes=0, kv_host_bytes=block, kv_disk_bytes=(8 * 3 + 3) * block, max_num_seqs=8,
                           profile=HARDWARE)
     # admitted holding no full block, each crosses the 256-token block boundary while it decodes
     prompts = [PROMPT[:n] + PROMPT[:250 - n] for n in (180, 250, 220, 160, 200, 240, 150, 190)]
@@ -257,10 +258,13 @@ def test_preempted_requests_recompute_their_state(checkpoints, tmp_path):
     assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
 
 
-def test_a_corrupted_spilled_block_fails_only_its_request(checkpoints, oracle, tmp_path):
-    """A's 600-token prefill puts two blocks of its full-attention layer on disk; a flipped byte in the
-    first fails A alone (KVCorruptionError), while B, submitted beside it, keeps its own state and gets
-    transformers' tokens; the pools end at baseline."""
+@pytest.mark.parametrize("block", ["kv", "state"])
+def test_a_corrupted_spilled_block_fails_only_its_request(checkpoints, oracle, tmp_path, monkeypatch, block):
+    """Every block on disk. Just before a sweep, a byte is flipped in one of A's blocks in the
+    spill file — its full-attention layer's first KV block ("kv"), or the block its first linear
+    layer's state is in ("state", rewritten every sweep) — and A fails alone with
+    KVCorruptionError, while B, running beside it, keeps its own state and gets transformers'
+    tokens; the pools end at baseline."""
     name = "3lin1full-top2of8"
     path = checkpoints[name]
     a_prompt, b_prompt = [(i * 37) % 500 + 1 for i in range(600)], PROMPT[:100]
@@ -268,24 +272,74 @@ def test_a_corrupted_spilled_block_fails_only_its_request(checkpoints, oracle, t
 
     async def main():
         async with await Engine.open(path, config) as engine:
-            a = engine.stream(a_prompt, SamplingParams(max_new_tokens=400, ignore_eos=True)).__aiter__()
-            await a.__anext__()                  # A's prefill is done: its blocks are on disk
-            (spill,) = tmp_path.iterdir()
-            with open(spill, "r+b") as raw:      # a byte of the first block's keys
-                raw.seek(100)
-                byte = raw.read(1)
-                raw.seek(100)
-                raw.write(bytes([byte[0] ^ 0xFF]))
+            store, runner = engine._runtime.kv_store, engine._runtime.runner
+            real, flipped = runner.run, []
+
+            async def run(batch):
+                a_kv = next((kv for kv in batch.kv if kv.seq_id == 0), None)
+                if not flipped and a_kv is not None and a_kv.num_tokens >= 600:   # A decodes: its prefill is stored
+                    layer = 3 if block == "kv" else 0
+                    ref = store.tables.ref(0, layer, 0)
+                    assert ref.tier == "disk"
+                    (spill,) = tmp_path.iterdir()
+                    with open(spill, "r+b") as raw:
+                        raw.seek(ref.slot * store._disk().stride + 100)
+                        byte = raw.read(1)
+                        raw.seek(ref.slot * store._disk().stride + 100)
+                        raw.write(bytes([byte[0] ^ 0xFF]))
+                    flipped.append(layer)
+                return await real(batch)
+
+            monkeypatch.setattr(runner, "run", run)
+            a = asyncio.create_task(engine.generate(a_prompt, SamplingParams(max_new_tokens=40, ignore_eos=True)))
             b = asyncio.create_task(engine.generate(b_prompt, SamplingParams(max_new_tokens=NEW_TOKENS,
                                                                              ignore_eos=True)))
             with pytest.raises(KVCorruptionError, match="fails its checksum"):
-                async for _ in a:
-                    pass
-            return list((await b).token_ids), engine.pipeline_statistics()
+                await a
+            return list((await b).token_ids), engine.pipeline_statistics(), flipped
 
-    tokens, stats = asyncio.run(asyncio.wait_for(main(), 300))
+    tokens, stats, flipped = asyncio.run(asyncio.wait_for(main(), 300))
+    assert flipped == [3 if block == "kv" else 0]
     assert tokens == oracle(name, "greedy", b_prompt)
     assert all(pool.used == 0 for pool in stats.kv_blocks.by_tier().values())
+
+
+@pytest.mark.parametrize("tier", ["device", "host", "disk"])
+def test_the_state_lives_in_the_tier_the_kv_does(checkpoints, oracle, tmp_path, monkeypatch, tier):
+    """KV budgets that put every block on one tier: before each sweep, each linear layer of the
+    decoding sequence holds exactly ``state_blocks`` blocks there — the same count at any length —
+    and the tokens stay transformers'. The disk state is read ahead by the kv_load stage (no
+    unplanned read)."""
+    name = "3lin1full-top2of8"
+    path = checkpoints[name]
+    budget = {"device": dict(kv_device_bytes=2**24), "host": dict(kv_device_bytes=0, kv_host_bytes=2**24),
+              "disk": dict(kv_device_bytes=0, kv_host_bytes=0)}[tier]
+    config = dataclasses.replace(_config(name, "resident", path, tmp_path), kv_cache_dir=tmp_path, **budget)
+
+    async def main():
+        async with await Engine.open(path, config) as engine:
+            store, runner = engine._runtime.kv_store, engine._runtime.runner
+            real, seen = runner.run, []
+
+            async def run(batch):
+                for kv in batch.kv:
+                    if kv.num_tokens:
+                        seen.append((kv.num_tokens, [tuple(r.tier for r in store.tables.table(kv.seq_id, layer))
+                                                     for layer in (0, 1, 2)]))
+                return await real(batch)
+
+            monkeypatch.setattr(runner, "run", run)
+            out = await engine.generate(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+            loads = runner.kv.loader.statistics() if runner.kv is not None else None
+            return list(out.token_ids), seen, store.layout.state_blocks, loads, engine.pipeline_statistics()
+
+    tokens, seen, state_blocks, loads, pipeline = asyncio.run(main())
+    assert tokens == oracle(name, "greedy")
+    assert state_blocks >= 1 and len({n for n, _ in seen}) >= NEW_TOKENS - 1        # every decode sweep seen
+    assert all(tables == [(tier,) * state_blocks] * 3 for _, tables in seen)
+    if tier == "disk":
+        assert loads.read > 0 and loads.unplanned == 0
+    assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
 
 
 def test_spec_and_state_sizes(checkpoints):
@@ -305,14 +359,17 @@ def test_state_lives_on_the_handle_and_is_freed(store, tmp_path):
     if store == "contiguous":
         kv, close = SequenceKV(2, 1, 4, dtype=torch.float32, device=torch.device("cpu")), lambda: None
     else:
+        from tierflow.tiers.kv.layout import KVLayout
         paged = KVStore(num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
-                        block_tokens=4, device_blocks=8, host_blocks=0, disk_blocks=0, spill_dir=None)
+                        block_tokens=4, device_blocks=8, host_blocks=0, disk_blocks=0, spill_dir=None,
+                        layout=KVLayout(4, (0, None), state_blocks=2))     # 176 bytes of state in blocks of 128
         kv, close = paged.sequence(0), paged.close
-    state = (torch.ones(3, 4), torch.zeros(2, 4, 4))
+    state = (torch.ones(3, 4), torch.arange(32.0).view(2, 4, 4))
     assert kv.state(0) is None
     kv.set_state(0, state, 5)
     kv.append(1, torch.zeros(5, 1, 4), torch.zeros(5, 1, 4))
-    assert kv.state(0) is state and kv.num_tokens == 5
+    got = kv.state(0)
+    assert all(torch.equal(g, s) for g, s in zip(got, state)) and kv.num_tokens == 5
     kv.free()
     assert kv.state(0) is None
     close()
@@ -392,7 +449,8 @@ def test_the_published_config_plans_state_constant_and_kv_growing_in_full_layers
     assert costs.state_bytes == 36 * STATE_80B
     assert costs.kv_bytes_per_token == 12 * 2 * 2 * 256 * 2          # only the full-attention layers keep keys
     block = 256 * costs.kv_bytes_per_token_layer
-    state_blocks = -(-36 * STATE_80B // block)
+    state_blocks = 36 * -(-STATE_80B // block)          # each linear layer's state in whole blocks
+    assert costs.state_blocks(256) == -(-STATE_80B // block) == 5
     for context in (4096, 32768):
         assert costs.kv_blocks(context, 512, 256) == 12 * context // 256 + state_blocks
     assert costs.kv_read_blocks(4096, 256) == 12 * 16

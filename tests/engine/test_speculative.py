@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from tierflow import ConfigError, Engine, EngineConfig, SamplingParams, SpeculativeConfig
 from tierflow.engine.sampling import probabilities
 from tierflow.engine.proposers import NgramProposer
-from tierflow.engine.speculative import Candidates, Proposal, Verdict, verify
+from tierflow.engine.speculative import Candidates, NonFiniteRow, Proposal, Verdict, verify
 from tierflow.pipeline.batcher import Batcher
 from tierflow.testing import build_random_checkpoint, layer_copy, oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex
@@ -106,6 +106,16 @@ def test_greedy_tree_verification_follows_the_path_the_argmax_takes():
     assert verdict == Verdict((3, 5, 7, 1), 3, (0, 1, 3))
     chain = verify(logits[:4], (3, 5, 6), SamplingParams(), None)
     assert chain == Verdict((3, 5, 7), 2, (0, 1))
+
+
+def test_a_non_finite_row_fails_verification_only_where_the_walk_reaches_it():
+    logits = torch.full((3, 8), -1.0)
+    logits[0, 3], logits[1, 5] = 1.0, 1.0
+    logits[2] = float("nan")          # the row after candidate 1: reached only if it stands
+    assert verify(logits, (3, 6), SamplingParams(), None, bad={2}).tokens == (3, 5)      # 6 rejected first
+    with pytest.raises(NonFiniteRow) as caught:
+        verify(logits, (3, 5), SamplingParams(), None, bad={2})
+    assert (caught.value.row, caught.value.depth) == (2, 2)
 
 
 def test_sampled_tree_tokens_are_distributed_as_the_model_s_own():
@@ -401,11 +411,13 @@ def _spec(method: str, drafts, name: str) -> SpeculativeConfig:
 
 
 def _check_alternatives(method: str, stats) -> None:
-    """A chain accepts no alternative; a draft's tree does here (its next best tokens hold the
-    target's often enough), so the accepted path's KV was moved, not only cut."""
+    """A chain proposes no alternative; a draft's tree gets some accepted here (its next best
+    tokens hold the target's often enough), so the accepted path's KV was moved, not only cut.
+    Prompt lookup's alternatives depend on what the output repeats: ``test_prompt_lookup_trees``
+    checks them where they occur."""
     s = stats.speculative
     if not method.endswith("-tree"):
-        assert s.alternatives_accepted == 0
+        assert s.alternatives_proposed == s.alternatives_accepted == 0
     elif method == "draft-tree":
         assert s.alternatives_accepted > 0
 
@@ -437,12 +449,12 @@ def _greedy(new_tokens: int = NEW_TOKENS) -> SamplingParams:
 @pytest.mark.parametrize("placement", ["resident", "streamed"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_greedy_speculative_tokens_are_plain_decoding_s(checkpoints, drafts, name, placement, method):
-    path = checkpoints[name]
-    work = [(PROMPT, _greedy())]
+    path, prompt = checkpoints[name], PROMPT
+    work = [(prompt, _greedy())]
     plain, plain_stats, _, _ = asyncio.run(_generate(path, _config(path, placement), work))
     spec, stats, _, plan = asyncio.run(_generate(path, _config(path, placement, speculative=_spec(method, drafts, name)),
                                                  work))
-    assert spec == plain == [oracle_greedy(path, PROMPT, NEW_TOKENS)]
+    assert spec == plain == [oracle_greedy(path, prompt, NEW_TOKENS)]
     assert (placement == "streamed") == (set(plan.tiers[1:-1]) == {"disk"})
     s = stats.speculative
     assert s.method == method.removesuffix("-tree") and s.accepted_tokens > 0 and s.proposed_tokens > s.accepted_tokens
@@ -451,6 +463,21 @@ def test_greedy_speculative_tokens_are_plain_decoding_s(checkpoints, drafts, nam
     assert stats.tokens_generated == NEW_TOKENS
     assert stats.sweeps < plain_stats.sweeps                        # the point of it
     assert plain_stats.speculative is None
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3_moe", "mixtral"])
+def test_prompt_lookup_trees(checkpoints, tmp_path, small_blocks, name):
+    """Prompt lookup's alternatives (what followed other occurrences of the n-gram) are proposed
+    and some stand on these checkpoints' outputs; with every block on disk the tokens stay
+    transformers' greedy ones."""
+    path = checkpoints[name]
+    config = _config(path, "streamed", kv_cache_dir=tmp_path, kv_device_bytes=0, kv_host_bytes=0,
+                     speculative=dataclasses.replace(SPEC, tree_width=3))
+    tokens, stats, pipeline, _ = asyncio.run(_generate(path, config, [(PROMPT, _greedy())]))
+    assert tokens == [oracle_greedy(path, PROMPT, NEW_TOKENS)]
+    s = stats.speculative
+    assert s.alternatives_proposed > s.alternatives_accepted > 0
+    assert all(pool.used == 0 for pool in pipeline.kv_blocks.by_tier().values())
 
 
 TIERS = {"device": dict(kv_device_bytes=2**20),
@@ -577,8 +604,8 @@ def test_a_seeded_speculating_request_is_reproducible_and_logprobs_follow_each_t
 
 def test_the_target_is_planned_in_the_device_memory_the_draft_leaves(checkpoints, drafts, monkeypatch):
     """The draft's weights (resident, in the compute dtype) and its KV for the engine's reservation
-    come off the device memory the target's plan may use; the engine's hardware report stays the
-    machine's."""
+    (kv_reserve_tokens, all sequences together) come off the device memory the target's plan may
+    use; the engine's hardware report stays the machine's."""
     from tierflow.engine import planning
     path, draft = checkpoints["llama"], drafts["llama"]
     seen = []
@@ -593,7 +620,7 @@ def test_the_target_is_planned_in_the_device_memory_the_draft_leaves(checkpoints
     index = CheckpointIndex.open(draft)
     weights = sum(t.nbytes for u in index.units for t in u.tensors)        # float32 checkpoint, float32 compute
     kv = 2 * index.spec.num_layers * index.spec.num_kv_heads * index.spec.head_dim * 4 * config.kv_reserve_tokens
-    reserved = weights + config.max_num_seqs * kv
+    reserved = weights + kv
     assert planning.draft_bytes(config, torch.float32) == reserved
     assert seen[0].device_memory_bytes == HARDWARE["hardware"]["device_memory_bytes"] - reserved     # the target's
     assert hardware.device_memory_bytes == HARDWARE["hardware"]["device_memory_bytes"]

@@ -13,7 +13,8 @@ without touching them; a block's tensors are fetched only when iteration reaches
 block off the device then comes from the kv_load stage, which has been reading it ahead).
 
 A linear-attention layer (Gated DeltaNet) keeps no KV: its whole memory of a sequence is a
-fixed-size state the handle holds (``state`` / ``set_state``), read and replaced once per sweep.
+fixed-size state the handle holds (``state`` / ``set_state``), read and replaced once per sweep
+(the paged store keeps it in pool blocks of any tier: ``tiers/kv/state.py``).
 
 The full handle protocol, with what the sweep and the engine use besides, is
 ``tiers.kv.handle.KVHandle``; it lives below the stores, and this part here because adapters

@@ -23,10 +23,12 @@ What differs from Qwen3-MoE, each as transformers' ``modeling_qwen3_next`` compu
 - The multi-token-prediction head (``mtp.*``) is not used: tierflow decodes one token per sweep; the
   checkpoint index ignores its tensors with a log line.
 
-The state stays in device memory, beside the paged store's tails, whichever tier the KV blocks
-are on: every sweep that computes a sequence reads and replaces all of it, so paging it out would
-move its bytes twice per sweep for nothing, and a sequence only exists while it runs (a preempted
-one is recomputed, its new handle's state from zeros). It is freed with the handle. A state is the
+The adapter only asks the handle for the state and gives the new one back. The paged store keeps
+it in pool blocks like KV (``tiers/kv/state.py``): on the device while the device pool has room,
+else on host or disk, read ahead by the kv_load stage and written by the kv_spill stage
+(checksummed on disk), so a sweep that computes a sequence reads its state and writes it anew; the
+contiguous store keeps it in device memory. It is freed with the handle (a preempted sequence is
+recomputed, its new handle's state from zeros). A state is the
 sequence's whole past, not a function of a block of tokens: it cannot be rolled back (``truncate``
 below it fails the sequence, ``adapters.kv.HeldState``), and the prefix cache, which restores KV
 blocks, cannot serve these models (``stages/prefix.py`` refuses it by name).

@@ -301,8 +301,10 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
     less a margin); all of them together never more than ``max_num_seqs`` sequences of the
     whole context window hold."""
     bt = plan.kv_block_tokens
-    layout = KVLayout(bt, tuple(spec.window(layer) for layer in range(spec.num_layers)))   # windows keep rings
     per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
+    state = spec.linear_state_bytes(dtype.itemsize) if spec.linear_layers else 0
+    # windows keep rings; a linear-attention layer's state takes whole blocks
+    layout = KVLayout(bt, tuple(spec.window(layer) for layer in range(spec.num_layers)), -(-state // per_block))
     bound = config.max_num_seqs * layout.most_blocks(context_window(config, spec), plan.prefill_chunk_tokens)
     device_blocks = config.kv_device_bytes // per_block if config.kv_device_bytes is not None else \
         plan.kv_blocks["device"]

@@ -34,7 +34,8 @@ from tierflow.engine.requests import Detokenizer, Request
 from tierflow.engine.sampling import make_generator, nonfinite_rows, sample, token_logprob
 from tierflow.adapters.tree import TreeMask
 from tierflow.engine.proposers import DraftProposer, NgramProposer
-from tierflow.engine.speculative import Candidates, SpeculationCounter, SpeculationLength, Verdict, verify
+from tierflow.engine.speculative import (Candidates, NonFiniteRow, SpeculationCounter, SpeculationLength, Verdict,
+                                        verify)
 from tierflow.errors import ConfigError, KVCapacityError, RequestError, TierCapacityError, TierflowError
 from tierflow.outputs import TokenLogprob
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
@@ -280,18 +281,25 @@ class Driver:
             rows = range(row, row + (item.num_tokens if req.score else item.num_draft + 1 if item.sample else 0))
             row = rows.stop
             chosen: tuple[int, ...] | None = None
-            if any(r in bad for r in rows):
+            if item.num_draft and not req.score:
+                # only the rows the walk samples from matter: a rejected candidate's row is one plain
+                # decoding never computes
+                candidates = drafts[req.id].cut(item.num_draft)
+                try:
+                    verdicts[index] = verify(logits[rows.start:rows.stop], candidates.tokens, req.params,
+                                             req.generator, parents=None if candidates.is_chain else candidates.parents,
+                                             bad={r - rows.start for r in rows if r in bad})
+                    chosen = verdicts[index].tokens
+                except NonFiniteRow as exc:       # the row predicting the next kept position
+                    known = item.start + item.num_tokens - item.num_draft
+                    failures[index] = _nonfinite_error(req, known + exc.depth, bad[rows.start + exc.row])
+            elif any(r in bad for r in rows):
                 first = next(r for r in rows if r in bad)
-                position = item.start + item.num_tokens - item.num_draft + first - rows.start if not req.score \
+                position = item.start + item.num_tokens + first - rows.start if not req.score \
                     else item.start + first - rows.start + 1
                 failures[index] = _nonfinite_error(req, position, bad[first])
             elif req.score:
                 req.logits.append(logits[rows.start:rows.stop])
-            elif item.num_draft:
-                candidates = drafts[req.id].cut(item.num_draft)
-                verdicts[index] = verify(logits[rows.start:rows.stop], candidates.tokens, req.params, req.generator,
-                                         parents=None if candidates.is_chain else candidates.parents)
-                chosen = verdicts[index].tokens
             elif item.sample:
                 chosen = (sample(logits[rows.start], req.params, req.generator),)
             tokens.append(chosen)

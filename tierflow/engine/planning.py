@@ -182,10 +182,9 @@ async def plan_engine(index: CheckpointIndex, config: EngineConfig, device: torc
 
 def draft_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
     """What a draft model (``config.speculative.model``) keeps in device memory beside the
-    target: its weights in the compute dtype, all resident, and the KV of the engine's KV
-    reservation (``kv_reserve_tokens``) for each of ``max_num_seqs`` requests, at most its own
-    context window each. A draft that cannot be opened is the draft's open's error to report:
-    0 here."""
+    target: its weights in the compute dtype, all resident, and its KV for the engine's KV
+    reservation (``kv_reserve_tokens``, all sequences together, as the target plans its own).
+    A draft that cannot be opened is the draft's open's error to report: 0 here."""
     assert config.speculative is not None and config.speculative.model is not None
     try:
         index = CheckpointIndex.open(config.speculative.model)
@@ -195,8 +194,7 @@ def draft_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
     weights = sum(u.resident_bytes for u in costs.units)
     if costs.experts is not None:
         weights += costs.experts.all_resident_bytes
-    tokens = min(max(1, config.kv_reserve_tokens), index.spec.max_position_embeddings)
-    return weights + config.max_num_seqs * tokens * costs.kv_bytes_per_token
+    return weights + max(1, config.kv_reserve_tokens) * costs.kv_bytes_per_token
 
 
 def without_draft(hw: HardwareProfile, overrides: Overrides, reserved: int) -> tuple[HardwareProfile, Overrides]:

@@ -42,7 +42,7 @@ alternatives, and after a rejection the driver checks which rank, if any, held t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Container, Sequence
 
 import torch
 
@@ -104,12 +104,22 @@ class Verdict:
     path: tuple[int, ...] = ()  # the accepted candidates' indices (0 .. accepted - 1 for a chain)
 
 
+class NonFiniteRow(Exception):
+    """The walk reached a row of logits that cannot be sampled from (``bad``): the request fails."""
+
+    def __init__(self, row: int, depth: int) -> None:
+        super().__init__(f"row {row} of the verified logits is not finite")
+        self.row, self.depth = row, depth      # depth: tokens accepted before it
+
+
 def verify(logits: torch.Tensor, draft: Sequence[int], params: SamplingParams,
-           generator: torch.Generator | None, parents: Sequence[int] | None = None) -> Verdict:
+           generator: torch.Generator | None, parents: Sequence[int] | None = None,
+           bad: Container[int] = ()) -> Verdict:
     """Which of ``draft`` stand, from float32 host ``logits`` [len(draft) + 1, vocab]: row 0 is
     the model's prediction after the last known token, row i + 1 after candidate i and its
     ancestors. ``parents`` (default: a chain) gives each candidate's parent (-1: the last known
-    token)."""
+    token). Rows in ``bad`` (not finite) raise ``NonFiniteRow`` when the walk reaches one, and
+    only then: a row past the first rejection is one plain decoding never computes."""
     if len(draft) + 1 != logits.shape[0]:
         raise ValueError(f"{len(draft)} proposed tokens need {len(draft) + 1} logit rows, got {logits.shape[0]}")
     parents = range(-1, len(draft) - 1) if parents is None else parents
@@ -120,6 +130,8 @@ def verify(logits: torch.Tensor, draft: Sequence[int], params: SamplingParams,
     path: list[int] = []
     node = -1
     while True:
+        if node + 1 in bad:
+            raise NonFiniteRow(node + 1, len(tokens))
         choice = sample(logits[node + 1], params, generator)     # what plain decoding would emit here
         node = next((c for c in children.get(node, ()) if draft[c] == choice), None)
         if node is None:
@@ -143,7 +155,7 @@ class SpeculationLength:
     measurements), per context length rounded to a ``CONTEXT_STEP`` (memoised: it changes
     slowly)."""
 
-    PRIOR, PRIOR_HIT, PRIOR_PROPOSALS, CONTEXT_STEP = 0.5, 0.1, 8, 256
+    PRIOR, PRIOR_HIT, PRIOR_PROPOSALS, CONTEXT_STEP = 0.5, 0.05, 8, 256
 
     def __init__(self, rt: "Runtime", config: SpeculativeConfig, counter: "SpeculationCounter") -> None:
         self.fixed = config.num_speculative_tokens if isinstance(config.num_speculative_tokens, int) else None
@@ -187,9 +199,9 @@ class SpeculationCounter:
         self.method = method
         self.proposed = self.accepted = self.steps = self.emitted = 0
         self.chain_proposed = self.chain_accepted = 0
-        self.rejections = 0                       # chain positions rejected where alternatives were known
+        self.rejections = 0                       # chain positions rejected (a step's first, if any)
         self.alternative_hits: dict[int, int] = {}  # rank among the alternatives → times it held the model's token
-        self.alternatives_accepted = 0
+        self.alternatives_proposed = self.alternatives_accepted = 0
 
     def add(self, candidates: Candidates, verdict: Verdict, emitted: int) -> None:
         """One request verified ``candidates`` in a sweep, ``verdict`` says what stood, and
@@ -202,15 +214,17 @@ class SpeculationCounter:
         self.emitted += emitted
         self.chain_proposed += chain
         self.chain_accepted += on_chain
+        self.alternatives_proposed += len(candidates) - chain
         self.alternatives_accepted += verdict.accepted - on_chain
         alternatives = candidates.proposal.alternatives
-        if on_chain < chain and on_chain < len(alternatives) and alternatives[on_chain]:
-            self.rejections += 1                  # the model's token at the rejected position, among the ranks
+        if on_chain < chain:     # the chain was rejected here: was the model's token among the ranks?
+            self.rejections += 1
+            others = alternatives[on_chain] if on_chain < len(alternatives) else ()
             token = verdict.tokens[on_chain]
-            if token in alternatives[on_chain]:
-                rank = alternatives[on_chain].index(token)
+            if token in others:
+                rank = others.index(token)
                 self.alternative_hits[rank] = self.alternative_hits.get(rank, 0) + 1
 
     def statistics(self) -> SpeculativeStats:
         return SpeculativeStats(self.method, self.proposed, self.accepted, self.steps, self.emitted,
-                                self.alternatives_accepted)
+                                self.alternatives_proposed, self.alternatives_accepted)

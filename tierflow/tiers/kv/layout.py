@@ -7,7 +7,9 @@ A sliding-window layer keeps a ring: before a sweep whose earliest query is at p
 appends, every block wholly before ``q - window + 1`` (the first key that query sees, and so
 any later one) goes back to its pool. So a layer holding keys up to ``end`` (exclusive) whose
 next query is at ``q`` holds ``end // bt - max(0, q - window + 1) // bt`` blocks. A window of 0 is
-a linear-attention layer (Qwen3-Next's Gated DeltaNet): it keeps no keys and holds no block.
+a linear-attention layer (Qwen3-Next's Gated DeltaNet): it keeps no keys, only a fixed-size state
+per sequence, which the paged store keeps in ``state_blocks`` pool blocks from the sequence's
+first token on, whatever its length (``tiers/kv/paged.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 class KVLayout:
     block_tokens: int
     windows: tuple[int | None, ...]              # per layer: its sliding window, None for full attention
+    state_blocks: int = 0                        # blocks one linear-attention layer's (window 0) state takes
     _groups: tuple[tuple[int | None, int], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -47,9 +50,9 @@ class KVLayout:
 
     def layer_blocks(self, window: int | None, first_query: int, end: int) -> int:
         """Pool blocks one layer holds with keys up to ``end`` and its earliest query at ``first_query``
-        (none for a window of 0: a linear-attention layer, which keeps no keys)."""
+        (a window of 0, a linear-attention layer, keeps no keys: its state's blocks once it has a token)."""
         if window == 0:
-            return 0
+            return self.state_blocks if end > 0 else 0
         return max(0, end // self.block_tokens - self.first_kept_block(window, first_query))
 
     def blocks(self, first_query: int, end: int) -> int:
@@ -66,7 +69,7 @@ class KVLayout:
         """The most pool blocks a sequence of up to ``max_tokens`` tokens, computed at most
         ``chunk_tokens`` per sweep, ever holds (a ring's peak is during a prefill chunk)."""
         full = max_tokens // self.block_tokens
-        return sum(count * (full if w is None else 0 if w == 0 else
+        return sum(count * (full if w is None else (self.state_blocks if max_tokens > 0 else 0) if w == 0 else
                             min(full, (chunk_tokens + w - 1) // self.block_tokens + 1))
                    for w, count in self._groups)
 

@@ -52,6 +52,7 @@ from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, KVPoolsStats
 from tierflow.adapters.kv import HeldState
 from tierflow.tiers.kv.handle import BlockIO, KVBlock, KVBlocks, OffDevice
 from tierflow.tiers.kv.layout import KVLayout
+from tierflow.tiers.kv.state import pack_state, state_meta, unpack_state
 from tierflow.tiers.plan.costmodel import kv_read_window
 
 # Two reads in flight: on a 2-core machine four reader threads took CPU from the compute they
@@ -255,22 +256,41 @@ class PagedSequenceKV:
         self._tails: list[torch.Tensor | None] = [None] * store.num_layers
         self._fresh: list[dict[int, torch.Tensor]] = [{} for _ in range(store.num_layers)]
         self.failure: BaseException | None = None     # set by ``fail``: why this sequence's KV is unusable
-        self._states: dict[int, HeldState] = {}   # linear-attention layers' states, on the device
+        self._states: dict[int, HeldState] = {}   # linear-attention layers: what each state looks like (meta)
 
     @property
     def num_tokens(self) -> int:
         return min(self._lengths)
 
     def state(self, layer: int) -> tuple[torch.Tensor, ...] | None:
-        """A linear-attention layer's state (None before its first token): fixed size, kept on the
-        device beside the tails; the layer holds no pool block."""
+        """A linear-attention layer's state (None before its first token): copies of its tensors,
+        unpacked from the layer's state blocks wherever they are — a device pool view, else
+        through the current ``BlockIO`` (in a sweep the kv_load stage, which read it ahead; a
+        disk block's checksum is checked there)."""
         held = self._states.get(layer)
-        return None if held is None else held.at(layer, self._lengths[layer])
+        if held is None:
+            return None
+        held.at(layer, self._lengths[layer])             # refuses a state after more tokens than the layer holds
+        store, tables = self.store, self.store.tables
+        blocks = []
+        for index, ref in enumerate(tables.table(self.seq_id, layer)):
+            blocks.append(store.pool_block(ref) if ref.tier == "device" else
+                          store.io.load(self.seq_id, layer, index, ref))
+        return unpack_state(blocks, held.tensors)
 
     def set_state(self, layer: int, state: tuple[torch.Tensor, ...], tokens: int) -> None:
-        """Replace the layer's state; its ``tokens`` new tokens count as stored."""
+        """Replace the layer's state; its ``tokens`` new tokens count as stored. The old state's
+        blocks go back to their pools (``state`` copied them out) and the new one is committed
+        to fresh blocks like a full KV block — the fastest tier with room, a host or disk block
+        through the current ``BlockIO`` (in a sweep, the kv_spill stage, after the layer's compute)."""
+        store, tables = self.store, self.store.tables
+        packed = pack_state(state, store.block_shape, store.dtype, store.layout.state_blocks)
+        self._fresh[layer] = {}
+        tables.release_from(self.seq_id, layer, 0)
+        for block in packed:
+            self._commit(layer, block)
         self._lengths[layer] += tokens
-        self._states[layer] = HeldState(state, self._lengths[layer])
+        self._states[layer] = HeldState(state_meta(state), self._lengths[layer])    # what it looks like
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``/``v`` [n, kv_heads, head_dim]; full blocks are committed as they fill. A
@@ -296,6 +316,8 @@ class PagedSequenceKV:
         """Release the layer's blocks wholly before what a query at ``first_query`` sees (never
         one the current BlockIO may still load: see the module)."""
         store = self.store
+        if store.layout.windows[layer] == 0:        # a linear-attention layer: its blocks are its state
+            return
         keep = store.layout.first_kept_block(store.layout.windows[layer], first_query)
         if keep <= store.tables.first_held(self.seq_id, layer):
             return
@@ -313,10 +335,14 @@ class PagedSequenceKV:
         block it falls inside becomes the tail again, its kept tokens copied back from whichever
         tier holds it (a disk block is read back: its write landed with the sweep), and its slot
         is freed, so no pool holds a rejected token. A ring's released blocks all lie before the
-        sweep's first query, so rolling back never needs one."""
+        sweep's first query, so rolling back never needs one. A linear-attention layer's state
+        cannot be rolled back: it stays as it is, and ``state`` refuses it."""
         bt, store, tables = self.store.block_tokens, self.store, self.store.tables
         for layer in range(self.num_layers):
             if num_tokens >= self._lengths[layer]:
+                continue
+            if store.layout.windows[layer] == 0:     # a state cannot be cut back: ``state`` refuses it from now on
+                self._lengths[layer] = num_tokens
                 continue
             keep, fill = divmod(num_tokens, bt)
             if keep < tables.first_held(self.seq_id, layer):
@@ -403,6 +429,9 @@ class PagedSequenceKV:
         return KVBlocks(spans, fetch)
 
     def off_device(self, layer: int, first_position: int = 0) -> tuple[OffDevice, ...]:
+        if self.store.layout.windows[layer] == 0:       # a linear-attention layer: all its state's blocks
+            return tuple(OffDevice(i, ref) for i, ref in enumerate(self.store.tables.table(self.seq_id, layer))
+                         if ref.tier != "device")
         first, base, held = self._held(layer, first_position)
         return tuple(OffDevice(i, ref) for i, ref in enumerate(held[first - base:], start=first)
                      if ref.tier != "device")

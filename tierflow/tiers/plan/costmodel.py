@@ -14,9 +14,9 @@ Sliding-window layers (``ModelCosts.windows``) are bounded by their window: the 
 keeps a ring of blocks per such layer (``tiers/kv/layout.py``, whose arithmetic the planner
 shares), so a sequence holds ``kv_blocks`` — every block of a full-attention layer, a ring's
 peak (during a prefill chunk) of a windowed one — and a query reads at most a window's keys.
-A linear-attention layer (window 0) holds no block; its fixed-size state per sequence
-(``ModelCosts.state_bytes``, the same at any context) is counted in ``kv_blocks`` as the blocks'
-worth of bytes it takes.
+A linear-attention layer (window 0) keeps no keys; its fixed-size state per sequence
+(``ModelCosts.state_bytes`` over all such layers, the same at any context) lives in pool blocks
+like KV (``state_blocks`` per layer, whole blocks), which ``kv_blocks`` counts through the layout.
 
 Routed experts in a packed format (gpt-oss's MXFP4, ``PACKED_TENSORS``) are read and cached as
 they are stored — ``ExpertStage`` keeps a read buffer whose tensors need no cast as read — so an
@@ -118,16 +118,23 @@ class ModelCosts:
         return self.windows or (None,) * self.num_layers
 
     def kv_layout(self, block_tokens: int) -> KVLayout:
-        """The blocks a sequence's KV holds per layer, rings for the sliding-window layers."""
-        return KVLayout(block_tokens, self.layer_windows)
+        """The blocks a sequence's KV holds per layer, rings for the sliding-window layers, the
+        state's blocks for the linear-attention ones."""
+        return KVLayout(block_tokens, self.layer_windows, self.state_blocks(block_tokens))
+
+    def state_blocks(self, block_tokens: int) -> int:
+        """Blocks of ``block_tokens`` one linear-attention layer's state takes (0: none has one)."""
+        linear = sum(1 for w in self.layer_windows if w == 0)
+        if not linear or not self.state_bytes:
+            return 0
+        return -(-(self.state_bytes // linear) // (block_tokens * self.kv_bytes_per_token_layer))
 
     def kv_blocks(self, context_tokens: int, chunk_tokens: int, block_tokens: int) -> int:
         """The most blocks one sequence of ``context_tokens``, computed ``chunk_tokens`` a sweep,
         holds over all layers: every block of a full-attention layer (its last, partly filled
         one counted whole), a sliding-window layer's ring at its peak."""
         whole = -(-context_tokens // block_tokens) * block_tokens
-        state = -(-self.state_bytes // (block_tokens * self.kv_bytes_per_token_layer))   # counted as blocks' bytes
-        return self.kv_layout(block_tokens).most_blocks(whole, chunk_tokens) + state
+        return self.kv_layout(block_tokens).most_blocks(whole, chunk_tokens)
 
     def kv_read_blocks(self, context_tokens: int, block_tokens: int, full_share: float = 1.0) -> float:
         """Blocks a query after ``context_tokens`` reads over all layers: ``full_share`` of a
