@@ -1,10 +1,11 @@
 """Mixture-of-experts benchmark: decode reads only the experts the router picks, and MXFP4
 experts cost a quarter of the bytes of bf16 ones.
 
-    python bench/moe.py [--out DIR] [--results JSON] [--sections mixtral,gpt-oss] [--new-tokens N]
-                        [--cache-share 0.25] [--gpt-oss-tokens N] [--rounds R]
+    python bench/moe.py [--out DIR] [--results JSON] [--sections mixtral,gpt-oss,qwen3-next,qwen3-next-long]
+                        [--new-tokens N] [--cache-share 0.25] [--gpt-oss-tokens N] [--rounds R]
+                        [--long-contexts 2048,16384]
 
-One run (both sections by default):
+One run (every section by default):
 
 Mixtral rows —
   1. builds (or reuses) a random Mixtral-shape checkpoint in DIR/model (hidden 1024, 4 layers,
@@ -40,6 +41,12 @@ gpt-oss rows —
      MXFP4 ÷ bf16 ratios of bytes and time; whether the tokens are identical; and the other CPU
      load during each run (the machine is shared).
 
+Qwen3-Next rows (``bench/_qwen3_next.py``) — a random Qwen3-Next-shape checkpoint (Gated DeltaNet
+and gated full attention, 128 small experts, 10 routed per token, a shared expert; 1.7 GB):
+bytes read per decode token against the router's statistics, with and without the expert
+cache; and (qwen3-next-long) the peak RSS of an all-linear-attention model and of a hybrid one
+at each of --long-contexts, each in a fresh process.
+
 Writes the JSON (--results, default DIR/moe.json) and a PNG chart of the headline ratios beside it.
 The engines get a hardware profile (PROFILE): it only sizes the placement (the dense part fits
 resident either way; the expert cache is set explicitly), and it spares the probe, whose compute
@@ -60,6 +67,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CpuMonitor, loadavg, write_results  # noqa: E402
 from _gpt_oss import GptOssShape, build_pair, report_gpt_oss, summarize  # noqa: E402
+import _qwen3_next  # noqa: E402
 
 from tierflow import Engine, EngineConfig, SamplingParams  # noqa: E402
 from tierflow.testing import build_random_checkpoint  # noqa: E402
@@ -71,13 +79,15 @@ PROFILE = {"version": 1, "hardware": {"device": "cpu", "device_memory_bytes": 16
                                       "host_memory_bytes": 16 * 2**30, "disk_read_gbps": 1.0,
                                       "decode_gbps": 20.0, "prefill_tflops": 0.1}}
 FORMATS = ("mxfp4", "bf16")
+SECTIONS = ("mixtral", "gpt-oss", "qwen3-next", "qwen3-next-long")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/out/moe"))
     p.add_argument("--results", type=Path, help="where to write the JSON (default DIR/moe.json)")
-    p.add_argument("--sections", default="mixtral,gpt-oss", help="comma-separated: mixtral, gpt-oss")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    p.add_argument("--long-contexts", default="2048,16384", help="qwen3-next-long: prompt lengths")
     p.add_argument("--new-tokens", type=int, default=24, help="Mixtral rows: greedy tokens per run")
     p.add_argument("--cache-share", type=float, default=0.25, help="expert cache as a share of all experts' bytes")
     p.add_argument("--gpt-oss-tokens", type=int, default=8, help="gpt-oss rows: greedy tokens per run")
@@ -225,7 +235,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (["mixtral"] if "mixtral" in result else []) + (["bytes", "time"] if "gpt_oss" in result else [])
+    panels = (["mixtral"] if "mixtral" in result else []) + (["bytes", "time"] if "gpt_oss" in result else []) + \
+        (["qwen3-next"] if "routed" in result.get("qwen3_next", {}) else []) + \
+        (["qwen3-next-long"] if "long_context" in result.get("qwen3_next", {}) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), dpi=90, squeeze=False)
     for ax, key in zip(axes[0], panels):
         if key == "mixtral":
@@ -237,6 +249,29 @@ def chart(result: dict[str, Any], path: Path) -> None:
             ax.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=6)
             ax.set_ylabel("÷ reading every expert")
             ax.set_title("Mixtral shape: routed reads", fontsize=9)
+            ax.legend(fontsize=7)
+            continue
+        if key == "qwen3-next":
+            runs = result["qwen3_next"]["routed"]["runs"]
+            names = list(runs)
+            x = range(len(names))
+            ax.bar([i - 0.2 for i in x], [runs[n]["bytes_per_token"] / 1e6 for n in names], 0.4, label="read")
+            ax.bar([i + 0.2 for i in x], [runs[n]["expected_bytes_per_token"] / 1e6 for n in names], 0.4,
+                   label="expected from the router")
+            ax.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=6)
+            ax.set_ylabel("MB per decode token")
+            ax.set_title("Qwen3-Next shape: routed reads", fontsize=9)
+            ax.legend(fontsize=7)
+            continue
+        if key == "qwen3-next-long":
+            lc = result["qwen3_next"]["long_context"]
+            for offset, (name, row) in zip((-0.2, 0.2), lc["models"].items()):
+                ax.bar([i + offset for i in range(len(lc["contexts"]))],
+                       [row["contexts"][str(t)]["peak_rss_bytes"] / 2**20 for t in lc["contexts"]], 0.4,
+                       label=f"{name} (x{row['peak_rss_ratio']:.2f})")
+            ax.set_xticks(range(len(lc["contexts"])), [f"{t} tokens" for t in lc["contexts"]], fontsize=7)
+            ax.set_ylabel("peak RSS, MiB")
+            ax.set_title("Qwen3-Next: memory vs context", fontsize=9)
             ax.legend(fontsize=7)
             continue
         summary = result["gpt_oss"]["summary"]
@@ -263,19 +298,27 @@ def report(result: dict[str, Any]) -> None:
         report_mixtral(result["mixtral"])
     if "gpt_oss" in result:
         report_gpt_oss(result["gpt_oss"])
+    if "qwen3_next" in result:
+        _qwen3_next.report(result["qwen3_next"])
 
 
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    if not sections or sections - {"mixtral", "gpt-oss"}:
-        raise SystemExit(f"--sections takes mixtral and/or gpt-oss, got {args.sections!r}")
+    if not sections or sections - set(SECTIONS):
+        raise SystemExit(f"--sections takes some of {', '.join(SECTIONS)}, got {args.sections!r}")
     result: dict[str, Any] = {"command": "python bench/moe.py " + shlex.join(sys.argv[1:]), "loadavg_before": loadavg()}
     if "mixtral" in sections:
         result["mixtral"] = mixtral_section(args)
     if "gpt-oss" in sections:
         result["gpt_oss"] = gpt_oss_section(args)
+    if "qwen3-next" in sections:
+        result.setdefault("qwen3_next", {})["routed"] = _qwen3_next.routed_section(
+            args.out, decode, asyncio.run, args.new_tokens, args.cache_share)
+    if "qwen3-next-long" in sections:
+        result.setdefault("qwen3_next", {})["long_context"] = _qwen3_next.long_context_section(
+            args.out, [int(t) for t in args.long_contexts.split(",")], PROFILE)
     result["loadavg_after"] = loadavg()
     write_results(result, args.results or args.out / "moe.json", chart, report)
 
