@@ -90,6 +90,16 @@ class WouldBlock(TierflowError):
     is full or empty); the blocking twin of the call would have waited."""
 
 
+class NonFiniteRow(TierflowError):
+    """Speculative verification reached a row of logits that cannot be sampled from (NaN, +inf
+    or all -inf); the driver turns it into the request's RequestError. ``row``: the row among
+    the verified ones; ``depth``: the tokens accepted before it."""
+
+    def __init__(self, row: int, depth: int) -> None:
+        super().__init__(f"row {row} of the verified logits is not finite")
+        self.row, self.depth = row, depth
+
+
 class ClosedResourceError(TierflowError, RuntimeError):
     """A slot ring, channel or CUDA event bridge was used after ``close()``. Also a
     ``RuntimeError``, which is what the event bridge raised before this had a name."""

@@ -325,3 +325,56 @@ def test_plan_weighs_candidate_trees_at_stated_alternative_hit_rates(capsys, lla
         assert status == 2 and "--alternative-hits must be" in err
     status, _, err = cli(capsys, "plan", llama_8b, "--profile", rtx_profile, "--alternative-hits", "0.4")
     assert status == 2 and "needs --acceptance" in err
+
+
+def test_plan_prices_the_expert_cache_by_measured_routing(capsys, tmp_path):
+    """A tiny MoE engine's run records its router's picks; ``tierflow plan --routing`` on that
+    file prices the expert cache by them: the hit rate the plan assumes is the curve's at the
+    experts per layer it caches, not the cache's share of all experts."""
+    from tierflow.testing import build_random_checkpoint
+    from tierflow.tiers.plan.routing import RoutingStats
+    from tierflow.tiers.probe.profile import save_routing
+
+    model = build_random_checkpoint(tmp_path / "mixtral", "mixtral", num_layers=2, num_local_experts=8,
+                                    num_experts_per_tok=2)
+
+    async def run():
+        async with await Engine.open(model, EngineConfig(device="cpu", dtype="float32", expert_cache_bytes=0,
+                                                         profile={"version": 1, "hardware": CPU_MACHINE})) as engine:
+            await engine.generate([1, 2, 3], SamplingParams(max_new_tokens=24, ignore_eos=True))
+            return engine.pipeline_statistics().experts.routing
+
+    routing = asyncio.run(run())
+    assert routing.requests > 0 and routing.num_experts == 8
+    path = tmp_path / "routing.json"
+    save_routing(routing, path)
+    profile = write_profile(tmp_path / "cpu.json", CPU_MACHINE)
+    args = ("plan", model, "--profile", profile, "--json", "--device-memory", "5MiB")    # room for some experts
+    status, out, err = cli(capsys, *args)
+    assert status == 0, err
+    uniform = json.loads(out)
+    status, out, err = cli(capsys, *args, "--routing", path)
+    assert status == 0, err
+    measured = json.loads(out)
+    assert uniform["routing"] == "uniform" and measured["routing"] == "measured"
+    expert = CheckpointIndex_expert_bytes(model)
+    assert 0 < uniform["expert_cache_bytes"] < 16 * expert        # a part of the 2 x 8 experts
+    assert uniform["expert_hit_rate"] == pytest.approx(uniform["expert_cache_bytes"] / (16 * expert))
+    per_layer = measured["expert_cache_bytes"] // expert // 2
+    assert 0 < per_layer < 8
+    assert measured["expert_hit_rate"] == pytest.approx(routing.hit_rate(per_layer))
+    assert measured["expert_hit_rate"] != pytest.approx(uniform["expert_hit_rate"])
+    status, out, _ = cli(capsys, "plan", model, "--profile", profile, "--device-memory", "5MiB", "--routing", path)
+    assert status == 0 and "(measured routing)" in out
+    other = RoutingStats(4, requests=1, cold=1)
+    save_routing(other, tmp_path / "other.json")
+    for bad, why in ((tmp_path / "other.json", "measured over 4 experts per layer"),
+                     (tmp_path / "none.json", "could not read")):
+        status, _, err = cli(capsys, *args, "--routing", bad)
+        assert status == 2 and why in err
+
+
+def CheckpointIndex_expert_bytes(model) -> int:
+    """What one cached expert holds (float32 checkpoint, float32 compute: its read)."""
+    from tierflow.tiers.checkpoint.index import CheckpointIndex
+    return max(e.buffer_bytes for e in CheckpointIndex.open(model).experts.values())

@@ -21,7 +21,8 @@ from hypothesis import given, settings, strategies as st
 from tierflow import ConfigError, Engine, EngineConfig, SamplingParams, SpeculativeConfig
 from tierflow.engine.sampling import probabilities
 from tierflow.engine.proposers import NgramProposer
-from tierflow.engine.speculative import Candidates, NonFiniteRow, Proposal, Verdict, verify
+from tierflow.engine.speculative import Candidates, Proposal, Verdict, verify
+from tierflow.errors import NonFiniteRow
 from tierflow.pipeline.batcher import Batcher
 from tierflow.testing import build_random_checkpoint, layer_copy, oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex
@@ -703,7 +704,7 @@ def test_auto_speculative_tokens_stay_exact_and_follow_the_measured_acceptance(c
         SpeculativeConfig(num_speculative_tokens="many")
 
 
-def _wrong_verify(logits, draft, params, generator, parents=None):
+def _wrong_verify(logits, draft, params, generator, parents=None, bad=()):
     """The rule with the plausible mistake of ``_wrong_rule``: a rejected proposal is drawn again
     from p itself (chains only: this test proposes no tree)."""
     assert parents is None

@@ -736,3 +736,31 @@ def test_preload_reads_everything_once(index, tensors, size):
     assert loaded.bytes_read == disk == LAYERS * EXPERTS * size and loaded.cached == LAYERS * EXPERTS
     assert after.bytes_read == loaded.bytes_read                  # every later request hits
     assert after.requests == after.hits == 2 * LAYERS and after.hit_rate == 1.0
+
+
+@pytest.mark.parametrize("cached", range(EXPERTS + 1))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_measured_routing_predicts_the_lru_parts_hits_at_every_size(index, size, cached, seed):
+    """The routing statistics a stage records (LRU stack distances of the router's picks) give,
+    for a cache of ``cached`` experts per layer, exactly the hits a stage of that size scores on
+    the same picks (no read-ahead: get and release, one layer at a time)."""
+    rng = random.Random(seed)
+    script = [(rng.randrange(LAYERS), rng.sample(range(EXPERTS), rng.randint(1, 3))) for _ in range(40)]
+
+    async def main():
+        reader = DiskReader(index.files, io_threads=2)
+        stage = ExpertStage(index.experts, reader, torch.float32, capacity_bytes=cached * LAYERS * size)
+        try:
+            for layer, experts in script:
+                await _get(stage, layer, experts)
+            return stage.statistics()
+        finally:
+            await stage.close()
+            reader.close()
+
+    stats = asyncio.run(main())
+    routing = stats.routing
+    assert routing.requests == stats.requests == sum(len(e) for _, e in script)
+    assert stats.prefetched == 0
+    assert routing.hits(cached) == stats.hits
+    assert routing.hits(EXPERTS) == routing.requests - routing.cold

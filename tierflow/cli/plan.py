@@ -27,7 +27,7 @@ from tierflow.tiers.plan.planner import plan
 from tierflow.tiers.plan.speculation import predict_speculation
 from tierflow.tiers.probe.probe import default_cache, probe
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, Profile
-from tierflow.tiers.probe.profile import load_profile, save_profile
+from tierflow.tiers.probe.profile import load_profile, load_routing, save_profile
 
 # Layer shapes the probe times when no model is given (a Llama-3.2-1B-sized layer).
 DEVICE_CHOICES = ["auto", "cpu", "cuda"]
@@ -71,6 +71,10 @@ def add_plan_commands(sub: Any, parse_size: Callable[[str], int]) -> None:
                         "decreasing, at which the first 1, 2, ... alternatives beside a rejected proposal hold "
                         "the model's token (e.g. 0.3,0.4); the best tree width is then predicted too "
                         "(default: chains only)")
+    p.add_argument("--routing", metavar="FILE",
+                   help="a MoE model's measured routing (the JSON save_routing(engine.pipeline_statistics()"
+                        ".experts.routing, FILE) writes): the expert cache's hit rate "
+                        "from it instead of uniform routing's (default: uniform)")
     p.add_argument("--json", action="store_true", help="print the plan as a JSON document (default: tables)")
     q = sub.add_parser("probe", help="measure this machine (memory, disk, PCIe, compute) and write a profile JSON")
     q.add_argument("--model", metavar="PATH", help="time this model's layer shapes and its directory's disk "
@@ -162,6 +166,8 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
     profile = load_profile(args.profile) if args.profile else None
     device_type = profile.hardware.device if profile and profile.hardware else _device(args.device).type
     costs, dtype, directory, bench = _model_costs(args.model, args.dtype, device_type)
+    if getattr(args, "routing", None) is not None:
+        costs = _with_routing(costs, args.routing)
     hw, source = await _hardware(args, profile, costs, dtype, directory, bench, console)
     overrides = profile.overrides if profile else Overrides()
     if args.device_memory is not None:
@@ -190,6 +196,22 @@ async def run_plan_command(args: argparse.Namespace, console: Console) -> None:
                             f"proposed tokens per sweep{tree}, {s.tokens_per_sweep:.2f} tokens per sweep, a sweep "
                             f"{format_seconds(s.sweep_s)} vs {format_seconds(s.plain_sweep_s)} plain "
                             f"({s.bottleneck}-bound): {s.speedup:.2f}x the tokens/s of one sequence")
+
+
+def _with_routing(costs: ModelCosts, path: str) -> ModelCosts:
+    """``--routing``: the hit rates of measured routing in place of uniform routing's."""
+    if costs.experts is None:
+        raise ConfigError(f"--routing {path}: {costs.name} has no routed experts")
+    try:
+        stats = load_routing(path)
+    except ValueError as exc:
+        raise ConfigError(f"--routing: {exc}") from None
+    if stats.num_experts != costs.experts.num_experts:
+        raise ConfigError(f"--routing {path}: measured over {stats.num_experts} experts per layer, but "
+                          f"{costs.name} has {costs.experts.num_experts}; measure a run of this model")
+    if not stats.requests:
+        raise ConfigError(f"--routing {path}: no expert was requested in that run")
+    return replace(costs, experts=replace(costs.experts, hit_curve=stats.curve()))
 
 
 def _rates(text: str, acceptance: float | None) -> tuple[float, ...]:

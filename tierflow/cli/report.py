@@ -122,6 +122,9 @@ def plan_document(plan: TierPlan, hw: HardwareProfile, model: ModelCosts, hardwa
     doc["hardware"] = {**hw.to_json(), "source": str(hardware_source)}
     doc["model_bytes"] = model.checkpoint_bytes
     doc["kv_bytes_per_token"] = model.kv_bytes_per_token
+    if model.experts is not None:       # what the prediction assumed the expert cache hits
+        doc["expert_hit_rate"] = model.experts.hit_rate(plan.expert_cache_bytes)
+        doc["routing"] = "measured" if model.experts.hit_curve else "uniform"
     doc["improvements"] = [{"change": i.change, "speedup": i.speedup, "decode_s_per_token": i.decode_s_per_token}
                            for i in improvements]
     return doc
@@ -277,6 +280,8 @@ def _prediction_table(plan: TierPlan, model: ModelCosts) -> Table:
         t.add_row("experts", f"{e.moe_layers} MoE layers of {e.num_experts} experts, {e.per_token} per token")
         t.add_row("expert cache", f"{format_bytes(plan.expert_cache_bytes)}: {held} of {e.moe_layers * e.num_experts} "
                                   "experts (in the device weights)")
+        routing = "measured routing" if e.hit_curve else "uniform routing"
+        t.add_row("expert hits", f"{e.hit_rate(plan.expert_cache_bytes):.0%} of routed experts ({routing})")
         packed = (f", {e.expert_format.upper()} packed ({format_bytes(e.matmul_params * model.dtype_bytes)} "
                   "unpacked)") if e.expert_format else ""
         t.add_row("expert miss", f"reads {format_bytes(e.stream_bytes)}{packed}")

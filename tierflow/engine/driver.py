@@ -34,9 +34,9 @@ from tierflow.engine.requests import Detokenizer, Request
 from tierflow.engine.sampling import make_generator, nonfinite_rows, sample, token_logprob
 from tierflow.adapters.tree import TreeMask
 from tierflow.engine.proposers import DraftProposer, NgramProposer
-from tierflow.engine.speculative import (Candidates, NonFiniteRow, SpeculationCounter, SpeculationLength, Verdict,
-                                        verify)
-from tierflow.errors import ConfigError, KVCapacityError, RequestError, TierCapacityError, TierflowError
+from tierflow.engine.speculative import Candidates, SpeculationCounter, SpeculationLength, Verdict, verify
+from tierflow.errors import (ConfigError, KVCapacityError, NonFiniteRow, RequestError, TierCapacityError,
+                             TierflowError)
 from tierflow.outputs import TokenLogprob
 from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch

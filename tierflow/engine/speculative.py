@@ -48,6 +48,7 @@ import torch
 
 from tierflow.config import SamplingParams, SpeculativeConfig
 from tierflow.engine.sampling import sample
+from tierflow.errors import NonFiniteRow
 from tierflow.outputs import SpeculativeStats
 from tierflow.tiers.plan.speculation import predict_speculation
 
@@ -102,14 +103,6 @@ class Verdict:
     tokens: tuple[int, ...]     # the tokens to append: the accepted proposals, then the model's own
     accepted: int               # proposals accepted (len(tokens) - 1)
     path: tuple[int, ...] = ()  # the accepted candidates' indices (0 .. accepted - 1 for a chain)
-
-
-class NonFiniteRow(Exception):
-    """The walk reached a row of logits that cannot be sampled from (``bad``): the request fails."""
-
-    def __init__(self, row: int, depth: int) -> None:
-        super().__init__(f"row {row} of the verified logits is not finite")
-        self.row, self.depth = row, depth      # depth: tokens accepted before it
 
 
 def verify(logits: torch.Tensor, draft: Sequence[int], params: SamplingParams,

@@ -37,6 +37,7 @@ from tierflow.stages.upload import to_device, unit_views
 from tierflow.stages.read import cast_weights
 from tierflow.tiers.checkpoint.index import UnitLayout
 from tierflow.tiers.io.reader import DiskReader, aligned_empty
+from tierflow.tiers.plan.routing import RoutingRecorder, RoutingStats
 
 Key = tuple[int, int]      # (layer, expert)
 
@@ -54,6 +55,7 @@ class ExpertStats:
     cached: int              # experts held now
     cached_bytes: int        # memory the held experts take
     capacity_bytes: int      # the cache's budget (0: no cache, only the routed experts of a layer are held)
+    routing: RoutingStats | None = None   # the router's picks by LRU stack distance (``tiers/plan/routing.py``)
 
     @property
     def hit_rate(self) -> float:
@@ -88,6 +90,7 @@ class ExpertStage:
         self._requests = self._hits = self._misses = self._num_prefetched = self._prefetch_used = 0
         self._bytes_read = 0
         self._read_s = self._stall_s = 0.0
+        self._routing = RoutingRecorder(max((len(e) for e in self._experts.values()), default=1))
 
     @property
     def total_bytes(self) -> int:
@@ -101,7 +104,7 @@ class ExpertStage:
     def statistics(self) -> ExpertStats:
         return ExpertStats(self._requests, self._hits, self._misses, self._num_prefetched, self._prefetch_used,
                            self._bytes_read, self._read_s, self._stall_s, sum(map(len, self._cache.values())),
-                           self._cached_bytes, self.capacity_bytes)
+                           self._cached_bytes, self.capacity_bytes, self._routing.statistics())
 
     async def preload(self) -> None:
         """Read every expert now (when the cache holds them all, nothing is read later)."""
@@ -126,6 +129,7 @@ class ExpertStage:
         """The weights of ``experts`` of ``layer``; call ``release(layer)`` when the layer is done."""
         started = time.perf_counter()
         self._last[layer] = tuple(experts)
+        self._routing.observe(layer, experts)
         wanted = self._experts[layer] if self.read_all else experts   # "all": as offloaders that ignore routing
         waiting = []
         for expert in wanted:

@@ -75,6 +75,20 @@ class ExpertCosts:
     matmul_params: int       # one expert's weights (unpacked: what its matmuls multiply)
     compute_bytes: int = 0   # bytes its compute moves per use (0: resident_bytes; packed: also the unpacked weights)
     expert_format: str = ""  # "": the checkpoint's float dtype; a key of PACKED_TENSORS: stored packed
+    # measured routing (``routing.RoutingStats.curve``): the hit rate of a cache of c experts per
+    # layer, c = 0 .. num_experts; () assumes uniform routing
+    hit_curve: tuple[float, ...] = ()
+
+    def hit_rate(self, cache_bytes: int) -> float:
+        """The share of routed experts an expert cache of ``cache_bytes`` holds when asked: from the
+        measured curve at the experts per layer it holds (split as the expert stage splits it),
+        else, under uniform routing, the cache's share of all experts."""
+        if not self.all_resident_bytes:
+            return 1.0
+        if self.hit_curve:
+            per_layer = min(self.num_experts, cache_bytes // max(1, self.resident_bytes) // max(1, self.moe_layers))
+            return self.hit_curve[min(per_layer, len(self.hit_curve) - 1)]
+        return min(1.0, cache_bytes / self.all_resident_bytes)
 
     @property
     def use_bytes(self) -> int:
@@ -303,13 +317,14 @@ def attention_compute_s(model: ModelCosts, hw: HardwareProfile, queries: int, co
 def expert_times(model: ModelCosts, hw: HardwareProfile, tokens: int, cache_bytes: int) -> tuple[float, float]:
     """(read bytes, compute seconds) of the routed experts in one sweep of ``tokens`` tokens:
     every MoE layer reads the distinct experts its tokens pick that the expert cache (of
-    ``cache_bytes``) misses — a cached expert is hit as often as the cache is a share of all
-    experts, under uniform routing — and multiplies each token by its experts."""
+    ``cache_bytes``) misses (``ExpertCosts.hit_rate``: measured routing's LRU curve, else the
+    cache's share of all experts, as under uniform routing) and multiplies each token by its
+    experts."""
     e = model.experts
     if e is None or tokens == 0:
         return 0.0, 0.0
     distinct = e.distinct(tokens)
-    hit = min(1.0, cache_bytes / e.all_resident_bytes) if e.all_resident_bytes else 1.0
+    hit = e.hit_rate(cache_bytes)
     read = e.moe_layers * distinct * (1.0 - hit) * e.stream_bytes
     compute = e.moe_layers * max(_gbps(distinct * e.use_bytes, hw.decode_gbps),
                                  2 * e.matmul_params * e.per_token * tokens / (hw.prefill_tflops * 1e12))

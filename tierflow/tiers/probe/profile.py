@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from tierflow.errors import ProfileError
 from tierflow.tiers.plan.hardware import Profile, parse_profile
+from tierflow.tiers.plan.routing import RoutingStats
 
 
 def load_profile(source: str | os.PathLike[str] | Mapping[str, Any]) -> Profile:
@@ -59,3 +60,28 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def save_routing(stats: RoutingStats, path: str | os.PathLike[str]) -> Path:
+    """Write measured routing (``RoutingStats.to_json``) to ``path`` atomically, for
+    ``tierflow plan --routing``."""
+    target = Path(path).expanduser()
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(stats.to_json(), f)
+            f.write("\n")
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_routing(path: str | os.PathLike[str]) -> RoutingStats:
+    """Measured routing from ``save_routing``'s JSON; ValueError naming the file and the problem."""
+    try:
+        document = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"could not read the routing statistics {path}: {exc}") from None
+    return RoutingStats.from_json(document, str(path))
