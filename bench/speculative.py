@@ -110,13 +110,16 @@ async def decode(path: Path, config: EngineConfig, prompt: Any, new_tokens: int)
         proposed = spec.proposed_tokens - before.proposed_tokens if spec else 0
         accepted = spec.accepted_tokens - before.accepted_tokens if spec else 0
         alternatives = spec.alternatives_accepted - before.alternatives_accepted if spec else 0
+        offered = spec.alternatives_proposed - before.alternatives_proposed if spec else 0
         return {
             "tokens": tokens, "decode_tokens": n, "decode_sweeps": sweeps, "decode_s": decode_s,
             "tokens_per_s": n / decode_s, "tokens_per_sweep": n / sweeps,
             "bytes_per_token": (last.bytes_read_from_disk - first.bytes_read_from_disk) / n,
             "prompt_tokens": prompt,
-            "proposed": proposed, "accepted": accepted, "acceptance": accepted / proposed if proposed else None,
-            "alternatives_accepted": alternatives,
+            "proposed": proposed, "accepted": accepted,
+            # the chain's acceptance (a tree's alternatives left out), as stats() reports it
+            "acceptance": (accepted - alternatives) / (proposed - offered) if proposed > offered else None,
+            "alternatives_proposed": offered, "alternatives_accepted": alternatives,
             "units_streamed": last.units_streamed, "foreign_cpu_load": cpu.foreign_load(),
         }
 
@@ -220,7 +223,8 @@ def _lines(name: str, row: dict[str, Any], width: int) -> str:
     tree = row["tree"]
     tree_row = {"plain": row["plain"], **tree}
     return (_line(f"{name} chain", row) + "\n" + _line(f"{name} tree {width}", tree_row)
-            + f"  (alternatives accepted {tree['speculative']['alternatives_accepted']})")
+            + f"  (alternatives accepted {tree['speculative']['alternatives_accepted']} of "
+              f"{tree['speculative']['alternatives_proposed']})")
 
 
 def _line(name: str, row: dict[str, Any]) -> str:

@@ -69,7 +69,8 @@ class Driver:
         if rt.kv_store is not None:      # paged: blocks of every tier, sliding-window rings counted
             layout, capacity = rt.kv_store.layout, rt.kv_store.tables.capacity_blocks
         else:                            # one contiguous tensor per layer, counted in token-layers as it grows
-            layout = ContiguousLayout(spec.num_layers)
+            # linear-attention layers (window 0) keep a fixed-size state, not keys that grow
+            layout = ContiguousLayout(sum(1 for layer in range(spec.num_layers) if spec.window(layer) != 0))
             capacity = plan.kv_blocks[DEVICE] * plan.kv_block_tokens
         self.layout: KVLayout | ContiguousLayout = layout
         self.batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=plan.prefill_chunk_tokens,

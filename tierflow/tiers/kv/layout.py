@@ -106,7 +106,8 @@ def contiguous_tokens(end: int, step: int = CONTIGUOUS_STEP) -> int:
 @dataclass(frozen=True, slots=True)
 class ContiguousLayout:
     """The batcher's count for the contiguous in-memory cache, in token-layers: every layer of a
-    sequence allocates ``contiguous_tokens`` of its keys and values."""
+    sequence that keeps keys (``num_layers`` of them: a linear-attention layer keeps a fixed-size
+    state instead) allocates ``contiguous_tokens`` of its keys and values."""
     num_layers: int
     step: int = CONTIGUOUS_STEP
 
@@ -125,5 +126,6 @@ class ContiguousLayout:
         return self.num_layers * max_tokens
 
     def tokens_within(self, blocks: int, chunk_tokens: int) -> int:
-        """The most tokens one sequence may reach in ``blocks`` token-layers."""
-        return blocks // self.num_layers
+        """The most tokens one sequence may reach in ``blocks`` token-layers (a model of linear
+        layers only is bounded by nothing but the context window, reported as 2**62)."""
+        return blocks // self.num_layers if self.num_layers else 2**62
