@@ -241,27 +241,15 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), dpi=90, squeeze=False)
     for ax, key in zip(axes[0], panels):
         if key == "mixtral":
-            runs = result["mixtral"]["runs"]
-            names = list(runs)
-            x = range(len(names))
-            ax.bar([i - 0.2 for i in x], [runs[n]["bytes_vs_all"] for n in names], 0.4, label="bytes")
-            ax.bar([i + 0.2 for i in x], [runs[n]["time_vs_all"] for n in names], 0.4, label="time")
-            ax.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=6)
-            ax.set_ylabel("÷ reading every expert")
-            ax.set_title("Mixtral shape: routed reads", fontsize=9)
-            ax.legend(fontsize=7)
+            _paired_bars(ax, result["mixtral"]["runs"], (("bytes", lambda r: r["bytes_vs_all"]),
+                                                         ("time", lambda r: r["time_vs_all"])),
+                         "÷ reading every expert", "Mixtral shape: routed reads")
             continue
         if key == "qwen3-next":
-            runs = result["qwen3_next"]["routed"]["runs"]
-            names = list(runs)
-            x = range(len(names))
-            ax.bar([i - 0.2 for i in x], [runs[n]["bytes_per_token"] / 1e6 for n in names], 0.4, label="read")
-            ax.bar([i + 0.2 for i in x], [runs[n]["expected_bytes_per_token"] / 1e6 for n in names], 0.4,
-                   label="expected from the router")
-            ax.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=6)
-            ax.set_ylabel("MB per decode token")
-            ax.set_title("Qwen3-Next shape: routed reads", fontsize=9)
-            ax.legend(fontsize=7)
+            _paired_bars(ax, result["qwen3_next"]["routed"]["runs"],
+                         (("read", lambda r: r["bytes_per_token"] / 1e6),
+                          ("expected from the router", lambda r: r["expected_bytes_per_token"] / 1e6)),
+                         "MB per decode token", "Qwen3-Next shape: routed reads")
             continue
         if key == "qwen3-next-long":
             lc = result["qwen3_next"]["long_context"]
@@ -290,6 +278,18 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _paired_bars(ax: Any, runs: dict[str, Any], series: Any, ylabel: str, title: str) -> None:
+    """Two bars per run: ``series`` is ((label, value of a run), (label, value of a run))."""
+    names = list(runs)
+    x = range(len(names))
+    for offset, (label, value) in zip((-0.2, 0.2), series):
+        ax.bar([i + offset for i in x], [value(runs[n]) for n in names], 0.4, label=label)
+    ax.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
 
 
 def report(result: dict[str, Any]) -> None:

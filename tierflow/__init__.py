@@ -7,7 +7,8 @@ from tierflow.config import EngineConfig, SamplingParams, SpeculativeConfig
 from tierflow.engine.api import Engine
 from tierflow.errors import (CheckpointError, ClosedResourceError, ConfigError, DemoModelMissingError, EngineClosedError,
                              EventLoopError,
-                             FlashAttnUnavailableError, KVCapacityError, KVCorruptionError, PinnedMemoryError,
+                             FlashAttnUnavailableError, KVCapacityError, KVCorruptionError, NonFiniteRow,
+                             PinnedMemoryError,
                              ProfileError, PromptError, RequestError, RequestTimeoutError, SamplingError,
                              ShapeMismatchError, TierCapacityError, TierflowError, TransferError, UnsupportedModelError,
                              UnsupportedRequestError, WouldBlock)
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = ["CheckpointError", "ClosedResourceError", "Completion", "ConfigError", "DemoModelMissingError", "Engine",
            "EngineClosedError", "EngineConfig", "EventLoopError", "EngineStats", "FlashAttnUnavailableError", "KVCapacityError",
-           "KVCorruptionError", "PinnedMemoryError", "ProfileError", "PromptError", "RequestError",
+           "KVCorruptionError", "NonFiniteRow", "PinnedMemoryError", "ProfileError", "PromptError", "RequestError",
            "RequestTimeoutError", "SamplingError", "SamplingParams", "ShapeMismatchError", "SpeculativeConfig", "StreamChunk", "SyncEngine",
            "TierCapacityError", "TierflowError", "TokenLogprob", "TransferError", "UnsupportedModelError", "UnsupportedRequestError", "WouldBlock"]

@@ -453,7 +453,13 @@ def test_the_published_config_plans_state_constant_and_kv_growing_in_full_layers
     assert costs.state_blocks(256) == -(-STATE_80B // block) == 5
     for context in (4096, 32768):
         assert costs.kv_blocks(context, 512, 256) == 12 * context // 256 + state_blocks
-    assert costs.kv_read_blocks(4096, 256) == 12 * 16
+    assert costs.kv_read_blocks(4096, 256) == 12 * 16 + 36 * 5        # a decode reads the KV and every state
+    # a prefill token in a linear layer: float32 q/k (7 x 128) and v (4 x 128) per value head and
+    # its rows of three 64 x 64 chunk matrices; bf16 projections, conv input and output, output
+    workspace = 4 * 32 * (7 * 128 + 4 * 128 + 3 * 64) + 2 * (2 * 8192 + 2 * 16 * 128 + 3 * 32 * 128)
+    assert costs.linear_bytes_per_token == workspace == 270336
+    without = dataclasses.replace(costs, linear_bytes_per_token=0)
+    assert costs.activation_bytes(4096, 512) - without.activation_bytes(4096, 512) == 4096 * workspace
 
 
 def test_tierflow_plan_runs_on_the_published_config(capsys):
@@ -510,3 +516,32 @@ def test_matches_transformers_on_cuda(checkpoints, oracle, tmp_path, name):
     # the GPU's kernels round differently from the CPU oracle's: the bf16 criteria for both dtypes
     assert (_rows(logits, oracle(name, "one-shot")) <= TOLERANCE["bfloat16"]).float().mean() >= 0.9
     _check_tokens(path, tokens, oracle(name, "greedy"), exact=False)
+
+
+def test_a_state_read_through_block_io_is_copied_as_each_block_arrives(tmp_path):
+    """The kv_load stage's blocks are valid only until its next load (it hands the window buffer
+    on; on CUDA the next block reuses a staging buffer): a BlockIO that loads every block into one
+    shared buffer must still give back the state that was stored, over several blocks."""
+    from tierflow.tiers.kv.layout import KVLayout
+    from tierflow.tiers.kv.paged import KVStore
+
+    store = KVStore(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
+                    block_tokens=4, device_blocks=0, host_blocks=8, disk_blocks=0, spill_dir=None,
+                    layout=KVLayout(4, (0,), state_blocks=3))         # 300 bytes of state in blocks of 128
+    try:
+        kv = store.sequence(0)
+        state = (torch.arange(12.0).view(3, 4), torch.arange(100.0, 163.0).view(7, 9))
+        kv.set_state(0, state, 5)
+        shared = torch.empty(store.block_shape)
+
+        class OneBuffer:
+            def load(self, seq_id, layer, index, ref):
+                shared.copy_(store.read_block(ref))
+                return shared
+
+        store.io = OneBuffer()
+        got = kv.state(0)
+        assert all(torch.equal(g, s) for g, s in zip(got, state))
+        assert {r.tier for r in store.tables.table(0, 0)} == {"host"} and len(store.tables.table(0, 0)) == 3
+    finally:
+        store.close()

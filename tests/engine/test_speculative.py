@@ -272,32 +272,12 @@ def test_rollback_keeps_the_pools_and_block_tables_consistent(ops, windowed):
     the driver does) over device, host and disk pools; after every step each layer holds exactly
     the blocks of its tokens (a ring: from its window on), every slot in use belongs to exactly one
     block, and the tokens read back are the kept ones."""
-    bt, layers = 4, 2
-    windows = (None, 6) if windowed else (None, None)
-    with tempfile.TemporaryDirectory() as spill:
-        store = KVStore(num_layers=layers, num_kv_heads=1, head_dim=2, dtype=torch.float32,
-                        device=torch.device("cpu"), block_tokens=bt, device_blocks=2, host_blocks=2,
-                        disk_blocks=64, spill_dir=spill, layout=KVLayout(bt, windows))
-        try:
-            seqs = [store.sequence(i) for i in range(2)]
-            tokens: list[list[float]] = [[], []]
-            starts = [0, 0]         # each sequence's last chunk's first position: what its rings released by
-            for which, n, rejected in ops:
-                kv, known = seqs[which], tokens[which]
-                start = starts[which] = len(known)
-                new = [float(start + i + 100 * which) for i in range(n)]
-                chunk = torch.tensor(new).view(n, 1, 1).expand(n, 1, 2).contiguous()
-                for layer in range(layers):
-                    kv.append(layer, chunk, chunk)
-                keep = start + max(0, n - rejected)
-                kv.truncate(keep)
-                known[:] = (known + new)[:keep]
-                _check(store, seqs, tokens, starts, windows)
-            for kv in seqs:
-                kv.free()
-            assert all(pool.used == 0 for pool in store.statistics().by_tier().values())
-        finally:
-            store.close()
+    def roll_back(kv, start, new, rejected):
+        keep = start + max(0, len(new) - rejected)
+        kv.truncate(keep)
+        return new[:keep - start], start
+
+    _appends_and_cuts(ops, windowed, roll_back)
 
 
 tree_operations = st.lists(st.tuples(st.integers(0, 1), st.integers(1, 9), st.sets(st.integers(0, 7))),
@@ -310,6 +290,20 @@ def test_keeping_a_tree_s_accepted_path_keeps_the_pools_and_block_tables_consist
     """As above, but each chunk is a root and candidates of which an arbitrary increasing subset
     is kept (``keep_path``: a tree's accepted path, moved down to consecutive slots), over device,
     host and disk pools: the same invariants, and the values read back are the kept ones in order."""
+    def keep(kv, start, new, chosen):
+        path = sorted(o for o in chosen if o < len(new) - 1)         # offsets after the root
+        keep_path(kv, start + 1, path)
+        # appended again: the rings released by the root's successor
+        ring_start = start if path == list(range(len(path))) else start + 1
+        return [new[0]] + [new[1 + o] for o in path], ring_start
+
+    _appends_and_cuts(ops, windowed, keep)
+
+
+def _appends_and_cuts(ops, windowed, cut) -> None:
+    """Two paged sequences over device, host and disk pools of 4-token blocks: each op appends a
+    chunk of n tokens to one of them and ``cut(kv, start, new, arg)`` keeps some of it (returning
+    the kept values and where its rings released from); the store's invariants after each."""
     bt, layers = 4, 2
     windows = (None, 6) if windowed else (None, None)
     with tempfile.TemporaryDirectory() as spill:
@@ -319,19 +313,16 @@ def test_keeping_a_tree_s_accepted_path_keeps_the_pools_and_block_tables_consist
         try:
             seqs = [store.sequence(i) for i in range(2)]
             tokens: list[list[float]] = [[], []]
-            starts = [0, 0]
-            for which, n, chosen in ops:
+            starts = [0, 0]         # each sequence's last chunk's first position: what its rings released by
+            for which, n, arg in ops:
                 kv, known = seqs[which], tokens[which]
-                start = starts[which] = len(known)
+                start = len(known)
                 new = [float(start + i + 100 * which) for i in range(n)]
                 chunk = torch.tensor(new).view(n, 1, 1).expand(n, 1, 2).contiguous()
                 for layer in range(layers):
                     kv.append(layer, chunk, chunk)
-                path = sorted(o for o in chosen if o < n - 1)         # offsets after the root
-                keep_path(kv, start + 1, path)
-                if path != list(range(len(path))):    # appended again: the rings released by the root's successor
-                    starts[which] = start + 1
-                known[:] = known + [new[0]] + [new[1 + o] for o in path]
+                kept, starts[which] = cut(kv, start, new, arg)
+                known[:] = known + kept
                 _check(store, seqs, tokens, starts, windows)
             for kv in seqs:
                 kv.free()

@@ -29,6 +29,7 @@ EXPERT = "expert"          # a routed expert of a mixture-of-experts layer: read
 EXPERTS = "experts"        # one tensor holding every routed expert of a layer, stacked along dim 0 (gpt-oss)
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+LINEAR_CHUNK_TOKENS = 64      # the chunked delta rule's chunk (transformers'; delta_rule.CHUNK_TOKENS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,18 @@ class ModelSpec:
         """Channels of a linear layer's convolution: its queries, keys and values."""
         return 2 * self.linear_num_key_heads * self.linear_key_head_dim + \
             self.linear_num_value_heads * self.linear_value_head_dim
+
+    def linear_workspace_bytes(self, dtype_bytes: int) -> int:
+        """Bytes one prefill token takes in a linear layer's workspace (``delta_rule``): float32
+        per value head, the queries and keys (repeated per group, normalised, scaled, decayed:
+        7 key_dim in all) and the values (4 value_dim: the values, beta-weighted, solved, the
+        output) and its rows of the chunk's three CHUNK x CHUNK matrices (decay, system, intra);
+        in the activation dtype, the projections, the convolution's input and output and the
+        output before its norm."""
+        hk, hv = self.linear_num_key_heads, self.linear_num_value_heads
+        dk, dv = self.linear_key_head_dim, self.linear_value_head_dim
+        float32 = 4 * hv * (7 * dk + 4 * dv + 3 * LINEAR_CHUNK_TOKENS)
+        return float32 + dtype_bytes * (2 * self.linear_conv_channels + 2 * hk * dk + 3 * hv * dv)
 
     def linear_state_bytes(self, dtype_bytes: int) -> int:
         """Bytes of one sequence's state in one linear layer: the convolution's last inputs in the

@@ -24,7 +24,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-CHUNK_TOKENS = 64               # transformers' chunk size for the chunked form
+from tierflow.adapters.base import LINEAR_CHUNK_TOKENS
+
+CHUNK_TOKENS = LINEAR_CHUNK_TOKENS     # transformers' chunk size for the chunked form (64)
 
 
 class LinearState(NamedTuple):

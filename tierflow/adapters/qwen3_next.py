@@ -199,6 +199,9 @@ class Qwen3NextAdapter(MoEAdapter):
             out[rows], recurrent = rule(qs.reshape(tokens, hk, dk), ks.reshape(tokens, hk, dk),
                                         vs.reshape(tokens, hv, dv), g[rows], beta[rows],
                                         None if state is None else state[1])
-            kv.set_state(layer, LinearState(conv, recurrent), tokens)
+            try:
+                kv.set_state(layer, LinearState(conv, recurrent), tokens)
+            except TierflowError as exc:            # no block for the new state (or its commit failed)
+                kv.fail(exc)
         normed = gated_rms_norm(out.reshape(n * hv, dv), z.reshape(n * hv, dv), w["linear_norm"], spec.rms_norm_eps)
         return F.linear(normed.reshape(n, hv * dv), w["out_proj"])

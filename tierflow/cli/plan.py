@@ -209,8 +209,9 @@ def _with_routing(costs: ModelCosts, path: str) -> ModelCosts:
     if stats.num_experts != costs.experts.num_experts:
         raise ConfigError(f"--routing {path}: measured over {stats.num_experts} experts per layer, but "
                           f"{costs.name} has {costs.experts.num_experts}; measure a run of this model")
-    if not stats.requests:
-        raise ConfigError(f"--routing {path}: no expert was requested in that run")
+    if stats.requests <= stats.cold:
+        raise ConfigError(f"--routing {path}: no expert was asked for twice in that run ({stats.requests} requests, "
+                          "all first uses), so it says nothing about reuse; measure a longer run")
     return replace(costs, experts=replace(costs.experts, hit_curve=stats.curve()))
 
 

@@ -70,7 +70,8 @@ class Driver:
             layout, capacity = rt.kv_store.layout, rt.kv_store.tables.capacity_blocks
         else:                            # one contiguous tensor per layer, counted in token-layers as it grows
             # linear-attention layers (window 0) keep a fixed-size state, not keys that grow
-            layout = ContiguousLayout(sum(1 for layer in range(spec.num_layers) if spec.window(layer) != 0))
+            costs = rt.costs
+            layout = ContiguousLayout(costs.kv_layers, state=-(-costs.state_bytes // costs.kv_bytes_per_token_layer))
             capacity = plan.kv_blocks[DEVICE] * plan.kv_block_tokens
         self.layout: KVLayout | ContiguousLayout = layout
         self.batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=plan.prefill_chunk_tokens,
@@ -293,7 +294,7 @@ class Driver:
                     chosen = verdicts[index].tokens
                 except NonFiniteRow as exc:       # the row predicting the next kept position
                     known = item.start + item.num_tokens - item.num_draft
-                    failures[index] = _nonfinite_error(req, known + exc.depth, bad[rows.start + exc.row])
+                    failures[index] = _nonfinite_error(req, known + exc.depth, bad[rows.start + exc.row], exc.depth)
             elif any(r in bad for r in rows):
                 first = next(r for r in rows if r in bad)
                 position = item.start + item.num_tokens + first - rows.start if not req.score \
@@ -453,9 +454,10 @@ def _keep_paths(cuts: list[tuple[KVHandle, int, tuple[int, ...]]]) -> dict[int, 
     return failed
 
 
-def _nonfinite_error(req: Request, position: int, found: str) -> RequestError:
+def _nonfinite_error(req: Request, position: int, found: str, ahead: int = 0) -> RequestError:
+    """``ahead``: verified speculative tokens before the output token the logits predict."""
     what = (f"the logits predicting position {position} (prompt logits)" if req.score else
-            f"the logits of output token {len(req.output_ids)} (position {position} of the sequence)")
+            f"the logits of output token {len(req.output_ids) + ahead} (position {position} of the sequence)")
     return RequestError(
         f"the model produced non-finite logits: {what} hold {found}, so no token can be chosen. The "
         "checkpoint's weights are damaged (NaN or inf in them: download it again), or float16 overflowed: "

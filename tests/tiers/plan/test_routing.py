@@ -74,3 +74,16 @@ def test_the_cost_model_reads_the_hit_rate_from_the_measured_curve():
     read, _ = expert_times(measured, hw, 1, cache_bytes=4000)          # 2 experts per layer: hit 0.9
     assert read == pytest.approx(2 * 2 * 0.1 * 1000)
     assert measured.experts.hit_rate(10**9) == 1.0 and measured.experts.hit_rate(0) == 0.0
+    # a prefill's tokens pick nearly every expert: a cache of 2 per layer holds at most 2 of them
+    prefill, _ = expert_times(measured, hw, 200, cache_bytes=4000)
+    distinct = experts.distinct(200)
+    assert distinct > 3.9 and prefill == pytest.approx(2 * (distinct - 2) * 1000)
+
+
+def test_a_contiguous_cache_counts_each_sequence_s_state():
+    from tierflow.tiers.kv.layout import ContiguousLayout
+    layout = ContiguousLayout(2, state=40)            # two layers keep keys; the states take 40 token-layers
+    assert layout.blocks(0, 0) == 0 and layout.blocks(0, 16) == 2 * 16 + 40
+    assert layout.cap_blocks(100, 8) == 240 and layout.tokens_within(240, 8) == 100
+    assert ContiguousLayout(0, state=40).tokens_within(40, 8) == 2**62
+    assert ContiguousLayout(0, state=40).tokens_within(39, 8) == 0

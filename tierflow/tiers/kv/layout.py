@@ -107,12 +107,14 @@ def contiguous_tokens(end: int, step: int = CONTIGUOUS_STEP) -> int:
 class ContiguousLayout:
     """The batcher's count for the contiguous in-memory cache, in token-layers: every layer of a
     sequence that keeps keys (``num_layers`` of them: a linear-attention layer keeps a fixed-size
-    state instead) allocates ``contiguous_tokens`` of its keys and values."""
+    state instead) allocates ``contiguous_tokens`` of its keys and values, and from its first
+    token a sequence holds its linear layers' states, ``state`` token-layers' worth of bytes."""
     num_layers: int
     step: int = CONTIGUOUS_STEP
+    state: int = 0
 
     def blocks(self, first_query: int, end: int) -> int:
-        return self.num_layers * contiguous_tokens(end, self.step)
+        return self.num_layers * contiguous_tokens(end, self.step) + (self.state if end > 0 else 0)
 
     def blocks_step(self, before: tuple[int, int], after: tuple[int, int]) -> int:
         return max(self.blocks(*before), self.blocks(*after))
@@ -123,9 +125,11 @@ class ContiguousLayout:
 
     def cap_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
         """The most a sequence that may reach ``max_tokens`` ever allocates: its layers stop there."""
-        return self.num_layers * max_tokens
+        return self.num_layers * max_tokens + (self.state if max_tokens > 0 else 0)
 
     def tokens_within(self, blocks: int, chunk_tokens: int) -> int:
         """The most tokens one sequence may reach in ``blocks`` token-layers (a model of linear
         layers only is bounded by nothing but the context window, reported as 2**62)."""
-        return blocks // self.num_layers if self.num_layers else 2**62
+        if not self.num_layers:
+            return 2**62 if blocks >= self.state else 0
+        return max(0, blocks - self.state) // self.num_layers

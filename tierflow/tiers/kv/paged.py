@@ -272,11 +272,14 @@ class PagedSequenceKV:
             return None
         held.at(layer, self._lengths[layer])             # refuses a state after more tokens than the layer holds
         store, tables = self.store, self.store.tables
-        blocks = []
-        for index, ref in enumerate(tables.table(self.seq_id, layer)):
-            blocks.append(store.pool_block(ref) if ref.tier == "device" else
-                          store.io.load(self.seq_id, layer, index, ref))
-        return unpack_state(blocks, held.tensors)
+        refs = tables.table(self.seq_id, layer)
+        raw = torch.empty((len(refs), *store.block_shape), dtype=store.dtype, device=store.device)
+        for index, ref in enumerate(refs):
+            # copied out at once: a loaded block is valid only until the next load (the kv_load
+            # stage gives its window buffer back, or the next block reuses its device staging)
+            raw[index].copy_(store.pool_block(ref) if ref.tier == "device" else
+                             store.io.load(self.seq_id, layer, index, ref))
+        return unpack_state(raw, held.tensors)
 
     def set_state(self, layer: int, state: tuple[torch.Tensor, ...], tokens: int) -> None:
         """Replace the layer's state; its ``tokens`` new tokens count as stored. The old state's

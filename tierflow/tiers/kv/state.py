@@ -47,9 +47,10 @@ def pack_state(state: Sequence[torch.Tensor], block_shape: Sequence[int], dtype:
     return [buffer[i * per_block:(i + 1) * per_block].view(dtype).view(*block_shape) for i in range(num_blocks)]
 
 
-def unpack_state(blocks: Sequence[torch.Tensor], meta: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Copies of the tensors ``pack_state`` laid into ``blocks``, shaped and typed as ``meta``."""
-    raw = torch.cat([b.reshape(-1).view(torch.uint8) for b in blocks])
+def unpack_state(blocks: torch.Tensor, meta: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copies of the tensors ``pack_state`` laid into ``blocks`` ([num_blocks, *block shape], a
+    copy the caller made as it loaded them), shaped and typed as ``meta``."""
+    raw = blocks.reshape(-1).view(torch.uint8)
     out, offset = [], 0
     for m in meta:
         nbytes = m.numel() * m.dtype.itemsize

@@ -79,15 +79,18 @@ class ExpertCosts:
     # layer, c = 0 .. num_experts; () assumes uniform routing
     hit_curve: tuple[float, ...] = ()
 
-    def hit_rate(self, cache_bytes: int) -> float:
+    def hit_rate(self, cache_bytes: int, distinct: float | None = None) -> float:
         """The share of routed experts an expert cache of ``cache_bytes`` holds when asked: from the
         measured curve at the experts per layer it holds (split as the expert stage splits it),
-        else, under uniform routing, the cache's share of all experts."""
+        else, under uniform routing, the cache's share of all experts. ``distinct``: the experts
+        a sweep's tokens pick per layer (a prefill's many): a cache of C per layer holds at most
+        C of them, whatever the curve measured one token at a time says."""
         if not self.all_resident_bytes:
             return 1.0
+        per_layer = min(self.num_experts, cache_bytes // max(1, self.resident_bytes) // max(1, self.moe_layers))
         if self.hit_curve:
-            per_layer = min(self.num_experts, cache_bytes // max(1, self.resident_bytes) // max(1, self.moe_layers))
-            return self.hit_curve[min(per_layer, len(self.hit_curve) - 1)]
+            hit = self.hit_curve[min(per_layer, len(self.hit_curve) - 1)]
+            return min(hit, per_layer / distinct) if distinct else hit
         return min(1.0, cache_bytes / self.all_resident_bytes)
 
     @property
@@ -122,6 +125,7 @@ class ModelCosts:
     experts: ExpertCosts | None = None   # routed experts (mixture-of-experts models)
     windows: tuple[int | None, ...] = ()  # per decoder layer: its sliding window, None full attention (): all full
     state_bytes: int = 0               # per sequence: every linear-attention layer's fixed-size state
+    linear_bytes_per_token: int = 0    # a linear-attention layer's prefill workspace per token (0: none)
 
     def __post_init__(self) -> None:
         if self.windows and len(self.windows) != self.num_layers:
@@ -130,6 +134,11 @@ class ModelCosts:
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
         return self.windows or (None,) * self.num_layers
+
+    @property
+    def kv_layers(self) -> int:
+        """Layers that keep keys and values (a linear-attention layer, window 0, keeps a state)."""
+        return sum(1 for w in self.layer_windows if w != 0)
 
     def kv_layout(self, block_tokens: int) -> KVLayout:
         """The blocks a sequence's KV holds per layer, rings for the sliding-window layers, the
@@ -153,9 +162,11 @@ class ModelCosts:
     def kv_read_blocks(self, context_tokens: int, block_tokens: int, full_share: float = 1.0) -> float:
         """Blocks a query after ``context_tokens`` reads over all layers: ``full_share`` of a
         full-attention layer's (1: all; a prefill reads half of them on average), a window's
-        keys (which span at most ceil((window - 1) / block) + 1 blocks) of a sliding one."""
+        keys (which span at most ceil((window - 1) / block) + 1 blocks) of a sliding one, the
+        whole state of a linear-attention one."""
         full = -(-context_tokens // block_tokens)
-        return sum(full_share * full if w is None else 0 if w == 0 else
+        state = self.state_blocks(block_tokens)       # a linear layer's whole state, read by every sweep
+        return sum(full_share * full if w is None else state if w == 0 else
                    min(full_share * full, -(-(w - 1) // block_tokens) + 1) for w in self.layer_windows)
 
     def kv_read_tokens(self, keys: int) -> int:
@@ -193,10 +204,12 @@ class ModelCosts:
 
     def activation_bytes(self, tokens: int, mlp_tokens: int) -> int:
         """Workspace of a sweep of ``tokens`` inside a layer: residual, norms and q/k/v/o for
-        every token, the MLP's intermediate activations for ``mlp_tokens`` at a time."""
+        every token, the MLP's intermediate activations for ``mlp_tokens`` at a time, and a
+        linear-attention layer's delta-rule workspace (``ModelSpec.linear_workspace_bytes``)."""
         b, h = self.dtype_bytes, self.hidden_size
         qkv = (self.num_heads * self.head_dim + 2 * self.kv_bytes_per_token_layer // (2 * b)) * b
-        return tokens * (3 * h * b + qkv + 2 * h * 4) + min(tokens, mlp_tokens) * 3 * self.intermediate_size * b
+        return tokens * (3 * h * b + qkv + 2 * h * 4 + self.linear_bytes_per_token) + \
+            min(tokens, mlp_tokens) * 3 * self.intermediate_size * b
 
     def attention_bytes(self, tokens: int, context: int) -> int:
         """Attention workspace of one sequence: ``tokens`` queries over ``context`` keys. No
@@ -221,7 +234,7 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
                 intermediate_size: int, vocab_size: int, tied: bool, checkpoint_dtype_bytes: int,
                 dtype_bytes: int, stream_bytes: Sequence[int] | None = None, cast: bool | None = None,
                 experts: ExpertCosts | None = None, windows: Sequence[int | None] = (),
-                state_bytes: int = 0) -> ModelCosts:
+                state_bytes: int = 0, linear_bytes_per_token: int = 0) -> ModelCosts:
     """Costs from the tensor shapes a family's adapter expects for each unit.
 
     ``stream_bytes`` are the real reads of a checkpoint's units when it is at hand; from a
@@ -244,7 +257,8 @@ def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]
                               resident if cast else 0, matmul, tuple(n * dtype_bytes for n in numels.values())))
     return ModelCosts(name, tuple(units), num_layers, hidden_size, num_heads, head_dim, intermediate_size,
                       vocab_size, 2 * num_kv_heads * head_dim * dtype_bytes, dtype_bytes, tied, experts,
-                      tuple(windows) if any(w is not None for w in windows) else (), state_bytes)
+                      tuple(windows) if any(w is not None for w in windows) else (), state_bytes,
+                      linear_bytes_per_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +338,7 @@ def expert_times(model: ModelCosts, hw: HardwareProfile, tokens: int, cache_byte
     if e is None or tokens == 0:
         return 0.0, 0.0
     distinct = e.distinct(tokens)
-    hit = e.hit_rate(cache_bytes)
+    hit = e.hit_rate(cache_bytes, distinct)
     read = e.moe_layers * distinct * (1.0 - hit) * e.stream_bytes
     compute = e.moe_layers * max(_gbps(distinct * e.use_bytes, hw.decode_gbps),
                                  2 * e.matmul_params * e.per_token * tokens / (hw.prefill_tflops * 1e12))
@@ -343,12 +357,18 @@ def sweep_times(model: ModelCosts, hw: HardwareProfile, tiers: Sequence[str], kv
     expert_read, expert_compute = expert_times(model, hw, tokens, expert_cache_bytes)
     disk = sum(u.stream_bytes for u, t in zip(model.units, tiers) if t == DISK) + expert_read
     disk_s = _gbps(disk, hw.disk_read_gbps) + _gbps(kv_tier_bytes.get(DISK, 0) * kv_read_fraction, hw.kv_read_gbps)
+    # a linear-attention state is written anew by every sweep, where the KV is (its disk share)
+    kv_total = sum(kv_tier_bytes.values())
+    state_written = sequences * model.state_bytes
+    if state_written and kv_total:
+        disk_s += _gbps(state_written * kv_tier_bytes.get(DISK, 0) / kv_total, hw.kv_write_gbps)
     pcie_s = 0.0
     if not hw.is_cpu:
         upload = sum(u.stream_bytes if t == DISK else u.resident_bytes
                      for u, t in zip(model.units, tiers) if t != DEVICE and u.kind != EMBED)
         off_device_kv = (kv_tier_bytes.get(HOST, 0) + kv_tier_bytes.get(DISK, 0)) * kv_read_fraction
-        new_kv = sequences * queries * model.kv_bytes_per_token if kv_tier_bytes.get(DEVICE, 0) == 0 else 0
+        new_kv = sequences * (queries * model.kv_bytes_per_token + model.state_bytes) \
+            if kv_tier_bytes.get(DEVICE, 0) == 0 else 0
         pcie_s = _gbps(upload + expert_read + off_device_kv, hw.h2d_gbps) + _gbps(new_kv, hw.d2h_gbps)
     compute_s = sum(unit_compute_s(model, hw, u, logit_rows if u.kind == HEAD else tokens) for u in model.units)
     compute_s += expert_compute
@@ -428,4 +448,6 @@ def costs_from_spec(spec: Any, adapter: Any, dtype: str, stream_bytes: Sequence[
         stream_bytes=stream_bytes, cast=cast, experts=experts,
         windows=tuple(spec.window(layer) for layer in range(spec.num_layers)),
         state_bytes=len(getattr(spec, "linear_layers", ())) * spec.linear_state_bytes(DTYPE_BYTES[dtype])
-        if getattr(spec, "linear_layers", ()) else 0)
+        if getattr(spec, "linear_layers", ()) else 0,
+        linear_bytes_per_token=spec.linear_workspace_bytes(DTYPE_BYTES[dtype]) if getattr(spec, "linear_layers", ())
+        else 0)

@@ -59,8 +59,11 @@ class Search:
         return self.work.concurrency * self.model.kv_blocks(self.work.context_tokens, chunk, KV_BLOCK_TOKENS)
 
     def kv_full_blocks(self) -> int:
-        """Blocks the same sequences would hold with every layer full attention (what a prompt writes)."""
-        return self.work.concurrency * math.ceil(self.work.context_tokens / KV_BLOCK_TOKENS) * self.model.num_layers
+        """Blocks the same sequences would hold with every layer that keeps keys full attention
+        (what a prompt writes), and the linear-attention layers' states."""
+        state = self.model.kv_layout(KV_BLOCK_TOKENS).state_blocks * (self.model.num_layers - self.model.kv_layers)
+        return self.work.concurrency * (math.ceil(self.work.context_tokens / KV_BLOCK_TOKENS) * self.model.kv_layers
+                                        + state)
 
 
 def _budgets(hw: HardwareProfile, overrides: Overrides, margin: float) -> tuple[int, int]:
@@ -169,7 +172,7 @@ class State:
         weights = sum(r for r, t in zip(s.unit_rounding, self.tiers) if t == DEVICE)
         buffers = slots * rounding_bytes((device_slot,)) + rounding_bytes((convert,))
         if contiguous:      # keys and values of every layer of every sequence, one tensor each
-            kv = 2 * s.model.num_layers * s.work.concurrency * rounding_bytes((s.kv_tensor_bytes,))
+            kv = 2 * s.model.kv_layers * s.work.concurrency * rounding_bytes((s.kv_tensor_bytes,))
         else:               # one pool
             kv = rounding_bytes((kv_bytes,))
         rounding = POOL_SLACK_BYTES + ACTIVATION_ROUNDING_BYTES + weights + buffers + kv
@@ -315,7 +318,10 @@ def make_search(model: ModelCosts, hw: HardwareProfile, work: Workload, override
     if model.tied:
         groups.append((0, n - 1))
     block_bytes = KV_BLOCK_TOKENS * model.kv_bytes_per_token_layer
-    caps = {tier: math.ceil(tokens / KV_BLOCK_TOKENS) * model.num_layers
+    # a tier's token budget holds that many tokens of every layer that keeps keys, and (when it holds
+    # any) the workload's linear-attention states beside them
+    states = work.concurrency * model.kv_layout(KV_BLOCK_TOKENS).state_blocks * (model.num_layers - model.kv_layers)
+    caps = {tier: math.ceil(tokens / KV_BLOCK_TOKENS) * max(1, model.kv_layers) + (states if tokens else 0)
             for tier, tokens in overrides.kv_budget_tokens.items()}
     rounding = tuple(rounding_bytes(u.tensor_bytes or (u.resident_bytes,)) for u in model.units)
     return Search(model, hw, work, overrides, margin, device_budget, host_budget, _pins(model, hw, overrides),
