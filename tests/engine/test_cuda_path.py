@@ -229,6 +229,47 @@ def test_kv_blocks_from_host_and_disk_reach_attention_through_the_copy_stream(ti
     assert close == (ops_type is SimulatedCuda)
 
 
+@pytest.mark.parametrize("tree_width", [1, 3])
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_decoding_on_the_device_path(tiny_models, tmp_path, monkeypatch, method, tree_width):
+    """Proposals verified on the device path, copies landing late: chains and candidate trees
+    (their mask on the device, the accepted path's KV gathered and appended again), rolled back
+    over KV blocks of 8 tokens on the device, in host memory and on disk; greedy tokens are
+    transformers'."""
+    from tierflow import SpeculativeConfig
+    from tierflow.testing import layer_copy
+    from tierflow.tiers.plan import planner, search
+    monkeypatch.setattr(search, "KV_BLOCK_TOKENS", 8)
+    monkeypatch.setattr(planner, "KV_BLOCK_TOKENS", 8)
+    path = tiny_models["gqa-untied-fp32"]
+    prompt = [5, 9, 17, 33, 2, 8] * 30 + [40, 41]            # repetitive: prompt lookup proposes
+    per_token = 2 * 3 * 2 * 16 * 4      # K and V, 3 layers, 2 KV heads, head_dim 16, fp32
+    draft = layer_copy(path, tmp_path / "draft", extra_layers=1, scale=0.3) if method == "draft" else None
+    spec = SpeculativeConfig(method=method, model=draft, num_speculative_tokens=4, tree_width=tree_width,
+                             prompt_lookup_max=3)
+    config = EngineConfig(device="cuda", profile=_profile(tmp_path, PLACEMENTS["mixed"]), kv_reserve_tokens=1024,
+                          prefill_chunk_tokens=64, kv_cache_dir=str(tmp_path / "kv"), speculative=spec,
+                          kv_device_bytes=per_token * 64, kv_host_bytes=per_token * 64)
+    ops = SimulatedCuda(copy_delay_s=0.001)
+
+    async def main():
+        async with await Engine.open(path, config, device_ops=ops) as engine:
+            out = await engine.generate(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True))
+            for _ in range(200):        # the driver frees a finished request's KV between sweeps
+                if engine.pipeline_statistics().requests == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return list(out.token_ids), engine.stats().speculative, engine.pipeline_statistics().kv_blocks
+
+    tokens, stats, kv = asyncio.run(main())
+    assert kv.disk.capacity > 0 and kv.host.capacity > 0 and kv.device.capacity > 0
+    assert stats.steps > 0 and stats.proposed_tokens > stats.accepted_tokens > 0
+    if tree_width > 1 and method == "draft":      # an alternative stood: its KV was gathered and moved
+        assert stats.alternatives_accepted > 0
+    assert tokens == oracle_greedy(path, prompt, 24, "float32")
+    assert all(pool.used == 0 for pool in kv.by_tier().values())
+
+
 def test_mixture_of_experts_on_the_device_path(tmp_path):
     path = build_random_checkpoint(tmp_path / "mixtral", "mixtral", seed=3)
     layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
