@@ -506,6 +506,39 @@ def test_the_simulated_cuda_path(checkpoints, oracle, tmp_path):
     assert tokens == oracle(name, "greedy")
 
 
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_states_in_host_memory_or_on_disk_reach_the_device_through_the_copy_stream(checkpoints, oracle, tmp_path,
+                                                                                    monkeypatch, tier):
+    """Blocks of 8 tokens, so each linear layer's state takes several blocks; every block in host
+    memory or on disk. Four sequences at once on the simulated device path (copies landing late):
+    their states come through the copy stream's staging buffers block by block, each gets the
+    tokens it gets alone, and transformers' for the prompt the oracle knows."""
+    from tierflow.testing import SimulatedCuda
+    from tierflow.tiers.plan import planner, search
+    monkeypatch.setattr(search, "KV_BLOCK_TOKENS", 8)
+    monkeypatch.setattr(planner, "KV_BLOCK_TOKENS", 8)
+    name = "3lin1full-top2of8"
+    path = checkpoints[name]
+    budget = dict(kv_device_bytes=0, kv_host_bytes=2**22) if tier == "host" else dict(kv_device_bytes=0, kv_host_bytes=0)
+    config = dataclasses.replace(_cuda_config(path, tmp_path, 2**30), kv_cache_dir=str(tmp_path / "kv"), **budget)
+    prompts = [PROMPT, PROMPT[:70], PROMPT[5:90], PROMPT[::-1][:40]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    async def main():
+        async with await Engine.open(path, config, device_ops=SimulatedCuda(copy_delay_s=0.001)) as engine:
+            alone = [list((await engine.generate(p, params)).token_ids) for p in prompts]
+            together = await asyncio.gather(*(engine.generate(p, params) for p in prompts))
+            store = engine._runtime.kv_store
+            return alone, [list(o.token_ids) for o in together], store.layout.state_blocks, \
+                engine.pipeline_statistics().kv_blocks
+
+    alone, together, state_blocks, kv = asyncio.run(main())
+    assert state_blocks > 1
+    assert getattr(kv, tier).capacity > 0 and kv.device.capacity == 0
+    assert together == alone
+    assert alone[0] == oracle(name, "greedy")[:12]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["3lin1full-top2of8", "3lin1full-top2of8-bf16"])
