@@ -43,7 +43,6 @@ from tierflow.tiers.io.cachedir import directory_problem, remove_empty_dirs, wri
 from tierflow.tiers.io.reader import DiskReader
 from tierflow.tiers.io.spill import remove_orphaned_spills
 from tierflow.tiers.kv.contiguous import SequenceKV
-from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.kv.paged import KVStore, block_bytes
 from tierflow.tiers.plan.costmodel import ModelCosts
 from tierflow.tiers.plan.hardware import HardwareProfile
@@ -216,7 +215,7 @@ async def _start(rt: Runtime) -> None:
         rt.kvikio = KvikioReader(rt.index.files, threads=plan.io_threads, task_bytes=plan.io_block_bytes)
         stack.callback(rt.kvikio.close)
     if config.paged_kv:
-        rt.kv_store = open_kv_store(config, plan, rt.spec, rt.dtype, rt.device, rt.tracer, ops)
+        rt.kv_store = open_kv_store(config, plan, rt.spec, rt.costs, rt.dtype, rt.device, rt.tracer, ops)
         stack.callback(rt.kv_store.close)
         if ops is not None:          # page-locking the KV host pool takes a while: off the event loop
             await asyncio.to_thread(rt.kv_store.pin_host_memory, ops.pin, ops.unpin)
@@ -293,8 +292,8 @@ def disk_kv_bytes(config: EngineConfig) -> int:
     return free - min(free // 2, max(DISK_MARGIN_BYTES, int(free * DISK_MARGIN_FRACTION)))
 
 
-def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                  tracer: Tracer = NULL_TRACER, ops: DeviceOps | None = None) -> KVStore:
+def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, costs: ModelCosts, dtype: torch.dtype,
+                  device: torch.device, tracer: Tracer = NULL_TRACER, ops: DeviceOps | None = None) -> KVStore:
     """Pools for an engine's paged KV cache, as large as its tiers hold: the device share from
     ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
     plan's), the disk share from ``kv_disk_bytes`` (else the free space of ``kv_cache_dir``
@@ -302,9 +301,7 @@ def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, dtype: 
     whole context window hold."""
     bt = plan.kv_block_tokens
     per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
-    state = spec.linear_state_bytes(dtype.itemsize) if spec.linear_layers else 0
-    # windows keep rings; a linear-attention layer's state takes whole blocks
-    layout = KVLayout(bt, tuple(spec.window(layer) for layer in range(spec.num_layers)), -(-state // per_block))
+    layout = costs.kv_layout(bt)      # the planner's: windows keep rings, a linear layer's state whole blocks
     bound = config.max_num_seqs * layout.most_blocks(context_window(config, spec), plan.prefill_chunk_tokens)
     device_blocks = config.kv_device_bytes // per_block if config.kv_device_bytes is not None else \
         plan.kv_blocks["device"]

@@ -70,8 +70,7 @@ class Driver:
             layout, capacity = rt.kv_store.layout, rt.kv_store.tables.capacity_blocks
         else:                            # one contiguous tensor per layer, counted in token-layers as it grows
             # linear-attention layers (window 0) keep a fixed-size state, not keys that grow
-            costs = rt.costs
-            layout = ContiguousLayout(costs.kv_layers, state=-(-costs.state_bytes // costs.kv_bytes_per_token_layer))
+            layout = rt.costs.contiguous_layout()
             capacity = plan.kv_blocks[DEVICE] * plan.kv_block_tokens
         self.layout: KVLayout | ContiguousLayout = layout
         self.batcher = Batcher(max_num_seqs=config.max_num_seqs, max_sweep_tokens=plan.prefill_chunk_tokens,
@@ -180,6 +179,8 @@ class Driver:
             if not plan.seqs:
                 continue
             reqs = [self.requests[s.seq_id] for s in plan.seqs]
+            # what the batcher kept of each proposal (any prefix of the flat tree is a tree)
+            drafts = {s.seq_id: drafts[s.seq_id].cut(s.num_draft) for s in plan.seqs if s.num_draft}
             decode = all(s.num_tokens == 1 and s.start >= len(r.prompt_ids) for s, r in zip(plan.seqs, reqs))
             before = self.meter.clock()
             try:
@@ -243,16 +244,15 @@ class Driver:
         offset = 0
         for index, (item, req) in enumerate(zip(plan.seqs, reqs)):
             span = range(item.start, item.start + item.num_tokens)
-            known = item.start + item.num_tokens - item.num_draft
-            ids += [req.token(p) for p in range(item.start, known)]
-            if item.num_draft and not (candidates := drafts[req.id].cut(item.num_draft)).is_chain:
+            ids += [req.token(p) for p in range(item.start, item.known_end)]
+            candidates = drafts.get(req.id)
+            ids += candidates.tokens if candidates is not None else []
+            if candidates is not None and not candidates.is_chain:
                 # a tree: its root is the one known token; each candidate sits at its depth's position
                 tree = TreeMask((-1, *(parent + 1 for parent in candidates.parents)))
                 trees[index] = tree
-                ids += candidates.tokens
                 positions += tree.positions(item.start)
             else:
-                ids += drafts[req.id].tokens[:item.num_draft] if item.num_draft else []
                 positions += list(span)
             slices.append(slice(offset, offset + item.num_tokens))
             if req.score or item.num_draft:        # prompt logits, or every position a proposal is verified at
@@ -286,15 +286,15 @@ class Driver:
             if item.num_draft and not req.score:
                 # only the rows the walk samples from matter: a rejected candidate's row is one plain
                 # decoding never computes
-                candidates = drafts[req.id].cut(item.num_draft)
+                candidates = drafts[req.id]
                 try:
                     verdicts[index] = verify(logits[rows.start:rows.stop], candidates.tokens, req.params,
                                              req.generator, parents=None if candidates.is_chain else candidates.parents,
                                              bad={r - rows.start for r in rows if r in bad})
                     chosen = verdicts[index].tokens
                 except NonFiniteRow as exc:       # the row predicting the next kept position
-                    known = item.start + item.num_tokens - item.num_draft
-                    failures[index] = _nonfinite_error(req, known + exc.depth, bad[rows.start + exc.row], exc.depth)
+                    failures[index] = _nonfinite_error(req, item.known_end + exc.depth, bad[rows.start + exc.row],
+                                                       exc.depth)
             elif any(r in bad for r in rows):
                 first = next(r for r in rows if r in bad)
                 position = item.start + item.num_tokens + first - rows.start if not req.score \
@@ -339,11 +339,10 @@ class Driver:
                 continue
             verdict = sampled.verdicts.get(index)
             if verdict is not None and self.speculation is not None:
-                self.speculation.add(drafts[req.id].cut(item.num_draft), verdict, emitted[req.id])
+                self.speculation.add(drafts[req.id], verdict, emitted[req.id])
             if req.error is None:
-                known = item.start + item.num_tokens - item.num_draft
                 path = verdict.path[:emitted[req.id]] if verdict is not None else ()
-                cuts.append((req, known, path))
+                cuts.append((req, item.known_end, path))
         failed = await self.rt.worker.run(self._on_device, _keep_paths, [(req.kv, n, p) for req, n, p in cuts])
         for index, exc in failed.items():       # its KV is not what its tokens say: that request fails
             req = cuts[index][0]

@@ -92,8 +92,13 @@ class Candidates:
         return Candidates(self.tokens[:n], self.parents[:n], self.proposal)
 
     @property
+    def chain_length(self) -> int:
+        """How many of the tokens are the proposal's chain (they come first)."""
+        return min(len(self.proposal.chain), len(self.tokens))
+
+    @property
     def is_chain(self) -> bool:
-        return all(p == i - 1 for i, p in enumerate(self.parents))
+        return self.chain_length == len(self.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +204,7 @@ class SpeculationCounter:
     def add(self, candidates: Candidates, verdict: Verdict, emitted: int) -> None:
         """One request verified ``candidates`` in a sweep, ``verdict`` says what stood, and
         ``emitted`` tokens were appended (fewer than accepted + 1 past a stop)."""
-        chain = sum(1 for i, p in enumerate(candidates.parents) if p == i - 1)
+        chain = candidates.chain_length
         on_chain = sum(1 for i in verdict.path if i < chain)
         self.proposed += len(candidates)
         self.accepted += verdict.accepted

@@ -94,6 +94,11 @@ class ScheduledSeq:
     sample: bool             # True when the sweep reaches the last known token (its logits are wanted)
     num_draft: int = 0       # of num_tokens, proposed tokens after the last known one (speculative decoding)
 
+    @property
+    def known_end(self) -> int:
+        """The position after the last known token the sweep computes (its proposals follow it)."""
+        return self.start + self.num_tokens - self.num_draft
+
 
 @dataclass(frozen=True, slots=True)
 class SweepPlan:
@@ -341,7 +346,7 @@ class Batcher:
                 raise ValueError(f"sequence {item.seq_id} verified {item.num_draft} proposals, so at most "
                                  f"{item.num_draft + 1} tokens can follow, got {len(kept)}")
             # the KV of the last known token and of the proposals accepted (all but the last token kept)
-            seq.num_computed = item.start + item.num_tokens - item.num_draft + max(0, len(kept) - 1)
+            seq.num_computed = item.known_end + max(0, len(kept) - 1)
             seq.kv_span = (item.start, seq.num_computed)
             if self.kv is not None:
                 seq.held = self._blocks(seq)

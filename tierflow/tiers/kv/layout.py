@@ -40,6 +40,10 @@ class KVLayout:
     def num_layers(self) -> int:
         return len(self.windows)
 
+    def keeps_state(self, layer: int) -> bool:
+        """Whether ``layer`` is a linear-attention layer (window 0): its blocks hold its state."""
+        return self.windows[layer] == 0
+
     @property
     def windowed(self) -> bool:
         return any(w is not None for w in self.windows)

@@ -174,6 +174,10 @@ class KVStore:
         self.tracer.span("disk: KV blocks", f"{count} blocks", started, time.perf_counter(), first_slot=first_slot)
         return [self.as_block(view) for view in views]
 
+    def held_block(self, ref: BlockRef) -> torch.Tensor:
+        """The block at ``ref``, outside a sweep: a device pool slot's view, else ``read_block``'s copy."""
+        return self.pool_block(ref) if ref.tier == "device" else self.read_block(ref)
+
     def read_block(self, ref: BlockRef) -> torch.Tensor:
         """A copy of the block at ``ref`` on the device, synchronously (outside a sweep)."""
         if ref.tier != "disk":
@@ -277,8 +281,7 @@ class PagedSequenceKV:
         for index, ref in enumerate(refs):
             # copied out at once: a loaded block is valid only until the next load (the kv_load
             # stage gives its window buffer back, or the next block reuses its device staging)
-            raw[index].copy_(store.pool_block(ref) if ref.tier == "device" else
-                             store.io.load(self.seq_id, layer, index, ref))
+            raw[index].copy_(self._load(layer, index, ref))
         return unpack_state(raw, held.tensors)
 
     def set_state(self, layer: int, state: tuple[torch.Tensor, ...], tokens: int) -> None:
@@ -319,7 +322,7 @@ class PagedSequenceKV:
         """Release the layer's blocks wholly before what a query at ``first_query`` sees (never
         one the current BlockIO may still load: see the module)."""
         store = self.store
-        if store.layout.windows[layer] == 0:        # a linear-attention layer: its blocks are its state
+        if store.layout.keeps_state(layer):        # a linear-attention layer: its blocks are its state
             return
         keep = store.layout.first_kept_block(store.layout.windows[layer], first_query)
         if keep <= store.tables.first_held(self.seq_id, layer):
@@ -344,7 +347,7 @@ class PagedSequenceKV:
         for layer in range(self.num_layers):
             if num_tokens >= self._lengths[layer]:
                 continue
-            if store.layout.windows[layer] == 0:     # a state cannot be cut back: ``state`` refuses it from now on
+            if store.layout.keeps_state(layer):     # a state cannot be cut back: ``state`` refuses it from now on
                 self._lengths[layer] = num_tokens
                 continue
             keep, fill = divmod(num_tokens, bt)
@@ -354,7 +357,7 @@ class PagedSequenceKV:
                                  f"{num_tokens} tokens")
             if fill and keep < tables.committed(self.seq_id, layer):
                 ref = tables.ref(self.seq_id, layer, keep)
-                block = store.pool_block(ref) if ref.tier == "device" else store.read_block(ref)
+                block = store.held_block(ref)
                 if self._tails[layer] is None:
                     self._tails[layer] = torch.empty(store.block_shape, dtype=store.dtype, device=store.device)
                 self._tails[layer][:, :, :fill] = block[:, :, :fill]
@@ -378,7 +381,7 @@ class PagedSequenceKV:
                 block = self._tails[layer]
             elif index not in blocks:
                 ref = tables.ref(self.seq_id, layer, index)
-                block = blocks[index] = store.pool_block(ref) if ref.tier == "device" else store.read_block(ref)
+                block = blocks[index] = store.held_block(ref)
             else:
                 block = blocks[index]
             out[:, i] = block[:, :, offset]
@@ -426,13 +429,19 @@ class PagedSequenceKV:
             ref = held[index - base]
             block = fresh.get(index)
             if block is None:
-                block = store.pool_block(ref) if ref.tier == "device" else io.load(self.seq_id, layer, index, ref)
+                block = self._load(layer, index, ref)
             return KVBlock(block[0], block[1], index * bt)
 
         return KVBlocks(spans, fetch)
 
+    def _load(self, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
+        """Committed block ``index`` of ``layer`` on the device: a pool view, or through the current
+        BlockIO (in a sweep, the kv_load stage: valid until its next load)."""
+        store = self.store
+        return store.pool_block(ref) if ref.tier == "device" else store.io.load(self.seq_id, layer, index, ref)
+
     def off_device(self, layer: int, first_position: int = 0) -> tuple[OffDevice, ...]:
-        if self.store.layout.windows[layer] == 0:       # a linear-attention layer: all its state's blocks
+        if self.store.layout.keeps_state(layer):       # a linear-attention layer: all its state's blocks
             return tuple(OffDevice(i, ref) for i, ref in enumerate(self.store.tables.table(self.seq_id, layer))
                          if ref.tier != "device")
         first, base, held = self._held(layer, first_position)

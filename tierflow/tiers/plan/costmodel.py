@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from tierflow.errors import ConfigError
-from tierflow.tiers.kv.layout import KVLayout
+from tierflow.tiers.kv.layout import ContiguousLayout, KVLayout
 from tierflow.tiers.plan.hardware import HardwareProfile
 
 EMBED, LAYER, HEAD = "embed", "layer", "head"
@@ -144,6 +144,11 @@ class ModelCosts:
         """The blocks a sequence's KV holds per layer, rings for the sliding-window layers, the
         state's blocks for the linear-attention ones."""
         return KVLayout(block_tokens, self.layer_windows, self.state_blocks(block_tokens))
+
+    def contiguous_layout(self) -> ContiguousLayout:
+        """The contiguous store's count: the layers that keep keys, and each sequence's states
+        in token-layers' worth of bytes."""
+        return ContiguousLayout(self.kv_layers, state=-(-self.state_bytes // self.kv_bytes_per_token_layer))
 
     def state_blocks(self, block_tokens: int) -> int:
         """Blocks of ``block_tokens`` one linear-attention layer's state takes (0: none has one)."""

@@ -50,14 +50,19 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
     """Write atomically (a temporary file renamed into place): never a half-written profile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    return _write_json(path, profile.to_json(), indent=2)
+
+
+def _write_json(path: Path, document: Any, indent: int | None = None) -> Path:
+    """``document`` as JSON at ``path``, through a temporary file renamed into place."""
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(profile.to_json(), f, indent=2)
+            json.dump(document, f, indent=indent)
             f.write("\n")
-        os.replace(tmp, path)
+        os.replace(temporary, path)
     except BaseException:
-        os.unlink(tmp)
+        os.unlink(temporary)
         raise
     return path
 
@@ -65,17 +70,7 @@ def save_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
 def save_routing(stats: RoutingStats, path: str | os.PathLike[str]) -> Path:
     """Write measured routing (``RoutingStats.to_json``) to ``path`` atomically, for
     ``tierflow plan --routing``."""
-    target = Path(path).expanduser()
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(stats.to_json(), f)
-            f.write("\n")
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
+    return _write_json(Path(path).expanduser(), stats.to_json())
 
 
 def load_routing(path: str | os.PathLike[str]) -> RoutingStats:
