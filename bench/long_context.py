@@ -59,7 +59,12 @@ CHILD = textwrap.dedent("""
 
     hardware = {"device": "cpu", "device_memory_bytes": 2**34, "host_memory_bytes": 2**34,
                 "disk_read_gbps": 3.0, "decode_gbps": 20.0, "prefill_tflops": 0.1}
-    host_bytes = 0 if mode == "disk" else 2**40       # all of kv_reserve_tokens fits the host pool
+    shape = json.load(open(f"{path}/config.json"))
+    kv_bytes_per_token = 2 * 4 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape.get(
+        "head_dim", shape["hidden_size"] // shape["num_attention_heads"])       # float32 keys and values
+    # host: a pool that holds this request's blocks and a few more; no larger, since the host pool
+    # is backed when the engine opens (a pool sized for the whole context window would take GBs)
+    host_bytes = 0 if mode == "disk" else kv_bytes_per_token * (context + new_tokens + 1024)
 
     async def main():
         config = EngineConfig(device="cpu", dtype="float32", kv_reserve_tokens=context + new_tokens,

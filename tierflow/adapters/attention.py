@@ -63,6 +63,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from tierflow.adapters.blas import SERIAL_BLAS_MACS, serial_blas
 from tierflow.adapters.flash import (check_sinks, flash_attend, flash_device_supported, flash_head_dim_supported,
                                      flash_supported)
 from tierflow.adapters.kv import KVBlock, KVBlocks, first_visible
@@ -186,6 +187,17 @@ def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: flo
     n, num_heads, d = q.shape
     check_coverage(blocks.spans, start, n, window)
     check_sinks(sinks, num_heads)
+    # one product per block and KV head of [G*n, D] x [D, t]: small ones skip MKL's thread team
+    longest = max((t for _, t in blocks.spans), default=0)
+    small = q.device.type == "cpu" and n * num_heads * d * longest < SERIAL_BLAS_MACS
+    with serial_blas(small):
+        return _merge_blocks(q, blocks, start, scale=scale, window=window, softcap=softcap, sinks=sinks, tree=tree)
+
+
+def _merge_blocks(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None, window: int | None,
+                  softcap: float | None, sinks: torch.Tensor | None, tree: DeviceTree | None) -> torch.Tensor:
+    """The block loop of ``_online_softmax`` (its checks done)."""
+    n, num_heads, d = q.shape
     last = start + n - 1
     query = torch.empty((num_heads, n, d), device=q.device)      # [H, n, D] in float32, scaled
     query.copy_(q.transpose(0, 1)).mul_(1.0 / math.sqrt(d) if scale is None else scale)

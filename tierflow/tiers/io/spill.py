@@ -1,9 +1,13 @@
 """KV spill files that cannot lie.
 
 A ``SpillFile`` is one file of fixed-size slots, each holding one KV block. A block is
-written with its CRC32 (kept in memory, beside the block table that knows which slot holds
+written with its checksum (kept in memory, beside the block table that knows which slot holds
 what); a read checks it, so a flipped byte raises ``KVCorruptionError`` instead of feeding
-attention a wrong value. ``num_slots`` may be as many as the disk's free space holds: space
+attention a wrong value. The checksum is XXH3-64 (``xxhash``): decode at long context reads
+every block back each token, and CRC32 (zlib's, about 2 GB/s here) cost as much CPU as the
+disk read's own time, taken from the compute it was meant to overlap (bench/long_context.py);
+XXH3 runs at memory speed. Without the package it falls back to CRC32. The checksums live
+only as long as the file, so the two never meet. ``num_slots`` may be as many as the disk's free space holds: space
 is reserved (``posix_fallocate``) in extents of EXTENT_BYTES as writes reach higher slots, the
 first one when the file is made, so a full disk is found then, as ``TierCapacityError``; a
 disk that fills later (growing the file, or writing to a sparse one) is reported the same way
@@ -33,6 +37,7 @@ import logging
 import os
 import weakref
 import zlib
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +52,17 @@ ALIGN = 4096
 EXTENT_BYTES = 64 << 20         # space is reserved this much at a time as slots fill
 PATTERN = "tierflow-kv-*.spill"
 _ids = itertools.count()        # keeps the names of one process's spill files apart
+
+
+def _checksum_function() -> Callable[[memoryview], int]:
+    try:
+        import xxhash
+    except ImportError:
+        return zlib.crc32
+    return xxhash.xxh3_64_intdigest
+
+
+checksum = _checksum_function()     # of a block's bytes (see the module)
 
 
 def remove_orphaned_spills(directory: str | os.PathLike[str]) -> list[Path]:
@@ -65,7 +81,7 @@ class SpillFile:
             raise ValueError(f"a spill file needs block_bytes >= 1 and num_slots >= 1, got {block_bytes}, {num_slots}")
         self.path, self.block_bytes, self.num_slots = Path(path), block_bytes, num_slots
         self.stride = -(-block_bytes // ALIGN) * ALIGN
-        self._crc: dict[int, int] = {}        # slot -> CRC32 of the complete block it holds
+        self._sums: dict[int, int] = {}       # slot -> checksum of the complete block it holds
         self._fd, self.direct = self._open(self.path)
         self._finalizer = weakref.finalize(self, _release, self._fd, self.path)
         self._bounce = aligned_empty(self.stride)     # whole aligned slots move through it
@@ -169,7 +185,7 @@ class SpillFile:
         if data.numel() > self.block_bytes:
             raise ValueError(f"a block of {data.numel()} bytes does not fit slots of {self.block_bytes}")
         view = memoryview(data.numpy())
-        self._crc.pop(slot, None)       # a write that fails half-way leaves no valid block
+        self._sums.pop(slot, None)      # a write that fails half-way leaves no valid block
         self._reserve(slot)
         self._bounce[:len(view)].copy_(data)
         try:
@@ -180,10 +196,10 @@ class SpillFile:
             raise TransferError(f"writing a KV block to {self.path} failed: {exc.strerror}") from exc
         if written != self.stride:
             raise TransferError(f"short write of a KV block to {self.path}: {written} of {self.stride} bytes")
-        self._crc[slot] = zlib.crc32(view)
+        self._sums[slot] = checksum(view)
 
     def read(self, slot: int, out: torch.Tensor) -> torch.Tensor:
-        """Fill ``out`` (contiguous, the size that was written) from ``slot``; checks the CRC.
+        """Fill ``out`` (contiguous, the size that was written) from ``slot``; checks its checksum.
         Not for concurrent use (it reads through the file's own aligned buffer): concurrent
         readers call ``read_run`` with buffers of their own."""
         data = out.view(torch.uint8).reshape(-1)
@@ -194,11 +210,11 @@ class SpillFile:
         """Read the ``count`` consecutive slots from ``first`` with one request into ``buffer``
         (4 KiB aligned, at least ``count * stride`` bytes; one allocation, so the read is not
         split over scattered pages) and return each block's first ``nbytes`` (default: a whole
-        block) as a uint8 view, each after checking its CRC."""
+        block) as a uint8 view, each after checking its checksum."""
         for slot in (first, first + count - 1):
             self._check(slot)
         nbytes = self.block_bytes if nbytes is None else nbytes
-        expected = [self._crc.get(slot) for slot in range(first, first + count)]
+        expected = [self._sums.get(slot) for slot in range(first, first + count)]
         if None in expected:
             raise KVCorruptionError(f"slot {first + expected.index(None)} of {self.path} holds no complete block")
         try:
@@ -211,14 +227,14 @@ class SpillFile:
         views = []
         for i in range(count):
             data = buffer[i * self.stride:i * self.stride + nbytes]
-            if zlib.crc32(memoryview(data.numpy())) != expected[i]:
+            if checksum(memoryview(data.numpy())) != expected[i]:
                 raise KVCorruptionError(f"KV block in slot {first + i} of {self.path} fails its checksum: the file "
                                         "was modified or the disk returned bad data; the block will not be used")
             views.append(data)
         return views
 
     def free(self, slot: int) -> None:
-        self._crc.pop(slot, None)
+        self._sums.pop(slot, None)
 
     def close(self) -> None:
         """Close and remove the file (idempotent)."""

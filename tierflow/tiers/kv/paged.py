@@ -168,7 +168,7 @@ class KVStore:
 
     def read_run(self, first_slot: int, count: int, buffer: torch.Tensor) -> list[torch.Tensor]:
         """Read ``count`` disk blocks in consecutive slots from ``first_slot`` with one request into
-        ``buffer`` (aligned, ``count * stride`` bytes); each block's view, CRC checked."""
+        ``buffer`` (aligned, ``count * stride`` bytes); each block's view, its checksum checked."""
         started = time.perf_counter()
         views = self._disk().read_run(first_slot, count, buffer)
         self.tracer.span("disk: KV blocks", f"{count} blocks", started, time.perf_counter(), first_slot=first_slot)

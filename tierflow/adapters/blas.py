@@ -1,0 +1,58 @@
+"""Small matrix products on the CPU without MKL's thread team.
+
+Attention over KV blocks (``attention._online_softmax``) issues a few small products per block:
+at decode, [group, head_dim] x [head_dim, 256] per KV head, hundreds per layer. MKL runs each
+on its OpenMP team, so every call wakes the team's other threads and waits for them (a futex
+wake-up and a context switch per call); between calls the engine's Python runs long enough for
+them to fall asleep again. On a 2-core machine that doubled a 16k-token decode step
+(bench/long_context.py: 65 ms per token against 25 ms with MKL on one thread; ``perf`` put
+40% of the time in the team's futex waits), and with KV read from disk the team's threads
+also took the core the readers needed. ``serial_blas`` sets MKL to one thread for the calling
+thread only (``MKL_Set_Num_Threads_Local``), so large products elsewhere, and other threads,
+keep the team; the attention decides when a product is small (``SERIAL_BLAS_MACS``).
+
+Where torch has no MKL (other builds, other CPUs) or the symbol is missing, it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+# a product of fewer multiply-adds than this gains nothing from more threads (a decode's block
+# product is 4 x 64 x 256 = 65k; a 1024-token prefill chunk's is 4096 x 64 x 256 = 67M)
+SERIAL_BLAS_MACS = 1 << 22
+
+
+def _mkl_set_local() -> Callable[[int], int] | None:
+    """MKL's per-thread thread count setter (returns the previous value; 0 means 'the global one')."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        setter = ctypes.CDLL(torch._C.__file__).MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    previous = setter(0)        # 0 changes nothing: the calling thread follows the global setting
+    if previous != 0:
+        setter(previous)
+    return setter
+
+
+_SET_LOCAL = _mkl_set_local()
+
+
+@contextmanager
+def serial_blas(enabled: bool = True) -> Iterator[None]:
+    """MKL on one thread for the calling thread inside the block (nothing when not ``enabled``)."""
+    if not enabled or _SET_LOCAL is None:
+        yield
+        return
+    previous = _SET_LOCAL(1)
+    try:
+        yield
+    finally:
+        _SET_LOCAL(previous)
