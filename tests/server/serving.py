@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from tierflow import Engine, EngineConfig
 from tierflow.server import ServerConfig, make_server
-from tierflow.server.app import State
+from tierflow.server.state import State
 
 
 class RunningServer:

@@ -90,8 +90,8 @@ async def run_serve_command(args: argparse.Namespace, console: Console,
     if missing:
         raise ConfigError(f"tierflow serve needs {', '.join(missing)}: pip install 'tierflow[serve]'")
     from tierflow.engine.api import Engine
-    from tierflow.server.app import ServerConfig
     from tierflow.server.run import is_loopback, make_server
+    from tierflow.server.state import ServerConfig
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")

@@ -19,7 +19,8 @@ from typing import Awaitable, Callable
 import uvicorn
 
 from tierflow.engine.api import Engine
-from tierflow.server.app import ServerConfig, State, create_app
+from tierflow.server.app import create_app
+from tierflow.server.state import ServerConfig, State
 
 log = logging.getLogger("tierflow.server")
 
