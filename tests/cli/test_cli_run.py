@@ -27,8 +27,11 @@ from rich.console import Console
 import tierflow
 from tierflow import Engine, EngineConfig, SamplingParams
 from tests.cli.clitools import cli
-from tierflow.cli.main import (MEASURING, PrefillCount, RunTimes, build_parser, exit_status, opening_status,
-                               prefill_line, shows_live, shows_prefill_progress, summary_rows, summary_table)
+from tierflow.cli.args import build_parser
+from tierflow.cli.main import exit_status
+from tierflow.cli.progress import (MEASURING, PrefillCount, opening_status, prefill_line, shows_live,
+                                   shows_prefill_progress)
+from tierflow.cli.summary import RunTimes, summary_rows, summary_table
 from tierflow.errors import (CheckpointError, ConfigError, KVCapacityError, ProfileError, PromptError, RequestError,
                              SamplingError, TierCapacityError, TransferError)
 

@@ -15,10 +15,11 @@ import pytest
 from rich.console import Console
 
 from tierflow import Engine, EngineConfig, SamplingParams
-from tierflow.cli.main import build_parser
+from tierflow.cli.args import build_parser
+from tierflow.cli.formatting import format_bytes
+from tierflow.cli.hardware_source import HardwareSource, describe_source
 from tierflow.cli.plan import render_engine_plan
-from tierflow.cli.report import (HardwareSource, describe_source, format_bytes, placement_rows, render_plan,
-                                 render_plan_vs_actual)
+from tierflow.cli.report import placement_rows, render_plan, render_plan_vs_actual
 from tierflow.engine.planning import index_costs
 from tierflow.testing import SimulatedCuda, build_random_llama, oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex

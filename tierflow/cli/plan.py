@@ -18,8 +18,9 @@ from tierflow.adapters import adapter_for
 from tierflow.engine.loading import resolve_dtype
 from tierflow.errors import CheckpointError, ConfigError
 from tierflow.engine.planning import DTYPE_NAMES, config_spec, engine_workload, index_costs, layer_benchmark
-from tierflow.cli.report import (HardwareSource, describe_source, format_bytes, format_seconds, plan_document,
-                                 render_plan)
+from tierflow.cli.formatting import format_bytes, format_seconds
+from tierflow.cli.hardware_source import HardwareSource, describe_source
+from tierflow.cli.report import plan_document, render_plan
 from tierflow.tiers.plan.advice import improvements
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import ModelCosts, Workload, costs_from_spec

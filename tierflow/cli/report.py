@@ -4,23 +4,21 @@ Each table counts a byte once and in one way: the placement's weights per tier a
 ``ModelCosts.tier_weight_bytes`` (a tied embedding's tensor once), as the planner's memory is,
 and its KV is the memory table's. Every table fits an 80-column terminal. What does not apply
 to the device is left out (no host tier, PCIe or GPU overhead on a CPU plan), and the
-hardware's figures say where they came from: measured just now, the probe's cache (its file,
-and when), or a profile (its file).
+hardware's figures say where they came from (hardware_source.py).
 """
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from rich import box
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
+from tierflow.cli.formatting import format_bytes, format_seconds, unit_ranges
+from tierflow.cli.hardware_source import HardwareSource
 from tierflow.outputs import EngineStats
 from tierflow.tiers.plan.advice import Improvement
 from tierflow.tiers.plan.costmodel import DEVICE, DISK, HOST, ModelCosts
@@ -30,89 +28,7 @@ from tierflow.tiers.plan.hardware import HardwareProfile
 REPORT_VERSION = 1
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable: the loop returns at TiB")
-
-
-def format_seconds(s: float) -> str:
-    if s >= 120:
-        return f"{s / 60:.1f} min"
-    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
-
-
-def unit_ranges(names: Sequence[str], units: Sequence[int]) -> str:
-    """Units as readable ranges: "embed, layers 0-11, head"."""
-    parts: list[str] = []
-    layers: list[int] = []
-
-    def flush() -> None:
-        if layers:
-            parts.append(f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}")
-            layers.clear()
-
-    for u in units:
-        name = names[u]
-        if name.startswith("layer."):
-            index = int(name.split(".")[1])
-            if layers and index != layers[-1] + 1:
-                flush()
-            layers.append(index)
-        else:
-            flush()
-            parts.append(name)
-    flush()
-    return ", ".join(parts) or "—"
-
-
-@dataclass(frozen=True, slots=True)
-class HardwareSource:
-    """Where a plan's hardware figures came from, as the report says it."""
-    summary: str                        # "measured on this machine just now", "cached: ...", "from the profile"
-    details: tuple[str, ...] = ()       # which figures came from where, when the profile was probed
-    file: str = ""                      # the probe's cache file or the profile file ("": none, or not known)
-
-    def __str__(self) -> str:
-        return "; ".join((self.summary, *self.details)) + (f" ({self.file})" if self.file else "")
-
-
-_STAGES = {"disk": "disk", "kv_disk": "KV disk", "compute": "compute", "pcie": "PCIe"}
 _STAGE_NAMES = {"disk": "disk", "pcie": "PCIe", "compute": "compute"}     # Prediction.bottleneck, as shown
-
-
-def _date(stamp: Any) -> str | None:
-    """"2026-12-02 10:15" from the probe's "2026-12-02T10:15:07+0000" (None if it is not one)."""
-    return stamp[:16].replace("T", " ") if isinstance(stamp, str) and len(stamp) >= 16 else None
-
-
-def describe_source(provenance: Mapping[str, Any], *, cache_file: str | Path | None = None,
-                    profile_file: str | Path | None = None) -> HardwareSource:
-    """Where the figures of a probe's ``provenance`` (or a profile's: ``source`` "profile") came
-    from. Disk, PCIe and compute figures are measured now or taken from the probe's cache (its
-    entries may carry the time they were measured, ``measured_at``; else the cache file's
-    modification time says when it was last written); memory is measured on every probe."""
-    if provenance.get("source") == "profile" or profile_file is not None:
-        probed = _date(provenance.get("when"))
-        details = (f"probed {probed}",) if probed else ()
-        if profile_file is None:
-            details += ("given inline, not as a file",)
-        return HardwareSource("from the profile", details, str(profile_file or ""))
-    stages = {what: p for what, p in provenance.items() if what in _STAGES and isinstance(p, Mapping)}
-    cached = [what for what, p in stages.items() if p.get("source") == "cache"]
-    measured = [_STAGES[what] for what in stages if what not in cached]
-    if not cached:
-        return HardwareSource("measured on this machine just now")
-    dates = sorted(d for what in cached if (d := _date(stages[what].get("measured_at"))))
-    when = f"measured on this machine {dates[0]}" if dates else "measured on this machine earlier"
-    if not dates and cache_file is not None and os.path.exists(cache_file):
-        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(cache_file)))
-        when += f" (cache last written {stamp})"
-    details = (f"cached: {', '.join(_STAGES[w] for w in cached)}",
-               f"measured now: {', '.join(measured + ['memory'])}")
-    return HardwareSource(f"cached, {when}", details, str(cache_file or ""))
 
 
 def plan_document(plan: TierPlan, hw: HardwareProfile, model: ModelCosts, hardware_source: HardwareSource | str,
