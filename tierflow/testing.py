@@ -706,7 +706,7 @@ class SimulatedCuda:
     # -- pinned memory -------------------------------------------------------------------------
 
     def pin(self, buffer: torch.Tensor) -> None:
-        from tierflow.pipeline.cuda import pinned_range
+        from tierflow.pipeline.device import pinned_range
 
         ptr, nbytes = pinned_range(buffer)
         if not nbytes:                   # nothing to register (TorchCuda makes no call)

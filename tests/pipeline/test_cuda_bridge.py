@@ -192,7 +192,7 @@ def test_real_cuda_events_through_the_bridge():
 
 
 def test_a_cuda_error_from_pinning_is_a_clear_error():
-    from tierflow.pipeline.cuda import _check_cuda
+    from tierflow.pipeline.device import _check_cuda
 
     _check_cuda(0, "register")
     _check_cuda((0,), "register")

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from tierflow.pipeline.cuda import TorchCuda, pinned_range
+from tierflow.pipeline.device import TorchCuda, pinned_range
 from tierflow.testing import SimulatedCuda
 from tierflow.tiers.io.reader import aligned_empty
 

@@ -35,7 +35,7 @@ from tierflow.engine.metrics import PipelineStats, engine_stats, pipeline_stats
 from tierflow.engine.requests import Prompt, Request, check_stop_token_ids, deadline_after, encode_prompt
 from tierflow.errors import EngineClosedError, EventLoopError, PromptError, RequestTimeoutError
 from tierflow.outputs import Completion, EngineStats, StreamChunk
-from tierflow.pipeline.cuda import DeviceOps
+from tierflow.pipeline.device import DeviceOps
 
 log = logging.getLogger(__name__)
 

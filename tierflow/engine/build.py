@@ -29,7 +29,8 @@ from tierflow.engine.loading import load_tokenizer, resolve_device, resolve_dtyp
 from tierflow.engine.placement import Placement, start_device, start_host
 from tierflow.engine.planning import EnginePlan, plan_engine
 from tierflow.errors import ConfigError
-from tierflow.pipeline.cuda import DeviceOps, EventBridge, TorchCuda
+from tierflow.pipeline.cuda import EventBridge
+from tierflow.pipeline.device import DeviceOps, TorchCuda
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.compute import DevicePath, SweepRunner

@@ -38,7 +38,8 @@ from tierflow.engine.speculative import Candidates, SpeculationCounter, Speculat
 from tierflow.errors import (ConfigError, KVCapacityError, NonFiniteRow, RequestError, TierCapacityError,
                              TierflowError)
 from tierflow.outputs import TokenLogprob
-from tierflow.pipeline.batcher import Batcher, SweepPlan, TokenOutcome
+from tierflow.pipeline.batcher import Batcher
+from tierflow.pipeline.sweep_plan import SweepPlan, TokenOutcome
 from tierflow.stages.compute import SweepBatch
 from tierflow.tiers.io.reader import trim_heap
 from tierflow.tiers.kv.handle import KVHandle, keep_path

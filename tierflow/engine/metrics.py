@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from tierflow.engine.build import Runtime
 from tierflow.outputs import EngineStats, SpeculativeStats, StageTimes
-from tierflow.pipeline.batcher import BatcherStats, SweepPlan
 from tierflow.pipeline.cuda import BridgeStats
 from tierflow.pipeline.executor import WorkerStats
 from tierflow.pipeline.ring import ChannelStats, RingStats
+from tierflow.pipeline.sweep_plan import BatcherStats, SweepPlan
 from tierflow.stages.experts import ExpertStats
 from tierflow.tiers.io.pinned import ArenaStats
 from tierflow.tiers.kv.blocks import KVPoolsStats

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from tierflow.errors import TierCapacityError
-from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, EventBridge, StreamPool
+from tierflow.pipeline.cuda import DeviceTimeline, EventBridge, StreamPool
+from tierflow.pipeline.device import DeviceOps
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.ring import SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer

@@ -9,7 +9,8 @@ reach (``max_tokens``: its ``max_new_tokens`` or the context window, reason "len
 *strings* need the text, so the engine's detokenizer finds those. A sequence is a count of known tokens (prompt and
 generated) and a count of computed ones (their KV exists); a sweep computes the next run
 of uncomputed tokens of every running sequence, decode tokens first, then prefill chunks,
-under a per-sweep token budget, so a long prompt never stalls everyone's decoding.
+under a per-sweep token budget, so a long prompt never stalls everyone's decoding. The records
+it hands off are ``pipeline.sweep_plan``'s.
 
 KV is counted in pool blocks, through a ``KVAccounting`` (the paged store's
 ``tiers.kv.layout.KVLayout``: how many blocks a sequence holds, sliding-window rings
@@ -17,8 +18,8 @@ included). Two allocation schemes:
 
 - ``"on_demand"`` (the default): a sequence holds the blocks of the tokens it has computed.
   Admission is first-in first-out, up to ``max_num_seqs`` running sequences, while the
-  running sequences' known tokens, the newcomer's and a watermark fit. Each sweep checks,
-  oldest sequence first, that the blocks its tokens add fit what is free; a prefill chunk
+  running sequences' known tokens, the newcomer's and a watermark fit. Each sweep checks
+  (``pipeline.kv_fit``), oldest sequence first, that the blocks its tokens add fit what is free; a prefill chunk
   that does not fit is shortened, and when even that fails the most recently arrived running
   sequence is *preempted*: it drops its KV (``SweepPlan.preempted``: the driver frees it
   before the sweep runs) and goes back to the waiting queue with every token it knows, to be
@@ -43,90 +44,14 @@ rolls back the rest of the chunk's KV.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
 from tierflow.errors import KVCapacityError
+from tierflow.pipeline.kv_fit import KVAccounting, SeqState, add_drafts, fit_growth
+from tierflow.pipeline.sweep_plan import BatcherStats, ScheduledSeq, SweepPlan, TokenOutcome
 
 ON_DEMAND, RESERVE = "on_demand", "reserve"
 ALLOCATIONS = (ON_DEMAND, RESERVE)
-
-
-class KVAccounting(Protocol):
-    """Pool blocks a sequence holds (``tiers.kv.layout.KVLayout`` is one)."""
-
-    def blocks(self, first_query: int, end: int) -> int:
-        """Blocks held with keys up to ``end`` and the earliest query still to come at ``first_query``."""
-        ...
-
-    def blocks_step(self, before: tuple[int, int], after: tuple[int, int]) -> int:
-        """The most blocks held while a sweep moves a sequence from ``before`` to ``after``."""
-        ...
-
-    def most_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
-        """The most blocks a sequence of up to ``max_tokens``, ``chunk_tokens`` a sweep, ever holds."""
-        ...
-
-    def cap_blocks(self, max_tokens: int, chunk_tokens: int) -> int:
-        """The most blocks a sequence that may reach ``max_tokens`` holds, whatever its store's
-        growth policy (a store never allocates past a sequence's most tokens)."""
-        ...
-
-
-@dataclass(slots=True)
-class _Seq:
-    seq_id: int
-    arrival: int             # order of ``add``: the older, the later it is preempted
-    num_tokens: int          # tokens known: prompt + generated so far
-    max_tokens: int          # the most it may reach
-    reserve: int             # "reserve": blocks held from admission to removal (0 when on demand)
-    stop_token_ids: frozenset[int] = frozenset()   # a sampled token in here ends the sequence ("stop")
-    num_computed: int = 0    # tokens whose KV exists
-    held: int = 0            # "on_demand": blocks its KV holds now (during a sweep: its peak in it)
-    kv_span: tuple[int, int] = (0, 0)   # (earliest query, end) of the KV it holds: what ``held`` counts
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduledSeq:
-    seq_id: int
-    start: int               # position of the first token computed in this sweep
-    num_tokens: int          # how many tokens of this sequence the sweep computes
-    sample: bool             # True when the sweep reaches the last known token (its logits are wanted)
-    num_draft: int = 0       # of num_tokens, proposed tokens after the last known one (speculative decoding)
-
-    @property
-    def known_end(self) -> int:
-        """The position after the last known token the sweep computes (its proposals follow it)."""
-        return self.start + self.num_tokens - self.num_draft
-
-
-@dataclass(frozen=True, slots=True)
-class SweepPlan:
-    seqs: tuple[ScheduledSeq, ...]   # in batch order: decode tokens first, then prefill chunks
-    num_tokens: int                  # total tokens of the sweep (<= max_sweep_tokens, or one chunk)
-    preempted: tuple[int, ...] = ()  # sequences whose KV must be dropped before the sweep runs
-
-
-@dataclass(frozen=True, slots=True)
-class TokenOutcome:
-    """What ``postprocess`` made of one sampled token."""
-    seq_id: int
-    token: int
-    finish_reason: str | None    # "stop": a stop token (not part of the text); "length": the sequence
-                                 # reached its most tokens; None: it goes on
-
-
-@dataclass(frozen=True, slots=True)
-class BatcherStats:
-    num_running: int             # admitted sequences
-    num_waiting: int             # queued, not yet admitted (preempted ones included)
-    sweeps: int                  # sweeps scheduled so far
-    kv_held_blocks: int          # KV blocks the running sequences hold ("reserve": have reserved)
-    kv_capacity_blocks: int | None   # all sequences together (None: unbounded)
-    allocation: str              # "on_demand" | "reserve"
-    preemptions: int = 0         # sequences preempted so far
-    preempted_tokens: int = 0    # computed tokens whose KV preemption dropped (to be computed again)
-
 
 class Batcher:
     def __init__(self, *, max_num_seqs: int, max_sweep_tokens: int, kv: KVAccounting | None = None,
@@ -139,8 +64,8 @@ class Batcher:
         self.max_num_seqs, self.max_sweep_tokens = max_num_seqs, max_sweep_tokens
         self.kv, self.kv_capacity_blocks, self.allocation = kv, kv_capacity_blocks, allocation
         self.watermark_blocks = watermark_blocks
-        self._running: dict[int, _Seq] = {}
-        self._waiting: deque[_Seq] = deque()
+        self._running: dict[int, SeqState] = {}
+        self._waiting: deque[SeqState] = deque()
         self._arrivals = 0
         self._sweeps = self._preemptions = self._preempted_tokens = 0
 
@@ -154,7 +79,7 @@ class Batcher:
         """The most blocks one sequence of up to ``max_tokens`` tokens ever holds (0: unbounded)."""
         return self.kv.cap_blocks(max_tokens, self.max_sweep_tokens) if self.kv is not None else 0
 
-    def _known_blocks(self, seq: _Seq) -> int:
+    def _known_blocks(self, seq: SeqState) -> int:
         """The blocks of every token ``seq`` knows, as its store allocates them."""
         assert self.kv is not None
         return min(self.kv.most_blocks(seq.num_tokens, self.max_sweep_tokens), self.cap_blocks(seq.max_tokens))
@@ -162,13 +87,13 @@ class Batcher:
     def _held(self) -> int:
         return sum(s.reserve if self.allocation == RESERVE else s.held for s in self._running.values())
 
-    def _demand(self, seq: _Seq) -> int:
+    def _demand(self, seq: SeqState) -> int:
         """What admission counts a sequence for: its reservation, or the blocks of its known tokens."""
         if self.allocation == RESERVE:
             return seq.reserve
         return max(seq.held, self._known_blocks(seq)) if self.kv is not None else 0
 
-    def _fits(self, seq: _Seq) -> bool:
+    def _fits(self, seq: SeqState) -> bool:
         if self.kv_capacity_blocks is None:
             return True
         others = sum(self._demand(s) for s in self._running.values())
@@ -190,7 +115,8 @@ class Batcher:
             raise KVCapacityError(f"the sequence needs up to {need} KV blocks but the KV cache holds "
                                   f"{self.kv_capacity_blocks}")
         reserve = need if self.allocation == RESERVE else 0
-        self._waiting.append(_Seq(seq_id, self._arrivals, num_prompt_tokens, most, reserve, frozenset(stop_token_ids)))
+        self._waiting.append(SeqState(seq_id, self._arrivals, num_prompt_tokens, most, reserve,
+                                      frozenset(stop_token_ids)))
         self._arrivals += 1
 
     def remove(self, seq_id: int) -> None:
@@ -239,13 +165,13 @@ class Batcher:
                 break
             work[seq.seq_id] = min(seq.num_tokens - seq.num_computed, budget)
             budget -= work[seq.seq_id]
-        preempted: list[int] = []
         fitting = self.allocation == ON_DEMAND and self.kv_capacity_blocks is not None
-        if fitting:
-            self._fit_growth(order, work, preempted)
+        preempted = self._fit_growth(order, work) if fitting else []
         if drafts:      # proposals last: out of the budget and the blocks every other token left
-            self._add_drafts([s for s in decoding if s.seq_id in work and s.seq_id in self._running], drafts, work,
-                             self.max_sweep_tokens - sum(work.values()), fitting)
+            add_drafts([s for s in decoding if s.seq_id in work and s.seq_id in self._running], drafts, work,
+                       self.max_sweep_tokens - sum(work.values()),
+                       self.kv_capacity_blocks - self._held() if fitting and self.kv_capacity_blocks is not None
+                       else None, self._step)
         chosen = [ScheduledSeq(s.seq_id, s.num_computed, work[s.seq_id],
                                s.num_computed + work[s.seq_id] >= s.num_tokens,
                                max(0, s.num_computed + work[s.seq_id] - s.num_tokens))
@@ -262,68 +188,25 @@ class Batcher:
         seq = self._running.get(seq_id)
         return seq is not None and seq.num_tokens - seq.num_computed == 1
 
-    def _add_drafts(self, decoding: list[_Seq], drafts: Mapping[int, int], work: dict[int, int],
-                    budget: int, fitting: bool) -> None:
-        """Extend decoding sequences' one token by their proposals, oldest first, within
-        ``budget`` and (``fitting``: on-demand blocks) the free blocks, never preempting or
-        shortening anything for a proposal; a sequence proposes at most one short of its most
-        tokens (the bonus token must fit)."""
-        free = self.kv_capacity_blocks - self._held() if fitting and self.kv_capacity_blocks is not None else 0
-        for seq in decoding:
-            if budget < 1:
-                break
-            extra = min(drafts.get(seq.seq_id, 0), seq.max_tokens - seq.num_tokens - 1, budget)
-            if fitting:
-                while extra > 0 and self._step(seq, 1 + extra) - seq.held > free:
-                    extra -= 1
-                grown = self._step(seq, 1 + extra) - seq.held if extra > 0 else 0
-                free -= grown
-                seq.held += grown
-            if extra > 0:
-                work[seq.seq_id] += extra
-                budget -= extra
-
-    def _step(self, seq: _Seq, n: int) -> int:
+    def _step(self, seq: SeqState, n: int) -> int:
         """Blocks ``seq`` holds at most while a sweep computes its next ``n`` tokens (never more
         than its most: a store caps what it allocates there)."""
         assert self.kv is not None
         step = self.kv.blocks_step(seq.kv_span, (seq.num_computed, seq.num_computed + n))
         return min(step, self.cap_blocks(seq.max_tokens))
 
-    def _blocks(self, seq: _Seq) -> int:
+    def _blocks(self, seq: SeqState) -> int:
         """Blocks ``seq`` holds between sweeps (``kv_span``), at most its most."""
         assert self.kv is not None
         return min(self.kv.blocks(*seq.kv_span), self.cap_blocks(seq.max_tokens))
 
-    def _fit_growth(self, order: list[_Seq], work: dict[int, int], preempted: list[int]) -> None:
-        """Oldest first, give each scheduled sequence the blocks its tokens add: shorten a
-        prefill chunk that does not fit, else preempt the newest running sequence."""
+    def _fit_growth(self, order: list[SeqState], work: dict[int, int]) -> list[int]:
+        """The on-demand pass of ``kv_fit.fit_growth`` over what is free now."""
         assert self.kv_capacity_blocks is not None
-        free = self.kv_capacity_blocks - self._held()
-        for seq in order:
-            while seq.seq_id in work and seq.seq_id in self._running:
-                n = work[seq.seq_id]
-                extra = self._step(seq, n) - seq.held
-                if extra > free and n > 1:          # a shorter chunk of the prefill may fit
-                    lo, hi = 0, n                   # _step(lo) fits (lo = 0: nothing), _step(hi) does not
-                    while lo < hi - 1:
-                        mid = (lo + hi) // 2
-                        lo, hi = (mid, hi) if self._step(seq, mid) - seq.held <= free else (lo, mid)
-                    if lo:
-                        work[seq.seq_id] = n = lo
-                        extra = self._step(seq, n) - seq.held
-                if extra <= free:
-                    free -= extra
-                    seq.held += extra
-                    break
-                victim = max((s for s in order if s.seq_id in self._running and s is not seq
-                              and s.arrival > seq.arrival), key=lambda s: s.arrival, default=seq)
-                free += victim.held
-                self._preempt(victim)
-                work.pop(victim.seq_id, None)
-                preempted.append(victim.seq_id)
+        return fit_growth(order, work, self._running, self.kv_capacity_blocks - self._held(), self._step,
+                          self._preempt)
 
-    def _preempt(self, seq: _Seq) -> None:
+    def _preempt(self, seq: SeqState) -> None:
         del self._running[seq.seq_id]
         self._preemptions += 1
         self._preempted_tokens += seq.num_computed

@@ -35,7 +35,8 @@ import torch
 from tierflow.adapters import Adapter, ModelSpec, UnitWeights
 from tierflow.adapters.base import LAYER
 from tierflow.adapters.tree import TreeMask
-from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, Event
+from tierflow.pipeline.cuda import DeviceTimeline
+from tierflow.pipeline.device import DeviceOps, Event
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.experts import ExpertStage

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from tierflow.pipeline.cuda import DeviceOps
+from tierflow.pipeline.device import DeviceOps
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.upload import to_device, unit_views
 from tierflow.stages.read import cast_weights

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tierflow.pipeline.cuda import DeviceOps, Event
+from tierflow.pipeline.device import DeviceOps, Event
 from tierflow.stages.kv_spill import Spill
 from tierflow.tiers.kv.paged import KVStore
 

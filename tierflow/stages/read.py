@@ -23,7 +23,8 @@ from typing import Mapping
 
 import torch
 
-from tierflow.pipeline.cuda import Event, EventBridge, StreamOrderedRing
+from tierflow.pipeline.cuda import EventBridge, StreamOrderedRing
+from tierflow.pipeline.device import Event
 from tierflow.pipeline.ring import Channel, ChannelStats, RingStats, SlotRing
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.upload import Uploader

@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
-from tierflow.pipeline.cuda import DeviceOps, DeviceTimeline, Event, StreamPool
+from tierflow.pipeline.cuda import DeviceTimeline, StreamPool
+from tierflow.pipeline.device import DeviceOps, Event
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.tiers.checkpoint.index import UnitLayout
 
