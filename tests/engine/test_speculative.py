@@ -718,10 +718,10 @@ def test_an_engine_s_sampled_speculative_tokens_have_the_model_s_joint_distribut
     control) the same test rejects the distribution. "tree": a prompt where each token is
     followed by several others, proposed as a candidate tree of width 3, whose alternatives stand
     often."""
-    from tierflow.engine import driver
+    from tierflow.engine import sweep_sampling
     from tierflow.testing import oracle_logits
     if rule == "wrong":
-        monkeypatch.setattr(driver, "verify", _wrong_verify)
+        monkeypatch.setattr(sweep_sampling, "verify", _wrong_verify)
     path = build_random_checkpoint(tmp_path / "tiny-vocab", "llama", vocab_size=8, initializer_range=0.05, seed=3)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2] if rule != "tree" else [1, 2, 3, 4, 5, 6, 7, 1, 3, 5, 7, 2, 4, 6, 1, 4, 7, 3, 6, 2, 5]
     n = 3000

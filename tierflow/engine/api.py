@@ -29,8 +29,9 @@ import torch
 
 from tierflow.adapters.attention import attention_backend
 from tierflow.config import EngineConfig, SamplingParams, engine_config_from, sampling_params_from
-from tierflow.engine.build import Runtime, build_runtime, context_window
+from tierflow.engine.build import Runtime, build_runtime
 from tierflow.engine.driver import Driver
+from tierflow.engine.kv_store import context_window
 from tierflow.engine.metrics import PipelineStats, engine_stats, pipeline_stats
 from tierflow.engine.requests import Prompt, Request, check_stop_token_ids, deadline_after, encode_prompt
 from tierflow.errors import EngineClosedError, EventLoopError, PromptError, RequestTimeoutError

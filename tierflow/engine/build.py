@@ -1,12 +1,13 @@
 """Building the runtime an engine serves with, on the CPU or on CUDA, and taking it down.
 
-``build_runtime`` opens the checkpoint, plans, and makes every part in dependency order: the
-disk reader and compute worker, the kvikio reader (CUDA, when chosen), the paged KV store, the
-prefix cache, the weights' placement (``placement.start_host`` or ``start_device``), the
-expert stage and the sweep runner. Each part's clean-up is pushed on one ``AsyncExitStack``
-as it is made, so a failure half-way gives back exactly what was made, and ``Runtime.aclose``
-takes everything down in the reverse order (the compute worker stops, and the device
-drains, before the pinned memory they use is freed).
+``build_runtime`` checks the paths the config names (``paths``), opens the checkpoint, plans,
+and makes every part in dependency order: the disk reader and compute worker, the kvikio reader
+(CUDA, when chosen), the paged KV store (sized by ``kv_store.open_kv_store``), the prefix cache,
+the weights' placement (``placement.start_host`` or ``start_device``), the expert stage and the
+sweep runner. Each part's clean-up is pushed on one ``AsyncExitStack`` as it is made, so a
+failure half-way gives back exactly what was made, and ``Runtime.aclose`` takes everything down
+in the reverse order (the compute worker stops, and the device drains, before the pinned memory
+they use is freed).
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ import asyncio
 import functools
 import logging
 import os
-import shutil
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from tierflow.adapters import ModelSpec
 from tierflow.config import EngineConfig
+from tierflow.engine.kv_store import open_kv_store
 from tierflow.engine.loading import load_tokenizer, resolve_device, resolve_dtype
+from tierflow.engine.paths import check_directories, check_trace_path, expanded
 from tierflow.engine.placement import Placement, start_device, start_host
 from tierflow.engine.planning import EnginePlan, plan_engine
-from tierflow.errors import ConfigError
 from tierflow.pipeline.cuda import EventBridge
 from tierflow.pipeline.device import DeviceOps, TorchCuda
 from tierflow.pipeline.executor import ComputeWorker
@@ -40,18 +41,17 @@ from tierflow.stages.read import WeightStream
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.io.kvikio import KvikioReader, choose_reader
 from tierflow.tiers.io.pinned import PinnedArena
-from tierflow.tiers.io.cachedir import directory_problem, remove_empty_dirs, writable_problem
+from tierflow.tiers.io.cachedir import remove_empty_dirs
 from tierflow.tiers.io.reader import DiskReader
-from tierflow.tiers.io.spill import remove_orphaned_spills
 from tierflow.tiers.kv.contiguous import SequenceKV
-from tierflow.tiers.kv.paged import KVStore, block_bytes
+from tierflow.tiers.kv.paged import KVStore
 from tierflow.tiers.plan.costmodel import ModelCosts
 from tierflow.tiers.plan.hardware import HardwareProfile
 from tierflow.tiers.plan.plan import TierPlan
 
+R = TypeVar("R")
+
 log = logging.getLogger(__name__)
-DISK_MARGIN_BYTES = 1 << 30        # the KV spill leaves at least this much of its disk free
-DISK_MARGIN_FRACTION = 0.05        # ... or this fraction of the free space, whichever is more
 
 
 @dataclass(slots=True)
@@ -116,56 +116,18 @@ class Runtime:
                           max_tokens=most_tokens, windows=[spec.window(layer) for layer in range(spec.num_layers)],
                           max_chunk_tokens=self.plan.prefill_chunk_tokens)
 
+    def on_device(self, fn: Callable[..., R], *args: Any) -> R:
+        """In the compute worker: ``fn`` with its device work on the compute stream (on CUDA), so
+        it is ordered with the sweeps' kernels and what it allocates belongs to that stream, not
+        to the legacy default stream."""
+        path = self.device_path
+        if path is None:
+            return fn(*args)
+        with path.ops.using(path.compute):
+            return fn(*args)
+
     async def aclose(self) -> None:
         await self.stack.aclose()
-
-
-def check_trace_path(config: EngineConfig) -> None:
-    """``trace_path`` must name a file (new or not) in a directory that takes new files: the
-    timeline is written beside it under a temporary name and renamed onto it at close."""
-    if config.trace_path is None:
-        return
-    path = Path(config.trace_path).expanduser().absolute()
-    where = f"EngineConfig.trace_path {str(config.trace_path)!r}"
-    if path.is_dir():
-        raise ConfigError(f"{where}: {path} is a directory, but trace_path names the JSON file the timeline is "
-                          f"written to when the engine closes; give a file name, e.g. {path / 'trace.json'}",
-                          settings=("trace_path",))
-    parent = path.parent
-    if not parent.is_dir():
-        raise ConfigError(f"{where}: the directory {parent} does not exist (or is not a directory); create it, "
-                          "or give a path in a directory that exists", settings=("trace_path",))
-    why = writable_problem(parent)
-    if why is not None:
-        raise ConfigError(f"{where}: no file can be written in {parent} ({why}); give a path in a directory "
-                          "this process can write", settings=("trace_path",))
-
-
-_DIRECTORY_USES = {"kv_cache_dir": "the KV spill file (removed on close), or None to keep the KV cache off the disk",
-                   "prefix_cache_dir": "the prefix cache's block files, or None to keep the prefix cache in memory "
-                                       "only (prefix_cache_bytes)"}
-
-
-def check_directories(config: EngineConfig) -> list[Path]:
-    """Check ``kv_cache_dir`` and ``prefix_cache_dir`` before anything is read or allocated
-    (``cachedir.directory_problem``: a file, a path under a file, a whole missing tree, a
-    directory that takes no files are each a ConfigError naming the field). Returns those that
-    do not exist yet: the open creates them (their last component only; a missing parent is an
-    error, so a mistyped path is never made) and removes them again if it fails."""
-    missing = []
-    for field, use in _DIRECTORY_USES.items():
-        value = getattr(config, field)
-        if value is None:
-            continue
-        path = Path(value).expanduser().absolute()
-        problem = directory_problem(path)
-        if problem is not None:
-            raise ConfigError(f"EngineConfig.{field} {str(value)!r}: {path} {problem}; create the directory or "
-                              f"correct the path: {field} must be a directory this process can create files in, "
-                              f"for {use}", settings=(field,))
-        if not path.exists():
-            missing.append(path)
-    return missing
 
 
 async def build_runtime(model: str | Path, config: EngineConfig, device_ops: DeviceOps | None) -> Runtime:
@@ -223,7 +185,7 @@ async def _start(rt: Runtime) -> None:
     if config.prefix_cache:
         rt.prefix = await asyncio.to_thread(functools.partial(
             PrefixReuse.for_model, rt.index, rt.dtype, plan.kv_block_tokens, memory_bytes=config.prefix_cache_bytes,
-            directory=_expanded(config.prefix_cache_dir), disk_bytes=config.prefix_cache_disk_bytes))
+            directory=expanded(config.prefix_cache_dir), disk_bytes=config.prefix_cache_disk_bytes))
         stack.push_async_callback(asyncio.to_thread, rt.prefix.cache.close)
     if ops is None:
         rt.placement = await start_host(rt.index, plan, rt.dtype, rt.reader, rt.worker, tracer=rt.tracer)
@@ -260,11 +222,6 @@ async def _start(rt: Runtime) -> None:
         stack.push_async_callback(rt.draft.aclose)
 
 
-def _expanded(path: str | os.PathLike[str] | None) -> Path | None:
-    """A configured directory as ``check_directories`` checked it (``~`` expanded)."""
-    return Path(path).expanduser() if path is not None else None
-
-
 async def _write_trace(tracer: Tracer, path: str | os.PathLike[str]) -> None:
     try:
         await asyncio.to_thread(tracer.write, path)
@@ -272,55 +229,3 @@ async def _write_trace(tracer: Tracer, path: str | os.PathLike[str]) -> None:
         log.error("could not write the trace to %s: %s", path, error)
 
 
-def context_window(config: EngineConfig, spec: ModelSpec) -> int:
-    """The most tokens (prompt and generated) one sequence may reach."""
-    return min(config.max_context_tokens or 2**62, spec.max_position_embeddings)
-
-
-def disk_kv_bytes(config: EngineConfig) -> int:
-    """Bytes the KV spill file may take: ``kv_disk_bytes``, else the free space of
-    ``kv_cache_dir`` (its nearest existing parent) less a margin, DISK_MARGIN_FRACTION of it
-    but at least DISK_MARGIN_BYTES, and never more than half of it."""
-    if config.kv_cache_dir is None:
-        return 0
-    if config.kv_disk_bytes is not None:
-        return config.kv_disk_bytes
-    directory = Path(config.kv_cache_dir).expanduser().absolute()
-    remove_orphaned_spills(directory)       # the spill files of dead processes are free space
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    free = shutil.disk_usage(directory).free
-    return free - min(free // 2, max(DISK_MARGIN_BYTES, int(free * DISK_MARGIN_FRACTION)))
-
-
-def open_kv_store(config: EngineConfig, plan: TierPlan, spec: ModelSpec, costs: ModelCosts, dtype: torch.dtype,
-                  device: torch.device, tracer: Tracer = NULL_TRACER, ops: DeviceOps | None = None) -> KVStore:
-    """Pools for an engine's paged KV cache, as large as its tiers hold: the device share from
-    ``kv_device_bytes`` (else the plan's), the host share from ``kv_host_bytes`` (else the
-    plan's), the disk share from ``kv_disk_bytes`` (else the free space of ``kv_cache_dir``
-    less a margin); all of them together never more than ``max_num_seqs`` sequences of the
-    whole context window hold."""
-    bt = plan.kv_block_tokens
-    per_block = block_bytes(spec.num_kv_heads, spec.head_dim, bt, dtype)
-    layout = costs.kv_layout(bt)      # the planner's: windows keep rings, a linear layer's state whole blocks
-    bound = config.max_num_seqs * layout.most_blocks(context_window(config, spec), plan.prefill_chunk_tokens)
-    device_blocks = config.kv_device_bytes // per_block if config.kv_device_bytes is not None else \
-        plan.kv_blocks["device"]
-    host_blocks = config.kv_host_bytes // per_block if config.kv_host_bytes is not None else \
-        plan.kv_blocks.get("host", 0)
-    device_blocks = min(device_blocks, bound)
-    host_blocks = min(host_blocks, bound - device_blocks)
-    stride = -(-per_block // 4096) * 4096
-    disk_blocks = min(max(0, disk_kv_bytes(config)) // stride, bound - device_blocks - host_blocks)
-    if device_blocks + host_blocks + disk_blocks == 0:
-        remedy = "raise EngineConfig.kv_disk_bytes" if config.kv_cache_dir is not None else \
-            "set EngineConfig.kv_cache_dir to spill KV blocks to disk"
-        raise ConfigError(f"the paged KV cache has no room for a single block of {per_block} bytes: the device and "
-                          f"host budgets (kv_device_bytes, kv_host_bytes) hold none and the disk holds none; "
-                          f"{remedy}, or raise kv_device_bytes / kv_host_bytes",
-                          settings=("kv_cache_dir", "kv_disk_bytes", "kv_device_bytes", "kv_host_bytes"))
-    return KVStore(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
-                   device=device, block_tokens=bt, device_blocks=device_blocks, host_blocks=host_blocks,
-                   disk_blocks=disk_blocks, spill_dir=_expanded(config.kv_cache_dir), tracer=tracer, layout=layout,
-                   allocate=ops.alloc if ops is not None else None,
-                   bind_thread=ops.bind_thread if ops is not None else None)

@@ -416,7 +416,7 @@ class PagedSequenceKV:
         bt, store = self.store.block_tokens, self.store
         first, base, held = self._held(layer, first_position)
         committed = base + len(held)
-        fresh, io = self._fresh[layer], store.io
+        fresh = self._fresh[layer]
         fill = self._lengths[layer] - committed * bt
         spans = tuple((i * bt, bt) for i in range(first, committed)) + (((committed * bt, fill),) if fill else ())
 
