@@ -32,7 +32,8 @@ from tierflow.errors import ConfigError
 from tierflow.pipeline.cuda import DeviceOps, EventBridge, TorchCuda
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.stages.compute import DevicePath, SweepRunner
+from tierflow.stages.compute import SweepRunner
+from tierflow.stages.device import DevicePath
 from tierflow.stages.experts import ExpertStage
 from tierflow.stages.prefix import PrefixReuse
 from tierflow.stages.read import WeightStream
