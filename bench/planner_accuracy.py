@@ -41,7 +41,8 @@ from tierflow.testing import streaming_budget  # noqa: E402
 from tierflow.tiers.checkpoint.index import CheckpointIndex  # noqa: E402
 from tierflow.tiers.plan.planner import plan  # noqa: E402
 from tierflow.tiers.probe.measure import measure_disk  # noqa: E402
-from tierflow.tiers.probe.probe import ProbeCache, probe  # noqa: E402
+from tierflow.tiers.probe.cache import ProbeCache  # noqa: E402
+from tierflow.tiers.probe.probe import probe  # noqa: E402
 
 TOLERANCE = 0.25
 KV_TOKENS = 256

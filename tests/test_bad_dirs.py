@@ -173,6 +173,7 @@ def test_read_only_cache_and_model_dirs_the_probe_warns_and_measures_elsewhere(s
         from tierflow.adapters import adapter_for
         from tierflow.tiers.plan.costmodel import costs_from_spec
         from tierflow.tiers.probe import probe as p
+        from tierflow.tiers.probe.cache import default_cache
         config = {{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
                   "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                   "head_dim": 16, "intermediate_size": 128, "vocab_size": 512}}
@@ -180,7 +181,7 @@ def test_read_only_cache_and_model_dirs_the_probe_warns_and_measures_elsewhere(s
         costs = costs_from_spec(adapter.spec_from_config(config), adapter, "float32", name="tiny")
         p.measure_disk = functools.partial(p.measure_disk, file_bytes=8 << 20, seconds=0.1)
         hw, prov = asyncio.run(p.probe(torch.device("cpu"), torch.float32, costs, {str(model)!r},
-                                       cache=p.default_cache()))
+                                       cache=default_cache()))
         result = {{"gbps": hw.disk_read_gbps, "dir": prov["disk"]["directory"]}}
     """, probe_dir=str(model), TIERFLOW_CACHE_DIR=str(cache))
     assert result["gbps"] > 0 and result["dir"] == tempfile.gettempdir()

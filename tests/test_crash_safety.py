@@ -290,7 +290,7 @@ def _next_open_cleans_up_and_works(cache: Path, pristine: Path, left: list[Path]
 
 @needs_demo
 def test_a_conversion_killed_mid_way_leaves_a_partial_output_the_next_open_removes(tmp_path, pristine):
-    from tierflow.convert.gguf import remove_orphaned_outputs
+    from tierflow.convert.gguf_output import remove_orphaned_outputs
 
     code = "from tierflow.convert.demo import demo_model_dir; demo_model_dir(progress=False)"
     with Child(code, env={"TIERFLOW_CACHE_DIR": str(tmp_path)}) as child:
@@ -315,7 +315,7 @@ def test_sigterm_during_the_first_run_conversion_exits_at_once(tmp_path, pristin
 
 
 def test_the_lock_of_a_live_partial_output_keeps_it(tmp_path):
-    from tierflow.convert.gguf import remove_orphaned_outputs
+    from tierflow.convert.gguf_output import remove_orphaned_outputs
 
     live, dead, stale = (tmp_path / f".model.{kind}-1-abc" for kind in ("partial", "partial-2", "stale"))
     for directory in (live, dead, stale):

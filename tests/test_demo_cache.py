@@ -148,8 +148,8 @@ def test_verifying_reads_little(cache, monkeypatch):
 
 
 def test_the_suite_keeps_to_a_private_cache(private_cache_dir):
-    from tierflow.tiers.probe import probe
+    from tierflow.tiers.probe import cache as probe_cache
 
     real = Path.home() / ".cache" / "tierflow"
     assert default_cache_dir() == private_cache_dir != real
-    assert probe.default_cache().path.parent == private_cache_dir
+    assert probe_cache.default_cache().path.parent == private_cache_dir

@@ -19,7 +19,8 @@ import torch
 from tierflow import ConfigError, Engine, EngineConfig, SamplingParams
 from tierflow.testing import build_random_llama, oracle_greedy, oracle_logits
 from tierflow.tiers.checkpoint.index import CheckpointIndex
-from tierflow.tiers.kv.prefix import SUFFIX, PrefixCache
+from tierflow.tiers.kv.prefix import PrefixCache
+from tierflow.tiers.kv.prefix_files import SUFFIX
 from tierflow.tiers.kv.prefix_keys import block_keys, model_fingerprint
 
 BT = 256                                  # the plan's kv_block_tokens

@@ -26,7 +26,8 @@ from tierflow.errors import (
 )
 from tierflow.convert import gguf as gguf_converter
 from tierflow.convert import gguf_tensors
-from tierflow.convert.gguf import MARKER_FILENAME, convert_gguf, unpermute_rotary_rows
+from tierflow.convert.gguf import convert_gguf, unpermute_rotary_rows
+from tierflow.convert.gguf_output import MARKER_FILENAME
 
 DEMO_INSTALLED = importlib.util.find_spec(demo.DEMO_PACKAGE) is not None
 needs_demo_gguf = pytest.mark.skipif(

@@ -26,7 +26,8 @@ from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import ModelCosts, Workload, costs_from_spec
 from tierflow.tiers.plan.planner import plan
 from tierflow.tiers.plan.speculation import predict_speculation
-from tierflow.tiers.probe.probe import default_cache, probe
+from tierflow.tiers.probe.cache import default_cache
+from tierflow.tiers.probe.probe import probe
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, Profile
 from tierflow.tiers.probe.profile import load_profile, load_routing, save_profile
 

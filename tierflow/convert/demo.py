@@ -19,7 +19,7 @@ MiB read, milliseconds — and converts again when a file is missing, truncated 
 the cache is tierflow's own to repair, never the user's to download again. Calls are
 serialised across processes by a lock file beside the directory, so concurrent first runs
 convert once, and the hidden partial output of a conversion that was killed is removed
-(``gguf.remove_orphaned_outputs``).
+(``gguf_output.remove_orphaned_outputs``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any
 
 from tierflow.errors import CheckpointError, DemoModelMissingError
 from tierflow.convert import gguf
-from tierflow.convert.gguf import convert_gguf, remove_orphaned_outputs
+from tierflow.convert.gguf import convert_gguf
+from tierflow.convert.gguf_output import remove_orphaned_outputs
 from tierflow.tiers.io.cachedir import default_cache_dir, exclusive, writable_problem
 
 __all__ = [

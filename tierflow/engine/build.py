@@ -34,7 +34,8 @@ from tierflow.pipeline.cuda import EventBridge
 from tierflow.pipeline.device import DeviceOps, TorchCuda
 from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.stages.compute import DevicePath, SweepRunner
+from tierflow.stages.compute import SweepRunner
+from tierflow.stages.device import DevicePath
 from tierflow.stages.experts import ExpertStage
 from tierflow.stages.prefix import PrefixReuse
 from tierflow.stages.read import WeightStream

@@ -10,7 +10,8 @@ import torch
 
 from tierflow.errors import CheckpointError, ConfigError
 from tierflow.engine.planning import DTYPES
-from tierflow.tiers.checkpoint.index import CheckpointIndex, read_json
+from tierflow.tiers.checkpoint.files import read_json
+from tierflow.tiers.checkpoint.index import CheckpointIndex
 
 
 def resolve_device(device: str) -> torch.device:

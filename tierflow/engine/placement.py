@@ -30,7 +30,7 @@ from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.resident import UnitTensors, home_bytes, load_units
 from tierflow.stages.upload import SameDevice, StreamUploader, packed, to_device
 from tierflow.stages.read import WeightStream
-from tierflow.stages.compute import DevicePath
+from tierflow.stages.device import DevicePath
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import HOST
 from tierflow.tiers.io.pinned import PinnedArena, aligned

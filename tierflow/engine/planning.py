@@ -22,11 +22,13 @@ import torch
 from tierflow.adapters import ModelSpec, model_from_config
 from tierflow.config import EngineConfig
 from tierflow.errors import ConfigError
-from tierflow.tiers.checkpoint.index import CheckpointIndex, read_config, resolve_checkpoint
+from tierflow.tiers.checkpoint.files import read_config, resolve_checkpoint
+from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import ModelCosts, Workload, costs_from_spec
 from tierflow.tiers.kv.contiguous import SequenceKV
 from tierflow.tiers.plan.planner import TierPlan, plan
-from tierflow.tiers.probe.probe import ProbeCache, default_cache, probe
+from tierflow.tiers.probe.cache import ProbeCache, default_cache
+from tierflow.tiers.probe.probe import probe
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides, Profile
 from tierflow.tiers.probe.profile import load_profile
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tierflow.tiers.kv import prefix as prefixcache
-from tierflow.tiers.kv.prefix import MAGIC, SUFFIX, PrefixCache
+from tierflow.tiers.kv import prefix_files as prefixcache
+from tierflow.tiers.kv.prefix import PrefixCache
+from tierflow.tiers.kv.prefix_files import MAGIC, SUFFIX
 from tierflow.tiers.kv.prefix_keys import block_keys, model_fingerprint
 
 BT = 4                                   # tokens per block

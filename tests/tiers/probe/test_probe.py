@@ -17,7 +17,8 @@ from tierflow.errors import TierflowError
 from tierflow.tiers.probe import measure as measure_mod
 from tierflow.tiers.probe import probe as probe_mod
 from tierflow.tiers.plan.costmodel import costs_from_spec
-from tierflow.tiers.probe.probe import ProbeCache, measure_compute, measure_disk, probe, probe_sync
+from tierflow.tiers.probe.cache import ProbeCache
+from tierflow.tiers.probe.probe import measure_compute, measure_disk, probe, probe_sync
 from tierflow.tiers.io.reader import DiskReader
 
 MiB = 2**20

@@ -9,7 +9,8 @@ import torch
 
 from tierflow.tiers.probe import probe as probe_mod
 from tierflow.tiers.probe.measure import measure_disk, ring_layout
-from tierflow.tiers.probe.probe import ProbeCache, probe
+from tierflow.tiers.probe.cache import ProbeCache
+from tierflow.tiers.probe.probe import probe
 from tierflow.tiers.io.staging import BufferLayout
 
 from tierflow.adapters import adapter_for

@@ -16,7 +16,8 @@ from tierflow.tiers.io import kvikio_setup
 from tierflow.tiers.probe import measure as measure_mod
 from tierflow.tiers.probe import probe as probe_mod
 from tierflow.tiers.probe.measure import measure_device_overhead, measure_disk
-from tierflow.tiers.probe.probe import ProbeCache, probe
+from tierflow.tiers.probe.cache import ProbeCache
+from tierflow.tiers.probe.probe import probe
 from tests.tiers.probe.test_probe import SMALL_DISK, tiny_costs
 
 CPU = torch.device("cpu")

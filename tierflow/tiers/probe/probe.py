@@ -20,7 +20,7 @@
 Memory is measured on every call (it changes); disk, PCIe and compute figures are cached
 per machine, filesystem and shape in ``<cache>/probe.json`` (``tierflow probe --fresh``
 measures again; a cache that cannot be written is warned about once, and the probe goes on
-without it). Each measurement takes about a second at most.
+without it: ``cache.ProbeCache``). Each measurement takes about a second at most.
 
 The directory measured must be a directory, or a new one in an existing directory (made then):
 a file, a path under a file or a whole missing tree is a ``ConfigError``. Where it takes no
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import platform
@@ -50,15 +49,14 @@ from tierflow.tiers.checkpoint.index import ALIGN_BYTES
 from tierflow.tiers.plan.costmodel import ModelCosts, io_block_for
 from tierflow.tiers.plan.planner import largest_read
 from tierflow.tiers.io.kvikio_setup import kvikio_status
+from tierflow.tiers.probe.cache import ProbeCache
 from tierflow.tiers.probe.measure import (CHUNK_BYTES, MATMUL_STREAMS, measure_compute, measure_device_overhead,
                                           measure_disk, measure_pcie, release_cached_blocks)
 from tierflow.tiers.probe.nvml import device_figures
 from tierflow.tiers.plan.hardware import HardwareProfile
-from tierflow.tiers.io.cachedir import default_cache_dir, directory_problem
+from tierflow.tiers.io.cachedir import directory_problem
 
 log = logging.getLogger(__name__)
-
-_CACHE_VERSION = 3     # 3: disk figures carry the layout of the buffers they were read into
 
 
 def machine_key() -> str:
@@ -123,58 +121,6 @@ def _cpu_name() -> str:
 
 
 # ----------------------------------------------------------------------------- disk
-class ProbeCache:
-    """``<cache>/probe.json``: figures per machine, keyed by what they depend on. A cache that
-    cannot be written (a read-only ``TIERFLOW_CACHE_DIR``) is an optimisation lost, not an
-    error: ``put`` warns once and the figures are measured again next time."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._warned = False
-
-    def _load(self) -> dict[str, Any]:
-        if self.path is None:
-            return {}
-        try:
-            doc = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):    # unreadable, not UTF-8, not JSON
-            doc = None
-        if isinstance(doc, dict) and doc.get("version") == _CACHE_VERSION and isinstance(doc.get("entries"), dict):
-            return doc
-        if not (isinstance(doc, dict) and isinstance(doc.get("version"), int) and doc["version"] < _CACHE_VERSION):
-            log.warning("ignoring unreadable probe cache %s; it will be rewritten", self.path)
-        return {}   # an older version's figures are simply measured again
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return self._load().get("entries", {}).get(key)
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        doc = self._load() or {"version": _CACHE_VERSION, "entries": {}}
-        doc["entries"][key] = value
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc, indent=1))
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass                     # never made: the directory takes no files
-            if not self._warned:
-                self._warned = True
-                log.warning("cannot write the probe cache %s (%s): the figures are measured again next time; set "
-                            "TIERFLOW_CACHE_DIR to a writable directory to keep them", self.path, exc.strerror or exc)
-
-
-def default_cache() -> ProbeCache:
-    return ProbeCache(default_cache_dir() / "probe.json")
-
-
 def _measured_directory(path: Path, what: str) -> Path:
     """``path``, whose filesystem the probe measures: a directory (read-only is fine: the disk
     is then measured elsewhere), or a new one in an existing directory, made here. A file, a
