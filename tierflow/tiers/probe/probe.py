@@ -47,8 +47,9 @@ import torch
 
 from tierflow.errors import ConfigError, TierflowError
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES
-from tierflow.tiers.plan.costmodel import ModelCosts, io_block_for
+from tierflow.tiers.plan.costmodel import ModelCosts
 from tierflow.tiers.plan.planner import largest_read
+from tierflow.tiers.plan.reads import io_block_for
 from tierflow.tiers.io.kvikio_setup import kvikio_status
 from tierflow.tiers.probe.measure import (CHUNK_BYTES, MATMUL_STREAMS, measure_compute, measure_device_overhead,
                                           measure_disk, measure_pcie, release_cached_blocks)
