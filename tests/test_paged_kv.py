@@ -195,7 +195,7 @@ def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_
     import torch
 
     from tierflow.stages.kv import KVLoadPlan, KVRead, KVStages
-    from tierflow.tiers.plan.costmodel import KV_READ_RUN
+    from tierflow.tiers.plan.reads import KV_READ_RUN
     from tierflow.tiers.kv.paged import KVStore
     from tierflow.tiers.io.spill import SpillFile
 

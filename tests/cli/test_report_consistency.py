@@ -24,9 +24,10 @@ from tierflow.engine.planning import index_costs
 from tierflow.testing import SimulatedCuda, build_random_llama, oracle_greedy
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.advice import improvements
-from tierflow.tiers.plan.costmodel import DEVICE, DISK, HOST, Workload, costs_from_spec, decode_times
+from tierflow.tiers.plan.costmodel import DEVICE, DISK, HOST, Workload, costs_from_spec
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides
 from tierflow.tiers.plan.planner import plan
+from tierflow.tiers.plan.timing import decode_times
 from tierflow.adapters import adapter_for
 
 import torch

@@ -7,7 +7,7 @@ context lengths, the KV spread over the tiers as the blocks in use are). ``Decod
 keeps the two sums, so ``EngineStats`` can show them side by side per decode sweep.
 
 The plan's own prediction (``TierPlan.predicted``) comes from the same function,
-``costmodel.decode_times``, on the same hardware and placement, but for the workload the plan
+``timing.decode_times``, on the same hardware and placement, but for the workload the plan
 was made for: every sequence at the full context the engine reserves. The sweeps that ran
 are usually shorter (less attention, less KV off the device), so their largest stage may
 differ from the plan's bottleneck; the reports say which is which.
@@ -28,7 +28,8 @@ from tierflow.stages.experts import ExpertStats
 from tierflow.tiers.io.pinned import ArenaStats
 from tierflow.tiers.kv.blocks import KVPoolsStats
 from tierflow.tiers.kv.prefix import PrefixCacheStats
-from tierflow.tiers.plan.costmodel import DEVICE, decode_times
+from tierflow.tiers.plan.costmodel import DEVICE
+from tierflow.tiers.plan.timing import decode_times
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,10 @@ from tierflow.cli.main import main
 from tierflow.engine.planning import config_spec, index_costs
 from tierflow.testing import build_random_checkpoint, pack_mxfp4_experts
 from tierflow.tiers.checkpoint.index import MAX_GAP_BYTES, CheckpointIndex
-from tierflow.tiers.plan.costmodel import ALIGN, DEVICE, HOST, Workload, costs_from_spec, expert_times
+from tierflow.tiers.plan.costmodel import DEVICE, HOST, Workload, costs_from_spec
 from tierflow.tiers.plan.planner import KV_BLOCK_TOKENS, plan
+from tierflow.tiers.plan.reads import ALIGN
+from tierflow.tiers.plan.timing import expert_times
 from tierflow.tiers.probe.profile import load_profile
 
 ROOT = Path(__file__).resolve().parents[3]

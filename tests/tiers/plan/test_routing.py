@@ -8,9 +8,11 @@ import dataclasses
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tierflow.tiers.plan.costmodel import ExpertCosts, ModelCosts, expert_times
+from tierflow.tiers.plan.costmodel import ModelCosts
+from tierflow.tiers.plan.experts import ExpertCosts
 from tierflow.tiers.plan.hardware import HardwareProfile
 from tierflow.tiers.plan.routing import RoutingRecorder, RoutingStats
+from tierflow.tiers.plan.timing import expert_times
 from tierflow.tiers.probe.profile import load_routing, save_routing
 
 EXPERTS = 6

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from tierflow.tiers.plan.costmodel import DISK, SweepTimes, Workload
+from tierflow.tiers.plan.costmodel import DISK, Workload
 from tierflow.tiers.plan.overhead import DeviceOverhead
+from tierflow.tiers.plan.timing import SweepTimes
 
 DEFAULT_MARGIN = 0.10
 
@@ -35,7 +36,7 @@ class Prediction:
     disk_bytes: int                     # the checkpoint plus spilled KV
     kv_bytes: int
     bottleneck: str                     # "disk" | "pcie" | "compute": the largest stage of ``decode``
-    decode: SweepTimes                  # per resource, of that sweep (costmodel.decode_times)
+    decode: SweepTimes                  # per resource, of that sweep (timing.decode_times)
     s_per_token: float                  # the objective: (prefill_s + new_tokens × decode) / new_tokens
 
 

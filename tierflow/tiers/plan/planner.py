@@ -24,11 +24,13 @@ import math
 from dataclasses import replace
 
 from tierflow.errors import TierCapacityError
-from tierflow.tiers.plan.costmodel import DEVICE, ModelCosts, Workload, io_block_for
+from tierflow.tiers.plan.candidates import candidate, capacity_error, fill_orders, kv_fits, slot_caps
+from tierflow.tiers.plan.costmodel import DEVICE, ModelCosts, Workload
 from tierflow.tiers.plan.hardware import HardwareProfile, Overrides
 from tierflow.tiers.plan.plan import DEFAULT_MARGIN, Prediction, TierMemory, TierPlan
-from tierflow.tiers.plan.search import (KV_BLOCK_TOKENS, State, candidate, capacity_error, expert_cache_bytes,
-                                        fill_orders, kv_fits, largest_read, make_search, predict, slot_caps)
+from tierflow.tiers.plan.reads import io_block_for
+from tierflow.tiers.plan.search import KV_BLOCK_TOKENS, expert_cache_bytes, largest_read, make_search, predict
+from tierflow.tiers.plan.state import State
 
 __all__ = ["DEFAULT_MARGIN", "KV_BLOCK_TOKENS", "Prediction", "TierMemory", "TierPlan", "largest_read",
            "minimum_device_bytes", "plan"]

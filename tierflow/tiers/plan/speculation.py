@@ -3,7 +3,7 @@
 A sweep that verifies k proposed tokens computes k + 1 tokens of one sequence; with per-token
 acceptance rate a (each proposal standing independently with probability a, the usual model)
 it yields E(k) = (1 - a^(k+1)) / (1 - a) tokens on average (k + 1 when a = 1). Its time is the
-cost model's sweep of k + 1 tokens (``costmodel.sweep_times``: disk and PCIe reads do not grow
+cost model's sweep of k + 1 tokens (``timing.sweep_times``: disk and PCIe reads do not grow
 with tokens, compute does) plus k steps of the draft's own decode (0 for prompt lookup). The
 rate E(k) / time(k) over k = 1 .. ``most`` is what ``num_speculative_tokens="auto"`` maximises
 and what ``tierflow plan --acceptance`` reports: on a disk- or PCIe-bound sweep extra tokens are
@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from tierflow.tiers.plan.costmodel import ModelCosts, sweep_times
+from tierflow.tiers.plan.costmodel import ModelCosts
 from tierflow.tiers.plan.hardware import HardwareProfile
+from tierflow.tiers.plan.timing import sweep_times
 
 MOST_SPECULATIVE_TOKENS = 16
 

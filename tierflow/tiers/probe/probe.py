@@ -46,8 +46,9 @@ import torch
 
 from tierflow.errors import ConfigError, TierflowError
 from tierflow.tiers.checkpoint.index import ALIGN_BYTES
-from tierflow.tiers.plan.costmodel import ModelCosts, io_block_for
+from tierflow.tiers.plan.costmodel import ModelCosts
 from tierflow.tiers.plan.planner import largest_read
+from tierflow.tiers.plan.reads import io_block_for
 from tierflow.tiers.io.kvikio_setup import kvikio_status
 from tierflow.tiers.probe.cache import ProbeCache
 from tierflow.tiers.probe.measure import (CHUNK_BYTES, MATMUL_STREAMS, measure_compute, measure_device_overhead,
