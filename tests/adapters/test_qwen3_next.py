@@ -28,7 +28,8 @@ from safetensors.torch import load_file, save_file
 from tierflow import CheckpointError, ConfigError, Engine, EngineConfig, RequestError, SamplingParams
 from tierflow.adapters import model_from_config
 from tierflow.errors import KVCorruptionError, UnsupportedModelError
-from tierflow.testing import _load_oracle, build_random_checkpoint, oracle_greedy, oracle_logits
+from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits
+from tierflow.testing.oracle import _load_oracle
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 
 SHAPE = dict(hidden_size=64, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=32, linear_num_key_heads=2,
