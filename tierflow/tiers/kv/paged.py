@@ -413,7 +413,7 @@ class PagedSequenceKV:
         return first, held_from, held
 
     def blocks(self, layer: int, first_position: int = 0) -> KVBlocks:
-        bt, store = self.store.block_tokens, self.store
+        bt = self.store.block_tokens
         first, base, held = self._held(layer, first_position)
         committed = base + len(held)
         fresh = self._fresh[layer]
