@@ -752,7 +752,7 @@ def test_an_engine_s_sampled_speculative_tokens_have_the_model_s_joint_distribut
 def test_a_failed_rollback_fails_only_its_request_and_the_engine_serves_on(checkpoints, tmp_path, monkeypatch,
                                                                             small_blocks):
     from tierflow import RequestError, TransferError
-    from tierflow.tiers.kv.paged import PagedSequenceKV
+    from tierflow.tiers.kv.sequence import PagedSequenceKV
     path = checkpoints["llama"]
     config = _config(path, "streamed", speculative=SPEC, kv_cache_dir=tmp_path, kv_device_bytes=2**14)
     real, calls = PagedSequenceKV.truncate, []

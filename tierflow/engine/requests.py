@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from tierflow.config import SamplingParams, _show
+from tierflow.config import SamplingParams
+from tierflow.config.checks import show
 from tierflow.errors import ConfigError, PromptError, SamplingError
 from tierflow.outputs import TokenLogprob
 from tierflow.tiers.kv.handle import KVHandle
@@ -125,14 +126,14 @@ def check_stop_token_ids(params: SamplingParams, vocab_size: int) -> None:
 def _token_ids(ids: list[Any], vocab_size: int) -> list[int]:
     bad = [(i, t) for i, t in enumerate(ids) if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
     if bad:
-        where = ", ".join(f"{_show(t)} at position {i}" for i, t in bad[:5])
+        where = ", ".join(f"{show(t)} at position {i}" for i, t in bad[:5])
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise PromptError(f"token ids must be ints in [0, {vocab_size}) (this model's vocabulary); found {where}{more}")
     return ids
 
 
 def _show_list(values: list[Any]) -> str:
-    return ", ".join(_show(v) for v in values[:5]) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
+    return ", ".join(show(v) for v in values[:5]) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
 
 
 def _check_unicode(text: str, where: str) -> None:
@@ -154,15 +155,15 @@ def _check_messages(messages: list[Any]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise PromptError(f"chat message {i} must be a dict with 'role' and 'content', got {type(m).__name__} "
-                              f"{_show(m)}")
+                              f"{show(m)}")
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
-            raise PromptError(f"chat message {i} must have string 'role' and 'content', got {_show(m)}")
+            raise PromptError(f"chat message {i} must have string 'role' and 'content', got {show(m)}")
         if role not in CHAT_ROLES:
-            raise PromptError(f"chat message {i} has role {_show(role)}; the roles are {', '.join(CHAT_ROLES)}")
+            raise PromptError(f"chat message {i} has role {show(role)}; the roles are {', '.join(CHAT_ROLES)}")
         for key, value in m.items():
             if isinstance(value, str):
-                _check_unicode(value, f"chat message {i}'s {_show(key)}")
+                _check_unicode(value, f"chat message {i}'s {show(key)}")
 
 
 def _chat_ids(messages: list[Any], tokenizer: Any) -> list[int]:
@@ -201,7 +202,7 @@ def _check_rendered(messages: list[Mapping[str, Any]], text: str) -> None:
     for i, m in enumerate(messages):
         content = m["content"].strip()      # templates may trim
         if m["role"] in INSTRUCTION_ROLES and content and content not in text:
-            raise PromptError(f"the checkpoint's chat template left chat message {i} (role {_show(m['role'])}) out "
+            raise PromptError(f"the checkpoint's chat template left chat message {i} (role {show(m['role'])}) out "
                               f"of the prompt: its text is not in what the template rendered (gpt-oss's template, "
                               f"for one, renders only the first system or developer message); put all the "
                               f"instructions in one message, the first")

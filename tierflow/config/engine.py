@@ -1,74 +1,22 @@
-"""Frozen configuration records: everything a user sets, validated on construction.
-
-One record per concern. Measured values (bandwidths, placements) never live here:
-they belong to the hardware profile and the plan. Every invalid value raises a
-``ConfigError`` / ``SamplingError`` naming the field, the value, and what is allowed.
-
-``engine_config_from`` / ``sampling_params_from`` take what the Engine's methods accept in
-place of a record: the record itself, a mapping of its fields (an unknown key is an error that
-names the closest field), or None (the defaults). Messages show values through ``_show``, so a
-huge int or a long string cannot make the message itself fail or fill a screen.
-"""
+"""The engine's configuration: ``EngineConfig`` and the ``SpeculativeConfig`` it holds."""
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from tierflow.errors import ConfigError, SamplingError
+from tierflow.errors import ConfigError
+from tierflow.config.checks import check_path, check_positive, is_cuda_index, record_from, show
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DIRECT_IO_MODES = ("auto", "on", "off")
 EXPERT_READS = ("routed", "all")
 KV_ALLOCATIONS = ("on_demand", "reserve")
-SEED_RANGE = (-2**63, 2**64 - 1)      # what torch.Generator.manual_seed accepts
-MIN_TEMPERATURE = 1e-5                # below it sampling is greedy in all but name
-MAX_LOGPROBS = 20                     # the most alternatives per token SamplingParams.logprobs asks for
-MIN_TOP_P = 1e-9                      # below 1/vocab every top_p keeps the most likely token alone
 SPECULATIVE_METHODS = ("ngram", "draft")
 MOST_TREE_WIDTH = 8        # SpeculativeConfig.tree_width
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters; an int too long for ``repr`` (Python refuses
-    more than 4300 digits) is shown by its size."""
-    try:
-        text = repr(value)
-    except ValueError:
-        text = f"<an int of {value.bit_length()} bits>" if isinstance(value, int) else f"<a {type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit - 5] + "...>"
-
-
-def _check_positive(owner: str, name: str, value: int | None, *, allow_none: bool = False,
-                    error: type[Exception] = ConfigError, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise error(f"{owner}.{name} must be an int >= {minimum}"
-                    f"{' or None' if allow_none else ''}, got {_show(value)}")
-
-
-def _check_path(name: str, value: Any, *, what: str = "a path") -> None:
-    """A str or os.PathLike the OS can take: no NUL byte, encodable by ``os.fsencode`` (a lone
-    surrogate is not)."""
-    if value is None:
-        return
-    if not isinstance(value, (str, os.PathLike)):
-        raise ConfigError(f"EngineConfig.{name} must be {what}, got {type(value).__name__} {_show(value)}")
-    try:
-        text = os.fspath(value)
-        bad = "\0" in text if isinstance(text, str) else b"\0" in text
-        os.fsencode(text)
-    except (UnicodeEncodeError, TypeError):
-        bad = True
-    if bad:
-        raise ConfigError(f"EngineConfig.{name} is not a path the OS can take (a NUL byte or text that is not valid "
-                          f"Unicode), got {_show(value)}; pass a plain path")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +56,7 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in SPECULATIVE_METHODS:
-            raise ConfigError(f"SpeculativeConfig.method must be one of {SPECULATIVE_METHODS}, got {_show(self.method)}")
+            raise ConfigError(f"SpeculativeConfig.method must be one of {SPECULATIVE_METHODS}, got {show(self.method)}")
         if self.method == "draft" and self.model is None:
             raise ConfigError("SpeculativeConfig.model is required with method='draft': the path of a small model "
                               "with the target's tokenizer")
@@ -116,15 +64,15 @@ class SpeculativeConfig:
             raise ConfigError(f"SpeculativeConfig.model is only used with method='draft' (method is "
                               f"{self.method!r}); drop it, or set method='draft'")
         if self.model is not None:
-            _check_path("speculative.model", self.model)
+            check_path("speculative.model", self.model)
         if self.num_speculative_tokens != "auto":
             if isinstance(self.num_speculative_tokens, str):
                 raise ConfigError(f"SpeculativeConfig.num_speculative_tokens must be an int >= 1 or 'auto', "
-                                  f"got {_show(self.num_speculative_tokens)}")
-            _check_positive("SpeculativeConfig", "num_speculative_tokens", self.num_speculative_tokens)
+                                  f"got {show(self.num_speculative_tokens)}")
+            check_positive("SpeculativeConfig", "num_speculative_tokens", self.num_speculative_tokens)
         for name in ("prompt_lookup_max", "prompt_lookup_min"):
-            _check_positive("SpeculativeConfig", name, getattr(self, name))
-        _check_positive("SpeculativeConfig", "tree_width", self.tree_width)
+            check_positive("SpeculativeConfig", name, getattr(self, name))
+        check_positive("SpeculativeConfig", "tree_width", self.tree_width)
         if self.tree_width > MOST_TREE_WIDTH:
             raise ConfigError(f"SpeculativeConfig.tree_width must be at most {MOST_TREE_WIDTH}, got {self.tree_width}: "
                               "wider trees verify many tokens that almost never stand")
@@ -235,161 +183,41 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         dev = self.device
-        if not isinstance(dev, str) or not (dev in DEVICES or _is_cuda_index(dev)):
-            raise ConfigError(f"EngineConfig.device must be one of {DEVICES} or 'cuda:N', got {_show(dev)}")
+        if not isinstance(dev, str) or not (dev in DEVICES or is_cuda_index(dev)):
+            raise ConfigError(f"EngineConfig.device must be one of {DEVICES} or 'cuda:N', got {show(dev)}")
         for name, allowed in (("dtype", DTYPES), ("direct_io", DIRECT_IO_MODES), ("kv_allocation", KV_ALLOCATIONS),
                               ("expert_reads", EXPERT_READS)):
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
-                raise ConfigError(f"EngineConfig.{name} must be one of {allowed}, got {_show(getattr(self, name))}")
+                raise ConfigError(f"EngineConfig.{name} must be one of {allowed}, got {show(getattr(self, name))}")
         if self.profile is not None and not isinstance(self.profile, Mapping):
-            _check_path("profile", self.profile, what="a path or a dict")
+            check_path("profile", self.profile, what="a path or a dict")
         for name in ("device_memory_bytes", "host_memory_bytes", "prefetch_depth", "io_threads",
                      "prefill_chunk_tokens", "mlp_chunk_tokens"):
-            _check_positive("EngineConfig", name, getattr(self, name), allow_none=True)
-        _check_positive("EngineConfig", "io_block_bytes", self.io_block_bytes, allow_none=True, minimum=4096)
+            check_positive("EngineConfig", name, getattr(self, name), allow_none=True)
+        check_positive("EngineConfig", "io_block_bytes", self.io_block_bytes, allow_none=True, minimum=4096)
         if self.io_block_bytes is not None and self.io_block_bytes % 4096:
             raise ConfigError(f"EngineConfig.io_block_bytes must be a multiple of 4096, got {self.io_block_bytes}")
-        _check_positive("EngineConfig", "kv_reserve_tokens", self.kv_reserve_tokens, minimum=0)
-        _check_positive("EngineConfig", "max_num_seqs", self.max_num_seqs)
+        check_positive("EngineConfig", "kv_reserve_tokens", self.kv_reserve_tokens, minimum=0)
+        check_positive("EngineConfig", "max_num_seqs", self.max_num_seqs)
         if self.kv_disk_bytes is not None and self.kv_cache_dir is None:
             raise ConfigError("EngineConfig.kv_disk_bytes caps the KV spill file in kv_cache_dir, which is not set")
         for name in ("kv_device_bytes", "kv_host_bytes", "kv_disk_bytes"):
-            _check_positive("EngineConfig", name, getattr(self, name), allow_none=True, minimum=0)
-        _check_positive("EngineConfig", "max_context_tokens", self.max_context_tokens, allow_none=True)
-        _check_positive("EngineConfig", "prefix_cache_bytes", self.prefix_cache_bytes, minimum=0)
-        _check_positive("EngineConfig", "prefix_cache_disk_bytes", self.prefix_cache_disk_bytes, allow_none=True)
-        _check_positive("EngineConfig", "expert_cache_bytes", self.expert_cache_bytes, allow_none=True, minimum=0)
+            check_positive("EngineConfig", name, getattr(self, name), allow_none=True, minimum=0)
+        check_positive("EngineConfig", "max_context_tokens", self.max_context_tokens, allow_none=True)
+        check_positive("EngineConfig", "prefix_cache_bytes", self.prefix_cache_bytes, minimum=0)
+        check_positive("EngineConfig", "prefix_cache_disk_bytes", self.prefix_cache_disk_bytes, allow_none=True)
+        check_positive("EngineConfig", "expert_cache_bytes", self.expert_cache_bytes, allow_none=True, minimum=0)
         for name in ("kv_cache_dir", "prefix_cache_dir", "trace_path"):
-            _check_path(name, getattr(self, name))
+            check_path(name, getattr(self, name))
         if isinstance(self.speculative, Mapping):
-            object.__setattr__(self, "speculative", _record_from(SpeculativeConfig, self.speculative, ConfigError,
+            object.__setattr__(self, "speculative", record_from(SpeculativeConfig, self.speculative, ConfigError,
                                                                  "EngineConfig.speculative"))
         elif self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ConfigError(f"EngineConfig.speculative must be a SpeculativeConfig, a dict of its fields, or None; "
-                              f"got {type(self.speculative).__name__} {_show(self.speculative)}")
+                              f"got {type(self.speculative).__name__} {show(self.speculative)}")
 
-
-def _is_cuda_index(device: str) -> bool:
-    prefix, _, index = device.partition(":")
-    return prefix == "cuda" and index.isascii() and index.isdigit()     # "²".isdigit(), but int("²") fails
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How one request samples.
-
-    max_new_tokens: an int >= 1. temperature: 0 is greedy, else a finite number >= 1e-5
-    (below that sampling is greedy in all but name: pass 0). top_k: an int, 0 disables it.
-    top_p: a finite number in [1e-9, 1], 1.0 disables it (any value below 1/vocab keeps the
-    most likely token alone). seed: an int in [-2**63, 2**64 - 1] (torch.Generator's range),
-    or None; it makes sampling reproducible per request, whatever else runs in the same sweep.
-    stop: strings that end generation (not included in the output): one str, or a list, tuple
-    or set of non-empty strings (a set is kept sorted; a mapping is refused, not read for its
-    keys). stop_token_ids end it too, as does the model's EOS unless ignore_eos (a bool):
-    a list, tuple or set of ints >= 0 (below the model's vocabulary size, which the engine
-    checks for each request). logprobs: None, or an int in [0, 20]: each generated token's
-    log-probability (under the model's own distribution, before temperature, top-k and top-p)
-    and those of the ``logprobs`` most likely tokens at its position come back with it
-    (``Completion.logprobs``, ``StreamChunk.logprobs``).
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_positive("SamplingParams", "max_new_tokens", self.max_new_tokens, error=SamplingError)
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise SamplingError(f"SamplingParams.logprobs must be None or an int in [0, {MAX_LOGPROBS}], "
-                                f"got {_show(self.logprobs)}")
-        if self.temperature != 0 or isinstance(self.temperature, bool):
-            _check_number("temperature", self.temperature, low=MIN_TEMPERATURE, zero=True)
-        _check_number("top_p", self.top_p, low=MIN_TOP_P, high=1.0)
-        _check_positive("SamplingParams", "top_k", self.top_k, error=SamplingError, minimum=0)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            raise SamplingError(f"SamplingParams.seed must be None or an int in [-2**63, 2**64 - 1] (what "
-                                f"torch.Generator.manual_seed accepts), got {_show(self.seed)}")
-        if not isinstance(self.ignore_eos, bool):
-            raise SamplingError(f"SamplingParams.ignore_eos must be a bool (True or False), got {_show(self.ignore_eos)}")
-        stop = (self.stop,) if isinstance(self.stop, str) else _collection("stop", self.stop, "non-empty strings")
-        if any(not isinstance(s, str) or not s or not _valid_unicode(s) for s in stop):
-            raise SamplingError(f"SamplingParams.stop must hold non-empty strings of valid Unicode, got "
-                                f"{_show(self.stop)}")
-        ids = _collection("stop_token_ids", self.stop_token_ids, "ints >= 0")
-        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
-            raise SamplingError(f"SamplingParams.stop_token_ids must hold ints >= 0, got {_show(self.stop_token_ids)}")
-        sets = isinstance(self.stop, Set), isinstance(self.stop_token_ids, Set)
-        object.__setattr__(self, "stop", tuple(sorted(stop)) if sets[0] else stop)
-        object.__setattr__(self, "stop_token_ids", tuple(sorted(ids)) if sets[1] else ids)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def _collection(name: str, value: Any, what: str) -> tuple[Any, ...]:
-    """The items of a list, tuple or set; anything else (a bare value, None, a mapping, a str or
-    bytes for ids) is a SamplingError."""
-    if isinstance(value, (str, bytes, bytearray, Mapping)) or not isinstance(value, (Sequence, Set)):
-        raise SamplingError(f"SamplingParams.{name} must be a list, tuple or set of {what}, got "
-                            f"{type(value).__name__} {_show(value)}; pass () for none")
-    return tuple(value)
-
-
-def _valid_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:      # a lone surrogate: no decoded text can ever contain it
-        return False
-    return True
-
-
-def _check_number(name: str, value: Any, *, low: float, high: float | None = None, zero: bool = False) -> None:
-    """A finite int or float in [low, high]; ``zero`` names 0 as the other value allowed."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        try:
-            number = float(value)
-        except OverflowError:          # an int beyond float's range
-            ok = False
-        else:
-            ok = math.isfinite(number) and number >= low and (high is None or number <= high)
-    if not ok:
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise SamplingError(f"SamplingParams.{name} must be {'0 or ' if zero else ''}a finite number {bound}, "
-                            f"got {_show(value)}")
-
-
-def sampling_params_from(value: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
-    """``value`` itself, ``SamplingParams(**value)`` for a mapping, the defaults for None."""
-    return _record_from(SamplingParams, value, SamplingError, "params")
 
 
 def engine_config_from(value: EngineConfig | Mapping[str, Any] | None) -> EngineConfig:
     """``value`` itself, ``EngineConfig(**value)`` for a mapping, the defaults for None."""
-    return _record_from(EngineConfig, value, ConfigError, "config")
-
-
-def _record_from(cls: type[Any], value: Any, error: type[Exception], what: str) -> Any:
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise error(f"{what} must be {cls.__name__}, a dict of its fields, or None; got "
-                    f"{type(value).__name__} {_show(value)}")
-    names = [f.name for f in fields(cls)]
-    for key in value:
-        if not isinstance(key, str) or key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise error(f"{cls.__name__} has no field {_show(key)}{hint}; its fields are: {', '.join(names)}")
-    return cls(**value)
+    return record_from(EngineConfig, value, ConfigError, "config")
