@@ -63,3 +63,46 @@ def test_no_slot_is_ever_owned_twice(caps, operations):
         assert len(owned) == len(set(owned))
         for name, stats in t.statistics().by_tier().items():
             assert stats.used == sum(1 for ref in owned if ref.tier == name) <= stats.capacity
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.integers(1, 60), st.sampled_from([2, 4, 16]), st.integers(1, 3))
+def test_disk_runs_keep_every_slot_owned_once_and_the_pool_fills(data, capacity, extent, layers):
+    """With runs of ``extent`` slots on disk, any mix of appends, roll-backs, ring releases and
+    finished sequences never gives a slot to two blocks, counts slots set aside as free, and a
+    full pool has every slot in use (the slots set aside are handed out last)."""
+    t = KVBlockTables({"disk": capacity}, num_layers=layers, block_tokens=4, disk_extent=extent)
+    pool = t.pools["disk"]
+    for _ in range(data.draw(st.integers(1, 150))):
+        seq, layer = data.draw(st.integers(0, 4)), data.draw(st.integers(0, layers - 1))
+        op = data.draw(st.sampled_from(["append", "append", "append", "free", "truncate", "ring"]))
+        if op == "append":
+            try:
+                t.append_block(seq, layer)
+            except TierCapacityError:
+                assert pool.statistics().used == capacity
+        elif op == "free":
+            t.free_sequence(seq)
+        elif op == "truncate":
+            t.release_from(seq, layer, data.draw(st.integers(0, t.committed(seq, layer))))
+        else:
+            t.release_before(seq, layer, data.draw(st.integers(0, t.committed(seq, layer))))
+        held = [ref.slot for s in t.sequences() for l in range(layers) for ref in t.table(s, l)]
+        assert len(held) == len(set(held)) == pool.statistics().used
+        assert all(0 <= slot < capacity for slot in held)
+
+
+def test_disk_runs_keep_each_layers_blocks_consecutive_while_layers_take_turns():
+    """A prefill commits a few blocks of each layer in turn; each layer's blocks still sit in
+    consecutive slots, in runs of the extent."""
+    t = KVBlockTables({"disk": 1000}, num_layers=4, block_tokens=256, disk_extent=16)
+    for _chunk in range(8):
+        for layer in range(4):
+            for _ in range(4):
+                t.append_block(0, layer)
+    for layer in range(4):
+        slots = [ref.slot for ref in t.table(0, layer)]
+        runs = [slots[i:i + 16] for i in range(0, len(slots), 16)]
+        assert all(run == list(range(run[0], run[0] + 16)) for run in runs), (layer, slots)
+    t.free_sequence(0)
+    assert t.pools["disk"].statistics().used == 0

@@ -57,31 +57,111 @@ class KVPoolsStats:
 class BlockPool:
     """The free slots of one tier. The lowest free slot is taken first, so the slots in use stay
     packed at the start (a spill file only grows as far as its highest slot in use), and a pool
-    of millions of slots costs nothing until they are used."""
+    of millions of slots costs nothing until they are used.
 
-    def __init__(self, tier: str, capacity: int) -> None:
+    With ``extent`` > 1 (the disk tier: a run of consecutive slots is one read request) an owner
+    — one layer of one sequence — takes slots in runs: ``allocate_run`` gives it the slot after
+    its last one while that is set aside for it, else the first slot of a wholly free extent (the
+    lowest; a new one at the high-water mark only when no freed slot is left, so a spill file
+    grows no faster than without extents) and sets the extent's other slots aside for it. Slots set aside are free: the statistics count them so, and ``allocate`` takes them once
+    no other slot is left, so the pool holds as many blocks as without extents. ``give_back``
+    returns an owner's slots set aside when it no longer extends its run."""
+
+    def __init__(self, tier: str, capacity: int, extent: int = 1) -> None:
         if capacity < 0:
             raise ValueError(f"pool {tier!r}: capacity must be >= 0, got {capacity}")
-        self.tier, self.capacity = tier, capacity
-        self._released: list[int] = []      # a heap of freed slots below the high-water mark
+        if extent < 1:
+            raise ValueError(f"pool {tier!r}: extent must be >= 1, got {extent}")
+        self.tier, self.capacity, self.extent = tier, capacity, extent
+        self._released: list[int] = []      # a heap of freed slots below the high-water mark (lazy:
+        self._free: set[int] = set()        # an entry counts only while in this set)
         self._high = 0                      # slots from here on were never allocated
         self._used: set[int] = set()
+        self._spare: set[int] = set()       # free slots set aside to extend an owner's run
+        self._free_in: dict[int, int] = {}  # extent index -> its slots in ``_free``
+        self._free_extents: list[int] = []  # a heap (lazy) of extents whose every slot is in ``_free``
 
     def allocate(self) -> int | None:
-        if self._released:
-            slot = heapq.heappop(self._released)
-        elif self._high < self.capacity:
+        """The lowest free slot; a slot set aside for a run only when no other is left."""
+        slot = self._pop_released()
+        if slot is None and self._high < self.capacity:
             slot, self._high = self._high, self._high + 1
-        else:
-            return None
-        self._used.add(slot)
+        if slot is None and self._spare:
+            slot = min(self._spare)
+            self._spare.remove(slot)
+        if slot is not None:
+            self._used.add(slot)
         return slot
+
+    def allocate_run(self, after: int | None) -> tuple[int | None, range | None]:
+        """A slot for an owner whose last slot is ``after`` (None: it has none yet), and the
+        extent set aside for the owner when this slot starts one (see the class)."""
+        if after is not None and after + 1 in self._spare:
+            self._spare.remove(after + 1)
+            self._used.add(after + 1)
+            return after + 1, None
+        first = self._take_free_extent() if self.extent > 1 else None
+        if first is None and not self._free and self.extent > 1:
+            first = self._carve_extent()      # only when no freed slot is left: the file stays packed
+        if first is None:
+            return self.allocate(), None
+        self._used.add(first)
+        self._spare.update(range(first + 1, first + self.extent))
+        return first, range(first, first + self.extent)
+
+    def give_back(self, slots: range) -> None:
+        """The slots of ``slots`` set aside for an owner's run are free for anyone again."""
+        for slot in slots:
+            if slot in self._spare:
+                self._spare.remove(slot)
+                self._add_free(slot)
 
     def release(self, slot: int) -> None:
         if slot not in self._used:
             raise ValueError(f"pool {self.tier!r}: slot {slot} is not allocated")
         self._used.remove(slot)
+        self._add_free(slot)
+
+    def _add_free(self, slot: int) -> None:
         heapq.heappush(self._released, slot)
+        self._free.add(slot)
+        if self.extent > 1:
+            k = slot // self.extent
+            self._free_in[k] = self._free_in.get(k, 0) + 1
+            if self._free_in[k] == self.extent:
+                heapq.heappush(self._free_extents, k)
+
+    def _pop_released(self) -> int | None:
+        while self._released:
+            slot = heapq.heappop(self._released)
+            if slot in self._free:
+                self._free.remove(slot)
+                if self.extent > 1:
+                    self._free_in[slot // self.extent] -= 1
+                return slot
+        return None
+
+    def _take_free_extent(self) -> int | None:
+        """The first slot of the lowest wholly free extent, its slots no longer free (None: none is)."""
+        e = self.extent
+        while self._free_extents:
+            k = heapq.heappop(self._free_extents)
+            if self._free_in.get(k) == e:
+                self._free.difference_update(range(k * e, (k + 1) * e))
+                self._free_in[k] = 0
+                return k * e
+        return None
+
+    def _carve_extent(self) -> int | None:
+        """The first slot of a new extent at the high-water mark (None: no room for one)."""
+        e = self.extent
+        start = -(-self._high // e) * e              # extents are aligned
+        if start + e > self.capacity:
+            return None
+        for slot in range(self._high, start):     # skipped to align: free for anyone
+            self._add_free(slot)
+        self._high = start + e
+        return start
 
     @property
     def high_water(self) -> int:
@@ -96,17 +176,22 @@ class BlockPool:
 class _LayerTable:
     first: int = 0                                          # leading blocks released (a ring's start)
     refs: deque[BlockRef] = field(default_factory=deque)   # the blocks held, from index ``first`` on
+    run: tuple[str, range] | None = None                    # the tier and extent its run of slots extends into
 
 
 class KVBlockTables:
     """Block tables of every sequence over per-tier pools."""
 
-    def __init__(self, capacities: dict[str, int], *, num_layers: int, block_tokens: int) -> None:
+    def __init__(self, capacities: dict[str, int], *, num_layers: int, block_tokens: int,
+                 disk_extent: int = 1) -> None:
+        """``disk_extent``: the disk pool gives each layer of a sequence runs of up to this many
+        consecutive slots (``BlockPool``), so its blocks come back in few read requests."""
         unknown = set(capacities) - set(TIER_ORDER)
         if unknown:
             raise ValueError(f"unknown KV tiers {sorted(unknown)}; tiers are {TIER_ORDER}")
         self.num_layers, self.block_tokens = num_layers, block_tokens
-        self.pools = {tier: BlockPool(tier, capacities.get(tier, 0)) for tier in TIER_ORDER}
+        self.pools = {tier: BlockPool(tier, capacities.get(tier, 0), disk_extent if tier == "disk" else 1)
+                      for tier in TIER_ORDER}
         self._tables: dict[int, list[_LayerTable]] = {}
 
     def statistics(self) -> KVPoolsStats:
@@ -156,11 +241,22 @@ class KVBlockTables:
 
     def append_block(self, seq_id: int, layer: int, tiers: tuple[str, ...] = TIER_ORDER) -> BlockRef:
         """A new block at the end of ``layer``'s table, in the first of ``tiers`` with room."""
+        t = self._tables.setdefault(seq_id, [_LayerTable() for _ in range(self.num_layers)])[layer]
         for tier in tiers:
-            slot = self.pools[tier].allocate()
+            pool = self.pools[tier]
+            if pool.extent == 1:
+                slot = pool.allocate()
+            else:
+                last = t.refs[-1] if t.refs else None
+                after = last.slot if last is not None and last.tier == tier else None
+                slot, extent = pool.allocate_run(after)
+                if slot is not None and (after is None or slot != after + 1):
+                    self._end_run(t)                # the run did not go on: its spare slots go back
+                    if extent is not None:
+                        t.run = (tier, extent)
             if slot is not None:
                 ref = BlockRef(tier, slot)
-                self._tables.setdefault(seq_id, [_LayerTable() for _ in range(self.num_layers)])[layer].refs.append(ref)
+                t.refs.append(ref)
                 return ref
         free = {t: self.pools[t].statistics().free for t in tiers}
         raise TierCapacityError(f"no free KV block in {', '.join(tiers)} (free: {free}); the KV cache is full")
@@ -183,6 +279,8 @@ class KVBlockTables:
         """Give every held block of ``layer`` from block ``index`` on back to its pool (KV rolled
         back: speculative tokens rejected); the next block committed gets index ``index``."""
         t = self._layer(seq_id, layer)
+        if t is not None:
+            self._end_run(t)
         released = []
         while t is not None and t.refs and t.first + len(t.refs) > index:
             ref = t.refs.pop()
@@ -210,6 +308,7 @@ class KVBlockTables:
         tables = self._tables.pop(seq_id, [])
         freed = 0
         for t in tables:
+            self._end_run(t)
             for ref in t.refs:
                 self.pools[ref.tier].release(ref.slot)
                 freed += 1
@@ -217,3 +316,10 @@ class KVBlockTables:
 
     def sequences(self) -> tuple[int, ...]:
         return tuple(self._tables)
+
+    def _end_run(self, t: _LayerTable) -> None:
+        """The layer no longer extends its run: the slots set aside for it are free for anyone."""
+        if t.run is not None:
+            tier, extent = t.run
+            self.pools[tier].give_back(extent)
+            t.run = None

@@ -30,7 +30,7 @@ from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, KVPoolsStats
 from tierflow.tiers.kv.handle import BlockIO
 from tierflow.tiers.kv.layout import KVLayout
 from tierflow.tiers.kv.sequence import PagedSequenceKV
-from tierflow.tiers.plan.costmodel import kv_read_window
+from tierflow.tiers.plan.costmodel import KV_READ_RUN, kv_read_window
 
 # Two reads in flight: on a 2-core machine four reader threads took CPU from the compute they
 # were meant to overlap (bench/long_context.py: 8k decode ~35 ms with two, ~40-45 ms with four).
@@ -65,7 +65,7 @@ class KVStore:
         self.block_shape = (2, num_kv_heads, block_tokens, head_dim)
         self.block_bytes = block_bytes(num_kv_heads, head_dim, block_tokens, dtype)
         self.tables = KVBlockTables({"device": device_blocks, "host": host_blocks, "disk": disk_blocks},
-                                    num_layers=num_layers, block_tokens=block_tokens)
+                                    num_layers=num_layers, block_tokens=block_tokens, disk_extent=KV_READ_RUN)
         allocate = allocate or (lambda shape, dt: torch.empty(shape, dtype=dt, device=device))
         # the host pool starts on a page, as pinning it (cudaHostRegister) requires
         self._pools = {"device": allocate((device_blocks, *self.block_shape), dtype),
