@@ -11,7 +11,8 @@ One run:
      shared machine hits both alike), ``--repeats`` times:
        disk: a paged KV cache that keeps no block on the device or the host
              (``kv_device_bytes=0, kv_host_bytes=0``: every full block goes to the O_DIRECT spill file);
-       host: the same model with every block in host memory (``kv_device_bytes=0``, ``kv_host_bytes`` large);
+       host: the same model with every block in host memory (``kv_device_bytes=0``, ``kv_host_bytes`` the
+             request's blocks and a few more);
      each prefills a prompt of that length, decodes --new-tokens greedy tokens, and records the
      prefill time, the decode time per token, the process's peak RSS (sampled every 2 ms) and the
      spill file's size; a context's figures are the fastest of its repeats (noise only slows);
