@@ -58,7 +58,7 @@ RANKS: Mapping[str, int] = {
 SAME_RANK_IMPORTS = frozenset({("engine", "config"), ("cli", "server")})  # (importing layer, imported layer)
 ROOT_MODULES = frozenset({"__init__", "config", "errors", "outputs", "testing"})
 
-PURE_MODULES = ("tiers.plan", "tiers.kv.layout", "pipeline.batcher", "pipeline.kv_fit", "pipeline.sweep_plan", "errors",
+PURE_MODULES = ("tiers.plan", "tiers.kv.layout", "tiers.kv.pool", "pipeline.batcher", "pipeline.kv_fit", "pipeline.sweep_plan", "errors",
                 "outputs")  # a name or a package prefix
 PURE_STDLIB = frozenset({"__future__", "abc", "bisect", "collections", "dataclasses", "enum", "fractions",
                          "functools", "heapq", "itertools", "math", "numbers", "operator", "re", "statistics",

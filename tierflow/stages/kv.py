@@ -12,7 +12,7 @@ before it; the end of a layer gives back the rest of that layer's), so reads run
 attention by a full window, continuously across layer boundaries, from before the first unit to
 the last. Runs of blocks in consecutive spill slots of one (sequence, layer) go in one request
 (up to KV_READ_RUN, never wrapping round the window); the disk pool gives each (sequence, layer)
-its slots in runs of that length (``tiers/kv/blocks.py:BlockPool``), so a prefill's chunks, which
+its slots in runs of that length (``tiers/kv/pool.py:BlockPool``), so a prefill's chunks, which
 commit a few blocks of each layer in turn, still leave each layer's blocks consecutive. The compute thread only ever waits for a
 read that has not landed; a read that fails (a checksum, a deleted file) raises in the attention
 that takes that block, which fails that sequence alone. Nothing is learnt or guessed.

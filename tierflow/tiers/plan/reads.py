@@ -10,7 +10,7 @@ from __future__ import annotations
 ALIGN = 4096
 KV_READ_WINDOW_BYTES = 16 * 2**20   # buffers that KV blocks read back from disk land in (read-ahead)
 # The most consecutive KV blocks one read request moves, and the run of spill slots the disk pool
-# gives one layer of a sequence at a time (``tiers/kv/blocks.py:BlockPool``), so that its blocks
+# gives one layer of a sequence at a time (``tiers/kv/pool.py:BlockPool``), so that its blocks
 # are consecutive whatever the other layers commit in between. 16 blocks of 256 KiB read at 3.1
 # GB/s where runs of 4 read at 1.95 GB/s (two requests in flight, O_DIRECT, bench/long_context.py's disk).
 KV_READ_RUN = 16
