@@ -17,10 +17,13 @@ Where torch has no MKL (other builds, other CPUs) or the symbol is missing, it d
 from __future__ import annotations
 
 import ctypes
+import logging
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # a product of fewer multiply-adds than this gains nothing from more threads (a decode's block
 # product is 4 x 64 x 256 = 65k; a 1024-token prefill chunk's is 4096 x 64 x 256 = 67M)
@@ -34,6 +37,7 @@ def _mkl_set_local() -> Callable[[int], int] | None:
     try:
         setter = ctypes.CDLL(torch._C.__file__).MKL_Set_Num_Threads_Local
     except (OSError, AttributeError):
+        log.debug("torch has MKL but MKL_Set_Num_Threads_Local is not reachable: small products keep MKL's threads")
         return None
     setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
     previous = setter(0)        # 0 changes nothing: the calling thread follows the global setting

@@ -96,9 +96,10 @@ class _Run:
 
 def _runs(disk: Sequence[KVRead], window: int) -> list[_Run]:
     runs, i = [], 0
+    most = min(KV_READ_RUN, max(1, window // 2))        # two runs in the window: one reads while one is taken
     while i < len(disk):
         j = i + 1
-        while j < len(disk) and j - i < KV_READ_RUN and j % window and disk[j].ref.slot == disk[j - 1].ref.slot + 1 \
+        while j < len(disk) and j - i < most and j % window and disk[j].ref.slot == disk[j - 1].ref.slot + 1 \
                 and (disk[j].seq_id, disk[j].layer) == (disk[i].seq_id, disk[i].layer):
             j += 1
         runs.append(_Run(i, j - i, disk[i].ref.slot))

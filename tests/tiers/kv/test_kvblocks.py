@@ -90,6 +90,21 @@ def test_disk_runs_keep_every_slot_owned_once_and_the_pool_fills(data, capacity,
         held = [ref.slot for s in t.sequences() for l in range(layers) for ref in t.table(s, l)]
         assert len(held) == len(set(held)) == pool.statistics().used
         assert all(0 <= slot < capacity for slot in held)
+        assert len(pool._released) <= 2 * pool.high_water + 65           # stale heap entries are dropped
+
+
+def test_disk_runs_do_not_grow_the_spill_file_past_twice_what_is_used():
+    """Many owners with one block each (a 36-layer model's first blocks over 8 sequences) set
+    aside slots of runs they may never use; new runs stop once those outnumber the slots in use
+    by more than SPARE_RUNS runs."""
+    from tierflow.tiers.kv.pool import SPARE_RUNS
+
+    t = KVBlockTables({"disk": 100_000}, num_layers=36, block_tokens=256, disk_extent=16)
+    for seq in range(8):
+        for layer in range(36):
+            t.append_block(seq, layer)
+    used = t.pools["disk"].statistics().used
+    assert used == 288 and t.pools["disk"].high_water <= 2 * used + (SPARE_RUNS + 2) * 16
 
 
 def test_disk_runs_keep_each_layers_blocks_consecutive_while_layers_take_turns():

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tierflow.errors import TierCapacityError
-from tierflow.tiers.kv.pool import BlockPool, PoolStats
+from tierflow.tiers.kv.pool import BlockPool, PoolStats, Run
 
 TIER_ORDER = ("device", "host", "disk")
 
@@ -47,7 +47,7 @@ class KVPoolsStats:
 class _LayerTable:
     first: int = 0                                          # leading blocks released (a ring's start)
     refs: deque[BlockRef] = field(default_factory=deque)   # the blocks held, from index ``first`` on
-    run: tuple[str, range] | None = None                    # the tier and extent its run of slots extends into
+    run: tuple[str, Run] | None = None                      # the tier and run its slots extend
 
 
 class KVBlockTables:
@@ -120,11 +120,12 @@ class KVBlockTables:
             else:
                 last = t.refs[-1] if t.refs else None
                 after = last.slot if last is not None and last.tier == tier else None
-                slot, extent = pool.allocate_run(after)
-                if slot is not None and (after is None or slot != after + 1):
+                run = t.run[1] if t.run is not None and t.run[0] == tier else None
+                slot, new = pool.allocate_run(after, run)
+                if slot is not None and (run is None or after is None or slot != after + 1):
                     self._end_run(t)                # the run did not go on: its spare slots go back
-                    if extent is not None:
-                        t.run = (tier, extent)
+                    if new is not None:
+                        t.run = (tier, new)
             if slot is not None:
                 ref = BlockRef(tier, slot)
                 t.refs.append(ref)
@@ -191,6 +192,6 @@ class KVBlockTables:
     def _end_run(self, t: _LayerTable) -> None:
         """The layer no longer extends its run: the slots set aside for it are free for anyone."""
         if t.run is not None:
-            tier, extent = t.run
-            self.pools[tier].give_back(extent)
+            tier, run = t.run
+            self.pools[tier].give_back(run)
             t.run = None
