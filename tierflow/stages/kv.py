@@ -18,7 +18,7 @@ read that has not landed; a read that fails (a checksum, a deleted file) raises 
 that takes that block, which fails that sequence alone. Nothing is learnt or guessed.
 
 Sliding-window rings. A paged sliding-window layer releases, at the start of its append, the
-blocks before the first one its window still sees (``tiers/kv/paged.py``); a released slot may
+blocks before the first one its window still sees (``tiers/kv/sequence.py``); a released slot may
 be given to another block, of any sequence, and rewritten in the same sweep. The plan starts
 each layer at that very block (``first_visible(start, window)``, ``start`` being the layer's
 length when the sweep begins), so no planned read, however far ahead, targets a released

@@ -7,7 +7,7 @@ out of them for free). Storage is per layer [kv_heads, capacity, head_dim], grow
 blocks of ``block_tokens``, a quarter more at a time
 (``layout.contiguous_tokens``, which the batcher counts by). Nothing is ever off the device, so the kv_load stage has nothing to
 prefetch and the kv_spill stage nothing to write. The paged, tiered cache (device / host / disk
-blocks) is ``paged.PagedSequenceKV``, behind the same protocol.
+blocks) is ``sequence.PagedSequenceKV``, behind the same protocol.
 
 A sliding-window layer (``windows[layer]`` set, with ``max_chunk_tokens``: the most tokens one
 sweep appends) keeps a ring: it grows to at most ``ring = window - 1 + max_chunk_tokens`` tokens

@@ -1,7 +1,7 @@
 """The KV handle protocol the sweep, the engine and the prefix stage see.
 
 ``KVHandle`` is one sequence's KV cache, whatever stores it: the contiguous store
-(``contiguous.SequenceKV``) and the paged one (``paged.PagedSequenceKV``) both implement it. Its
+(``contiguous.SequenceKV``) and the paged one (``sequence.PagedSequenceKV``) both implement it. Its
 attention-facing part — ``append``, ``blocks`` (one shape for both stores: ``KVBlocks``), ``fail``
 — is ``adapters.kv.AttentionKV``, defined there because adapters sit below tiers; this adds
 what the sweep runner and the engine use: the sequence id, its token count, the plan of

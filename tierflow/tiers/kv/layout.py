@@ -9,7 +9,7 @@ any later one) goes back to its pool. So a layer holding keys up to ``end`` (exc
 next query is at ``q`` holds ``end // bt - max(0, q - window + 1) // bt`` blocks. A window of 0 is
 a linear-attention layer (Qwen3-Next's Gated DeltaNet): it keeps no keys, only a fixed-size state
 per sequence, which the paged store keeps in ``state_blocks`` pool blocks from the sequence's
-first token on, whatever its length (``tiers/kv/paged.py``).
+first token on, whatever its length (``tiers/kv/sequence.py``).
 """
 
 from __future__ import annotations
