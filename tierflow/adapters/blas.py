@@ -25,8 +25,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# a product of fewer multiply-adds than this gains nothing from more threads (a decode's block
-# product is 4 x 64 x 256 = 65k; a 1024-token prefill chunk's is 4096 x 64 x 256 = 67M)
+# a block's products (queries x heads x head_dim x keys) of fewer multiply-adds than this gain
+# nothing from more threads: a decode token's with 8 heads of 64 over 256 keys is 131k, a
+# 1024-token prefill chunk's 134M
 SERIAL_BLAS_MACS = 1 << 22
 
 
