@@ -112,24 +112,21 @@ class KVBlockTables:
 
     def append_block(self, seq_id: int, layer: int, tiers: tuple[str, ...] = TIER_ORDER) -> BlockRef:
         """A new block at the end of ``layer``'s table, in the first of ``tiers`` with room."""
-        t = self._tables.setdefault(seq_id, [_LayerTable() for _ in range(self.num_layers)])[layer]
+        held = self._layer(seq_id, layer)
+        last = held.refs[-1] if held is not None and held.refs else None
         for tier in tiers:
-            pool = self.pools[tier]
-            if pool.extent == 1:
-                slot = pool.allocate()
-            else:
-                last = t.refs[-1] if t.refs else None
-                after = last.slot if last is not None and last.tier == tier else None
-                run = t.run[1] if t.run is not None and t.run[0] == tier else None
-                slot, new = pool.allocate_run(after, run)
-                if slot is not None and (run is None or after is None or slot != after + 1):
-                    self._end_run(t)                # the run did not go on: its spare slots go back
-                    if new is not None:
-                        t.run = (tier, new)
-            if slot is not None:
-                ref = BlockRef(tier, slot)
-                t.refs.append(ref)
-                return ref
+            run = held.run[1] if held is not None and held.run is not None and held.run[0] == tier else None
+            after = last.slot if last is not None and last.tier == tier else None
+            slot, kept = self.pools[tier].allocate_run(after, run)
+            if slot is None:
+                continue
+            t = self._tables.setdefault(seq_id, [_LayerTable() for _ in range(self.num_layers)])[layer]
+            if kept is not run:                 # the run did not go on: its spare slots go back
+                self._end_run(t)
+                t.run = (tier, kept) if kept is not None else None
+            ref = BlockRef(tier, slot)
+            t.refs.append(ref)
+            return ref
         free = {t: self.pools[t].statistics().free for t in tiers}
         raise TierCapacityError(f"no free KV block in {', '.join(tiers)} (free: {free}); the KV cache is full")
 

@@ -43,10 +43,9 @@ class BlockPool:
     extent is the lowest one freed, else a new one at the high-water mark — only when no freed
     slot is left and the slots set aside exceed those in use by at most SPARE_RUNS runs, so the
     spill file holds at most about twice the slots in use plus that (else the lowest free slot,
-    as with extent 1). Slots
-    set aside are free: the statistics count them so, and ``allocate`` takes them once no other
-    slot is left, so the pool holds as many blocks as without extents. ``give_back`` returns a
-    run's slots set aside when its owner no longer extends it."""
+    as with extent 1). Slots set aside are free: the statistics count them so, and ``allocate``
+    takes them once no other slot is left, so the pool holds as many blocks as without extents.
+    ``give_back`` returns a run's slots set aside when its owner no longer extends it."""
 
     def __init__(self, tier: str, capacity: int, extent: int = 1) -> None:
         if capacity < 0:
@@ -77,14 +76,16 @@ class BlockPool:
 
     def allocate_run(self, after: int | None, run: Run | None) -> tuple[int | None, Run | None]:
         """A slot for an owner whose last slot is ``after`` in its ``run`` (None: it has none),
-        and the new run when this slot starts one (see the class)."""
+        and the run the slot belongs to: ``run`` when it goes on, a new one when the slot starts
+        one, None otherwise (see the class; with extent 1, always ``allocate`` and None)."""
+        if self.extent == 1:
+            return self.allocate(), None
         if after is not None and run is not None and self._spare.get(after + 1) == run.token:
             del self._spare[after + 1]
             self._used.add(after + 1)
-            return after + 1, None
-        first = self._take_free_extent() if self.extent > 1 else None
-        if first is None and self.extent > 1 and not self._free \
-                and len(self._spare) <= len(self._used) + SPARE_RUNS * self.extent:
+            return after + 1, run
+        first = self._take_free_extent()
+        if first is None and not self._free and len(self._spare) <= len(self._used) + SPARE_RUNS * self.extent:
             first = self._carve_extent()
         if first is None:
             return self.allocate(), None
