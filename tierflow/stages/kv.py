@@ -13,9 +13,10 @@ attention by a full window, continuously across layer boundaries, from before th
 the last. Runs of blocks in consecutive spill slots of one (sequence, layer) go in one request
 (up to KV_READ_RUN, never wrapping round the window); the disk pool gives each (sequence, layer)
 its slots in runs of that length (``tiers/kv/pool.py:BlockPool``), so a prefill's chunks, which
-commit a few blocks of each layer in turn, still leave each layer's blocks consecutive. The compute thread only ever waits for a
-read that has not landed; a read that fails (a checksum, a deleted file) raises in the attention
-that takes that block, which fails that sequence alone. Nothing is learnt or guessed.
+commit a few blocks of each layer in turn, still leave each layer's blocks consecutive. The
+compute thread only ever waits for a read that has not landed; a read that fails (a checksum, a
+deleted file) raises in the attention that takes that block, which fails that sequence alone.
+Nothing is learnt or guessed.
 
 Sliding-window rings. A paged sliding-window layer releases, at the start of its append, the
 blocks before the first one its window still sees (``tiers/kv/sequence.py``); a released slot may

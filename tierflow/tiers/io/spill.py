@@ -7,8 +7,10 @@ attention a wrong value. The checksum is XXH3-64 (``xxhash``): decode at long co
 every block back each token, and CRC32 (zlib's, about 2 GB/s here) cost as much CPU as the
 disk read's own time, taken from the compute it was meant to overlap (bench/long_context.py);
 XXH3 runs at memory speed. Without the package it falls back to CRC32. The checksums live
-only as long as the file, so the two never meet. ``num_slots`` may be as many as the disk's free space holds: space
-is reserved (``posix_fallocate``) in extents of EXTENT_BYTES as writes reach higher slots, the
+only as long as the file, so the two never meet.
+
+``num_slots`` may be as many as the disk's free space holds: space is reserved
+(``posix_fallocate``) in extents of EXTENT_BYTES as writes reach higher slots, the
 first one when the file is made, so a full disk is found then, as ``TierCapacityError``; a
 disk that fills later (growing the file, or writing to a sparse one) is reported the same way
 by the write that finds it, which fails that block's request only. The error names the setting
