@@ -14,8 +14,10 @@ One run:
        host: the same model with every block in host memory (``kv_device_bytes=0``, ``kv_host_bytes`` the
              request's blocks and a few more);
      each prefills a prompt of that length, decodes --new-tokens greedy tokens, and records the
-     prefill time, the decode time per token, the process's peak RSS (sampled every 2 ms) and the
-     spill file's size; a context's figures are the fastest of its repeats (noise only slows);
+     prefill time, the decode time per token, the process's peak RSS (the kernel's high-water
+     mark, VmHWM, reset after the warm-up: a sampling thread would take CPU and the GIL from the
+     run it measures) and the spill file's size; a context's figures are the fastest of its
+     repeats (noise only slows);
   3. measures the spill directory's O_DIRECT read bandwidth the way kv_load reads it (runs of
      KV_READ_RUN blocks, READ_THREADS requests in flight);
   4. reports per context the headline ratios:
@@ -45,18 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import long_context_model  # noqa: E402
 
 CHILD = textwrap.dedent("""
-    import asyncio, json, sys, threading, time
-    import psutil
+    import asyncio, json, sys, time
     from tierflow import Engine, EngineConfig, SamplingParams
 
     path, context, new_tokens, spill, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    proc = psutil.Process()
-    peak, done = [proc.memory_info().rss], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
+    sys.path.insert(0, sys.argv[6])
+    from _common import peak_rss     # the kernel's high-water mark: no sampling thread beside the engine
 
     hardware = {"device": "cpu", "device_memory_bytes": 2**34, "host_memory_bytes": 2**34,
                 "disk_read_gbps": 3.0, "decode_gbps": 20.0, "prefill_tflops": 0.1}
@@ -73,19 +69,18 @@ CHILD = textwrap.dedent("""
                               kv_host_bytes=host_bytes, profile={"version": 1, "hardware": hardware})
         async with await Engine.open(path, config) as engine:
             await engine.generate([1, 2, 3], SamplingParams(max_new_tokens=2, ignore_eos=True))   # warm-up
-            baseline = proc.memory_info().rss
-            peak[0] = baseline
-            threading.Thread(target=sample, daemon=True).start()
+            baseline = peak_rss(reset=True)        # the peak from here on: this request's
             prompt = [(i * 7919) % 4000 + 1 for i in range(context)]
             stamps = []
             started = time.perf_counter()
             async for chunk in engine.stream(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)):
                 stamps += [time.perf_counter()] * len(chunk.token_ids)
-            done.set()
+            peak = peak_rss()
             spill_bytes = sum(p.stat().st_size for p in __import__("pathlib").Path(spill).iterdir())
             return {"context": context, "mode": mode, "prefill_s": stamps[0] - started,
                     "decode_s_per_token": (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1),
-                    "baseline_rss": baseline, "peak_rss": peak[0], "spill_file_bytes": spill_bytes,
+                    "baseline_rss": baseline["rss_bytes"], "peak_rss": peak["peak_bytes"],
+                    "peak_rss_reset_error": baseline.get("reset_error"), "spill_file_bytes": spill_bytes,
                     "kv_bytes_per_token": engine.costs.kv_bytes_per_token,
                     "kv_blocks": {k: [v.capacity, v.used] for k, v in engine.pipeline_statistics().kv_blocks.by_tier().items()}}
 
@@ -117,7 +112,8 @@ def spill_disk_gbps(directory: Path) -> float:
 
 def run_one(path: Path, out: Path, context: int, new_tokens: int, mode: str) -> dict:
     with tempfile.TemporaryDirectory(dir=out) as spill:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(path), str(context), str(new_tokens), spill, mode],
+        done = subprocess.run([sys.executable, "-c", CHILD, str(path), str(context), str(new_tokens), spill, mode,
+                               str(Path(__file__).resolve().parent)],
                               capture_output=True, text=True, timeout=3600)
         if done.returncode:
             raise SystemExit(f"context {context} ({mode}) failed:\n{done.stderr[-3000:]}")

@@ -199,7 +199,7 @@ def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_
     from tierflow.tiers.io.spill import SpillFile
 
     KV_READ_RUN = 4                                     # runs of at most 4 blocks: 10 blocks make 3 runs
-    monkeypatch.setattr("tierflow.stages.kv.KV_READ_RUN", KV_READ_RUN)
+    monkeypatch.setattr("tierflow.stages.kv_plan.KV_READ_RUN", KV_READ_RUN)
 
     store = KVStore(num_layers=1, num_kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"),
                     block_tokens=16, device_blocks=0, host_blocks=0, disk_blocks=12, spill_dir=tmp_path)

@@ -100,8 +100,13 @@ class SweepRunner:
         if self.device is not None and self.device.staging is not None:
             self.device.staging.begin_sweep()
         if self.kv is not None:
-            self.kv.begin(plan_loads(self.spec, batch.kv, batch.seq_starts, lambda i: batch.kv[i].failure is not None),
-                          batch.kv)
+            def failed(i: int) -> bool:
+                return batch.kv[i].failure is not None
+
+            # the next sweep, if every sequence goes on: each from where this sweep leaves it
+            after = tuple(start + s.stop - s.start for start, s in zip(batch.seq_starts, batch.seq_slices))
+            self.kv.begin(plan_loads(self.spec, batch.kv, batch.seq_starts, failed), batch.kv,
+                          ahead=lambda layer: plan_loads(self.spec, batch.kv, after, failed, (layer,)).reads)
         try:
             for unit in range(self.spec.num_units):
                 hidden = await self._unit(unit, hidden, batch)

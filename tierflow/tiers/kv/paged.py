@@ -88,6 +88,9 @@ class KVStore:
         self.spill_host_blocks = SPILL_HOST_BUFFERS if self.spill is not None else 0
         self.window = aligned_empty((self.window_blocks + self.spill_host_blocks) * self.stride) \
             if self.spill is not None else None
+        # made once: a reader thread holds the GIL for no view of its own (the compute thread waits on it)
+        self._window_memory = memoryview(self.window.numpy()) if self.window is not None else None
+        self._window_blocks = [self.as_block(self.window_buffer(b)) for b in range(self.window_blocks)]
         self._replacing = threading.Lock()
         self._retired: list[SpillFile] = []     # spill files deleted under the engine, closed at detach
         self.reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv-read", initializer=bind_thread) \
@@ -143,13 +146,24 @@ class KVStore:
         else:
             self._pools[ref.tier][ref.slot].copy_(block)
 
-    def read_run(self, first_slot: int, count: int, buffer: torch.Tensor) -> list[torch.Tensor]:
+    def read_run(self, first_slot: int, count: int, first_buffer: int, *, replace: bool = True) -> list[torch.Tensor]:
         """Read ``count`` disk blocks in consecutive slots from ``first_slot`` with one request into
-        ``buffer`` (aligned, ``count * stride`` bytes); each block's view, its checksum checked."""
+        the window buffers from ``first_buffer``; the blocks there, each checksum checked.
+        ``replace=False`` (a read ahead of its sweep's plan): a spill file deleted under the engine
+        fails the read but is left for the read that needs its blocks to find and replace."""
+        assert self._window_memory is not None and first_buffer + count <= self.window_blocks
         started = time.perf_counter()
-        views = self._disk().read_run(first_slot, count, buffer)
+        memory = self._window_memory[first_buffer * self.stride:(first_buffer + count) * self.stride]
+        self._disk(replace).read_run(first_slot, count, memory)
         self.tracer.span("disk: KV blocks", f"{count} blocks", started, time.perf_counter(), first_slot=first_slot)
-        return [self.as_block(view) for view in views]
+        return self._window_blocks[first_buffer:first_buffer + count]
+
+    def block_sums(self, first_slot: int, count: int) -> tuple[int | None, ...]:
+        """The checksums of the blocks in ``count`` disk slots from ``first_slot`` (None: the slot
+        holds no complete block, or is being written): equal twice, the slots were not written
+        in between."""
+        spill = self.spill
+        return spill.sums(first_slot, count) if spill is not None else (None,) * count
 
     def held_block(self, ref: BlockRef) -> torch.Tensor:
         """The block at ``ref``, outside a sweep: a device pool slot's view, else ``read_block``'s copy."""
@@ -163,15 +177,17 @@ class KVStore:
         self._disk().read(ref.slot, out)
         return out.to(self.device)
 
-    def _disk(self) -> SpillFile:
+    def _disk(self, replace: bool = True) -> SpillFile:
         """The spill file. One deleted under the engine is replaced by a fresh, empty one (so
         later requests work) and the request that needed it fails with a clear error."""
         with self._replacing:           # reader threads may find the deletion together
-            return self._live_spill()
+            return self._live_spill(replace)
 
-    def _live_spill(self) -> SpillFile:
+    def _live_spill(self, replace: bool = True) -> SpillFile:
         spill = self.spill
         assert spill is not None
+        if spill.deleted and not replace:
+            raise TransferError(f"KV spill file {spill.path} was deleted while in use")
         if spill.deleted:
             # other reader threads may be reading the old file right now: it is closed between
             # sweeps (``detach``), not under them
@@ -186,6 +202,11 @@ class KVStore:
     def attach(self, io: BlockIO) -> None:
         """Handles move blocks through ``io`` (the kv stages of a sweep) until ``detach``."""
         self.io = io
+
+    @property
+    def retiring(self) -> bool:
+        """A spill file deleted under the engine waits to be closed (at ``detach``)."""
+        return bool(self._retired)
 
     def detach(self) -> None:
         """The sweep is over (no read or write of it is running)."""
