@@ -9,7 +9,11 @@ them to fall asleep again. On a 2-core machine that doubled a 16k-token decode s
 40% of the time in the team's futex waits), and with KV read from disk the team's threads
 also took the core the readers needed. ``serial_blas`` sets MKL to one thread for the calling
 thread only (``MKL_Set_Num_Threads_Local``), so large products elsewhere, and other threads,
-keep the team; the attention decides when a product is small (``SERIAL_BLAS_MACS``).
+keep the team; the attention decides when a product is small (``SERIAL_BLAS_MACS``), and the
+sweep runner runs a whole unit so when its largest weight times its tokens is (a decode token's
+projections: with KV read from disk the second core is then left to the readers' checksums,
+which the team's second thread had to share it with — 16k decode from disk, alternating in one
+process, 37.4 against 38.9 ms a token; from host memory no different).
 
 Where torch has no MKL (other builds, other CPUs) or the symbol is missing, it does nothing.
 """

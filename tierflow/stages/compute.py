@@ -34,6 +34,7 @@ import torch
 
 from tierflow.adapters import Adapter, ModelSpec, UnitWeights
 from tierflow.adapters.base import LAYER
+from tierflow.adapters.blas import SERIAL_BLAS_MACS, serial_blas
 from tierflow.adapters.tree import TreeMask
 from tierflow.pipeline.device import Event
 from tierflow.pipeline.executor import ComputeWorker
@@ -215,7 +216,11 @@ class SweepRunner:
                                 trees={i: tree.on(placed.positions.device) for i, tree in batch.trees.items()})
             hidden = placed.token_ids if not on_host else batch.token_ids
         weights = cast_weights(dict(weights), self.dtype)
-        with torch.inference_mode():
+        # on the CPU, a unit whose every product is small (a decode token's projections) keeps
+        # MKL off its thread team: the other core stays free for the KV readers (adapters/blas.py)
+        small = self.device is None and unit not in self._moe_units and len(batch.token_ids) * max(
+            (w.numel() for w in weights.values() if w.dim() == 2), default=0) < SERIAL_BLAS_MACS
+        with torch.inference_mode(), serial_blas(small):
             out = self.adapter.forward_unit(self.spec, unit, weights, hidden, self._ctx)
         if on_host:        # only the looked-up rows go to the device
             out = self.device.upload(out)
