@@ -172,7 +172,8 @@ def main() -> None:
                 print(f"context {context} {mode}: prefill {row['prefill_s']:.2f} s, decode "
                       f"{row['decode_s_per_token'] * 1e3:.1f} ms/token"
                       + (f", disk {row['disk_gbps']:.2f} GB/s" if mode == "disk" else ""), file=sys.stderr)
-    measured = sorted(g for (_, mode), rs in runs.items() if mode == "disk" for r in rs for g in r["disk_gbps_measured"])
+    measured = sorted(g for (_, mode), rs in runs.items() if mode == "disk"
+                      for r in rs for g in r["disk_gbps_measured"])
     gbps = measured[len(measured) // 2]
     rows = []
     for context in contexts:
@@ -188,7 +189,8 @@ def main() -> None:
     rss = (by_context[32768]["disk"]["peak_rss"] / by_context[4096]["disk"]["peak_rss"]
            if 32768 in by_context and 4096 in by_context else None)
     result = {"command": "python bench/long_context.py " + shlex.join(sys.argv[1:]), "model": str(path),
-              "spill_disk_gbps": gbps, "spill_disk_gbps_range": [measured[0], measured[-1]], "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "spill_disk_gbps": gbps, "spill_disk_gbps_range": [measured[0], measured[-1]],
+              "new_tokens": args.new_tokens, "repeats": args.repeats,
               "targets": {"decode_ratio_max": TARGETS["decode"][0], "decode_contexts": TARGETS["decode"][1],
                           "prefill_ratio_max_at_16k": TARGETS["prefill"][0], "rss_32k_over_4k_max": TARGETS["rss"]},
               "rows": rows, "peak_rss_32k_over_4k": rss}

@@ -222,8 +222,8 @@ class KVLoader:
         for n, (run, future) in enumerate(zip(ahead.runs, ahead.futures)):
             o = run.first - ahead.base
             failed = future.done() and future.exception() is not None     # read again, as planned
-            if failed or n >= len(planned) or planned[n] != run or disk[o:o + run.count] != ahead.disk[o:o + run.count] \
-                    or self.store.block_sums(run.slot, run.count) != ahead.sums[n]:
+            same = n < len(planned) and planned[n] == run and disk[o:o + run.count] == ahead.disk[o:o + run.count]
+            if failed or not same or self.store.block_sums(run.slot, run.count) != ahead.sums[n]:
                 break
             kept.append(future)
         _wait(ahead.futures[len(kept):])
