@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import torch
 
@@ -133,12 +134,12 @@ def test_a_read_ahead_that_fails_is_read_again_as_planned(tmp_path, monkeypatch)
     release = threading.Event()
     failed = []
 
-    def read_run(first_slot, count, first_buffer, *, replace=True):
+    def read_run(first_slot, count, first_buffer, *, replace=True, expected=None):
         if not replace:                      # a read ahead: still running when the next sweep begins
             release.wait(5)
             failed.append(first_slot)
             raise TransferError("the disk hiccuped")
-        return real_read(first_slot, count, first_buffer, replace=replace)
+        return real_read(first_slot, count, first_buffer, replace=replace, expected=expected)
 
     monkeypatch.setattr(store, "read_run", read_run)
     _sweep(stages, spec, [a])
@@ -161,4 +162,100 @@ def test_a_sweep_without_a_forecast_reads_only_its_plan(tmp_path):
             assert torch.equal(got, want)
     stats = stages.loader.statistics()
     assert stats.read == 32 and stats.ahead == 0
+    store.close()
+
+
+def test_reads_ahead_the_next_plan_drops_are_not_waited_for_on_the_event_loop(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+    a, _ = _filled(store, 0, 8, seed=1)
+    b, b_keys = _filled(store, 1, 4, seed=2)
+    stages, spec = KVStages(store), _Spec(2)
+    real_read = store.read_run
+
+    def read_run(first_slot, count, first_buffer, *, replace=True, expected=None):
+        if not replace:
+            time.sleep(0.5)                  # a slow read ahead
+        return real_read(first_slot, count, first_buffer, replace=replace, expected=expected)
+
+    monkeypatch.setattr(store, "read_run", read_run)
+    _sweep(stages, spec, [a, b])             # reads a's first blocks ahead, slowly
+    started = time.perf_counter()
+    stages.begin(plan_loads(spec, [b], [b.num_tokens]), [b])      # a finished: they are dropped
+    took = time.perf_counter() - started
+    seen = []
+    try:
+        for layer in range(2):
+            seen.append(torch.cat([block.keys.clone() for block in b.blocks(layer)], dim=1))
+            stages.after_layer(layer)
+    finally:
+        asyncio.run(stages.end())
+    assert took < 0.2                        # begin runs on the event loop: it must not wait for them
+    for got, want in zip(seen, _expected([b_keys], 2)):
+        assert torch.equal(got, want)        # b's reads into their buffers waited for them instead
+    store.close()
+
+
+def test_a_run_given_back_untaken_lands_before_the_next_read_into_its_buffers(tmp_path, monkeypatch):
+    """a's sequence failed before attention took its blocks: its run is given back while its
+    read is still landing, and b's run into the same buffers must not be overwritten by it."""
+    store = _store(tmp_path, layers=1, window=4)
+    a, _ = _filled(store, 0, 2, seed=1)
+    b, b_keys = _filled(store, 1, 4, seed=2)
+    slow = {ref.slot for ref in store.tables.table(0, 0)}
+    real_read = store.read_run
+
+    def read_run(first_slot, count, first_buffer, *, replace=True, expected=None):
+        if first_slot in slow:
+            time.sleep(0.3)                  # a's read lands late
+        return real_read(first_slot, count, first_buffer, replace=replace, expected=expected)
+
+    monkeypatch.setattr(store, "read_run", read_run)
+    stages, spec = KVStages(store), _Spec(1)
+    stages.begin(plan_loads(spec, [a, b], [a.num_tokens, b.num_tokens]), [a, b])
+    try:
+        got = []
+        for block in b.blocks(0):            # a is skipped: only b's blocks are taken
+            time.sleep(0.2)
+            got.append(block.keys.clone())
+        stages.after_layer(0)
+    finally:
+        asyncio.run(stages.end())
+    assert torch.equal(torch.cat(got, dim=1), b_keys[0])
+    store.close()
+
+
+def test_reads_ahead_start_even_when_the_plan_reads_nothing_from_disk(tmp_path):
+    store = _store(tmp_path)
+    a, a_keys = _filled(store, 0, 8, seed=1)
+    stages, spec = KVStages(store), _Spec(2)
+    stages.begin(plan_loads(spec, [], []), [],                      # nothing of this sweep is on disk
+                 ahead=lambda layer: plan_loads(spec, [a], [a.num_tokens], layers=(layer,)).reads)
+    for layer in range(2):
+        stages.after_layer(layer)
+    asyncio.run(stages.end())
+    assert stages.loader.statistics().ahead == 6
+    seen = _sweep(stages, spec, [a])
+    assert stages.loader.statistics().ahead_used == 6
+    for got, want in zip(seen, _expected([a_keys], 2)):
+        assert torch.equal(got, want)
+    store.close()
+
+
+def test_a_slot_given_a_new_block_holds_no_checksum_until_its_write_lands(tmp_path):
+    """A freed disk slot keeps its old block's checksum; once a sweep commits a new block to it,
+    that checksum goes, so a read ahead cannot take the old bytes for good ones."""
+    store = _store(tmp_path, layers=1)
+    a, _ = _filled(store, 0, 1, seed=1)
+    (old,) = store.tables.table(0, 0)
+    a.free()                                 # its slot is free, its old checksum still there
+    assert store.block_sums(old.slot, 1) != (None,)
+    stages = KVStages(store)
+    b = store.sequence(1)
+    stages.begin(plan_loads(_Spec(1), [b], [0]), [b])
+    b.append(0, torch.randn(BT, 2, 8), torch.randn(BT, 2, 8))      # one full block, committed
+    (new,) = store.tables.table(1, 0)
+    assert new.tier == "disk" and new.slot == old.slot and store.block_sums(new.slot, 1) == (None,)
+    stages.after_layer(0)
+    asyncio.run(stages.end())
+    assert store.block_sums(new.slot, 1) != (None,)
     store.close()

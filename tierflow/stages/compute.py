@@ -41,7 +41,7 @@ from tierflow.pipeline.executor import ComputeWorker
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
 from tierflow.stages.device import DevicePath
 from tierflow.stages.experts import ExpertStage
-from tierflow.stages.kv import KVStages, plan_loads
+from tierflow.stages.kv import KVRead, KVStages, plan_loads
 from tierflow.stages.kv_device import DeviceKV
 from tierflow.stages.read import WeightStream, cast_weights
 from tierflow.tiers.kv.handle import KVHandle
@@ -104,10 +104,17 @@ class SweepRunner:
             def failed(i: int) -> bool:
                 return batch.kv[i].failure is not None
 
-            # the next sweep, if every sequence goes on: each from where this sweep leaves it
+            # the next sweep, if every sequence goes on: each from where this sweep leaves it; a
+            # linear layer's state is written anew by this sweep after its compute, so the reads
+            # ahead stop there rather than race that write
             after = tuple(start + s.stop - s.start for start, s in zip(batch.seq_starts, batch.seq_slices))
-            self.kv.begin(plan_loads(self.spec, batch.kv, batch.seq_starts, failed), batch.kv,
-                          ahead=lambda layer: plan_loads(self.spec, batch.kv, after, failed, (layer,)).reads)
+            layout = self.kv.store.layout
+
+            def ahead(layer: int) -> Sequence[KVRead] | None:
+                return None if layout.keeps_state(layer) else plan_loads(self.spec, batch.kv, after, failed,
+                                                                         (layer,)).reads
+
+            self.kv.begin(plan_loads(self.spec, batch.kv, batch.seq_starts, failed), batch.kv, ahead=ahead)
         try:
             for unit in range(self.spec.num_units):
                 hidden = await self._unit(unit, hidden, batch)

@@ -49,13 +49,14 @@ class KVStages:
                                  stage_out=device.stage_out if device else None)
 
     def begin(self, plan: KVLoadPlan, handles: Sequence[KVHandle],
-              ahead: Callable[[int], Sequence[KVRead]] | None = None) -> None:
+              ahead: Callable[[int], Sequence[KVRead] | None] | None = None) -> None:
         """``ahead``: the next sweep's reads of a layer, as ``KVLoader.begin`` takes them."""
         self.spiller.begin(handles)
         self.loader.begin(plan, ahead)
         self.store.attach(self)
 
     def commit(self, seq_id: int, layer: int, ref: BlockRef, block: torch.Tensor) -> torch.Tensor | None:
+        self.store.forget(ref)      # a read ahead must not take a reused slot's old block for this one
         return self.spiller.commit(seq_id, layer, ref, block)
 
     def load(self, seq_id: int, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
@@ -70,7 +71,8 @@ class KVStages:
         self.spiller.after_layer(layer)
 
     async def end(self) -> None:
-        """Every spill of the sweep has landed and no read is running; handles go back to DirectIO."""
+        """Every spill of the sweep has landed and no read of its plan is running (reads ahead
+        for the next sweep go on); handles go back to DirectIO."""
         try:
             pending = self.spiller.drain()
             if pending:

@@ -13,20 +13,25 @@ continuously across layer boundaries, from before the first unit to the last. Ru
 in consecutive spill slots of one (sequence, layer) go in one request (up to KV_READ_RUN, never
 wrapping round the window); the disk pool gives each (sequence, layer) its slots in runs of
 that length (``tiers/kv/pool.py:BlockPool``), so a prefill's chunks, which commit a few blocks of
-each layer in turn, still leave each layer's blocks consecutive. The compute thread only ever
-waits for a read that has not landed; a read that fails (a checksum, a deleted file) raises in
-the attention that takes that block, which fails that sequence alone.
+each layer in turn, still leave each layer's blocks consecutive. A read into a buffer first
+waits, on its reader thread, for the read started before it into that buffer (a run given back
+untaken — its sequence failed — or a read ahead that was dropped may still be landing there).
+The compute thread only waits for a read that has not landed; a read that fails (a checksum, a
+deleted file) raises in the attention that takes that block, which fails that sequence alone.
 
 Across the sweep boundary. Once every read of the plan has started, the window's free buffers
 read the next sweep's first blocks: those the next plan would list if every sequence of this
 sweep went on from where this sweep leaves it (``begin``'s ``ahead``, asked for a layer once
 its compute is done, when its tables are final; no further than a window). Nothing is learnt
-from earlier sweeps: it is this sweep's own plan, one step on. The next ``begin`` keeps a run
-read ahead only when its plan lists the same blocks in the same slots, in the same place, and
-every slot still holds the block the read checked (its checksum is the one the spill file holds
-now: no write since); every other read ahead is waited for and dropped, and its blocks are read
-as planned. A read ahead that failed is read again as planned, so its fault is reported (and a
-deleted spill file replaced) as any planned read's. Without this the disk would sit idle
+from earlier sweeps: it is this sweep's own plan, one step on. A block committed this sweep
+holds no checksum until its write lands (``KVStore.forget``), and reads ahead stop at the first
+such block, as they do at a linear-attention layer (its state is written anew every sweep). The
+next ``begin`` keeps a run read ahead only when its plan lists the same blocks in
+the same slots, in the same place, and every slot still holds the block the read checked (the
+checksums the read checked against are those the spill file holds now: no write since); every
+other read ahead is dropped, and its blocks are read as planned. A read ahead that failed is
+read again as planned (on the compute thread, when the failure shows only once kept), so its
+fault is reported (and a deleted spill file replaced) as any planned read's. Without this the disk would sit idle
 through the last layer's compute, the head, sampling and scheduling, and the first layer would
 wait for its first read (a quarter of a decode step at 16k tokens in bench/long_context.py's
 4-layer model).
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -63,8 +69,8 @@ class LoadStats:
     requests: int               # read requests (runs), summed over sweeps
     waited: int                 # takes that found their read still running
     unplanned: int              # takes of blocks the plan did not list (read synchronously; should be 0)
-    ahead: int = 0              # disk blocks read for a next sweep before its plan existed, summed over sweeps
-    ahead_used: int = 0         # of those, the blocks the next sweep's plan listed (the rest were dropped)
+    ahead: int = 0              # disk blocks whose reads started for a next sweep before its plan existed
+    ahead_used: int = 0         # of those, the blocks the next sweep kept (a kept read that failed is read again)
 
 
 @dataclass(slots=True)
@@ -100,8 +106,11 @@ class KVLoader:
         self._layer_end: dict[int, int] = {}                     # layer → disk ordinal after its last block
         self._released = self._submitted = self._adopted = 0
         self._taking, self._taken = -1, []
-        self._next: Callable[[int], Sequence[KVRead]] | None = None
+        self._next: Callable[[int], Sequence[KVRead] | None] | None = None
         self._ahead: _Ahead | None = None
+        self._dropped: list[Future[list[torch.Tensor]]] = []     # reads ahead the plan did not keep
+        # the last read started into each buffer: the next read into it waits for it (on its thread)
+        self._owners: list[Future[list[torch.Tensor]] | None] = [None] * self.window
         self._planned = self._read = self._requests = self._waited = self._unplanned = 0
         self._ahead_read = self._ahead_used = 0
 
@@ -109,11 +118,11 @@ class KVLoader:
         return LoadStats(self._planned, self._read, self._requests, self._waited, self._unplanned,
                          self._ahead_read, self._ahead_used)
 
-    def begin(self, plan: KVLoadPlan, ahead: Callable[[int], Sequence[KVRead]] | None = None) -> None:
+    def begin(self, plan: KVLoadPlan, ahead: Callable[[int], Sequence[KVRead] | None] | None = None) -> None:
         """Start reading ``plan``'s disk blocks (at once: the first units overlap them).
         ``ahead(layer)``: the reads the next sweep's plan would list for ``layer`` if every
         sequence of this one went on (asked once the layer's compute is done, when its blocks
-        are final), read once this plan's reads are all started."""
+        are final), read once this plan's reads are all started; None: none from there on."""
         self.end()
         self._planned = len(plan.reads)
         disk = [r for r in plan.reads if r.ref.tier == "disk"]
@@ -179,20 +188,27 @@ class KVLoader:
         ahead = self._ahead
         # no further than a window: no more than that can be read before the next sweep begins
         if self._next is not None and (ahead is None or len(ahead.disk) < self.window):
-            reads = [r for r in self._next(layer) if r.ref.tier == "disk"]
+            asked = self._next(layer)
+            if asked is None:           # nothing from this layer on (see ``begin``)
+                self._next = None
+                return self._release(self._layer_end.get(layer, 0))
+            reads = [r for r in asked if r.ref.tier == "disk"]
             with self._lock:
                 ahead = self._ahead = ahead or _Ahead(self._base + len(self._disk))
                 if reads:
                     # runs never span two layers, so those already made stay as they are
                     ahead.runs += read_runs(reads, self.window, ahead.base + len(ahead.disk))
                     ahead.disk += reads
+            if reads:
+                self._fill()            # buffers may be free already (a plan with nothing on disk)
         self._release(self._layer_end.get(layer, 0))
 
     def end(self) -> None:
         """The sweep is over: wait for its reads still running (nobody will use them). The next
         sweep's reads go on; its ``begin`` keeps those its plan lists."""
         futures, self._futures = list(self._futures.values()), {}
-        _wait(futures)
+        dropped, self._dropped = self._dropped, []
+        _wait(futures + dropped)
         with self._lock:
             self._base += len(self._disk)
             self._released, self._submitted = self._base, 0
@@ -201,8 +217,8 @@ class KVLoader:
         self._taking, self._taken = -1, []
 
     def drop_ahead(self) -> None:
-        """Wait for the reads started for a next sweep and forget them (between sweeps: a
-        spill file is being closed, or the store is)."""
+        """Wait for the reads started for a next sweep and forget them (between sweeps, before
+        a spill file deleted under the engine is closed)."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             _wait(ahead.futures)
@@ -211,11 +227,10 @@ class KVLoader:
         """The reads started for this sweep (``disk``, its plan's disk blocks) that its plan lists
         in the same order, as the first runs of the plan, and the ordinal of its first block. A
         run is kept only if its blocks and their slots are the plan's and every slot still holds
-        the block the read checked (no write since); the rest are waited for and dropped."""
+        the block the read checked (no write since); the rest are dropped, unwaited for here (on
+        the event loop): the read that next uses a buffer of theirs waits for them first."""
         ahead, self._ahead = self._ahead, None
         if ahead is None or not ahead.futures:
-            if ahead is not None:
-                _wait(ahead.futures)
             return [], 0
         kept: list[Future[list[torch.Tensor]]] = []
         planned = read_runs(disk, self.window, ahead.base) if disk else []
@@ -226,7 +241,7 @@ class KVLoader:
             if failed or not same or self.store.block_sums(run.slot, run.count) != ahead.sums[n]:
                 break
             kept.append(future)
-        _wait(ahead.futures[len(kept):])
+        self._dropped = ahead.futures[len(kept):]
         if not kept:
             return [], 0
         self._ahead_used += sum(run.count for run in ahead.runs[:len(kept)])
@@ -245,8 +260,7 @@ class KVLoader:
                 run = self._runs[self._submitted]
                 if run.first + run.count > self._released + self.window:
                     return
-                assert self.store.reads is not None
-                self._futures[self._submitted] = self.store.reads.submit(self._read_run, run)
+                self._futures[self._submitted] = self._submit(run, True, None)
                 self._submitted += 1
             ahead = self._ahead
             while ahead is not None and len(ahead.futures) < len(ahead.runs):
@@ -254,17 +268,32 @@ class KVLoader:
                 sums = self.store.block_sums(run.slot, run.count)
                 if run.first + run.count > self._released + self.window or None in sums:
                     return          # no buffer yet, or a block whose spill has not landed: stop here
-                assert self.store.reads is not None
-                ahead.futures.append(self.store.reads.submit(self._read_run, run, False))
+                ahead.futures.append(self._submit(run, False, sums))
                 ahead.sums.append(sums)
                 self._ahead_read += run.count
 
-    def _read_run(self, run: ReadRun, planned: bool = True) -> list[torch.Tensor]:
+    def _submit(self, run: ReadRun, planned: bool,
+                expected: tuple[int | None, ...] | None) -> Future[list[torch.Tensor]]:
+        """Start ``run``'s read (under the lock); it first waits for the reads started before it
+        into its buffers (a run given back untaken, or dropped, may still be landing there):
+        started earlier on the same threads, they are running or done by then."""
+        assert self.store.reads is not None
+        first = run.first % self.window
+        before = tuple({id(f): f for f in self._owners[first:first + run.count] if f is not None}.values())
+        future = self.store.reads.submit(partial(self._read_run, planned=planned, before=before, expected=expected),
+                                         run)
+        self._owners[first:first + run.count] = [future] * run.count
+        return future
+
+    def _read_run(self, run: ReadRun, planned: bool = True, before: tuple[Future[Any], ...] = (),
+                  expected: tuple[int | None, ...] | None = None) -> list[torch.Tensor]:
+        """``expected``: the checksums to check against (a read ahead: those ``begin`` compares)."""
+        _wait(before)
         buffer = run.first % self.window
         if self._before_read is not None:
             for b in range(buffer, buffer + run.count):
                 self._before_read(b)
-        blocks = self.store.read_run(run.slot, run.count, buffer, replace=planned)
+        blocks = self.store.read_run(run.slot, run.count, buffer, replace=planned, expected=expected)
         with self._lock:
             self._read += run.count
             self._requests += 1

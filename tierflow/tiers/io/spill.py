@@ -39,7 +39,7 @@ import logging
 import os
 import weakref
 import zlib
-from typing import Callable
+from typing import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -211,14 +211,16 @@ class SpillFile:
         data.copy_(self._bounce[:data.numel()])
         return out
 
-    def read_run(self, first: int, count: int, memory: memoryview, nbytes: int | None = None) -> None:
+    def read_run(self, first: int, count: int, memory: memoryview, nbytes: int | None = None,
+                 expected: Sequence[int | None] | None = None) -> None:
         """Read the ``count`` consecutive slots from ``first`` with one request into ``memory`` (4
         KiB aligned, at least ``count * stride`` bytes; one allocation, so the read is not split
         over scattered pages) and check the checksum of each block's first ``nbytes`` (default:
-        a whole block). Nothing but bytes is made here: the caller has its views of ``memory``."""
+        a whole block) against ``expected`` (default: the checksums the file holds now). Nothing but
+        bytes is made here: the caller has its views of ``memory``."""
         self._check(first, count)
         nbytes = self.block_bytes if nbytes is None else nbytes
-        expected = list(self.sums(first, count))
+        expected = list(self.sums(first, count) if expected is None else expected)
         if None in expected:
             raise KVCorruptionError(f"slot {first + expected.index(None)} of {self.path} holds no complete block")
         try:

@@ -146,15 +146,21 @@ class KVStore:
         else:
             self._pools[ref.tier][ref.slot].copy_(block)
 
-    def read_run(self, first_slot: int, count: int, first_buffer: int, *, replace: bool = True) -> list[torch.Tensor]:
+    def read_run(self, first_slot: int, count: int, first_buffer: int, *, replace: bool = True,
+                 expected: tuple[int | None, ...] | None = None) -> list[torch.Tensor]:
         """Read ``count`` disk blocks in consecutive slots from ``first_slot`` with one request into
         the window buffers from ``first_buffer``; the blocks there, each checksum checked.
         ``replace=False`` (a read ahead of its sweep's plan): a spill file deleted under the engine
-        fails the read but is left for the read that needs its blocks to find and replace."""
+        fails the read but is left for the read that needs its blocks to find and replace.
+        ``expected``: the checksums to check the blocks against (default: those the file holds)."""
         assert self._window_memory is not None and first_buffer + count <= self.window_blocks
         started = time.perf_counter()
         memory = self._window_memory[first_buffer * self.stride:(first_buffer + count) * self.stride]
-        self._disk(replace).read_run(first_slot, count, memory)
+        spill = self._disk(replace)
+        if expected is None:
+            spill.read_run(first_slot, count, memory)
+        else:
+            spill.read_run(first_slot, count, memory, expected=expected)
         self.tracer.span("disk: KV blocks", f"{count} blocks", started, time.perf_counter(), first_slot=first_slot)
         return self._window_blocks[first_buffer:first_buffer + count]
 
@@ -164,6 +170,12 @@ class KVStore:
         in between."""
         spill = self.spill
         return spill.sums(first_slot, count) if spill is not None else (None,) * count
+
+    def forget(self, ref: BlockRef) -> None:
+        """A disk slot is given a new block: its old one's checksum goes, so no read takes the old
+        bytes for good ones before the new block's write lands."""
+        if ref.tier == "disk" and self.spill is not None:
+            self.spill.free(ref.slot)
 
     def held_block(self, ref: BlockRef) -> torch.Tensor:
         """The block at ``ref``, outside a sweep: a device pool slot's view, else ``read_block``'s copy."""

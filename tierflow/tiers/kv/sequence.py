@@ -17,9 +17,10 @@ which the batcher admits by). ``append(layer)`` first releases every committed b
 before ``q - window + 1``, ``q`` being the layer's length (this sweep's earliest query), so the
 layer holds ``layout.layer_blocks(window, q, end)``; indexes stay stable. The freed slot may be
 rewritten by any sequence in the same sweep, safely: the sweep's load plan starts each layer at
-``first_visible(start, window)``, the block the ring keeps from, so no read ahead targets a freed
-slot; its own write landed in an earlier sweep; on CUDA the streams order a reused slot after its
-last reader. As a guard a ring never frees a block from the current ``BlockIO``'s
+``first_visible(start, window)``, the block the ring keeps from, so no read of the plan targets
+a freed slot (a read ahead for the next sweep may: it is kept only if the slot's checksum
+has not changed, ``stages/kv_load.py``); its own write landed in an earlier sweep; on CUDA
+the streams order a reused slot after its last reader. As a guard a ring never frees a block from the current ``BlockIO``'s
 ``first_planned`` on (if a plan disagreed, the block stays held a sweep longer). Freed blocks
 cannot be read (ValueError); ``held_from`` says where a layer's KV starts; ``trim_rings`` frees,
 between sweeps, what the next append would (after the prefix cache attaches a prefix).
