@@ -105,7 +105,7 @@ class KVLoader:
         self._futures: dict[int, Future[list[torch.Tensor]]] = {}
         self._layer_end: dict[int, int] = {}                     # layer → disk ordinal after its last block
         self._released = self._submitted = self._adopted = 0
-        self._taking, self._taken = -1, []
+        self._taking, self._taken = -1, []                       # the run attention takes blocks of, and they
         self._next: Callable[[int], Sequence[KVRead] | None] | None = None
         self._ahead: _Ahead | None = None
         self._dropped: list[Future[list[torch.Tensor]]] = []     # reads ahead the plan did not keep
@@ -140,7 +140,6 @@ class KVLoader:
         self._futures = dict(enumerate(adopted))
         self._released, self._submitted = base, len(adopted)
         self._adopted = len(adopted)                             # runs[:adopted] were read ahead
-        self._taking, self._taken = -1, []                       # the run attention takes blocks of, and they
         self._next = ahead if self.window else None
         self._fill()
 
@@ -187,20 +186,18 @@ class KVLoader:
         and the next sweep's reads of the layer are known."""
         ahead = self._ahead
         # no further than a window: no more than that can be read before the next sweep begins
-        if self._next is not None and (ahead is None or len(ahead.disk) < self.window):
-            asked = self._next(layer)
-            if asked is None:           # nothing from this layer on (see ``begin``)
-                self._next = None
-                return self._release(self._layer_end.get(layer, 0))
-            reads = [r for r in asked if r.ref.tier == "disk"]
+        asked = self._next(layer) if self._next is not None and (ahead is None or len(ahead.disk) < self.window) \
+            else ()
+        if asked is None:               # nothing from this layer on (see ``begin``)
+            self._next = None
+        reads = [r for r in asked or () if r.ref.tier == "disk"]
+        if reads:
             with self._lock:
                 ahead = self._ahead = ahead or _Ahead(self._base + len(self._disk))
-                if reads:
-                    # runs never span two layers, so those already made stay as they are
-                    ahead.runs += read_runs(reads, self.window, ahead.base + len(ahead.disk))
-                    ahead.disk += reads
-            if reads:
-                self._fill()            # buffers may be free already (a plan with nothing on disk)
+                # runs never span two layers, so those already made stay as they are
+                ahead.runs += read_runs(reads, self.window, ahead.base + len(ahead.disk))
+                ahead.disk += reads
+            self._fill()                # buffers may be free already (a plan with nothing on disk)
         self._release(self._layer_end.get(layer, 0))
 
     def end(self) -> None:
