@@ -13,7 +13,8 @@ One run:
              (``kv_device_bytes=0, kv_host_bytes=0``: every full block goes to the O_DIRECT spill file);
        host: the same model with every block in host memory (``kv_device_bytes=0``, ``kv_host_bytes`` the
              request's blocks and a few more);
-     each prefills a prompt of that length, decodes --new-tokens greedy tokens, and records the
+     each prefills a prompt of that length, decodes --new-tokens greedy tokens (default 64: 1.3-3.8 s of
+     decode at 8k-32k, so a short burst of other load on a shared machine does not set a context's figure), and records the
      prefill time, the decode time per token, the process's peak RSS (the kernel's high-water
      mark, VmHWM, reset after the warm-up: a sampling thread would take CPU and the GIL from the
      run it measures) and the spill file's size; a context's figures are the fastest of its
@@ -95,7 +96,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench/out/long-context"))
     p.add_argument("--contexts", default="1024,4096,8192,16384,32768")
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--results", type=Path, default=None, help="where to write the JSON (default DIR/long_context.json)")
     return p.parse_args()

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 
 import pytest
 import torch
 
 from tierflow.errors import KVCorruptionError, TierCapacityError, TransferError
-from tierflow.tiers.io.spill import SpillFile
+import zlib
+
+from tierflow.tiers.io import spill
+from tierflow.tiers.io.reader import aligned_empty
+from tierflow.tiers.io.spill import SpillFile, checksum, run_checksum
 
 
 def _block(seed: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -111,3 +116,53 @@ def test_oversized_blocks_and_bad_slots_are_refused(tmp_path):
             f.write(2, torch.zeros(8, dtype=torch.uint8))
     with pytest.raises(TransferError, match="closed"):
         f.read(0, torch.zeros(8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("crc", ["crc32c", "zlib"])
+def test_a_run_checksum_is_the_crc_of_the_slots_back_to_back(monkeypatch, crc):
+    """The fold of per-slot CRCs equals one CRC over the concatenated slots, for either CRC."""
+    if crc == "zlib":
+        monkeypatch.setattr(spill, "_crc", zlib.crc32)
+        spill._shift_tables.cache_clear()
+    try:
+        rng = random.Random(7)
+        for slot_bytes in (4096, 12288):
+            slots = [rng.randbytes(slot_bytes) for _ in range(6)]
+            sums = [checksum(s) for s in slots]
+            for count in range(1, 7):
+                assert run_checksum(sums[:count], slot_bytes) == checksum(b"".join(slots[:count]))
+            swapped = sums[1:2] + sums[:1] + sums[2:]     # the same blocks in another order do not pass
+            assert run_checksum(swapped, slot_bytes) != checksum(b"".join(slots))
+        assert checksum(slots[1], checksum(slots[0])) == checksum(slots[0] + slots[1])
+    finally:
+        spill._shift_tables.cache_clear()
+
+
+def test_a_run_is_checked_whole_and_a_bad_block_in_it_is_named(tmp_path):
+    """A run of 4 slots reads back with one check; a byte flipped in its third block fails the
+    run, naming that slot, and a rewrite of that slot alone makes the run good again."""
+    blocks = [_block(i) for i in range(4)]
+    nbytes = blocks[0].numel() * blocks[0].element_size()        # 512 bytes: 3.5 KiB of padding per slot
+    with SpillFile(tmp_path / "kv.spill", nbytes, 6) as f:
+        for slot, block in enumerate(blocks, start=1):
+            f.write(slot, block)
+        memory = aligned_empty(4 * f.stride)
+        memory.fill_(0xAB)                      # the padding read back must be the zeros written
+        f.read_run(1, 4, memoryview(memory.numpy()))
+        for i, block in enumerate(blocks):
+            got = memory[i * f.stride:i * f.stride + nbytes].view(block.dtype).view(block.shape)
+            assert torch.equal(got, block)
+            assert not memory[i * f.stride + nbytes:(i + 1) * f.stride].any()
+        with open(f.path, "r+b") as raw:
+            raw.seek(3 * f.stride + 7)
+            byte = raw.read(1)
+            raw.seek(3 * f.stride + 7)
+            raw.write(bytes([byte[0] ^ 0x01]))
+        with pytest.raises(KVCorruptionError, match="slot 3 .* fails its checksum"):
+            f.read_run(1, 4, memoryview(memory.numpy()))
+        f.write(3, blocks[2])
+        f.read_run(1, 4, memoryview(memory.numpy()))
+        stale = list(f.sums(1, 4))
+        stale[1] ^= 1                           # checked against the sums given, not the file's
+        with pytest.raises(KVCorruptionError, match="slot 2 .* fails its checksum"):
+            f.read_run(1, 4, memoryview(memory.numpy()), expected=stale)

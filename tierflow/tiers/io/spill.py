@@ -3,11 +3,25 @@
 A ``SpillFile`` is one file of fixed-size slots, each holding one KV block. A block is
 written with its checksum (kept in memory, beside the block table that knows which slot holds
 what); a read checks it, so a flipped byte raises ``KVCorruptionError`` instead of feeding
-attention a wrong value. The checksum is XXH3-64 (``xxhash``): decode at long context reads
-every block back each token, and CRC32 (zlib's, about 2 GB/s here) cost as much CPU as the
-disk read's own time, taken from the compute it was meant to overlap (bench/long_context.py);
-XXH3 runs at memory speed. Without the package it falls back to CRC32. The checksums live
-only as long as the file, so the two never meet.
+attention a wrong value.
+
+The checksum is CRC-32C (the ``crc32c`` package: the CPU's CRC instruction, with the GIL
+released) of the whole slot, the block and its zeroed padding. Decode at long context reads every
+block back each token, in runs of consecutive slots, on reader threads that share the CPU with the
+compute. One checksum call per block gave the GIL up and took it back once per block, and on two
+cores that traffic cost the compute more than the hashing did: an attention loop beside a thread
+hashing 256 KiB blocks ran 32.7-37.8 ms a step, beside one hashing the same bytes 4 MiB at a time
+19.2-22.3 (12.1-18.3 alone; a shared machine); in the engine, 16k-token decode from disk
+alternating every 8 tokens in one process took 31.2 ms a token checking each block and 29.1
+checking each run (bench/long_context.py's model).
+
+A CRC can be checked a run at a time because it is linear: the CRC of two slots back to back is
+``shift(crc(first)) ^ crc(second)``, where ``shift`` carries a CRC over one slot's length of zero
+bytes, a fixed linear map of 32 bits (four byte tables per slot size, ``_shift_tables``). So a
+run's read computes one CRC over all its bytes, in one call, and compares it with the stored
+checksums of its slots folded together; only a run that fails is checked slot by slot, to name
+the bad block. Without the package it falls back to zlib's CRC-32 (the same algebra, several
+times slower). The checksums live only as long as the file, so the two never meet.
 
 ``num_slots`` may be as many as the disk's free space holds: space is reserved
 (``posix_fallocate``) in extents of EXTENT_BYTES as writes reach higher slots, the
@@ -34,6 +48,7 @@ differ between PID namespaces sharing a directory). ``SpillFile.create`` names f
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -56,15 +71,48 @@ PATTERN = "tierflow-kv-*.spill"
 _ids = itertools.count()        # keeps the names of one process's spill files apart
 
 
-def _checksum_function() -> Callable[[memoryview], int]:
+def _crc_function() -> Callable[[memoryview | bytes, int], int]:
     try:
-        import xxhash
+        import crc32c
     except ImportError:
         return zlib.crc32
-    return xxhash.xxh3_64_intdigest
+    return crc32c.crc32c
 
 
-checksum = _checksum_function()     # of a block's bytes (see the module)
+_crc = _crc_function()
+
+
+def checksum(data: memoryview | bytes, value: int = 0) -> int:
+    """The CRC of ``data``, continuing from the CRC ``value`` of what came before it."""
+    return _crc(data, value)
+
+
+@functools.lru_cache(maxsize=16)
+def _shift_tables(nbytes: int) -> tuple[tuple[int, ...], ...]:
+    """Four tables of 256 that carry a CRC over ``nbytes`` zero bytes: ``shift(v)`` is
+    ``t0[v & 255] ^ t1[v >> 8 & 255] ^ t2[v >> 16 & 255] ^ t3[v >> 24]``, and the CRC of A then
+    B is ``shift(crc(A)) ^ crc(B)`` for any B of ``nbytes``. The map is linear in v, so it is
+    made from its values on the 32 single bits (a CRC continued over zeros, less the zeros' own)."""
+    zeros = bytes(nbytes)
+    alone = _crc(zeros, 0)
+    bits = [_crc(zeros, 1 << bit) ^ alone for bit in range(32)]
+    tables = []
+    for byte in range(4):
+        table = [0] * 256
+        for value in range(1, 256):
+            low = value & -value            # the lowest bit set: table[value] = table[value without it] ^ its image
+            table[value] = table[value ^ low] ^ bits[8 * byte + low.bit_length() - 1]
+        tables.append(tuple(table))
+    return tuple(tables)
+
+
+def run_checksum(sums: Sequence[int], slot_bytes: int) -> int:
+    """The CRC of consecutive slots of ``slot_bytes`` each, from their checksums ``sums``."""
+    t0, t1, t2, t3 = _shift_tables(slot_bytes)
+    run = 0
+    for value in sums:
+        run = t0[run & 255] ^ t1[run >> 8 & 255] ^ t2[run >> 16 & 255] ^ t3[run >> 24] ^ value
+    return run
 
 
 def remove_orphaned_spills(directory: str | os.PathLike[str]) -> list[Path]:
@@ -83,7 +131,7 @@ class SpillFile:
             raise ValueError(f"a spill file needs block_bytes >= 1 and num_slots >= 1, got {block_bytes}, {num_slots}")
         self.path, self.block_bytes, self.num_slots = Path(path), block_bytes, num_slots
         self.stride = -(-block_bytes // ALIGN) * ALIGN
-        self._sums: dict[int, int] = {}       # slot -> checksum of the complete block it holds
+        self._sums: dict[int, int] = {}       # slot -> checksum of the slot (its block, zero padded)
         self._fd, self.direct = self._open(self.path)
         self._finalizer = weakref.finalize(self, _release, self._fd, self.path)
         self._bounce = aligned_empty(self.stride)     # whole aligned slots move through it
@@ -192,6 +240,7 @@ class SpillFile:
         self._sums.pop(slot, None)      # a write that fails half-way leaves no valid block
         self._reserve(slot)
         self._bounce[:len(view)].copy_(data)
+        self._bounce[len(view):].zero_()      # the padding is in the slot's checksum
         try:
             written = os.pwrite(self._fd, memoryview(self._bounce.numpy()), slot * self.stride)
         except OSError as exc:
@@ -200,7 +249,7 @@ class SpillFile:
             raise TransferError(f"writing a KV block to {self.path} failed: {exc.strerror}") from exc
         if written != self.stride:
             raise TransferError(f"short write of a KV block to {self.path}: {written} of {self.stride} bytes")
-        self._sums[slot] = checksum(view)
+        self._sums[slot] = checksum(memoryview(self._bounce.numpy()))
 
     def read(self, slot: int, out: torch.Tensor) -> torch.Tensor:
         """Fill ``out`` (contiguous, the size that was written) from ``slot``; checks its checksum.
@@ -215,29 +264,31 @@ class SpillFile:
                  expected: Sequence[int | None] | None = None) -> None:
         """Read the ``count`` consecutive slots from ``first`` with one request into ``memory`` (4
         KiB aligned, at least ``count * stride`` bytes; one allocation, so the read is not split
-        over scattered pages) and check the checksum of each block's first ``nbytes`` (default:
-        a whole block) against ``expected`` (default: the checksums the file holds now). Nothing but
-        bytes is made here: the caller has its views of ``memory``."""
+        over scattered pages) and check them against ``expected`` (default: the checksums the file
+        holds now), the whole run with one CRC (see the module). ``nbytes``: the bytes of the last
+        block that must be there (default: a whole block); a file cut short after them reads as
+        its zero padding. Nothing but bytes is made here: the caller has its views of ``memory``."""
         self._check(first, count)
         nbytes = self.block_bytes if nbytes is None else nbytes
         expected = list(self.sums(first, count) if expected is None else expected)
         if None in expected:
             raise KVCorruptionError(f"slot {first + expected.index(None)} of {self.path} holds no complete block")
+        span = count * self.stride
         try:
-            got = os.preadv(self._fd, [memory[:count * self.stride]], first * self.stride)
+            got = os.preadv(self._fd, [memory[:span]], first * self.stride)
         except OSError as exc:
             raise TransferError(f"reading a KV block from {self.path} failed: {exc.strerror}") from exc
         if got < (count - 1) * self.stride + nbytes:
             raise TransferError(f"short read of KV blocks from {self.path}: {got} of "
                                 f"{(count - 1) * self.stride + nbytes} bytes (was the file truncated?)")
-        # One map over the run, no bytecode between the blocks: each checksum gives the GIL up and
-        # takes it back, and a Python loop's work per block in between kept the compute thread
-        # waiting for the GIL (16k decode, bench/long_context.py: 36.5 ms a token with a loop, 32.4 with map).
-        sums = list(map(checksum, [memory[i * self.stride:i * self.stride + nbytes] for i in range(count)]))
-        if sums != expected:
-            bad = next(i for i, (got_sum, want) in enumerate(zip(sums, expected)) if got_sum != want)
-            raise KVCorruptionError(f"KV block in slot {first + bad} of {self.path} fails its checksum: the file "
-                                    "was modified or the disk returned bad data; the block will not be used")
+        if got < span:
+            memory[got:span] = bytes(span - got)
+        if checksum(memory[:span]) == run_checksum(expected, self.stride):
+            return
+        bad = next((i for i in range(count) if checksum(memory[i * self.stride:(i + 1) * self.stride]) != expected[i]),
+                   0)
+        raise KVCorruptionError(f"KV block in slot {first + bad} of {self.path} fails its checksum: the file "
+                                "was modified or the disk returned bad data; the block will not be used")
 
     def sums(self, first: int, count: int) -> tuple[int | None, ...]:
         """The checksums of ``count`` slots from ``first`` (None: no complete block; a write pops
