@@ -20,7 +20,7 @@ One run:
      run it measures) and the spill file's size; a context's figures are the fastest of its
      repeats (noise only slows);
   3. measures the spill directory's O_DIRECT read bandwidth the way kv_load reads it (runs of
-     KV_READ_RUN blocks, READ_THREADS requests in flight) just before and just after each disk
+     KV_READ_RUN blocks, READS_IN_FLIGHT requests in flight) just before and just after each disk
      run: a virtual disk drifts by tens of percent within minutes, so each disk run's roofline
      takes the faster of its own two measurements (the stricter roof), not one taken elsewhere;
   4. reports per context the headline ratios:
@@ -104,12 +104,12 @@ def parse_args() -> argparse.Namespace:
 
 def spill_disk_gbps(directory: Path) -> float:
     """O_DIRECT read bandwidth of ``directory`` in kv_load's pattern: runs of KV_READ_RUN blocks of
-    this model (256 tokens x 1 KiB = 256 KiB per block), READ_THREADS requests in flight."""
-    from tierflow.tiers.kv.paged import READ_THREADS
+    this model (256 tokens x 1 KiB = 256 KiB per block), READS_IN_FLIGHT requests in flight."""
+    from tierflow.tiers.kv.paged import READ_THREADS, READS_IN_FLIGHT
     from tierflow.tiers.plan.costmodel import KV_READ_RUN
     from tierflow.tiers.probe.measure import measure_disk
     return asyncio.run(measure_disk(directory, io_threads=READ_THREADS, block_bytes=KV_READ_RUN * 2**18,
-                                    chunk_bytes=KV_READ_RUN * 2**18, in_flight=READ_THREADS,
+                                    chunk_bytes=KV_READ_RUN * 2**18, in_flight=READS_IN_FLIGHT,
                                     file_bytes=256 * 2**20, seconds=2.0)).read_gbps
 
 

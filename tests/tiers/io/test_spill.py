@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -166,3 +168,38 @@ def test_a_run_is_checked_whole_and_a_bad_block_in_it_is_named(tmp_path):
         stale[1] ^= 1                           # checked against the sums given, not the file's
         with pytest.raises(KVCorruptionError, match="slot 2 .* fails its checksum"):
             f.read_run(1, 4, memoryview(memory.numpy()), expected=stale)
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_reads_in_flight_caps_the_requests_at_the_disk(tmp_path, monkeypatch, limit):
+    """Three threads reading runs at once: with ``reads_in_flight=2`` at most two requests are in
+    the disk at a time (two do get there together), with no limit all three are."""
+    block = _block(0)
+    inside, most, lock = [0], [0], threading.Lock()
+    reached = threading.Event()         # set once `limit` (or 3) requests are in at once
+    preadv = os.preadv
+
+    def counting(*args):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            if inside[0] == (limit or 3):
+                reached.set()
+        reached.wait(timeout=10)        # the first ones stay in until the others arrive
+        time.sleep(0.05)                # room for one more request, if the cap let it in
+        with lock:
+            inside[0] -= 1
+        return preadv(*args)
+
+    with SpillFile(tmp_path / "kv.spill", block.numel() * 2, 6, reads_in_flight=limit) as f:
+        for slot in range(6):
+            f.write(slot, block)
+        monkeypatch.setattr(os, "preadv", counting)
+        buffers = [aligned_empty(2 * f.stride) for _ in range(3)]
+        threads = [threading.Thread(target=f.read_run, args=(2 * i, 2, memoryview(buffers[i].numpy())))
+                   for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert most[0] == (limit or 3)

@@ -47,11 +47,13 @@ differ between PID namespaces sharing a directory). ``SpillFile.create`` names f
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
 import logging
 import os
+import threading
 import weakref
 import zlib
 from typing import Callable, Sequence
@@ -126,12 +128,18 @@ def remove_orphaned_spills(directory: str | os.PathLike[str]) -> list[Path]:
 
 
 class SpillFile:
-    def __init__(self, path: str | os.PathLike[str], block_bytes: int, num_slots: int) -> None:
+    def __init__(self, path: str | os.PathLike[str], block_bytes: int, num_slots: int, *,
+                 reads_in_flight: int | None = None) -> None:
+        """``reads_in_flight``: at most this many ``read_run`` requests reach the disk at once
+        (None: no limit), so that more reader threads than that can check one run's checksum
+        while the disk reads the next ones."""
         if block_bytes < 1 or num_slots < 1:
             raise ValueError(f"a spill file needs block_bytes >= 1 and num_slots >= 1, got {block_bytes}, {num_slots}")
         self.path, self.block_bytes, self.num_slots = Path(path), block_bytes, num_slots
         self.stride = -(-block_bytes // ALIGN) * ALIGN
         self._sums: dict[int, int] = {}       # slot -> checksum of the slot (its block, zero padded)
+        self._requests: contextlib.AbstractContextManager[object] = (
+            threading.BoundedSemaphore(reads_in_flight) if reads_in_flight else contextlib.nullcontext())
         self._fd, self.direct = self._open(self.path)
         self._finalizer = weakref.finalize(self, _release, self._fd, self.path)
         self._bounce = aligned_empty(self.stride)     # whole aligned slots move through it
@@ -143,12 +151,13 @@ class SpillFile:
             raise
 
     @classmethod
-    def create(cls, directory: str | os.PathLike[str], block_bytes: int, num_slots: int) -> "SpillFile":
+    def create(cls, directory: str | os.PathLike[str], block_bytes: int, num_slots: int, *,
+               reads_in_flight: int | None = None) -> "SpillFile":
         """A new spill file in ``directory`` under a name no other file there has."""
         for _ in range(1000):
             path = Path(directory) / f"tierflow-kv-{os.getpid()}-{next(_ids)}.spill"
             try:
-                return cls(path, block_bytes, num_slots)
+                return cls(path, block_bytes, num_slots, reads_in_flight=reads_in_flight)
             except FileExistsError:
                 continue                # a name left by a process with our PID, still in use
             except OSError as exc:      # the directory is gone, or takes no files now
@@ -275,7 +284,8 @@ class SpillFile:
             raise KVCorruptionError(f"slot {first + expected.index(None)} of {self.path} holds no complete block")
         span = count * self.stride
         try:
-            got = os.preadv(self._fd, [memory[:span]], first * self.stride)
+            with self._requests:
+                got = os.preadv(self._fd, [memory[:span]], first * self.stride)
         except OSError as exc:
             raise TransferError(f"reading a KV block from {self.path} failed: {exc.strerror}") from exc
         if got < (count - 1) * self.stride + nbytes:

@@ -34,7 +34,12 @@ from tierflow.tiers.plan.costmodel import KV_READ_RUN, kv_read_window
 
 # Two reads in flight: on a 2-core machine four reader threads took CPU from the compute they
 # were meant to overlap (bench/long_context.py: 8k decode ~35 ms with two, ~40-45 ms with four).
-READ_THREADS = 2
+# Three threads for them: while one checks the CRC of the run it read and starts the next, the
+# other two keep two requests at the disk (with two threads, one request was alone there for 17%
+# of a 32k decode). Alternating in one process, 32k decode from disk: 55.7-56.2 ms a token against
+# 58.4-59.1 with two threads (61.1 with three in flight); 16k (compute-bound): no change.
+READ_THREADS = 3
+READS_IN_FLIGHT = 2
 SPILL_HOST_BUFFERS = 8          # CUDA: host buffers of blocks copied off the device on their way to disk
 
 
@@ -78,7 +83,7 @@ class KVStore:
             directory = Path(spill_dir)
             directory.mkdir(parents=True, exist_ok=True)
             remove_orphaned_spills(directory)       # what killed processes left (spill.py)
-            self.spill = SpillFile.create(directory, self.block_bytes, disk_blocks)
+            self.spill = SpillFile.create(directory, self.block_bytes, disk_blocks, reads_in_flight=READS_IN_FLIGHT)
         # The disk read window (the kv_load stage reads blocks ahead into it) and, after it, host
         # buffers for device → disk spills on CUDA: one allocation (huge-page backed when large
         # enough), so a run of blocks lands in physically contiguous memory and its O_DIRECT read
@@ -204,7 +209,8 @@ class KVStore:
             # other reader threads may be reading the old file right now: it is closed between
             # sweeps (``detach``), not under them
             self._retired.append(spill)
-            self.spill = SpillFile.create(spill.path.parent, self.block_bytes, spill.num_slots)
+            self.spill = SpillFile.create(spill.path.parent, self.block_bytes, spill.num_slots,
+                                            reads_in_flight=READS_IN_FLIGHT)
             raise TransferError(f"KV spill file {spill.path} was deleted while in use; the blocks it held are lost "
                                 f"and the requests that need them fail (a new spill file replaces it)")
         return spill
