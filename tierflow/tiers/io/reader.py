@@ -38,6 +38,21 @@ class UnitReader(Protocol):
     async def read(self, layout: UnitLayout, buffer: torch.Tensor) -> int: ...
 
 
+def started_pool(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
+    """``pool`` with its ``threads`` threads running. A pool starts a thread for a task only while
+    none is idle, so its threads would otherwise appear one by one as load grows, long after the
+    engine opened; tasks that wait for each other take one thread each. A thread whose
+    initializer fails breaks the pool, and that error is raised here, at open."""
+    ready = threading.Barrier(threads, timeout=60)
+    try:
+        for future in [pool.submit(ready.wait) for _ in range(threads)]:
+            future.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool
+
+
 def aligned_empty(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` whose first byte is 4 KiB aligned (what O_DIRECT needs).
 
@@ -122,7 +137,7 @@ class DiskReader:
         except BaseException:
             self.close()
             raise
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tierflow-io")
+        self._pool = started_pool(ThreadPoolExecutor(io_threads, thread_name_prefix="tierflow-io"), io_threads)
         self._lock = threading.Lock()
         self._bytes = self._direct_bytes = self._requests = 0
         self._busy_s = 0.0

@@ -24,7 +24,7 @@ import torch
 
 from tierflow.errors import ConfigError, TransferError
 from tierflow.pipeline.trace import NULL_TRACER, Tracer
-from tierflow.tiers.io.reader import aligned_empty
+from tierflow.tiers.io.reader import aligned_empty, started_pool
 from tierflow.tiers.io.spill import SpillFile, remove_orphaned_spills
 from tierflow.tiers.kv.blocks import BlockRef, KVBlockTables, KVPoolsStats
 from tierflow.tiers.kv.handle import BlockIO
@@ -98,7 +98,8 @@ class KVStore:
         self._window_blocks = [self.as_block(self.window_buffer(b)) for b in range(self.window_blocks)]
         self._replacing = threading.Lock()
         self._retired: list[SpillFile] = []     # spill files deleted under the engine, closed at detach
-        self.reads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv-read", initializer=bind_thread) \
+        self.reads = started_pool(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv-read",
+                                                 initializer=bind_thread), READ_THREADS) \
             if self.spill is not None else None
         self.writes = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv-spill", initializer=bind_thread)
         self.io: BlockIO = DirectIO(self)
