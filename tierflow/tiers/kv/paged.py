@@ -5,9 +5,9 @@ pool and a disk spill file, placed by ``KVBlockTables``. Each sequence reaches i
 Outside a sweep (the prefix cache attaching or reading blocks between sweeps) the store's own
 ``DirectIO`` writes and reads synchronously. The store owns what the stages use and ``close``
 gives back: the spill file, the pinned window of disk read buffers (plus, on CUDA, host
-buffers for blocks on their way from the device to disk), READ_THREADS reader threads (started at open; READS_IN_FLIGHT
-requests at the disk at once) and one
-writer thread (the spill file writes through one aligned bounce buffer, so writes are serial).
+buffers for blocks on their way from the device to disk), READ_THREADS reader threads (started
+at open; READS_IN_FLIGHT requests at the disk at once) and one writer thread (the spill file
+writes through one aligned bounce buffer, so writes are serial).
 A store that opens with disk blocks first removes the spill files of dead processes from its
 directory (``spill.remove_orphaned_spills``: their locks are free).
 """
