@@ -205,8 +205,8 @@ def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_
                     block_tokens=16, device_blocks=0, host_blocks=0, disk_blocks=12, spill_dir=tmp_path)
     requests: list[int] = []
     read_run = SpillFile.read_run
-    monkeypatch.setattr(SpillFile, "read_run", lambda self, first, count, buffer, nbytes=None:
-                        requests.append(count) or read_run(self, first, count, buffer, nbytes))
+    monkeypatch.setattr(SpillFile, "read_run", lambda self, first, count, buffer, nbytes=None, expected=None:
+                        requests.append(count) or read_run(self, first, count, buffer, nbytes, expected))
     stages = KVStages(store)
 
     def sweep(kv, first_position=0):

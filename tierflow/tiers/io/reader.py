@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -38,11 +38,12 @@ class UnitReader(Protocol):
     async def read(self, layout: UnitLayout, buffer: torch.Tensor) -> int: ...
 
 
-def started_pool(pool: ThreadPoolExecutor, threads: int) -> ThreadPoolExecutor:
-    """``pool`` with its ``threads`` threads running. A pool starts a thread for a task only while
+def started_pool(threads: int, name: str, initializer: Callable[[], None] | None = None) -> ThreadPoolExecutor:
+    """A pool of ``threads`` threads, all running. A pool starts a thread for a task only while
     none is idle, so its threads would otherwise appear one by one as load grows, long after the
     engine opened; tasks that wait for each other take one thread each. A thread whose
-    initializer fails breaks the pool, and that error is raised here, at open."""
+    ``initializer`` fails breaks the pool, and that error is raised here, at open."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=initializer)
     ready = threading.Barrier(threads, timeout=60)
     try:
         for future in [pool.submit(ready.wait) for _ in range(threads)]:
@@ -137,7 +138,7 @@ class DiskReader:
         except BaseException:
             self.close()
             raise
-        self._pool = started_pool(ThreadPoolExecutor(io_threads, thread_name_prefix="tierflow-io"), io_threads)
+        self._pool = started_pool(io_threads, "tierflow-io")
         self._lock = threading.Lock()
         self._bytes = self._direct_bytes = self._requests = 0
         self._busy_s = 0.0

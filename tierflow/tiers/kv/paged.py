@@ -99,9 +99,7 @@ class KVStore:
         self._window_blocks = [self.as_block(self.window_buffer(b)) for b in range(self.window_blocks)]
         self._replacing = threading.Lock()
         self._retired: list[SpillFile] = []     # spill files deleted under the engine, closed at detach
-        self.reads = started_pool(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tierflow-kv-read",
-                                                 initializer=bind_thread), READ_THREADS) \
-            if self.spill is not None else None
+        self.reads = started_pool(READ_THREADS, "tierflow-kv-read", bind_thread) if self.spill is not None else None
         self.writes = ThreadPoolExecutor(1, thread_name_prefix="tierflow-kv-spill", initializer=bind_thread)
         self.io: BlockIO = DirectIO(self)
         self._pinned: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
@@ -163,11 +161,7 @@ class KVStore:
         assert self._window_memory is not None and first_buffer + count <= self.window_blocks
         started = time.perf_counter()
         memory = self._window_memory[first_buffer * self.stride:(first_buffer + count) * self.stride]
-        spill = self._disk(replace)
-        if expected is None:
-            spill.read_run(first_slot, count, memory)
-        else:
-            spill.read_run(first_slot, count, memory, expected=expected)
+        self._disk(replace).read_run(first_slot, count, memory, expected=expected)
         self.tracer.span("disk: KV blocks", f"{count} blocks", started, time.perf_counter(), first_slot=first_slot)
         return self._window_blocks[first_buffer:first_buffer + count]
 
