@@ -243,3 +243,52 @@ def test_disk_blocks_come_back_in_order_from_runs_and_a_window_skips_the_blocks_
     assert requests == [3, 3]
     assert stages.loader.statistics().unplanned == 0
 
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_decode_merges_a_layers_blocks_a_run_at_a_time_never_past_a_read_run(tmp_path, monkeypatch, tier):
+    """Prefill chunks commit a few blocks of each layer in turn, yet each layer's blocks lie in
+    consecutive slots (every pool hands a layer its slots KV_READ_RUN at a time), so decode's
+    attention merges them in runs (``adapters/block_runs.py``): the host pool's slots all at once,
+    disk blocks one read run at a time (runs of 4 here) and never across two, since taking a
+    later run's block gives the earlier run's buffers back. The result is attention over the
+    keys stored."""
+    import torch
+
+    import tierflow.adapters.attention as attention
+    from tests.adapters.test_attention import _reference
+    from tierflow.stages.kv import KVLoadPlan, KVRead, KVStages
+    from tierflow.tiers.kv.paged import KVStore
+
+    monkeypatch.setattr("tierflow.stages.kv_plan.KV_READ_RUN", 4)
+    runs: list[int] = []
+    merge = attention.merge_run
+    monkeypatch.setattr(attention, "merge_run", lambda q, k, *rest: runs.append(k.shape[0]) or merge(q, k, *rest))
+    store = KVStore(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"),
+                    block_tokens=16, device_blocks=0, host_blocks=64 if tier == "host" else 0,
+                    disk_blocks=64 if tier == "disk" else 0, spill_dir=tmp_path)
+    try:
+        kv = store.sequence(0)
+        stored = [(torch.randn(160, 2, 8), torch.randn(160, 2, 8)) for _ in range(2)]
+        for chunk in range(0, 160, 32):                     # 2 blocks of each layer in turn
+            for layer, (k, v) in enumerate(stored):
+                kv.append(layer, k[chunk:chunk + 32], v[chunk:chunk + 32])
+        for layer in range(2):
+            slots = [ref.slot for ref in store.tables.table(0, layer)]
+            assert {ref.tier for ref in store.tables.table(0, layer)} == {tier}
+            assert slots == list(range(slots[0], slots[0] + 10))
+        stages = KVStages(store)
+        plan = KVLoadPlan(tuple(KVRead(0, layer, b.index, b.ref) for layer in range(2) for b in kv.off_device(layer)))
+        stages.begin(plan, [kv])
+        q = torch.randn(1, 8, 8)
+        try:
+            for layer, (k, v) in enumerate(stored):
+                got = attention.attend_kv(q, kv.blocks(layer), 160)
+                torch.testing.assert_close(got, _reference(q, k.transpose(0, 1), v.transpose(0, 1), 160),
+                                           rtol=1e-5, atol=1e-5)
+                stages.after_layer(layer)
+        finally:
+            asyncio.run(stages.end())
+    finally:
+        store.close()
+    assert runs == ([10, 10] if tier == "host" else [4, 4, 2, 4, 4, 2])

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from tierflow.adapters.blas import SERIAL_BLAS_MACS, serial_blas
+from tierflow.adapters.block_runs import merge_run, run_limit, stacked
 from tierflow.adapters.flash import (check_sinks, flash_attend, flash_device_supported, flash_head_dim_supported,
                                      flash_supported)
 from tierflow.adapters.kv import KVBlock, KVBlocks, first_visible
@@ -196,7 +197,9 @@ def _online_softmax(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: flo
 
 def _merge_blocks(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float | None, window: int | None,
                   softcap: float | None, sinks: torch.Tensor | None, tree: DeviceTree | None) -> torch.Tensor:
-    """The block loop of ``_online_softmax`` (its checks done)."""
+    """The block loop of ``_online_softmax`` (its checks done): a run of unmasked blocks that
+    ``blocks.together`` lets it fetch at once and that lie evenly spaced in memory is merged in
+    one step (``block_runs``), every other block on its own."""
     n, num_heads, d = q.shape
     last = start + n - 1
     query = torch.empty((num_heads, n, d), device=q.device)      # [H, n, D] in float32, scaled
@@ -204,42 +207,51 @@ def _merge_blocks(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float
     m = torch.full((num_heads, n, 1), -math.inf, device=q.device)
     l = torch.zeros((num_heads, n, 1), device=q.device)
     acc = torch.zeros((num_heads, n, d), device=q.device)
+    spans = blocks.spans
+
+    def masked(first: int, t: int) -> bool:
+        """Some keys are after some queries, or before the window of the last query."""
+        return first + t - 1 > start or (window is not None and first <= last - window)
+
+    def run_length(index: int, cast: bool) -> int:
+        """Blocks from ``index`` to merge as one run: fetched together, of one length, back to
+        back in position, none masked."""
+        t = spans[index][1]
+        count = blocks.together(index, run_limit(n, num_heads, t, d, cast)) \
+            if blocks.together is not None and not masked(*spans[index]) else 1
+        for j in range(index + 1, index + count):
+            if spans[j] != (spans[j - 1][0] + t, t) or masked(*spans[j]):
+                return j - index
+        return count
+
     workspace: torch.Tensor | None = None      # the scores of one block, reused: no allocation per block
-    for index, (first, t) in enumerate(blocks.spans):
-        if first > last:                   # every key of the block is after every query
+    index = 0
+    while index < len(spans):
+        first, t = spans[index]
+        if first > last or (window is not None and first + t - 1 <= start - window):
+            index += 1                     # after every query, or before every query's window
             continue
-        if window is not None and first + t - 1 <= start - window:     # before every query's window
-            continue
-        keys, values, _ = blocks.fetch(index)
-        kv_heads = keys.shape[0]
+        block = blocks.fetch(index)
+        kv_heads = block.keys.shape[0]
         if num_heads % kv_heads:
             raise ValueError(f"{num_heads} query heads cannot share {kv_heads} KV heads")
         # Grouped-query attention without copying keys per head: the G query heads that share
         # a KV head are rows of one matmul, [KVH, G*n, D] @ [KVH, D, t].
-        group = num_heads // kv_heads
-        rows = group * n
+        rows = num_heads // kv_heads * n
         q_g = query.view(kv_heads, rows, d)
         m_g, l_g, acc_g = m.view(kv_heads, rows, 1), l.view(kv_heads, rows, 1), acc.view(kv_heads, rows, d)
-        if workspace is None or workspace.numel() < kv_heads * rows * t:
-            workspace = torch.empty(kv_heads * rows * t, device=q.device)
-        scores = workspace[:kv_heads * rows * t].view(kv_heads, rows, t)
-        torch.bmm(q_g, keys.float().transpose(1, 2), out=scores)
-        if softcap is not None:
-            scores.div_(softcap).tanh_().mul_(softcap)
-        # some keys are after some queries, or before the window of the last query: mask them
-        masked = first + t - 1 > start or (window is not None and first <= last - window)
-        if masked:
-            hidden = ~(_visible(start, n, first, t, window, q.device) if tree is None
-                       else tree.visible(start, first, t, window))    # [n, t]
-            scores.view(kv_heads, group, n, t).masked_fill_(hidden, -math.inf)
-        m_new = torch.maximum(m_g, scores.amax(dim=-1, keepdim=True))
-        # a row with no visible key yet has m = -inf (only possible where something was masked)
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new) if masked else m_new
-        p = scores.sub_(safe).exp_()                                     # in place: the probabilities
-        alpha = torch.exp(m_g - safe)
-        l_g.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-        acc_g.mul_(alpha).baddbmm_(p, values.float())
-        m_g.copy_(m_new)
+        count = run_length(index, block.keys.dtype != torch.float32)
+        run = [block] + [blocks.fetch(j) for j in range(index + 1, index + count)]
+        views = stacked(run)
+        if views is not None:
+            merge_run(q_g, *views, m_g, l_g, acc_g, softcap)
+        for block, (first, t) in zip(run if views is None else (), spans[index:index + count]):
+            if workspace is None or workspace.numel() < kv_heads * rows * t:
+                workspace = torch.empty(kv_heads * rows * t, device=q.device)
+            _merge_block(q_g, block, workspace[:kv_heads * rows * t].view(kv_heads, rows, t), m_g, l_g, acc_g,
+                         masked(first, t) and (_visible(start, n, first, t, window, q.device) if tree is None
+                                               else tree.visible(start, first, t, window)), softcap)
+        index += count
     if sinks is not None:        # the sink: one more logit per row, in l but with no value in acc
         sink = sinks.to(device=q.device, dtype=torch.float32).view(num_heads, 1, 1)
         m_sink = torch.maximum(m, sink)
@@ -249,6 +261,27 @@ def _merge_blocks(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float
     out = torch.empty((n, num_heads, d), dtype=q.dtype, device=q.device)
     out.copy_(acc.div_(l).transpose(0, 1))
     return out.view(n, num_heads * d)
+
+
+def _merge_block(q_g: torch.Tensor, block: KVBlock, scores: torch.Tensor, m_g: torch.Tensor, l_g: torch.Tensor,
+                 acc_g: torch.Tensor, visible: torch.Tensor | bool, softcap: float | None) -> None:
+    """Merge one block into the running state: ``scores`` [KVH, rows, t] its workspace,
+    ``visible`` its [n, t] mask (False: none needed)."""
+    kv_heads, rows, t = scores.shape
+    torch.bmm(q_g, block.keys.float().transpose(1, 2), out=scores)
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
+    masked = visible is not False
+    if masked:
+        scores.view(kv_heads, -1, visible.shape[0], t).masked_fill_(~visible, -math.inf)
+    m_new = torch.maximum(m_g, scores.amax(dim=-1, keepdim=True))
+    # a row with no visible key yet has m = -inf (only possible where something was masked)
+    safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new) if masked else m_new
+    p = scores.sub_(safe).exp_()                                     # in place: the probabilities
+    alpha = torch.exp(m_g - safe)
+    l_g.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+    acc_g.mul_(alpha).baddbmm_(p, block.values.float())
+    m_g.copy_(m_new)
 
 
 def split_blocks(keys: torch.Tensor, values: torch.Tensor, block_tokens: int, *, first: int = 0

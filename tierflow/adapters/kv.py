@@ -11,6 +11,8 @@ fused SDPA call; else the online softmax), never from the type of the store.
 byte moves, so attention validates coverage on the host and skips blocks outside a window
 without touching them; a block's tensors are fetched only when iteration reaches it (a paged
 block off the device then comes from the kv_load stage, which has been reading it ahead).
+``together`` says how many blocks may be fetched at once and held (a kv_load run, consecutive
+pool slots), so attention can merge a run of them in one step (``block_runs.py``).
 
 A linear-attention layer (Gated DeltaNet) keeps no KV: its whole memory of a sequence is a
 fixed-size state the handle holds (``state`` / ``set_state``), read and replaced once per sweep
@@ -43,12 +45,15 @@ class KVBlocks:
 
     spans: tuple[tuple[int, int], ...]              # (first position, tokens) of each block
     fetch: Callable[[int], KVBlock]                 # the i-th block (may wait for its load to land)
+    # together(i, most): how many blocks from the i-th on (1..most) may be fetched before any of
+    # them is used, each staying valid while the others are fetched (None: one at a time)
+    together: Callable[[int, int], int] | None = None
 
     @staticmethod
-    def of(blocks: Sequence[KVBlock]) -> "KVBlocks":
-        """Blocks already at hand."""
+    def of(blocks: Sequence[KVBlock], together: Callable[[int, int], int] | None = None) -> "KVBlocks":
+        """Blocks already at hand (merged one at a time unless ``together`` says otherwise)."""
         held = tuple(blocks)
-        return KVBlocks(tuple((b.first, b.keys.shape[1]) for b in held), held.__getitem__)
+        return KVBlocks(tuple((b.first, b.keys.shape[1]) for b in held), held.__getitem__, together)
 
     def __len__(self) -> int:
         return len(self.spans)

@@ -2,39 +2,37 @@
 
 The sweep knows, before its first unit, which sequences it visits and, per layer, which of their
 committed blocks attention will take from off the device: every committed block from the first
-one the layer's sliding window still sees (``plan_loads``; the blocks a window skips are not in
-it). The loader gets that plan and reads its disk blocks in exactly that order — unit by unit,
-sequence by sequence, block by block — on the store's reader threads, into the store's window
-of ``window_blocks`` read buffers: disk block ``o`` lands in buffer ``o % window_blocks``, and a
-read is started as soon as the buffers it needs have been given back. Blocks are given back in
-plan order (taking the first block of a run gives back every block before the run; the end of
-a layer gives back the rest of that layer's), so reads run ahead of attention by a full window,
-continuously across layer boundaries, from before the first unit to the last. Runs of blocks
-in consecutive spill slots of one (sequence, layer) go in one request (up to KV_READ_RUN, never
-wrapping round the window); the disk pool gives each (sequence, layer) its slots in runs of
-that length (``tiers/kv/pool.py:BlockPool``), so a prefill's chunks, which commit a few blocks of
-each layer in turn, still leave each layer's blocks consecutive. A read into a buffer first
-waits, on its reader thread, for the read started before it into that buffer (a run given back
-untaken — its sequence failed — or a read ahead that was dropped may still be landing there).
-The compute thread only waits for a read that has not landed; a read that fails (a checksum, a
+one the layer's sliding window still sees (``plan_loads``). The loader reads the plan's disk
+blocks in exactly that order — unit by unit, sequence by sequence, block by block — on the
+store's reader threads into its window of ``window_blocks`` read buffers (disk block ``o`` in
+buffer ``o % window_blocks``), each read started once the buffers it needs are given back.
+Blocks are given back in plan order (taking a run's first block gives back every block before
+the run; a layer's end the rest of the layer's), so reads run a full window ahead of attention,
+across layer boundaries. A run of blocks in consecutive spill slots of one (sequence, layer) is
+one request (up to KV_READ_RUN, never wrapping round the window); every pool gives each
+(sequence, layer) its slots in runs of that length (``tiers/kv/pool.py:BlockPool``), so a
+prefill's chunks, which commit a few blocks of each layer in turn, leave each layer's blocks
+consecutive — and attention merges the blocks of one read run in one step (``together``). A
+read into a buffer first waits, on its reader thread, for the read started before it into that
+buffer (a run given back untaken, or a dropped read ahead, may still be landing there). The
+compute thread waits only for a read that has not landed; a read that fails (a checksum, a
 deleted file) raises in the attention that takes that block, which fails that sequence alone.
 
 Across the sweep boundary. Once every read of the plan has started, the window's free buffers
 read the next sweep's first blocks: those the next plan would list if every sequence of this
-sweep went on from where this sweep leaves it (``begin``'s ``ahead``, asked for a layer once
-its compute is done, when its tables are final; no further than a window). Nothing is learnt
-from earlier sweeps: it is this sweep's own plan, one step on. A block committed this sweep
-holds no checksum until its write lands (``KVStore.forget``), and reads ahead stop at the first
-such block, as they do at a linear-attention layer (its state is written anew every sweep). The
-next ``begin`` keeps a run read ahead only when its plan lists the same blocks in
-the same slots, in the same place, and every slot still holds the block the read checked (the
-checksums the read checked against are those the spill file holds now: no write since); every
-other read ahead is dropped, and its blocks are read as planned. A read ahead that failed is
-read again as planned (on the compute thread, when the failure shows only once kept), so its
-fault is reported (and a deleted spill file replaced) as any planned read's. Without this the disk would sit idle
-through the last layer's compute, the head, sampling and scheduling, and the first layer would
-wait for its first read (a quarter of a decode step at 16k tokens in bench/long_context.py's
-4-layer model).
+sweep went on from where it leaves off (``begin``'s ``ahead``, asked for a layer once its
+compute is done and its tables are final; no further than a window). Nothing is learnt from
+earlier sweeps: it is this sweep's own plan, one step on. A block committed this sweep holds no
+checksum until its write lands (``KVStore.forget``), and reads ahead stop at the first such
+block, as at a linear-attention layer (its state is written anew every sweep). The next
+``begin`` keeps a run read ahead only when its plan lists the same blocks in the same slots, in
+the same place, and every slot still holds the block the read checked (the spill file's
+checksums are those the read checked against: no write since); every other read ahead is
+dropped and its blocks read as planned. A read ahead that failed is read again as planned (on
+the compute thread, when the failure shows only once kept), so its fault is reported (and a
+deleted spill file replaced) as any planned read's. Without this the disk would sit idle through
+the last layer's compute, the head, sampling and scheduling, and the first layer would wait for
+its first read (a quarter of a decode step at 16k tokens in bench/long_context.py's model).
 
 Sliding-window rings. A paged sliding-window layer releases, at the start of its append, the
 blocks before the first one its window still sees (``tiers/kv/sequence.py``); a released slot may
@@ -93,7 +91,7 @@ class KVLoader:
     def __init__(self, store: KVStore, place: Callable[[torch.Tensor, int | None], torch.Tensor] | None = None,
                  before_read: Callable[[int], None] | None = None) -> None:
         self.store, self.window = store, store.window_blocks
-        self._place = place or (lambda block, buffer: block)
+        self._place, self._place_block = place or (lambda block, buffer: block), place is not None
         self._before_read = before_read
         self._lock = threading.Lock()
         self._order: dict[tuple[int, int, int], int] = {}        # (seq, layer, index) → disk ordinal (-1: host)
@@ -165,6 +163,16 @@ class KVLoader:
                 blocks = self._read_again(run)
             self._taking, self._taken = run, blocks
         return self._place(self._taken[ordinal - self._runs[run].first], ordinal % self.window)
+
+    def together(self, seq_id: int, layer: int, index: int, count: int) -> int:
+        """Of ``count`` blocks from ``index`` in consecutive slots of one tier, how many ``take``
+        hands out at once: on the CPU (no ``place``) host-pool views all, a disk run's window
+        buffers to the run's end (a later run's take gives them back); with ``place`` one."""
+        ordinal = self._order.get((seq_id, layer, index))
+        if self._place_block or ordinal is None:
+            return 1
+        run = self._runs[self._run_of[ordinal - self._base]] if ordinal >= 0 else None
+        return count if run is None else max(1, min(count, run.first + run.count - ordinal))
 
     def _read_again(self, run: int) -> list[torch.Tensor]:
         """A run read ahead of its plan failed: read it as the plan would have (a fault is then

@@ -53,3 +53,29 @@ def test_attention_bytes_grow_with_queries_not_with_context():
     at_4k, at_32k = model.attention_bytes(2048, 4096), model.attention_bytes(2048, 32768)
     assert at_4k == at_32k
     assert at_32k < 32 * 2048 * 32768 * 4 / 20        # a twentieth of the whole score matrix
+
+
+def test_the_planner_bounds_runs_of_blocks_as_attention_does():
+    from tierflow.adapters.block_runs import GROUP_BYTES, GROUP_QUERIES
+    from tierflow.tiers.plan.costmodel import ATTENTION_GROUP_BYTES, ATTENTION_GROUP_QUERIES
+    assert (ATTENTION_GROUP_BYTES, ATTENTION_GROUP_QUERIES) == (GROUP_BYTES, GROUP_QUERIES)
+
+
+@pytest.mark.parametrize("n", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("context,block", [(512, 16), (16384, 256)])
+def test_attention_bytes_cover_runs_of_paged_blocks(n, dtype, context, block):
+    """Decode (and short chunks) over a paged store's blocks in consecutive pool slots merge them
+    in runs (``adapters/block_runs.py``), in a larger workspace than one block's: the planner's
+    figure for those calls still covers it, at a short context and a long one."""
+    from tierflow.adapters.attention import attend_kv
+    from tierflow.adapters.kv import KVBlock, KVBlocks
+
+    heads, kv_heads, d = 8, 2, 64
+    count = context // block
+    pool = torch.randn(count, 2, kv_heads, block, d).to(dtype)
+    blocks = KVBlocks.of([KVBlock(pool[i, 0], pool[i, 1], i * block) for i in range(count)],
+                         together=lambda i, most: min(most, count - i))
+    q = torch.randn(n, heads, d).to(dtype)
+    measured = peak_bytes(attend_kv, q, blocks, context - n)
+    assert measured <= costs_for(heads, kv_heads, d, dtype.itemsize).attention_bytes(n, context)

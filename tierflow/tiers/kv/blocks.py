@@ -54,14 +54,17 @@ class KVBlockTables:
     """Block tables of every sequence over per-tier pools."""
 
     def __init__(self, capacities: dict[str, int], *, num_layers: int, block_tokens: int,
-                 disk_extent: int = 1) -> None:
+                 disk_extent: int = 1, memory_extent: int = 1) -> None:
         """``disk_extent``: the disk pool gives each layer of a sequence runs of up to this many
-        consecutive slots (``BlockPool``), so its blocks come back in few read requests."""
+        consecutive slots (``BlockPool``), so its blocks come back in few read requests;
+        ``memory_extent``: the device and host pools likewise, so attention merges a run of a
+        layer's blocks in one step (``adapters/block_runs.py``)."""
         unknown = set(capacities) - set(TIER_ORDER)
         if unknown:
             raise ValueError(f"unknown KV tiers {sorted(unknown)}; tiers are {TIER_ORDER}")
         self.num_layers, self.block_tokens = num_layers, block_tokens
-        self.pools = {tier: BlockPool(tier, capacities.get(tier, 0), disk_extent if tier == "disk" else 1)
+        self.pools = {tier: BlockPool(tier, capacities.get(tier, 0),
+                                       disk_extent if tier == "disk" else memory_extent)
                       for tier in TIER_ORDER}
         self._tables: dict[int, list[_LayerTable]] = {}
 

@@ -71,7 +71,8 @@ class KVStore:
         self.block_shape = (2, num_kv_heads, block_tokens, head_dim)
         self.block_bytes = block_bytes(num_kv_heads, head_dim, block_tokens, dtype)
         self.tables = KVBlockTables({"device": device_blocks, "host": host_blocks, "disk": disk_blocks},
-                                    num_layers=num_layers, block_tokens=block_tokens, disk_extent=KV_READ_RUN)
+                                    num_layers=num_layers, block_tokens=block_tokens, disk_extent=KV_READ_RUN,
+                                    memory_extent=KV_READ_RUN)
         allocate = allocate or (lambda shape, dt: torch.empty(shape, dtype=dt, device=device))
         # the host pool starts on a page, as pinning it (cudaHostRegister) requires
         self._pools = {"device": allocate((device_blocks, *self.block_shape), dtype),
@@ -259,6 +260,9 @@ class DirectIO:
 
     def load(self, seq_id: int, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
         return self.store.read_block(ref)
+
+    def together(self, seq_id: int, layer: int, index: int, ref: BlockRef, count: int) -> int:
+        return 1                        # each load is a copy of its own
 
     def first_planned(self, seq_id: int, layer: int) -> int | None:
         return None                     # nothing is read ahead

@@ -36,7 +36,8 @@ class BlockPool:
     slots in use stay packed at the start (a spill file only grows as far as its highest slot in
     use), and a pool of millions of slots costs nothing until they are used.
 
-    With ``extent`` > 1 (the disk tier: a run of consecutive slots is one read request) an owner
+    With ``extent`` > 1 (every tier of a paged store: on disk a run of consecutive slots is one
+    read request, in memory attention merges it in one step) an owner
     — one layer of one sequence — takes slots in runs: ``allocate_run`` gives it the slot after
     its last one while that is set aside for its run, else the first slot of a wholly free,
     aligned extent and sets the extent's other slots aside for it (a ``Run``). A wholly free

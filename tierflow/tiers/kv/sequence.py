@@ -221,7 +221,23 @@ class PagedSequenceKV:
                 block = self._load(layer, index, ref)
             return KVBlock(block[0], block[1], index * bt)
 
-        return KVBlocks(spans, fetch)
+        def together(i: int, most: int) -> int:
+            """Blocks from the i-th on in consecutive slots of one tier (none fresh, not the tail),
+            as many of them as the tier hands out at once."""
+            index = first + i
+            if index >= committed or index in fresh:
+                return 1
+            ref, count = held[index - base], 1
+            while count < most and index + count < committed and index + count not in fresh:
+                after = held[index + count - base]
+                if after.tier != ref.tier or after.slot != ref.slot + count:
+                    break
+                count += 1
+            if count > 1 and ref.tier != "device":      # device slots are the pool's own views
+                count = self.store.io.together(self.seq_id, layer, index, ref, count)
+            return count
+
+        return KVBlocks(spans, fetch, together)
 
     def _load(self, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
         """Committed block ``index`` of ``layer`` on the device: a pool view, or through the current

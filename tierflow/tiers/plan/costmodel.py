@@ -30,6 +30,9 @@ from tierflow.tiers.plan.reads import ALIGN, KV_READ_RUN, kv_read_window  # noqa
 EMBED, LAYER, HEAD = "embed", "layer", "head"
 DEVICE, HOST, DISK = "device", "host", "disk"
 ATTENTION_KEY_TILE = 512
+# attention merges a run of KV blocks stored back to back in one step for calls of at most this
+# many queries, in a workspace of at most this many bytes (adapters/block_runs.py)
+ATTENTION_GROUP_QUERIES, ATTENTION_GROUP_BYTES = 16, 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +163,17 @@ class ModelCosts:
         scores, the float32 copy of the query and the running weighted sum (head_dim each), the
         running maximum and sum with their per-tile temporaries (8 values), the output in the
         compute dtype; per query, the tile's mask (4 bytes a key covers its temporaries); once,
-        a tile of keys or of values cast to float32 (none when the compute dtype is float32)."""
+        a tile of keys or of values cast to float32 (none when the compute dtype is float32). A
+        call of at most ATTENTION_GROUP_QUERIES queries may merge a run of blocks at once, in
+        up to ATTENTION_GROUP_BYTES more (less when the context is short)."""
         tile = min(context, ATTENTION_KEY_TILE)
         d, b = self.head_dim, self.dtype_bytes
         kv_width = self.kv_bytes_per_token_layer // (2 * b)         # KV heads x head_dim
         per_query = self.num_heads * (4 * tile + 4 * (2 * d + 8) + b * d) + 4 * tile
-        return tokens * per_query + (4 * tile * kv_width if b != 4 else 0)
+        # a run's scores and products cover at most the context's keys (blocks of >= 16 tokens)
+        cover = 4 * (self.num_heads * tokens * (context + d * -(-context // 16)) + (context * d if b != 4 else 0))
+        runs = min(ATTENTION_GROUP_BYTES, cover) if tokens <= ATTENTION_GROUP_QUERIES else 0
+        return tokens * per_query + (4 * tile * kv_width if b != 4 else 0) + runs
 
 
 def model_costs(name: str, *, unit_shapes: Sequence[Mapping[str, tuple[int, ...]]], unit_kinds: Sequence[str],

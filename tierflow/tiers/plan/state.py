@@ -40,7 +40,8 @@ class State:
         # a MoE layer holds the experts its tokens were routed to while it computes, cached or not
         experts = math.ceil(model.experts.distinct(chunk)) * model.experts.resident_bytes if model.experts else 0
         self.workspace = (model.activation_bytes(chunk, self.mlp_chunk)
-                          + model.attention_bytes(min(chunk, work.prompt_tokens), work.context_tokens)
+                          + max(model.attention_bytes(min(chunk, work.prompt_tokens), work.context_tokens),
+                                model.attention_bytes(1, work.context_tokens))      # a decode step's
                           + max(1, work.concurrency) * model.vocab_size * 4 + experts)
 
     def weights(self, tier: str) -> int:
