@@ -249,8 +249,8 @@ def _merge_blocks(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float
             if workspace is None or workspace.numel() < kv_heads * rows * t:
                 workspace = torch.empty(kv_heads * rows * t, device=q.device)
             _merge_block(q_g, block, workspace[:kv_heads * rows * t].view(kv_heads, rows, t), m_g, l_g, acc_g,
-                         masked(first, t) and (_visible(start, n, first, t, window, q.device) if tree is None
-                                               else tree.visible(start, first, t, window)), softcap)
+                         (_visible(start, n, first, t, window, q.device) if tree is None
+                          else tree.visible(start, first, t, window)) if masked(first, t) else None, softcap)
         index += count
     if sinks is not None:        # the sink: one more logit per row, in l but with no value in acc
         sink = sinks.to(device=q.device, dtype=torch.float32).view(num_heads, 1, 1)
@@ -264,14 +264,14 @@ def _merge_blocks(q: torch.Tensor, blocks: KVBlocks, start: int, *, scale: float
 
 
 def _merge_block(q_g: torch.Tensor, block: KVBlock, scores: torch.Tensor, m_g: torch.Tensor, l_g: torch.Tensor,
-                 acc_g: torch.Tensor, visible: torch.Tensor | bool, softcap: float | None) -> None:
+                 acc_g: torch.Tensor, visible: torch.Tensor | None, softcap: float | None) -> None:
     """Merge one block into the running state: ``scores`` [KVH, rows, t] its workspace,
-    ``visible`` its [n, t] mask (False: none needed)."""
+    ``visible`` its [n, t] mask (None: none needed)."""
     kv_heads, rows, t = scores.shape
     torch.bmm(q_g, block.keys.float().transpose(1, 2), out=scores)
     if softcap is not None:
         scores.div_(softcap).tanh_().mul_(softcap)
-    masked = visible is not False
+    masked = visible is not None
     if masked:
         scores.view(kv_heads, -1, visible.shape[0], t).masked_fill_(~visible, -math.inf)
     m_new = torch.maximum(m_g, scores.amax(dim=-1, keepdim=True))

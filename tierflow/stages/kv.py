@@ -62,7 +62,7 @@ class KVStages:
     def load(self, seq_id: int, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
         return self.loader.take(seq_id, layer, index, ref)
 
-    def together(self, seq_id: int, layer: int, index: int, ref: BlockRef, count: int) -> int:
+    def together(self, seq_id: int, layer: int, index: int, count: int) -> int:
         return self.loader.together(seq_id, layer, index, count)
 
     def first_planned(self, seq_id: int, layer: int) -> int | None:

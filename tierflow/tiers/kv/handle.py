@@ -53,10 +53,10 @@ class BlockIO(Protocol):
         """Committed block ``index`` of (seq_id, layer), held at ``ref`` off the device, on the device."""
         ...
 
-    def together(self, seq_id: int, layer: int, index: int, ref: BlockRef, count: int) -> int:
+    def together(self, seq_id: int, layer: int, index: int, count: int) -> int:
         """Of the ``count`` committed blocks of (seq_id, layer) from ``index`` on, held in
-        consecutive slots of ``ref``'s tier from ``ref``'s on, how many (at least 1) ``load``
-        hands out at once: each stays valid while the next ones are loaded."""
+        consecutive slots of one tier off the device, how many (at least 1) ``load`` hands out
+        at once: each stays valid while the next ones are loaded."""
         ...
 
     def first_planned(self, seq_id: int, layer: int) -> int | None:

@@ -261,7 +261,7 @@ class DirectIO:
     def load(self, seq_id: int, layer: int, index: int, ref: BlockRef) -> torch.Tensor:
         return self.store.read_block(ref)
 
-    def together(self, seq_id: int, layer: int, index: int, ref: BlockRef, count: int) -> int:
+    def together(self, seq_id: int, layer: int, index: int, count: int) -> int:
         return 1                        # each load is a copy of its own
 
     def first_planned(self, seq_id: int, layer: int) -> int | None:

@@ -234,7 +234,7 @@ class PagedSequenceKV:
                     break
                 count += 1
             if count > 1 and ref.tier != "device":      # device slots are the pool's own views
-                count = self.store.io.together(self.seq_id, layer, index, ref, count)
+                count = self.store.io.together(self.seq_id, layer, index, count)
             return count
 
         return KVBlocks(spans, fetch, together)
