@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from tierflow import Engine, EngineConfig, SamplingParams
 from tierflow.adapters.mxfp4 import dequantize, packed_bytes, quantize
 from tierflow.errors import CheckpointError, ShapeMismatchError, UnsupportedModelError
-from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits, pack_mxfp4_experts
+from tierflow.testing import (build_random_checkpoint, check_greedy_tokens, oracle_greedy, oracle_logits,
+                              pack_mxfp4_experts)
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 
 YARN = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
@@ -101,18 +102,10 @@ async def _run(path: Path, config: EngineConfig):
 
 
 def _check_tokens(path: Path, tokens: list[int], expected: list[int], exact: bool) -> None:
-    """``exact`` (fp32 on the CPU): transformers' greedy tokens exactly. Else the same, or — two roundings of one
-    model may break a near-tie differently, after which greedy runs part — tokens equal up to a
-    first difference where transformers' fp32 logits (on the shared prefix) rate the two choices
-    within the bf16 tolerance of each other, i.e. a tie at bf16's precision, never a wrong token."""
-    if tokens == expected or exact:
-        assert tokens == expected
-        return
-    first = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)
-    row = oracle_logits(path, PROMPT + tokens[:first], "float32")[-1]
-    gap = (row[expected[first]] - row[tokens[first]]).abs() / row.abs().max()
-    assert gap <= TOLERANCE["bfloat16"], f"token {first}: {tokens[first]} instead of {expected[first]}, gap {gap:.2e}"
-    assert first >= NEW_TOKENS // 4, f"bf16 parted from transformers at token {first}"
+    """fp32: transformers' greedy tokens exactly; bf16: the same, or parted at a tie at bf16's
+    precision, not before a quarter of the tokens (``check_greedy_tokens``)."""
+    check_greedy_tokens(path, PROMPT, tokens, expected, exact=exact, tolerance=TOLERANCE["bfloat16"],
+                        min_shared=NEW_TOKENS // 4)
 
 
 def _check_logits(name: str, logits: torch.Tensor, expected: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tierflow import Engine, EngineConfig, SamplingParams
 from tierflow.errors import CheckpointError, ShapeMismatchError
 from tierflow.engine.planning import index_costs
-from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits
+from tierflow.testing import build_random_checkpoint, check_greedy_tokens, oracle_greedy, oracle_logits
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 from tierflow.tiers.plan.costmodel import Workload
 from tierflow.tiers.plan.planner import minimum_device_bytes, plan
@@ -37,7 +37,13 @@ FAMILIES = {
 PROMPT = [(i * 37) % 500 + 1 for i in range(40)]
 NEW_TOKENS = 32
 SWEEPS = NEW_TOKENS              # one prefill sweep (the 40-token prompt), then one sweep per further token
-# as tests/test_correctness.py: fp32 agrees to rounding; bf16 rounds every activation to 8 bits
+# fp32 agrees to rounding. bf16 (as for gpt-oss and Qwen3-Next, tests/adapters/test_gpt_oss.py): logits
+# against transformers' fp32 run of the same bf16 weights, 90% of the rows within 3e-2, and greedy tokens
+# equal to transformers' bf16 run's up to a tie at bf16's precision. bf16 rounding moves a router's logits
+# by about 1e-2, and over a prompt's 40 tokens and 3 layers some token's second and third experts are
+# nearly always closer than that (0.0003 apart on this checkpoint): which expert such a token gets
+# depends on how each implementation's kernels round, on this CPU transformers' bf16 run picks one other
+# than its fp32 run (20% off on those rows), so neither bf16 run is the other's oracle, row for row.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 3e-2}
 HARDWARE = {"version": 1, "hardware": {"device": "cpu", "device_memory_bytes": 2**34, "host_memory_bytes": 2**34,
                                        "disk_read_gbps": 3.0, "decode_gbps": 20.0, "prefill_tflops": 0.1}}
@@ -66,7 +72,7 @@ def oracle(checkpoints):
     def get(name: str) -> tuple[torch.Tensor, list[int]]:
         if name not in cache:
             path, dtype = checkpoints[name], _dtype(name)
-            cache[name] = oracle_logits(path, PROMPT, dtype), oracle_greedy(path, PROMPT, NEW_TOKENS, dtype)
+            cache[name] = oracle_logits(path, PROMPT, "float32"), oracle_greedy(path, PROMPT, NEW_TOKENS, dtype)
         return cache[name]
 
     return get
@@ -169,9 +175,16 @@ def test_matches_transformers(checkpoints, oracle, name, placement):
     engine, before, after, experts = r["engine"], r["before"], r["after"], r["experts"]
 
     expected_logits, expected_tokens = oracle(name)
-    rel = _relative_error(r["logits"], expected_logits)
-    assert rel <= TOLERANCE[_dtype(name)], f"relative logit error {rel:.2e}"
-    assert r["tokens"] == expected_tokens
+    exact = _dtype(name) == "float32"
+    if exact:
+        rel = _relative_error(r["logits"], expected_logits)
+        assert rel <= TOLERANCE["float32"], f"relative logit error {rel:.2e}"
+    else:
+        rows = (r["logits"] - expected_logits).abs().amax(dim=-1) / expected_logits.abs().amax(dim=-1)
+        within = (rows <= TOLERANCE["bfloat16"]).float().mean().item()
+        assert within >= 0.9, f"only {within:.0%} of rows within {TOLERANCE['bfloat16']}: {rows.tolist()}"
+    check_greedy_tokens(path, PROMPT, r["tokens"], expected_tokens, exact=exact, tolerance=TOLERANCE["bfloat16"],
+                        min_shared=NEW_TOKENS // 4)
     assert len(set(r["tokens"])) > 1
 
     index = engine.index

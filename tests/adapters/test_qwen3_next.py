@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tierflow import CheckpointError, ConfigError, Engine, EngineConfig, RequestError, SamplingParams
 from tierflow.adapters import model_from_config
 from tierflow.errors import KVCorruptionError, UnsupportedModelError
-from tierflow.testing import build_random_checkpoint, oracle_greedy, oracle_logits
+from tierflow.testing import build_random_checkpoint, check_greedy_tokens, oracle_greedy, oracle_logits
 from tierflow.testing.oracle import _load_oracle
 from tierflow.tiers.checkpoint.index import CheckpointIndex
 
@@ -122,17 +122,10 @@ def _rows(logits: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 def _check_tokens(path: Path, tokens: list[int], expected: list[int], exact: bool) -> None:
-    """fp32: transformers' greedy tokens exactly. bf16: the same, or equal up to a first difference
-    where transformers' fp32 logits rate the two choices within the bf16 tolerance (a tie at bf16's
-    precision), not before a quarter of the tokens."""
-    if tokens == expected or exact:
-        assert tokens == expected
-        return
-    first = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)
-    row = oracle_logits(path, PROMPT + tokens[:first], "float32")[-1]
-    gap = (row[expected[first]] - row[tokens[first]]).abs() / row.abs().max()
-    assert gap <= TOLERANCE["bfloat16"], f"token {first}: {tokens[first]} instead of {expected[first]}, gap {gap:.2e}"
-    assert first >= NEW_TOKENS // 4, f"bf16 parted from transformers at token {first}"
+    """fp32: transformers' greedy tokens exactly; bf16: the same, or parted at a tie at bf16's
+    precision, not before a quarter of the tokens (``check_greedy_tokens``)."""
+    check_greedy_tokens(path, PROMPT, tokens, expected, exact=exact, tolerance=TOLERANCE["bfloat16"],
+                        min_shared=NEW_TOKENS // 4)
 
 
 @pytest.mark.parametrize("placement", ["resident", "streamed", "kv-on-disk"])

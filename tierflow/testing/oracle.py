@@ -37,3 +37,27 @@ def oracle_greedy(path: str | Path, token_ids: list[int], max_new_tokens: int, d
         out = model.generate(torch.tensor([token_ids]), max_new_tokens=max_new_tokens, do_sample=False,
                              min_new_tokens=max_new_tokens, pad_token_id=0)
     return out[0, len(token_ids):].tolist()
+
+
+def check_greedy_tokens(path: str | Path, prompt: list[int], tokens: list[int], expected: list[int], *,
+                        exact: bool, tolerance: float = 3e-2, min_shared: int = 0) -> None:
+    """Raise AssertionError unless ``tokens`` are transformers' greedy ``expected`` for ``prompt``.
+
+    ``exact`` (fp32): equal, token for token. Otherwise (a low-precision run) equal, or equal up
+    to a first difference that is a tie at that precision: two roundings of one model may break a
+    near-tie differently (a vocabulary argmax, a router's choice of experts), after which greedy
+    runs part. The parting is accepted where transformers' fp32 logits, on the shared prefix, rate
+    the two choices within ``tolerance`` of the row's largest magnitude, and not before token
+    ``min_shared``; a wrong token is never a tie."""
+    if tokens == expected:
+        return
+    if exact or len(tokens) != len(expected):
+        raise AssertionError(f"greedy tokens differ from transformers': {tokens} != {expected}")
+    first = next(i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b)
+    row = oracle_logits(path, list(prompt) + tokens[:first], "float32")[-1]
+    gap = ((row[expected[first]] - row[tokens[first]]).abs() / row.abs().max()).item()
+    if gap > tolerance:
+        raise AssertionError(f"token {first}: {tokens[first]} instead of {expected[first]}, "
+                             f"fp32 logits {gap:.2e} apart (more than {tolerance:.0e}: not a tie)")
+    if first < min_shared:
+        raise AssertionError(f"greedy tokens parted from transformers' at token {first} (before {min_shared})")
