@@ -15,9 +15,10 @@ import torch
 from tierflow.errors import KVCorruptionError, TierCapacityError, TransferError
 import zlib
 
-from tierflow.tiers.io import spill
+from tierflow.tiers.io import checksum as crc_module
 from tierflow.tiers.io.reader import aligned_empty
-from tierflow.tiers.io.spill import SpillFile, checksum, run_checksum
+from tierflow.tiers.io.checksum import checksum, run_checksum
+from tierflow.tiers.io.spill import SpillFile
 
 
 def _block(seed: int, dtype=torch.bfloat16) -> torch.Tensor:
@@ -124,8 +125,8 @@ def test_oversized_blocks_and_bad_slots_are_refused(tmp_path):
 def test_a_run_checksum_is_the_crc_of_the_slots_back_to_back(monkeypatch, crc):
     """The fold of per-slot CRCs equals one CRC over the concatenated slots, for either CRC."""
     if crc == "zlib":
-        monkeypatch.setattr(spill, "_crc", zlib.crc32)
-        spill._shift_tables.cache_clear()
+        monkeypatch.setattr(crc_module, "_crc", zlib.crc32)
+        crc_module._shift_tables.cache_clear()
     try:
         rng = random.Random(7)
         for slot_bytes in (4096, 12288):
@@ -137,7 +138,7 @@ def test_a_run_checksum_is_the_crc_of_the_slots_back_to_back(monkeypatch, crc):
             assert run_checksum(swapped, slot_bytes) != checksum(b"".join(slots))
         assert checksum(slots[1], checksum(slots[0])) == checksum(slots[0] + slots[1])
     finally:
-        spill._shift_tables.cache_clear()
+        crc_module._shift_tables.cache_clear()
 
 
 def test_a_run_is_checked_whole_and_a_bad_block_in_it_is_named(tmp_path):
