@@ -1,4 +1,4 @@
-"""``check_greedy_tokens``, the check of a low-precision run's greedy tokens against transformers':
+"""``check_greedy_tokens`` (and ``check_logit_rows`` at its end), the check of a low-precision run's greedy tokens against transformers':
 it accepts the oracle's own tokens and a parting at a tie, and refuses a wrong token, a parting
 before ``min_shared`` and, where ``exact``, any difference."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tierflow.testing import check_greedy_tokens, oracle_greedy, oracle_logits
+from tierflow.testing import check_greedy_tokens, check_logit_rows, oracle_greedy, oracle_logits
 
 PROMPT = [5, 17, 3, 99, 42, 7]
 NEW_TOKENS = 6
@@ -57,3 +57,13 @@ def test_a_parting_before_min_shared_fails(tiny_model, greedy):
     check_greedy_tokens(tiny_model, PROMPT, tokens, greedy, exact=False, tolerance=gap * 1.01, min_shared=1)
     with pytest.raises(AssertionError, match="before 2"):
         check_greedy_tokens(tiny_model, PROMPT, tokens, greedy, exact=False, tolerance=gap * 1.01, min_shared=2)
+
+
+def test_logit_rows_pass_at_the_share_and_fail_below_it():
+    expected = torch.ones(20, 4)
+    logits = expected.clone()
+    logits[:1] += 1.0                                  # one row of twenty off: 95% within
+    check_logit_rows(logits, expected, tolerance=3e-2, share=0.9)
+    logits[1:3] += 1.0                                 # three rows off: 85%
+    with pytest.raises(AssertionError, match="only 85% of rows within"):
+        check_logit_rows(logits, expected, tolerance=3e-2, share=0.9)

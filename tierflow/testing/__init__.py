@@ -13,8 +13,8 @@ simulated device in ``pipeline`` would sit beside the real one as if the engine 
 So the helpers stay together in the one layer allowed to import all of these, one job a module:
 
 - ``checkpoints``: random checkpoints of every family, and checkpoints derived from one;
-- ``oracle``: transformers' logits and greedy tokens for a checkpoint, and the check of a run's
-  greedy tokens against them;
+- ``oracle``: transformers' logits and greedy tokens for a checkpoint, and the checks of a run's
+  logits and greedy tokens against them;
 - ``budget``: ``streaming_budget``;
 - ``simulated_cuda`` (the device), ``simulated_streams``, ``simulated_memory`` and
   ``simulated_torch``: ``SimulatedCuda`` and its parts.
@@ -25,10 +25,10 @@ from __future__ import annotations
 from tierflow.testing.budget import streaming_budget
 from tierflow.testing.checkpoints import (CHAT_TEMPLATE, FAMILY_CLASSES, build_chat_llama, build_random_checkpoint,
                                           build_random_llama, layer_copy, pack_mxfp4_experts)
-from tierflow.testing.oracle import check_greedy_tokens, oracle_greedy, oracle_logits
+from tierflow.testing.oracle import check_greedy_tokens, check_logit_rows, oracle_greedy, oracle_logits
 from tierflow.testing.simulated_cuda import SimulatedCuda
 from tierflow.testing.simulated_streams import SimulatedEvent, SimulatedStream
 
 __all__ = ["CHAT_TEMPLATE", "FAMILY_CLASSES", "SimulatedCuda", "SimulatedEvent", "SimulatedStream", "build_chat_llama",
-           "build_random_checkpoint", "build_random_llama", "check_greedy_tokens", "layer_copy", "oracle_greedy",
-           "oracle_logits", "pack_mxfp4_experts", "streaming_budget"]
+           "build_random_checkpoint", "build_random_llama", "check_greedy_tokens", "check_logit_rows", "layer_copy",
+           "oracle_greedy", "oracle_logits", "pack_mxfp4_experts", "streaming_budget"]
